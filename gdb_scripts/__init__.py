@@ -1,0 +1,1 @@
+"""gdb command files and gdb-python helpers loaded by leakhunt.gdb (shipped as package data)."""

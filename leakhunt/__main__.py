@@ -1,0 +1,3 @@
+from leakhunt.cli import main
+
+main()

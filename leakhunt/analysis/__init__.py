@@ -1,0 +1,1 @@
+"""From samples and traced mappings to verdicts: slopes, plateaus, attribution, known culprits."""

@@ -1,0 +1,87 @@
+"""The `leakhunt` command: a click group whose commands live one per module in leakhunt.commands.
+
+Commands are imported only when invoked so that `leakhunt --help` and `leakhunt doctor` start
+fast. Library errors (LeakhuntError) become one line on stderr and exit code 2, as does SIGTERM
+turned into a clean stop.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import signal
+import sys
+
+import click
+
+from leakhunt import __version__
+from leakhunt.errors import LeakhuntError
+
+COMMANDS = {
+    "doctor": ("leakhunt.commands.doctor", "which backends work here, and why not"),
+    "watch": ("leakhunt.commands.watch", "sample a process's memory and judge its growth"),
+    "trace-mmap": ("leakhunt.commands.trace_mmap", "trace mmap/munmap and name who maps what"),
+    "investigate": ("leakhunt.commands.investigate", "sampler + tracer + correlator: which library leaks"),
+    "maps": ("leakhunt.commands.maps", "one classified snapshot of a process or a saved smaps"),
+    "diff": ("leakhunt.commands.diff", "what grew between two snapshots"),
+    "report": ("leakhunt.commands.report", "HTML and Markdown post-mortem from a recording"),
+    "ci": ("leakhunt.commands.ci", "fail when memory grows faster than a limit"),
+    "export": ("leakhunt.commands.export", "Prometheus metrics for a fleet"),
+    "demo": ("leakhunt.commands.demo", "reference server + load + investigate + report"),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name, (module, _) in COMMANDS.items() if _module_exists(module)]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        entry = COMMANDS.get(name)
+        if entry is None or not _module_exists(entry[0]):
+            return None
+        return importlib.import_module(entry[0]).command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def _module_exists(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="leakhunt")
+def cli() -> None:
+    """Find memory that leaks outside the heap of a serving process, and name the library."""
+
+
+def _sigterm(signum, frame) -> None:
+    # A clean stop: every command already handles Ctrl-C by detaching, keeping what it has and
+    # printing its summary; SIGTERM (systemd, kubectl, timeout) gets the same treatment.
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        cli.main(args=argv, prog_name="leakhunt", standalone_mode=False)
+    except LeakhuntError as e:
+        click.echo(f"leakhunt: error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2 if e.exit_code not in (0, 1) else e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("leakhunt: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("leakhunt: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    sys.exit(0)

@@ -1,0 +1,1 @@
+"""Reading a process's memory from /proc: smaps parsing, region classes, the sampler loop."""

@@ -1,0 +1,132 @@
+"""The process we look at: validation of a pid, and the few /proc readers besides smaps.
+
+Every /proc read goes through ``proc_read`` so that a process that exits mid-read becomes
+``TargetGone`` and a permission problem becomes ``AccessDenied``, with one line that says what to do.
+A pid is identified by (pid, start time) so that a recycled pid is never mistaken for the target.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from leakhunt.errors import AccessDenied, TargetGone
+
+PROC = Path(os.environ.get("LEAKHUNT_PROC", "/proc"))
+
+#: /proc/PID/status fields we keep (kB in the file, bytes here), besides Threads.
+STATUS_FIELDS = ("VmPeak", "VmSize", "VmLck", "VmPin", "VmHWM", "VmRSS", "RssAnon", "RssFile",
+                 "RssShmem", "VmData", "VmStk", "VmExe", "VmLib", "VmPTE", "VmSwap")
+
+
+def proc_read(pid: int, name: str) -> bytes:
+    """Read /proc/PID/NAME whole; map the errors a disappearing or foreign process causes."""
+    path = PROC / str(pid) / name
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (FileNotFoundError, ProcessLookupError):
+        raise TargetGone(pid) from None
+    except PermissionError:
+        raise AccessDenied(
+            f"cannot read {path}: permission denied (run as root or as the process owner)") from None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+    except ProcessLookupError:
+        raise TargetGone(pid, f"process {pid} exited") from None
+    except PermissionError:
+        raise AccessDenied(
+            f"cannot read {path}: permission denied (the process changed credentials?)") from None
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _kb_fields(text: bytes, keep: tuple[str, ...] | None = None) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, sep, rest = line.partition(b":")
+        if not sep:
+            continue
+        key = name.decode()
+        if keep is not None and key not in keep:
+            continue
+        parts = rest.split()
+        if len(parts) == 2 and parts[1] == b"kB" and parts[0].isdigit():
+            out[key] = int(parts[0]) * 1024
+        elif len(parts) == 1 and parts[0].isdigit():
+            out[key] = int(parts[0])
+    return out
+
+
+def read_status(pid: int) -> dict[str, int]:
+    """Memory fields of /proc/PID/status in bytes, plus Threads."""
+    return _kb_fields(proc_read(pid, "status"), STATUS_FIELDS + ("Threads",))
+
+
+def read_rollup(pid: int) -> dict[str, int]:
+    """/proc/PID/smaps_rollup: the sums of every smaps field, far cheaper than smaps itself."""
+    text = proc_read(pid, "smaps_rollup")
+    return _kb_fields(text.split(b"\n", 1)[1] if b"\n" in text else b"")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A live process, pinned by its start time so that pid reuse cannot fool us."""
+
+    pid: int
+    start_time: int          # clock ticks since boot, field 22 of /proc/PID/stat
+    comm: str
+    cmdline: str
+    uid: int
+    nspid: tuple[int, ...]   # the pid in each nested pid namespace, outermost first
+
+    @property
+    def root(self) -> Path:
+        """The process's view of the filesystem (differs from ours in a container)."""
+        return PROC / str(self.pid) / "root"
+
+    def alive(self) -> bool:
+        try:
+            return _start_time(self.pid) == self.start_time and _state(self.pid) not in ("Z", "X")
+        except (TargetGone, AccessDenied):
+            return False
+
+    def describe(self) -> str:
+        return f"pid {self.pid} ({self.cmdline[:60] or self.comm})"
+
+
+def _stat_fields(pid: int) -> list[str]:
+    stat = proc_read(pid, "stat").decode(errors="replace")
+    # comm may contain spaces and parentheses: split after the last ')'.
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _start_time(pid: int) -> int:
+    return int(_stat_fields(pid)[19])
+
+
+def _state(pid: int) -> str:
+    return _stat_fields(pid)[0]
+
+
+def open_target(pid: int) -> Target:
+    """Validate that ``pid`` is a live process whose memory we may read."""
+    if pid <= 0:
+        raise TargetGone(pid, f"invalid pid {pid}")
+    fields = _stat_fields(pid)
+    if fields[0] in ("Z", "X"):
+        raise TargetGone(pid, f"process {pid} has exited (zombie)")
+    status = proc_read(pid, "status").decode(errors="replace")
+    info = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    comm = info.get("Name", "").strip()
+    uid = int(info.get("Uid", "0").split()[0])
+    nspid = tuple(int(x) for x in info.get("NSpid", str(pid)).split()) or (pid,)
+    cmdline = proc_read(pid, "cmdline").replace(b"\0", b" ").decode(errors="replace").strip()
+    if not cmdline:
+        raise TargetGone(pid, f"pid {pid} ({comm}) is a kernel thread: it has no user memory")
+    # smaps needs ptrace read access: check now so the failure is one line at the start.
+    proc_read(pid, "smaps_rollup")
+    return Target(pid, int(fields[19]), comm, cmdline, uid, nspid)

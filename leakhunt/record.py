@@ -1,0 +1,264 @@
+"""Session recordings: one directory per run, append-only, readable after a crash.
+
+Layout of a session directory::
+
+    session.json           who, what, when: written once at the start (atomically)
+    samples.jsonl          one line per smaps sample: totals, classes, groups
+    snapshots/NNNNNN.smaps.gz   full smaps text of chosen samples (written atomically)
+    events.jsonl           traced mmap/munmap/... events (trace-mmap, investigate)
+    <stream>.jsonl         any other stream a command adds (ledger, stacks, notes, ...)
+    summary.json           written at a clean end; its absence means leakhunt or the host died
+
+Every line is written with a single write(2) on an O_APPEND descriptor and no user-space
+buffering, so a crash of leakhunt loses nothing that was written; at worst a crash of the
+machine cuts the last line short, and the reader drops a truncated last line with a note.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from leakhunt import __version__
+from leakhunt.errors import BadInput, CorruptRecording
+
+FORMAT_VERSION = 1
+SESSION = "session.json"
+SUMMARY = "summary.json"
+SAMPLES = "samples"
+EVENTS = "events"
+NOTES = "notes"
+SNAPSHOTS = "snapshots"
+
+
+def _dumps(record: Any) -> bytes:
+    return json.dumps(record, separators=(",", ":"), default=_default).encode() + b"\n"
+
+
+def _default(obj: Any) -> Any:
+    if hasattr(obj, "to_record"):
+        return obj.to_record()
+    if hasattr(obj, "item"):        # numpy scalars
+        return obj.item()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "value"):       # enums
+        return obj.value
+    raise TypeError(f"cannot record {type(obj).__name__}")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class SessionWriter:
+    """Appends records to a session directory. Safe to use from several threads."""
+
+    def __init__(self, directory: str | os.PathLike, command: str, meta: dict[str, Any] | None = None) -> None:
+        self.dir = Path(directory)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / SNAPSHOTS).mkdir(exist_ok=True)
+        except OSError as e:
+            raise BadInput(f"cannot create recording directory {self.dir}: {e.strerror}") from None
+        self._fds: dict[str, int] = {}
+        session = {
+            "format": FORMAT_VERSION,
+            "tool": f"leakhunt {__version__}",
+            "command": command,
+            "argv": sys.argv,
+            "started": time.time(),
+            "host": socket.gethostname(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            **(meta or {}),
+        }
+        if (self.dir / SESSION).exists():
+            # A second command recording into the same session (trace-mmap after watch, say):
+            # the session stays the first one's; this one is noted.
+            self.append(NOTES, {"ts": time.time(), "note": "joined", "session": session})
+        else:
+            _write_atomic(self.dir / SESSION, json.dumps(session, indent=2, default=_default).encode())
+
+    def append(self, stream: str, record: Any) -> None:
+        self.append_many(stream, (record,))
+
+    def append_many(self, stream: str, records: Iterable[Any]) -> None:
+        data = b"".join(_dumps(r) for r in records)
+        if not data:
+            return
+        fd = self._fds.get(stream)
+        if fd is None:
+            fd = self._fds[stream] = os.open(self.dir / f"{stream}.jsonl",
+                                            os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        view = memoryview(data)
+        while view:  # O_APPEND writes of regular files are whole, but be correct if one is not
+            n = os.write(fd, view)
+            view = view[n:]
+
+    def note(self, text: str, **extra: Any) -> None:
+        self.append(NOTES, {"ts": time.time(), "note": text, **extra})
+
+    def snapshot(self, seq: int, smaps_text: bytes) -> str:
+        """Store raw smaps text for sample ``seq``; returns its path relative to the session."""
+        rel = f"{SNAPSHOTS}/{seq:06d}.smaps.gz"
+        _write_atomic(self.dir / rel, gzip.compress(smaps_text, compresslevel=1))
+        return rel
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        _write_atomic(self.dir / SUMMARY, json.dumps({"finished": time.time(), **summary}, indent=2,
+                                                      default=_default).encode())
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> SessionWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class Recording:
+    """A session directory read back."""
+
+    dir: Path
+    session: dict[str, Any]
+    summary: dict[str, Any] | None
+    problems: list[str] = field(default_factory=list)  # truncated lines and the like
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike) -> Recording:
+        d = Path(directory)
+        if not d.is_dir():
+            raise CorruptRecording(f"{d}: not a directory")
+        try:
+            session = json.loads((d / SESSION).read_text())
+        except FileNotFoundError:
+            raise CorruptRecording(f"{d}: not a leakhunt recording (no {SESSION})") from None
+        except (OSError, ValueError) as e:
+            raise CorruptRecording(f"{d / SESSION}: unreadable ({e})") from None
+        if not isinstance(session, dict) or session.get("format") != FORMAT_VERSION:
+            raise CorruptRecording(f"{d / SESSION}: unknown recording format {session.get('format')!r}")
+        summary = None
+        if (d / SUMMARY).exists():
+            try:
+                summary = json.loads((d / SUMMARY).read_text())
+            except ValueError as e:
+                raise CorruptRecording(f"{d / SUMMARY}: unreadable ({e})") from None
+        return cls(d, session, summary)
+
+    @property
+    def complete(self) -> bool:
+        """False when leakhunt (or the machine) died before the end of the run."""
+        return self.summary is not None
+
+    def streams(self) -> list[str]:
+        return sorted(p.stem for p in self.dir.glob("*.jsonl"))
+
+    def records(self, stream: str) -> Iterator[dict[str, Any]]:
+        """Every record of a stream. A truncated last line is dropped and noted; a bad line
+        anywhere else means the file was damaged: CorruptRecording."""
+        path = self.dir / f"{stream}.jsonl"
+        if not path.exists():
+            return
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+        last = len(lines) - 1
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except ValueError:
+                if i == last:  # no newline after it: the write was cut short
+                    self.problems.append(f"{path.name}: dropped a truncated last line")
+                    continue
+                raise CorruptRecording(f"{path}: line {i + 1} is not JSON") from None
+
+    def samples(self) -> list[dict[str, Any]]:
+        return list(self.records(SAMPLES))
+
+    def notes(self) -> list[dict[str, Any]]:
+        return list(self.records(NOTES))
+
+    def snapshot_text(self, rel: str) -> bytes:
+        try:
+            return gzip.decompress((self.dir / rel).read_bytes())
+        except (OSError, EOFError) as e:
+            raise CorruptRecording(f"{self.dir / rel}: unreadable ({e})") from None
+
+    # -- pandas views ----------------------------------------------------------------------------
+
+    def samples_frame(self):
+        """One row per sample: t, ts, rss, and one column per class (bytes)."""
+        import pandas as pd
+
+        rows = []
+        for s in self.samples():
+            row = {"seq": s["seq"], "t": s["t"], "ts": s["ts"], "pid": s.get("pid"), "rss": s["rss"]}
+            row.update({f"class_{k}": v for k, v in s.get("classes", {}).items()})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def groups_frame(self):
+        """Long format: one row per (sample, group): t, class, path, rss, regions."""
+        import pandas as pd
+
+        rows = [(s["seq"], s["t"], g[0], g[1], g[2], g[3])
+                for s in self.samples() for g in s.get("groups", [])]
+        return pd.DataFrame(rows, columns=["seq", "t", "class", "path", "rss", "regions"])
+
+    def frame(self, stream: str):
+        import pandas as pd
+
+        return pd.DataFrame(list(self.records(stream)))
+
+
+class SampleRecorder:
+    """Writes a sampler's samples into a session: every sample's totals, the full smaps text of
+    the first sample, then one every ``snapshot_every`` seconds, and of the last one at the end."""
+
+    def __init__(self, writer: SessionWriter, snapshot_every: float = 30.0) -> None:
+        self.writer = writer
+        self.snapshot_every = snapshot_every
+        self._last_snapshot_t: float | None = None
+        self._pending = None  # the latest sample whose snapshot was not written
+
+    def __call__(self, sample, history=None) -> None:
+        rel = None
+        due = self._last_snapshot_t is None or sample.t - self._last_snapshot_t >= self.snapshot_every
+        if due and sample.raw is not None:
+            rel = self.writer.snapshot(sample.seq, sample.raw)
+            self._last_snapshot_t = sample.t
+            self._pending = None
+        else:
+            self._pending = sample
+        self.writer.append(SAMPLES, sample.to_record(rel))
+
+    def flush_last(self) -> None:
+        """Write the snapshot of the latest sample (call once at the end of the run)."""
+        sample, self._pending = self._pending, None
+        if sample is not None and sample.raw is not None:
+            rel = self.writer.snapshot(sample.seq, sample.raw)
+            self.writer.append(SNAPSHOTS, {"seq": sample.seq, "t": sample.t, "snapshot": rel})

@@ -1,0 +1,1 @@
+"""bpftrace scripts and BCC programs loaded by leakhunt.trace (shipped as package data)."""
