@@ -1,0 +1,36 @@
+# The two commands: `make demo` and `make test`. Each sets up everything it needs, idempotently:
+# system packages, tracefs, kernel headers for BCC (leakhunt doctor --install), a venv with torch
+# pinned *before* the project (an unpinned torch is a multi-gigabyte CUDA build), the project.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean leakers
+
+setup: $(STAMP)
+	$(BIN)/leakhunt doctor --install --quiet
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install $(TORCH)
+	$(BIN)/pip install -e '.[refserver,dev]'
+	touch $@
+
+leakers:
+	$(MAKE) -C fixtures/leakers
+
+demo: setup leakers
+	$(BIN)/leakhunt demo
+
+test: setup leakers
+	$(BIN)/pytest -q
+
+bench: setup leakers
+	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) fixtures/leakers/build build *.egg-info
