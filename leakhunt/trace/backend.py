@@ -1,0 +1,88 @@
+"""What every tracer backend is: start on a target, hand over MmapEvents as they come, stop,
+and count what it lost. `trace-mmap`, `investigate` and the tests drive backends only through
+this interface; the registry below is the one list of backends and where they live."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from leakhunt.errors import BackendUnavailable
+from leakhunt.proc.target import Target
+from leakhunt.trace.events import EventKind, MmapEvent
+
+#: name -> "module:Class"; the order is the preference of `--backend auto`.
+BACKENDS: dict[str, str] = {
+    "bcc": "leakhunt.trace.bcc:BccBackend",
+    "bpftrace": "leakhunt.trace.bpftrace:BpftraceBackend",
+    "perf": "leakhunt.trace.perf:PerfBackend",
+    "gdb": "leakhunt.trace.gdb_backend:GdbBackend",
+}
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    kinds: frozenset[EventKind] = frozenset(EventKind)
+    follow: bool = False              # also trace children forked after the start
+    min_length: int = 0               # ignore mmap/munmap smaller than this
+    stacks: bool = True               # collect user stacks (costs more)
+    stack_depth: int = 16
+    # Backend-specific knobs (gdb: hit budget, sampling, gdb path...) without widening this class.
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class TraceStats:
+    events: int = 0                   # events delivered
+    lost_events: int = 0              # events the kernel or the backend dropped, counted exactly
+    filtered: int = 0                 # events seen but not delivered on purpose (min_length...)
+    notes: list[str] = field(default_factory=list)  # what a person should know (patched code...)
+
+
+class Backend(ABC):
+    name: str = "?"
+
+    def __init__(self, target: Target, options: TraceOptions) -> None:
+        self.target = target
+        self.options = options
+        self.stats = TraceStats()
+
+    @classmethod
+    @abstractmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when the backend can run on this machine, else one line saying why not."""
+
+    @abstractmethod
+    def start(self) -> None:
+        """Attach. Raises BackendUnavailable, TargetGone or AccessDenied."""
+
+    @abstractmethod
+    def poll(self, timeout: float) -> list[MmapEvent]:
+        """Events since the last call, waiting up to ``timeout`` seconds for the first one."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Detach and release everything; idempotent; never leaves the target stopped."""
+
+    @property
+    def target_exited(self) -> bool:
+        return not self.target.alive()
+
+    def __enter__(self) -> Backend:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def backend_class(name: str) -> type[Backend]:
+    try:
+        module, cls = BACKENDS[name].split(":")
+    except KeyError:
+        raise BackendUnavailable(name, f"no such backend (choose from {', '.join(BACKENDS)})", "") from None
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise BackendUnavailable(name, f"not built into this leakhunt ({e})", "") from None
