@@ -10,8 +10,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench clean leakers
 
+# What the tests and benchmarks need from the OS besides leakhunt's own backends: a real libucm
+# (UCX) to test against, strace and perf as benchmark peers.
+TEST_PACKAGES := libucx0 libucx-dev strace linux-perf
+
 setup: $(STAMP)
-	$(BIN)/leakhunt doctor --install --quiet
+	$(BIN)/leakhunt doctor --install --quiet $(addprefix --with ,$(TEST_PACKAGES))
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
