@@ -63,26 +63,33 @@ def judge(t, y, *, warmup_s: float | None = None, min_slope: float = MIN_SLOPE,
         return Verdict(False, trend, NO_TREND, False, warmup,
                        f"not enough data: {len(tk)} samples after a {format_duration(warmup)} warm-up "
                        f"(need {MIN_SAMPLES})")
-    noise = _noise(tk, yk, trend)
-    if trend.lo > min_slope and trend.growth < NOISE_MULTIPLE * noise:
-        return Verdict(False, trend, NO_TREND, False, warmup,
-                       f"growth of {format_bytes(trend.growth, signed=True)} is within the noise "
-                       f"(±{format_bytes(noise)}); watch longer")
-    cut = tk[0] + (1 - TAIL_FRACTION) * (tk[-1] - tk[0])
-    in_tail = tk >= cut
-    tail = fit(tk[in_tail], yk[in_tail], confidence) if in_tail.sum() >= 3 else NO_TREND
     rate = format_rate(trend.slope)
-    if not trend.lo > min_slope:
-        if trend.slope > min_slope:
+    noise = _noise(tk, yk, trend)
+    cut = tk[0] + (1 - TAIL_FRACTION) * (tk[-1] - tk[0])
+    progress = _progress_before_tail(tk, yk, cut)
+
+    if not trend.lo > min_slope or trend.growth < NOISE_MULTIPLE * noise:
+        # No steady growth; but growth that happened early and stopped is worth naming as such.
+        grew = _median_growth(yk)
+        if grew > max(NOISE_MULTIPLE * noise, min_slope * (tk[-1] - tk[0])) and progress >= LEVELLED_PROGRESS:
+            return Verdict(False, trend, NO_TREND, True, warmup,
+                           f"grew {format_bytes(grew, signed=True)} early, then levelled off")
+        if trend.lo > min_slope:
+            why = (f"growth of {format_bytes(trend.growth, signed=True)} is within the noise "
+                   f"(±{format_bytes(noise)}); watch longer")
+        elif trend.slope > min_slope:
             why = f"growth of {rate} is not significant (interval {format_rate(trend.lo)} .. {format_rate(trend.hi)})"
         else:
             why = f"no significant growth ({rate})"
-        return Verdict(False, trend, tail, False, warmup, why)
+        return Verdict(False, trend, NO_TREND, False, warmup, why)
+
+    in_tail = tk >= cut
+    tail = fit(tk[in_tail], yk[in_tail], confidence) if in_tail.sum() >= 3 else NO_TREND
     # Levelled off: the tail grows clearly slower than half the overall rate, or it shows no
-    # significant growth of its own and its best estimate is a small fraction of the overall rate.
+    # significant growth of its own and its best estimate is a small fraction of the overall
+    # rate, or most of the window's growth was made before the tail began.
     levelled = tail.samples < 3 or tail.hi < 0.5 * trend.slope or (
-        tail.lo <= min_slope and tail.slope < TAIL_RATIO * trend.slope) or (
-        _progress_before_tail(tk, yk, cut) >= LEVELLED_PROGRESS)
+        tail.lo <= min_slope and tail.slope < TAIL_RATIO * trend.slope) or progress >= LEVELLED_PROGRESS
     if levelled:
         return Verdict(False, trend, tail, True, warmup,
                        f"grew {format_bytes(yk[-1] - yk[0], signed=True)} then levelled off "
@@ -106,3 +113,8 @@ def _noise(t: np.ndarray, y: np.ndarray, trend: Trend) -> float:
     """Robust scatter (1.4826 x MAD) of the samples around the fitted line, bytes."""
     residuals = y - (trend.intercept + trend.slope * t)
     return float(1.4826 * np.median(np.abs(residuals - np.median(residuals))))
+
+
+def _median_growth(y: np.ndarray) -> float:
+    k = max(3, len(y) // 10)
+    return float(np.median(y[-k:]) - np.median(y[:k]))

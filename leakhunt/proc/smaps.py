@@ -179,7 +179,7 @@ def _parse_regular(data: bytes) -> Snapshot | None:
     if n == 0 or len(ends) % n:
         return None
     per_entry = len(ends) // n
-    if headers[0] != 0 or not np.array_equal(headers, np.arange(n) * per_entry):
+    if per_entry < 2 or headers[0] != 0 or not np.array_equal(headers, np.arange(n) * per_entry):
         return None
 
     # Field names and kinds come from the first entry; every other entry must agree.

@@ -1,0 +1,62 @@
+"""Leak verdicts: significant, still growing, and not fooled by plateaus or noise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from leakhunt.analysis.slope import fit
+from leakhunt.analysis.verdict import judge
+
+MiB = 2**20
+T = np.arange(0, 21, 1.0)
+
+
+def test_slope_is_exact_on_a_line():
+    trend = fit(T, 100 * MiB + 4 * MiB * T)
+    assert trend.slope == pytest.approx(4 * MiB)
+    assert trend.lo <= trend.slope <= trend.hi
+
+
+def test_theil_sen_ignores_spikes():
+    y = 100 * MiB + 2 * MiB * T
+    y[[3, 9, 15]] += 300 * MiB  # transient buffers
+    assert fit(T, y).slope == pytest.approx(2 * MiB, rel=0.02)
+
+
+def test_steady_growth_is_a_leak():
+    rng = np.random.default_rng(1)
+    v = judge(T, 100 * MiB + 4 * MiB * T + rng.normal(0, MiB, len(T)))
+    assert v.leak and not v.plateau
+    assert v.trend.slope == pytest.approx(4 * MiB, rel=0.1)
+    assert "growing" in v.reason
+
+
+def test_plateau_is_not_a_leak():
+    rng = np.random.default_rng(2)
+    y = 100 * MiB + np.minimum(T, 5) * 8 * MiB + rng.normal(0, 0.2 * MiB, len(T))
+    v = judge(T, y)
+    assert not v.leak and v.plateau
+    assert "levelled off" in v.reason
+
+
+def test_flat_noise_is_not_a_leak():
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        assert not judge(T, 100 * MiB + rng.normal(0, MiB, len(T))).leak
+
+
+def test_warmup_growth_is_discarded():
+    y = np.where(T < 6, 100 * MiB + 20 * MiB * T, 220 * MiB)
+    v = judge(T, y, warmup_s=6)
+    assert not v.leak and v.trend.slope == 0
+
+
+def test_too_few_samples_is_said():
+    v = judge(T[:4], 4 * MiB * T[:4])
+    assert not v.leak and "not enough data" in v.reason
+
+
+def test_long_series_are_thinned_but_keep_the_slope():
+    t = np.arange(0, 20000, 1.0)
+    assert fit(t, 3 * t + 5).slope == pytest.approx(3, rel=1e-3)
