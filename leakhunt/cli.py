@@ -67,7 +67,9 @@ def _sigterm(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _sigterm)
     try:
-        cli.main(args=argv, prog_name="leakhunt", standalone_mode=False)
+        # Without standalone mode click *returns* the code of a click.exceptions.Exit raised by a
+        # command (ci exits 1 that way) instead of raising it.
+        code = cli.main(args=argv, prog_name="leakhunt", standalone_mode=False)
     except LeakhuntError as e:
         click.echo(f"leakhunt: error: {e}", err=True)
         sys.exit(2)
@@ -84,4 +86,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,211 @@
+"""The CI regression gate: sample a process, or a command the gate starts and always stops, for a
+while and decide whether its memory grows faster than a limit.
+
+The decision is the verdict of analysis/verdict.py with the limit as its floor: the lower end of
+the slope's 95% interval must exceed the limit, and growth that levelled off (a pool filled once)
+or that is within the noise does not fail the gate. commands/ci.py renders the GateResult as text,
+JSON, JUnit XML and GitHub Actions annotations.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from leakhunt.analysis.summary import MemorySummary, summarize
+from leakhunt.errors import BadInput, LeakhuntError, TargetGone
+from leakhunt.proc.sampler import STOP_INTERRUPTED, History, Sample, Sampler
+from leakhunt.proc.target import Target, open_target
+from leakhunt.units import format_duration, format_rate
+
+PASS, FAIL, ERROR = 0, 1, 2
+#: How long a stopped command gets between SIGINT, SIGTERM and SIGKILL. SIGINT first: a Python
+#: program (and memray tracking it) unwinds and flushes on KeyboardInterrupt, not on SIGTERM.
+STOP_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    max_slope: float                 # bytes per second
+    duration: float                  # seconds of sampling
+    interval: float = 1.0
+    warmup: float | None = None      # None: verdict.default_warmup
+
+    def describe(self) -> str:
+        warmup = "default warm-up" if self.warmup is None else f"{format_duration(self.warmup)} warm-up"
+        return (f"limit {format_rate(self.max_slope)}, {format_duration(self.duration)} every "
+                f"{format_duration(self.interval)}, {warmup}")
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """What the gate saw and decided. ``summary`` is None only when no sample was taken."""
+
+    config: GateConfig
+    target: str                      # what was measured, for people: the command line or pid
+    pid: int | None
+    summary: MemorySummary | None
+    exit_code: int                   # PASS, FAIL or ERROR
+    reason: str                      # one sentence
+    stopped_because: str = ""
+    notes: tuple[str, ...] = ()
+    elapsed_s: float = 0.0
+
+    @property
+    def status(self) -> str:
+        return {PASS: "pass", FAIL: "fail", ERROR: "error"}[self.exit_code]
+
+    def to_json(self) -> dict:
+        doc = {"status": self.status, "exit_code": self.exit_code, "reason": self.reason,
+               "target": self.target, "pid": self.pid, "max_slope_bytes_per_s": self.config.max_slope,
+               "duration_s": self.config.duration, "interval_s": self.config.interval,
+               "warmup_s": self.config.warmup, "stopped_because": self.stopped_because,
+               "notes": list(self.notes), "elapsed_s": self.elapsed_s}
+        if self.summary is not None:
+            doc["summary"] = self.summary.to_json()
+        return doc
+
+
+def decide(summary: MemorySummary, config: GateConfig) -> tuple[int, str]:
+    """PASS or FAIL with the sentence that says why (ERROR when the data cannot decide)."""
+    v = summary.rss.verdict
+    limit = format_rate(config.max_slope)
+    if v.leak:
+        return FAIL, (f"RSS grows {format_rate(v.trend.slope)} (95% interval {format_rate(v.trend.lo)} .. "
+                      f"{format_rate(v.trend.hi)}): its lower bound exceeds the limit of {limit}")
+    if v.trend.samples < 3 or v.reason.startswith("not enough data"):
+        return ERROR, f"cannot decide: {v.reason}; lengthen --duration or shorten --interval"
+    return PASS, f"within the limit of {limit}: {v.reason}"
+
+
+class Launched:
+    """A command the gate started in its own session, so that it and everything it forked can be
+    stopped together. Stopping is idempotent and escalates SIGINT -> SIGTERM -> SIGKILL."""
+
+    def __init__(self, argv: Sequence[str], role: str, stdout=None) -> None:
+        self.argv = list(argv)
+        self.role = role
+        try:
+            self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=stdout,
+                                          stderr=stdout, start_new_session=True)
+        except OSError as e:
+            raise BadInput(f"{role} {shlex.join(self.argv)!r} failed to start: {e.strerror or e}") from None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def describe_exit(self) -> str:
+        rc = self.popen.returncode
+        if rc is None:
+            return "still running"
+        return f"killed by signal {-rc} ({signal.Signals(-rc).name})" if rc < 0 else f"exited with status {rc}"
+
+    def stop(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            if self.popen.poll() is not None:
+                break
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.popen.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                continue
+        self.popen.poll()
+        # Whatever the command forked and left behind in its session goes too.
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def __enter__(self) -> Launched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _open_started(launched: Launched) -> Target:
+    try:
+        return open_target(launched.pid)
+    except TargetGone:
+        launched.popen.wait(STOP_GRACE_S)
+        raise BadInput(f"command {shlex.join(launched.argv)!r} {launched.describe_exit()} "
+                       "before it could be sampled") from None
+
+
+@dataclass
+class Gate:
+    """Runs one gate: ``run_pid`` or ``run_command``; ``on_sample`` sees every sample (recording)."""
+
+    config: GateConfig
+    on_sample: Callable[[Sample, History], None] | None = None
+    command_output: object = None    # where a started command's stdout/stderr go (None: inherit)
+    notes: list[str] = field(default_factory=list)
+
+    def run_pid(self, pid: int, load: Sequence[str] | None = None) -> GateResult:
+        target = open_target(pid)
+        return self._measure(target, target.describe(), load, command=None)
+
+    def run_command(self, argv: Sequence[str], load: Sequence[str] | None = None) -> GateResult:
+        if not argv:
+            raise BadInput("no command given after --")
+        with Launched(argv, "command", self.command_output) as launched:
+            target = _open_started(launched)
+            return self._measure(target, shlex.join(argv), load, command=launched)
+
+    def _measure(self, target: Target, label: str, load: Sequence[str] | None,
+                 command: Launched | None) -> GateResult:
+        began = time.monotonic()
+        loader = Launched(load, "load generator", self.command_output) if load else None
+        try:
+            result = Sampler(target, self.config.interval).run(self.config.duration, self.on_sample)
+        finally:
+            if loader is not None:
+                if loader.returncode is not None:
+                    self.notes.append(f"the load generator {loader.describe_exit()} before the end")
+                loader.stop()
+        elapsed = time.monotonic() - began
+        history = result.history
+        summary = summarize(history, warmup_s=self.config.warmup, min_slope=self.config.max_slope)
+        code, reason = decide(summary, self.config)
+        if result.error is not None:
+            code, reason = self._target_lost(command, result.error, history, code, reason)
+        elif result.stopped_because == STOP_INTERRUPTED:
+            self.notes.append(f"interrupted after {format_duration(history.duration_s)}")
+        return GateResult(self.config, label, target.pid, summary, code, reason, result.stopped_because,
+                          tuple(self.notes), elapsed)
+
+    def _target_lost(self, command: Launched | None, error: Exception, history: History, code: int,
+                     reason: str) -> tuple[int, str]:
+        """A command that finished by itself with status 0 is a finite workload: judge what was
+        seen. Anything else that ends the target early (a crash, a pid that exited) is an error."""
+        after = f"after {format_duration(history.duration_s)}"
+        if command is not None:
+            try:
+                command.popen.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+            if command.returncode == 0:
+                self.notes.append(f"the command exited with status 0 {after}, before the end of the run")
+                return code, reason
+            self.notes.append(reason)
+            return ERROR, f"the command {command.describe_exit()} {after}, during the run"
+        self.notes.append(reason)
+        return ERROR, f"{error} {after}, during the run"
+
+
+def error_result(config: GateConfig, target: str, error: LeakhuntError) -> GateResult:
+    """The result written to JUnit and the step summary when the gate could not measure at all."""
+    return GateResult(config, target, None, None, ERROR, str(error))

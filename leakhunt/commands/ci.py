@@ -1,0 +1,114 @@
+"""`leakhunt ci (--pid PID | -- CMD...) --max-slope 5MB/min`: the memory regression gate.
+
+Exit 0 when RSS grows no faster than the limit, 1 when the lower bound of its slope exceeds it,
+2 when the gate cannot measure (a command that fails to start, a pid that does not exist).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from leakhunt import ui
+from leakhunt.ci import ERROR, FAIL, Gate, GateConfig, GateResult, error_result
+from leakhunt.commands.options import (DURATION, RATE, duration_option, interval_option, json_option,
+                                       record_option, warmup_option)
+from leakhunt.errors import BadInput, LeakhuntError
+from leakhunt.record import SampleRecorder, SessionWriter
+from leakhunt.report import github
+from leakhunt.report.junit import junit_xml
+from leakhunt.units import format_bytes
+
+
+@click.command("ci", context_settings={"ignore_unknown_options": True})
+@click.option("--pid", "-p", type=int, help="gate a running process")
+@click.option("--max-slope", type=RATE, required=True, help="the growth limit, e.g. 5MB/min")
+@duration_option(default="60s", help="how long to sample")
+@interval_option()
+@warmup_option
+@click.option("--load", "load", metavar="CMD", help="a load generator to run alongside (one quoted command line)")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="write JUnit XML here")
+@record_option
+@json_option
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def command(pid: int | None, max_slope: float, duration: float, interval: float, warmup: float | None,
+            load: str | None, junit_path: str | None, record_dir: str | None, as_json: bool,
+            command: tuple[str, ...]) -> None:
+    """Fail when memory grows faster than --max-slope.
+
+    Either gate a running process (--pid) or start COMMAND (after --), sample it for --duration
+    and stop it at the end. Exit 0: within the limit; 1: the lower bound of the RSS slope's 95%
+    interval exceeds it; 2: the gate could not measure.
+
+    \b
+      leakhunt ci --max-slope 5MB/min --duration 2m -- python -m myserver
+      leakhunt ci --pid 1234 --max-slope 1MiB/min --junit leak.xml
+    """
+    if (pid is None) == (not command):
+        raise BadInput("give either --pid PID or a command after --, not both (nor neither)")
+    console = ui.console_for(as_json)
+    config = GateConfig(max_slope, duration, interval, warmup)
+    label = shlex.join(command) if command else f"pid {pid}"
+    load_argv = shlex.split(load) if load else None
+    writer = SessionWriter(record_dir, "ci", {"pid": pid, "cmdline": label, "interval_s": interval,
+                                              "max_slope_bytes_per_s": max_slope}) if record_dir else None
+    recorder = SampleRecorder(writer) if writer else None
+    # A started command's output goes to stderr so that --json keeps stdout one document.
+    gate = Gate(config, on_sample=recorder, command_output=sys.stderr)
+    try:
+        result = gate.run_pid(pid, load_argv) if pid is not None else gate.run_command(command, load_argv)
+    except LeakhuntError as e:
+        result = error_result(config, label, e)
+        _publish(result, junit_path, writer, recorder, as_json, console)
+        raise
+    _publish(result, junit_path, writer, recorder, as_json, console)
+    if result.exit_code:
+        raise click.exceptions.Exit(result.exit_code)
+
+
+def _publish(result: GateResult, junit_path: str | None, writer: SessionWriter | None,
+             recorder: SampleRecorder | None, as_json: bool, console) -> None:
+    if junit_path:
+        Path(junit_path).write_bytes(junit_xml(result))
+    line = github.publish(result)
+    if line:
+        # Workflow commands are read from the step's output; stderr when stdout is the JSON.
+        click.echo(line, err=as_json)
+    if writer:
+        if recorder:
+            recorder.flush_last()
+        writer.finish({"command": "ci", **ui.clean_json(result.to_json())})
+    if as_json:
+        ui.emit_json(ui.clean_json(result.to_json()))
+    elif result.exit_code != ERROR or result.summary is not None:
+        console.print(render(result))
+    if writer and not as_json:
+        console.print(f"[dim]recorded in {writer.dir} — render it with: leakhunt report {writer.dir}[/]")
+
+
+def render(result: GateResult) -> Group | Text:
+    badge = {0: Text(" PASS ", style="black on green"), FAIL: Text(" LEAK ", style="bold white on red"),
+             ERROR: Text(" ERROR ", style="bold white on yellow")}[result.exit_code]
+    head = Text.assemble("leakhunt ci ", badge, " ", (result.target, "cyan"), "\n", result.reason)
+    s = result.summary
+    table = Table(box=None, pad_edge=False)
+    for col, justify in (("class", "left"), ("RSS", "right"), ("growth", "right"),
+                         ("slope /min [95% interval]", "right")):
+        table.add_column(col, justify=justify)
+    if s is None:
+        return head
+    table.add_row("total", format_bytes(s.rss.end), ui.growth_text(s.rss.growth),
+                  ui.rate_text(s.rss.verdict.trend.slope, s.rss.verdict.trend.lo, s.rss.verdict.trend.hi,
+                               s.rss.verdict.leak))
+    for klass, c in sorted(s.classes.items(), key=lambda kv: -kv[1].growth):
+        table.add_row(klass.value, format_bytes(c.end), ui.growth_text(c.growth),
+                      ui.rate_text(c.verdict.trend.slope, c.verdict.trend.lo, c.verdict.trend.hi))
+    for note in result.notes:
+        table.add_row(Text(f"note: {note}", style="dim"), "", "", "")
+    return Group(head, table)

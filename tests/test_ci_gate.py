@@ -1,0 +1,123 @@
+"""`leakhunt ci`: the regression gate on real leakers, its JUnit XML, GitHub Actions output, and
+the promise that a command it starts (and its load generator) never outlives it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from conftest import run_leakhunt
+from leakhunt.ci import ERROR, FAIL, PASS, GateConfig, GateResult
+from leakhunt.report import github
+
+GATE = ("--max-slope", "5MB/min", "--interval", "0.5s")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie that its parent has not reaped yet is gone for our purposes.
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture(scope="module")
+def leak_run(leakers, tmp_path_factory):
+    """One gate run over the syscall-pool leaker, with everything switched on."""
+    out = tmp_path_factory.mktemp("ci_leak")
+    env = {**os.environ, "GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(out / "summary.md")}
+    loadpid = out / "load.pid"
+    cp = run_leakhunt("ci", *GATE, "--duration", "8s", "--junit", out / "junit.xml", "--record", out / "rec",
+                      "--load", f"sh -c 'echo $$ > {loadpid}; exec sleep 600'", "--json", "--",
+                      leakers / "pool_leaker", "--rate", "4M", "--chunk", "1M", env=env)
+    return cp, out
+
+
+def test_pool_leaker_fails_the_gate(leak_run):
+    cp, _ = leak_run
+    assert cp.returncode == FAIL, cp.stderr
+    doc = json.loads(cp.stdout)
+    assert doc["status"] == "fail"
+    assert doc["summary"]["slope_interval"][0] > doc["max_slope_bytes_per_s"]
+    assert doc["summary"]["classes"]["anon"]["rss_growth_bytes"] > 16 << 20
+
+
+def test_junit_file_parses_and_reports_the_failure(leak_run):
+    _, out = leak_run
+    root = ET.parse(out / "junit.xml").getroot()
+    suite = root.find("testsuite")
+    assert suite.get("failures") == "1" and suite.get("errors") == "0"
+    failure = suite.find("testcase/failure")
+    assert failure is not None and "lower bound exceeds the limit" in failure.get("message")
+    props = {p.get("name"): p.get("value") for p in suite.iter("property")}
+    assert float(props["slope_lower_bytes_per_s"]) > float(props["max_slope_bytes_per_s"])
+
+
+def test_github_actions_get_an_error_annotation_and_a_step_summary(leak_run):
+    cp, out = leak_run
+    assert "::error title=leakhunt ci%3A memory leak::RSS grows" in cp.stderr
+    summary = (out / "summary.md").read_text()
+    assert "leakhunt ci — ❌ leak" in summary and "| anon |" in summary
+
+
+def test_started_command_and_load_generator_are_stopped(leak_run):
+    cp, out = leak_run
+    doc = json.loads(cp.stdout)
+    load_pid = int((out / "load.pid").read_text())
+    deadline = time.monotonic() + 5   # not a timing claim: reaping by init can lag a moment
+    while (_alive(doc["pid"]) or _alive(load_pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(doc["pid"]) and not _alive(load_pid)
+
+
+def test_gate_run_is_recorded_for_the_report(leak_run):
+    _, out = leak_run
+    from leakhunt.record import Recording
+
+    rec = Recording.open(out / "rec")
+    assert rec.complete and rec.summary["status"] == "fail"
+    assert len(rec.samples()) >= 10
+
+
+def test_plateau_passes_the_gate(leakers, tmp_path):
+    cp = run_leakhunt("ci", *GATE, "--duration", "10s", "--junit", tmp_path / "junit.xml", "--",
+                      leakers / "plateau", "--rate", "8M", "--cap", "24M")
+    assert cp.returncode == PASS, cp.stdout + cp.stderr
+    suite = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite")
+    assert suite.get("failures") == "0" and suite.get("errors") == "0"
+    assert suite.find("testcase/failure") is None
+
+
+def test_command_that_cannot_start_is_an_error(tmp_path):
+    cp = run_leakhunt("ci", *GATE, "--junit", tmp_path / "junit.xml", "--", tmp_path / "no-such-program")
+    assert cp.returncode == ERROR
+    assert "failed to start" in cp.stderr and "Traceback" not in cp.stderr
+    error = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite/testcase/error")
+    assert error is not None and "failed to start" in error.get("message")
+
+
+def test_missing_pid_is_an_error():
+    cp = run_leakhunt("ci", *GATE, "--pid", "999999999")
+    assert cp.returncode == ERROR and "Traceback" not in cp.stderr
+
+
+def test_pid_and_command_together_are_refused(leakers):
+    cp = run_leakhunt("ci", *GATE, "--pid", str(os.getpid()), "--", "true")
+    assert cp.returncode == ERROR and "not both" in cp.stderr
+
+
+def test_command_crashing_mid_run_is_an_error(tmp_path):
+    cp = run_leakhunt("ci", *GATE, "--duration", "10s", "--json", "--", "sh", "-c", "sleep 1.5; exit 3")
+    assert cp.returncode == ERROR
+    assert "exited with status 3" in json.loads(cp.stdout)["reason"]
+
+
+def test_annotation_escapes_newlines_and_percent():
+    result = GateResult(GateConfig(1.0, 1.0), "x", None, None, PASS, "50% done\nnext")
+    assert github.annotation(result) == "::notice title=leakhunt ci%3A no leak::50%25 done%0Anext"
