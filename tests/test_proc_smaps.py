@@ -13,7 +13,7 @@ import pytest
 from conftest import SHARED_DATA
 from leakhunt.errors import BadInput
 from leakhunt.proc.classes import CLASS_CODE, RegionClass, classify
-from leakhunt.proc.smaps import _parse_generic, _parse_regular, load_smaps, parse_smaps, read_smaps
+from leakhunt.proc.smaps import _parse_fast, _parse_generic, _smaps, load_smaps, parse_smaps, read_smaps
 from leakhunt.proc.target import proc_read
 
 H100 = SHARED_DATA / "smaps-h100-torch-pinned.txt"
@@ -30,17 +30,26 @@ def assert_same(a, b):
     assert np.array_equal(a.classes, b.classes)
 
 
+def test_the_c_parser_is_built():
+    assert _smaps is not None, "leakhunt/proc/_smaps.c was not compiled (pip install needs a C compiler)"
+
+
 def test_fast_and_line_parsers_agree_on_a_live_process():
     data = proc_read(os.getpid(), "smaps")
-    fast = _parse_regular(data)
-    assert fast is not None, "the kernel's smaps should take the vectorised path"
+    fast = _parse_fast(data)
+    assert fast is not None, "the kernel's smaps should take the fast path"
     assert_same(fast, _parse_generic(data, "self"))
+
+
+def test_fast_and_line_parsers_agree_on_the_h100_process():
+    data = H100.read_bytes()
+    assert_same(_parse_fast(data), _parse_generic(data, "h100"))
 
 
 def test_fast_and_line_parsers_agree_on_many_mappings(leakers, spawn):
     proc = spawn([leakers / "manymaps", "20000"])
     data = proc_read(proc.pid, "smaps")
-    fast = _parse_regular(data)
+    fast = _parse_fast(data)
     assert fast is not None and len(fast) > 20000
     assert_same(fast, _parse_generic(data, "manymaps"))
     # every page of manymaps is touched: its mappings each hold one resident page

@@ -1,11 +1,11 @@
 """Fast /proc/PID/smaps parser producing a columnar Snapshot.
 
 A big inference server has tens of thousands of mappings and smaps repeats ~25 field lines for
-each, so the hot path is vectorised with numpy: the kernel prints the same fields in the same
-order for every mapping, which lets every number be decoded at once from fixed positions relative
-to the line ends. Text that does not have that regular shape (a hand-edited file, an older kernel
-with optional fields) falls back to a line-by-line parser that gives the same result. Both are
-tested against each other; bench/smaps.py measures the hot path against pmap -X and `cat`.
+each, so the hot path is a one-pass C parser (_smaps.c) that relies on the kernel printing the
+same fields in the same order for every mapping. Text without that regular shape (a hand-edited
+or foreign file, fields that differ between entries) and builds without a C compiler take the
+line-by-line parser below, which gives the same result. Tests hold the two to each other;
+bench/smaps.py measures the hot path against pmap -X, psutil and `cat`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,14 @@ from leakhunt.errors import BadInput
 from leakhunt.proc.target import proc_read
 from leakhunt.proc.classes import CLASS_CODE, CLASSES, RegionClass, classify, is_gpu_device
 
-_NL, _COLON, _SPACE = 10, 58, 32
+try:
+    from leakhunt.proc import _smaps
+except ImportError:  # built without a C compiler: the line parser does all the work
+    _smaps = None
+
 _UPPER_A, _UPPER_Z = 65, 90
-_MAX_DIGITS = 20
-_HEADER = re.compile(rb"[0-9a-f]+-[0-9a-f]+ +\S{4} +[0-9a-f]+ +[0-9a-f]+:[0-9a-f]+ +\d+( |$)")
+_HEADER = re.compile(rb"([0-9a-fA-F]{1,16})-([0-9a-fA-F]{1,16}) +(\S{4}) +([0-9a-fA-F]+) +([0-9a-fA-F]+:[0-9a-fA-F]+) +"
+                     rb"(\d+)(?: +(.*))?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,113 +161,47 @@ def parse_smaps(data: bytes, *, source: str = "smaps") -> Snapshot:
         return _empty_snapshot()
     if not data.endswith(b"\n"):
         raise BadInput(f"{source}: truncated (the last line is incomplete)")
-    fast = _parse_regular(data)
+    fast = _parse_fast(data)
     if fast is not None:
         return fast
     return _parse_generic(data, source)
 
 
-# -- the vectorised path --------------------------------------------------------------------------
+# -- the one-pass C parser ------------------------------------------------------------------------
 
-def _parse_regular(data: bytes) -> Snapshot | None:
-    """Parse smaps whose entries all have the same fields in the same order; None if they don't."""
-    buf = np.frombuffer(data, np.uint8)
-    ends = np.flatnonzero(buf == _NL)
-    starts = np.empty_like(ends)
-    starts[0] = 0
-    starts[1:] = ends[:-1] + 1
-    first = buf[starts]
-    is_field = (first >= _UPPER_A) & (first <= _UPPER_Z)
-    headers = np.flatnonzero(~is_field)
-    n = len(headers)
-    if n == 0 or len(ends) % n:
+def _parse_fast(data: bytes) -> Snapshot | None:
+    """The C hot path (leakhunt/proc/_smaps.c); None when it is not built or the text is irregular."""
+    if _smaps is None:
         return None
-    per_entry = len(ends) // n
-    if per_entry < 2 or headers[0] != 0 or not np.array_equal(headers, np.arange(n) * per_entry):
+    try:
+        parsed = _smaps.parse(data)
+    except ValueError:
+        return None  # the line parser says precisely what is wrong
+    if parsed is None:
         return None
-
-    # Field names and kinds come from the first entry; every other entry must agree.
-    names: list[str] = []
-    kinds: list[str] = []  # 'kB', 'num' or 'text'
-    for line in data[starts[1]:ends[per_entry - 1] + 1].splitlines():
-        name, sep, rest = line.partition(b":")
-        if not sep:
-            return None
-        rest = rest.strip()
-        names.append(name.decode())
-        kinds.append("kB" if rest.endswith(b" kB") else "num" if rest.isdigit() else "text")
-    field_starts = starts.reshape(n, per_entry)[:, 1:]
-    for j, name in enumerate(names):
-        col = field_starts[:, j]
-        if not (np.all(buf[col + len(name)] == _COLON) and np.all(buf[col] == buf[col[0]])):
-            return None
-
-    field_ends = ends.reshape(n, per_entry)[:, 1:]
-    numeric = [j for j, k in enumerate(kinds) if k != "text"]
-    kb_cols = np.array([kinds[j] == "kB" for j in numeric])
-    line_ends = field_ends[:, numeric]  # (n, k) positions of '\n'
-    if kb_cols.any() and not np.all(buf[line_ends[:, kb_cols] - 1] == ord("B")):
-        return None
-    last_digit = line_ends - np.where(kb_cols, 4, 1)
-    values = _decode_numbers(buf, last_digit.ravel()).reshape(line_ends.shape)
-    values[:, kb_cols] *= 1024
-
-    text_cols = [j for j, k in enumerate(kinds) if k == "text"]
-    vmflags: Sequence[str] = [""] * n
-    if "VmFlags" in names and kinds[names.index("VmFlags")] == "text":
-        j = names.index("VmFlags")
-        vmflags = _Lines(data, (field_starts[:, j] + len("VmFlags:")).tolist(), field_ends[:, j].tolist())
-    elif text_cols:
-        return None
-
-    header_starts = starts[headers].tolist()
-    header_ends = ends[headers].tolist()
-    return _build(data, header_starts, header_ends, tuple(names[j] for j in numeric), values, vmflags)
-
-
-def _decode_numbers(buf: np.ndarray, last_digit: np.ndarray) -> np.ndarray:
-    """Decimal numbers that end at the given positions, decoded all at once, right to left."""
-    values = np.zeros(len(last_digit), np.int64)
-    live = np.ones(len(last_digit), bool)
-    scale = 1
-    for k in range(_MAX_DIGITS):
-        digit = buf[last_digit - k].astype(np.int64) - 48
-        live &= (digit >= 0) & (digit <= 9)
-        if not live.any():
-            break
-        values += np.where(live, digit, 0) * scale
-        scale *= 10
-    return values
+    names, values, start, end, offset, inode, perms, devs, paths, vmflags = parsed
+    n = len(paths)
+    table = np.frombuffer(values, np.int64).reshape(n, len(names))
+    spans = np.frombuffer(vmflags, np.int64).reshape(n, 2)
+    flags: Sequence[str] = _Lines(data, spans[:, 0].tolist(), (spans[:, 0] + spans[:, 1]).tolist()) \
+        if n and spans[0, 0] >= 0 else [""] * n
+    return _assemble(np.frombuffer(start, np.uint64), np.frombuffer(end, np.uint64),
+                     np.frombuffer(offset, np.uint64), np.frombuffer(inode, np.uint64), perms, devs, paths,
+                     names, table, flags)
 
 
 # -- headers and assembly -------------------------------------------------------------------------
 
-def _build(data: bytes, header_starts: list[int], header_ends: list[int], names: tuple[str, ...],
-           values: np.ndarray, vmflags: Sequence[str]) -> Snapshot:
-    try:
-        parts = [data[s:e].split(None, 5) for s, e in zip(header_starts, header_ends)]
-        ranges = [p[0].split(b"-") for p in parts]
-        start = np.array([int(r[0], 16) for r in ranges], np.uint64)
-        end = np.array([int(r[1], 16) for r in ranges], np.uint64)
-        offset = np.array([int(p[2], 16) for p in parts], np.uint64)
-        inode = np.array([int(p[4]) for p in parts], np.uint64)
-    except (ValueError, IndexError):
-        bad = next(data[s:e] for s, e in zip(header_starts, header_ends) if not _HEADER.match(data[s:e]))
-        raise BadInput(f"not an smaps mapping line: {bad[:80]!r}") from None
-    # Interning: tens of thousands of mappings share a few hundred distinct strings.
-    text: dict[bytes, str] = {}
-    perms = [text.get(p[1]) or text.setdefault(p[1], p[1].decode()) for p in parts]
-    devs = [text.get(p[3]) or text.setdefault(p[3], p[3].decode()) for p in parts]
-    raw_paths = [p[5] if len(p) > 5 else b"" for p in parts]
-    paths = [text.get(b) or text.setdefault(b, b.decode("utf-8", "surrogateescape")) for b in raw_paths]
+def _assemble(start, end, offset, inode, perms: list[str], devs: list[str], paths: list[str],
+              names: tuple[str, ...], values: np.ndarray, vmflags: Sequence[str]) -> Snapshot:
+    """Classify every region (once per distinct path and permissions) and build the Snapshot."""
     gpu_process = any(is_gpu_device(p) for p in set(paths))
     cache: dict[tuple[str, str], int] = {}
     codes = np.fromiter(
         (cache[key] if key in cache else cache.setdefault(key, CLASS_CODE[classify(*key, gpu_process)])
          for key in zip(paths, perms)),
         np.uint8, count=len(paths))
-    return Snapshot(start, end, offset, inode, perms, devs, paths, names, values, vmflags, codes,
-                    gpu_process)
+    return Snapshot(start, end, offset, inode, perms, devs, paths, names, values, vmflags, codes, gpu_process)
 
 
 class _Lines(Sequence[str]):
@@ -333,4 +271,20 @@ def _parse_generic(data: bytes, source: str) -> Snapshot:
     for i, fields in enumerate(entries):
         for key, value in fields.items():
             values[i, index[key]] = value
-    return _build(data, header_starts, header_ends, field_names, values, vmflags)
+    rows = []
+    for s, e in zip(header_starts, header_ends):
+        m = _HEADER.match(data[s:e])
+        if m is None:
+            raise BadInput(f"{source}: not an smaps mapping line: {data[s:e][:80]!r}")
+        rows.append(m.groups())
+    text: dict[bytes, str] = {}  # interning: many mappings share a path
+
+    def intern(b: bytes) -> str:
+        return text.get(b) or text.setdefault(b, b.decode("utf-8", "surrogateescape"))
+
+    return _assemble(np.array([int(r[0], 16) for r in rows], np.uint64),
+                     np.array([int(r[1], 16) for r in rows], np.uint64),
+                     np.array([int(r[3], 16) for r in rows], np.uint64),
+                     np.array([int(r[5]) for r in rows], np.uint64),
+                     [intern(r[2]) for r in rows], [intern(r[4]) for r in rows], [intern(r[6]) for r in rows],
+                     field_names, values, vmflags)
