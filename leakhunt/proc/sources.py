@@ -1,0 +1,66 @@
+"""Where a snapshot can come from: a live pid, a saved smaps (plain or gzip), `pmap -X` output,
+or a sample of a leakhunt recording (``DIR``, ``DIR@first``, ``DIR@last``, ``DIR@SEQ``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from leakhunt.errors import BadInput
+from leakhunt.proc.pmapx import looks_like_pmap, parse_pmap_x
+from leakhunt.proc.smaps import Snapshot, _read_file, parse_smaps, read_smaps
+
+
+@dataclass(frozen=True)
+class LoadedSnapshot:
+    snapshot: Snapshot
+    label: str          # what to call it in output: a path, "pid 123", "rec@last (t=42.0s)"
+    kind: str           # "live", "smaps", "pmap -X", "recording"
+
+
+def live(pid: int) -> LoadedSnapshot:
+    return LoadedSnapshot(read_smaps(pid), f"pid {pid}", "live")
+
+
+def load(spec: str | os.PathLike) -> LoadedSnapshot:
+    """A snapshot from a file or a recorded sample; BadInput with one line when it can't be read."""
+    spec = str(spec)
+    base, at, which = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    if at and Path(base).is_dir():
+        return _from_recording(Path(base), which)
+    path = Path(spec)
+    if path.is_dir():
+        return _from_recording(path, "last")
+    if not path.exists():
+        raise BadInput(f"{spec}: no such file or recording")
+    data = _read_file(path)
+    if not data.strip():
+        raise BadInput(f"{spec}: empty file")
+    if looks_like_pmap(data):
+        return LoadedSnapshot(parse_pmap_x(data, spec), spec, "pmap -X")
+    return LoadedSnapshot(parse_smaps(data, source=spec), spec, "smaps")
+
+
+def _from_recording(directory: Path, which: str) -> LoadedSnapshot:
+    from leakhunt.record import SNAPSHOTS, Recording
+
+    rec = Recording.open(directory)
+    stored = sorted(int(p.name.split(".")[0]) for p in (directory / SNAPSHOTS).glob("*.smaps.gz"))
+    if not stored:
+        raise BadInput(f"{directory}: the recording holds no full snapshot")
+    if which in ("", "last"):
+        seq = stored[-1]
+    elif which == "first":
+        seq = stored[0]
+    elif which.isdigit():
+        earlier = [s for s in stored if s <= int(which)]
+        if not earlier:
+            raise BadInput(f"{directory}: no snapshot at or before sample {which} (have {stored})")
+        seq = earlier[-1]
+    else:
+        raise BadInput(f"{directory}@{which}: say @first, @last or @SEQ (a sample number)")
+    t = next((s["t"] for s in rec.samples() if s["seq"] == seq), None)
+    when = f" (t={t:.1f}s)" if t is not None else ""
+    snap = parse_smaps(rec.snapshot_text(f"{SNAPSHOTS}/{seq:06d}.smaps.gz"), source=f"{directory}@{seq}")
+    return LoadedSnapshot(snap, f"{directory}@{seq}{when}", "recording")
