@@ -161,7 +161,7 @@ def _group_table(summary: MemorySummary, history: History) -> Table:
                          ("growth", "right"), ("slope /min", "right"), ("trend", "left")):
         table.add_column(col, justify=justify, overflow="fold" if col == "path" else "ellipsis")
     for g in summary.groups:
-        table.add_row(g.klass.value, g.label, str(g.regions), format_bytes(g.end),
+        table.add_row(g.klass.value, Text(g.label), str(g.regions), format_bytes(g.end),
                       ui.growth_text(g.growth), ui.rate_text(g.verdict.trend.slope, leak=g.verdict.leak),
                       ui.sparkline(history.group_series((g.klass, g.path))))
     if not summary.groups:
@@ -176,7 +176,7 @@ def _region_table(summary: MemorySummary) -> Table:
                          ("growth", "right"), ("", "left")):
         table.add_column(col, justify=justify)
     for r in summary.regions[:8]:
-        table.add_row(f"{r.start:012x}-{r.end:012x}", r.klass.value, r.path or "", format_bytes(r.rss),
+        table.add_row(f"{r.start:012x}-{r.end:012x}", r.klass.value, Text(r.path), format_bytes(r.rss),
                       ui.growth_text(r.growth), Text("new", style="yellow") if r.new else "")
     return table
 
