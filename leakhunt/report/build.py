@@ -1,0 +1,98 @@
+"""A recording turned into a Report: the headline, then every section that has something to say.
+
+Adding a section is one function ``(ReportData) -> Section | None`` put into SECTIONS; it returns
+None when the recording has nothing for it. Renderers (html.py, markdown.py) draw whatever comes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+from leakhunt.report import context_sections, evidence_sections, memory_sections
+from leakhunt.report.blocks import Headline, Report, Section
+from leakhunt.report.recorded import ReportData
+from leakhunt.units import format_bytes, format_duration, format_rate
+
+SECTIONS: list[Callable[[ReportData], Section | None]] = [
+    memory_sections.recording_state,
+    memory_sections.where_memory_is,
+    evidence_sections.who_mapped_it,
+    evidence_sections.outstanding_by_caller,
+    evidence_sections.heap_versus_rss,
+    memory_sections.what_grew,
+    memory_sections.is_it_a_leak,
+    evidence_sections.no_tracer_data,
+    context_sections.environment,
+    context_sections.reproduce,
+]
+
+
+def build_report(data: ReportData) -> Report:
+    sections = tuple(s for s in (make(data) for make in SECTIONS) if s is not None)
+    return Report(headline(data), sections)
+
+
+def _target_name(session: dict) -> str:
+    cmdline = str(session.get("cmdline") or "")
+    if not cmdline:
+        return f"pid {session.get('pid', '?')}"
+    first, _, rest = cmdline.partition(" ")
+    name = os.path.basename(first)
+    return f"{name} {rest}".strip()
+
+
+def headline(data: ReportData) -> Headline:
+    s = data.session
+    m = data.memory
+    title = f"Memory report: {_target_name(s)}"
+    parts = [f"leakhunt {s.get('command', '?')}", f"pid {s.get('pid', '?')}", str(s.get("host", "")),
+             context_sections.when(s.get("started"))]
+    if m is not None:
+        parts.append(f"{format_duration(m.duration_s)}, {m.samples} samples")
+    if not data.recording.complete:
+        parts.append("incomplete recording")
+    subtitle = " · ".join(p for p in parts if p)
+    if m is None:
+        return Headline(title, subtitle, "info", "NO DATA", "The recording holds no sample.", ())
+    v = m.rss.verdict
+    if v.leak:
+        tone, badge = "bad", "LEAK"
+    elif v.plateau:
+        tone, badge = "warn", "PLATEAU"
+    elif v.reason.startswith("not enough data") or "noise" in v.reason:
+        tone, badge = "info", "INCONCLUSIVE"
+    else:
+        tone, badge = "good", "NO LEAK"
+    answer = v.reason[:1].upper() + v.reason[1:] + "."
+    top = m.top_class()
+    if v.leak and top is not None:
+        answer += f" Most of it is {top.value} memory ({format_bytes(m.classes[top].growth, signed=True)})."
+    culprits = data.culprits.culprits if data.culprits else ()
+    if culprits:
+        share = culprits[0].explained_fraction
+        answer += f" Top culprit: {culprits[0].label}" + (f" ({share:.0%} of the growth)." if math.isfinite(share) else ".")
+    numbers = [("RSS at the end", format_bytes(m.rss.end)), ("growth", format_bytes(m.rss.growth, signed=True)),
+               ("slope", format_rate(v.trend.slope))]
+    if top is not None:
+        numbers.append((f"{top.value} growth", format_bytes(m.classes[top].growth, signed=True)))
+    numbers.append(("observed", format_duration(m.duration_s)))
+    return Headline(title, subtitle, tone, badge, answer, tuple(numbers))
+
+
+def report_json(data: ReportData, report: Report) -> dict:
+    """The --json document: what the report says, without the pictures."""
+    return {
+        "recording": str(data.recording.dir),
+        "complete": data.recording.complete,
+        "streams": data.recording.streams(),
+        "verdict": report.headline.badge.lower().replace(" ", "_"),
+        "answer": report.headline.answer,
+        "sections": [s.title for s in report.sections],
+        "plots": [f.name for f in report.figures()],
+        "problems": list(data.problems),
+        "summary": data.memory.to_json() if data.memory else None,
+        "tracer_data": data.has_tracer_data,
+        "heap_data": data.heap is not None,
+    }

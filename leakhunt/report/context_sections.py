@@ -1,0 +1,67 @@
+"""Report sections about the run rather than the memory: the environment it ran in and the exact
+commands that reproduce it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shlex
+
+import matplotlib
+
+from leakhunt import __version__
+from leakhunt.report.blocks import Code, Facts, Section
+from leakhunt.report.recorded import ReportData
+from leakhunt.units import format_duration
+
+#: session.json keys shown under their own labels; any other key a command adds is shown as is.
+_KNOWN = {"format": None, "argv": None, "started": None, "tool": "recorded by", "command": "command",
+          "host": "host", "kernel": "kernel", "python": "Python", "pid": "target pid",
+          "cmdline": "target command line", "interval_s": "sample interval"}
+
+
+def when(ts: float | None) -> str:
+    if not ts:
+        return "unknown"
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def environment(data: ReportData) -> Section:
+    s = data.session
+    rows = [("started", when(s.get("started")))]
+    for key, label in _KNOWN.items():
+        if label and s.get(key) not in (None, ""):
+            value = s[key]
+            rows.append((label, format_duration(value) if key == "interval_s" else str(value)))
+    for key, value in s.items():
+        if key not in _KNOWN and value not in (None, "", [], {}):
+            rows.append((key.replace("_", " "), value if isinstance(value, str) else str(value)))
+    streams = ", ".join(f"{name} ({sum(1 for _ in data.recording.records(name))})"
+                        for name in data.recording.streams())
+    rows += [("streams", streams or "none"), ("recording", str(data.recording.dir)),
+             ("rendered by", f"leakhunt {__version__}, matplotlib {matplotlib.__version__}")]
+    return Section("Environment", "environment", (Facts(tuple(rows)),))
+
+
+def _recorded_command(s: dict) -> str | None:
+    argv = s.get("argv")
+    if not isinstance(argv, list) or len(argv) < 2:
+        return None
+    return "leakhunt " + shlex.join(str(a) for a in argv[1:])
+
+
+def reproduce(data: ReportData) -> Section:
+    s, d = data.session, data.recording.dir
+    pid, cmdline = s.get("pid"), s.get("cmdline")
+    lines = ["# render this report again"]
+    lines.append(f"leakhunt report {shlex.quote(str(d))} --html report.html --markdown report.md")
+    recorded = _recorded_command(s)
+    if recorded:
+        lines += ["", "# the command that made the recording", recorded]
+    if cmdline:
+        lines += ["", "# start the target again, then watch it (PID: the new process)", str(cmdline)]
+    interval = format_duration(s.get("interval_s") or 1.0)
+    lines.append(f"leakhunt watch --pid {pid or 'PID'} --interval {interval} --record NEW_DIR")
+    lines += ["", "# name the code that maps the memory", f"leakhunt investigate --pid {pid or 'PID'} --record NEW_DIR"]
+    if (d / "memray.bin").exists():
+        lines += ["", "# the Python heap, by allocation site", f"memray flamegraph {shlex.quote(str(d / 'memray.bin'))}"]
+    return Section("Reproduce", "reproduce", (Code("\n".join(lines)),))

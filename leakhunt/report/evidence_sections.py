@@ -1,0 +1,103 @@
+"""Report sections drawn from evidence beyond the sampler: the Python heap (memray), the mmap
+tracers' events and ledger, and the correlator's culprits with their stacks and remedies. Each
+says plainly when its data is absent and how to get it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from leakhunt.report import plots
+from leakhunt.report.blocks import Callout, Code, Facts, Figure, Para, Section, Table
+from leakhunt.report.recorded import ReportData
+from leakhunt.units import format_bytes, format_rate
+
+
+def _pid(data: ReportData) -> str:
+    return str(data.session.get("pid") or "PID")
+
+
+def _is_python(data: ReportData) -> bool:
+    return "python" in str(data.session.get("cmdline", "")).split(" ", 1)[0]
+
+
+def heap_versus_rss(data: ReportData) -> Section | None:
+    heap, h = data.heap, data.history
+    if heap is None:
+        if not _is_python(data):
+            return None
+        return Section("Python heap versus RSS", "heap", (Callout(
+            "info", "No Python heap data in this recording",
+            "The target is a Python program: run the gate with --heap (memray alongside) to see the heap "
+            "next to RSS; the gap between them is what no heap profiler can see."),))
+    if not len(h) or len(heap.t) < 2:
+        return None
+    t, rss = np.asarray(h.t), np.asarray(h.rss, float)
+    start = float(heap.t[0])
+    rss_growth = rss[-1] - float(np.interp(start, t, rss))
+    heap_growth = float(heap.heap[-1] - heap.heap[0])
+    outside = rss_growth - heap_growth
+    share = outside / rss_growth if rss_growth > 0 else math.nan
+    tone = "bad" if rss_growth > 0 and share > 0.5 else "info"
+    sentence = (f"RSS grew {format_bytes(rss_growth, signed=True)} while memray saw the Python heap grow "
+                f"{format_bytes(heap_growth, signed=True)}: {format_bytes(max(outside, 0))}"
+                + (f" ({share:.0%}) of the growth" if math.isfinite(share) else "")
+                + " is memory a heap profiler cannot see (raw mmap syscalls, shared memory, driver mappings).")
+    blocks = [Figure("heap-vs-rss", plots.heap_vs_rss(t, rss, heap.t, heap.heap),
+                     f"Growth of RSS and of the heap memray tracked ({heap.mode} mode) from the moment "
+                     "tracking began."),
+              Callout(tone, "Outside the heap" if tone == "bad" else "Heap and RSS", sentence)]
+    if (data.recording.dir / "memray.bin").exists():
+        blocks.append(Para(f"The memray capture is kept: memray flamegraph {data.recording.dir / 'memray.bin'}"))
+    return Section("Python heap versus RSS", "heap", tuple(blocks))
+
+
+def no_tracer_data(data: ReportData) -> Section | None:
+    """Placed late: without tracer data the memory sections are the story."""
+    if data.culprits is not None and data.culprits.culprits:
+        return None
+    blocks = []
+    if not data.has_tracer_data:
+        blocks.append(Callout("info", "No tracer data in this recording",
+                              "Nothing here says which code mapped the memory. Record the mmap tracer and "
+                              f"the correlator with: leakhunt investigate --pid {_pid(data)} --record NEW_DIR"))
+    if data.event_counts:
+        blocks.append(Table(("event", "count"), tuple(sorted((k, str(v)) for k, v in data.event_counts.items())),
+                            caption="Memory syscalls traced in this recording (no culprit verdict yet)."))
+    return Section("Who mapped it", "culprits", tuple(blocks)) if blocks else None
+
+
+def who_mapped_it(data: ReportData) -> Section | None:
+    """Placed early: when the correlator named culprits they are the answer."""
+    culprits = data.culprits
+    if culprits is None or not culprits.culprits:
+        return None
+    cs = culprits.culprits
+    total = sum(c.bytes for c in cs)
+    unexplained = None
+    if math.isfinite(culprits.explained_fraction) and 0 < culprits.explained_fraction < 1:
+        unexplained = total / culprits.explained_fraction - total
+    blocks = [Figure("attribution", plots.attribution([c.label for c in cs], [c.bytes for c in cs], unexplained),
+                     "Outstanding bytes each caller mapped and never unmapped, joined with the regions that grew.")]
+    if math.isfinite(culprits.explained_fraction):
+        blocks.append(Para(f"The culprits below explain {culprits.explained_fraction:.0%} of the growth."))
+    blocks.append(Table(("caller", "outstanding", "slope", "share of growth"),
+                        tuple((c.label, format_bytes(c.bytes), format_rate(c.slope),
+                               f"{c.explained_fraction:.0%}" if math.isfinite(c.explained_fraction) else "")
+                              for c in cs), code_columns=(0,)))
+    for c in cs:
+        if c.stack:
+            blocks.append(Code("\n".join(c.stack) + ("\n..." if c.stack_partial else ""), caption=f"stack of {c.label}"))
+        if c.remedies:
+            blocks.append(Facts(tuple(("remedy", r) for r in c.remedies)))
+    return Section("Who mapped it", "culprits", tuple(blocks))
+
+
+def outstanding_by_caller(data: ReportData) -> Section | None:
+    callers = data.callers
+    if callers is None or len(callers.t) < 2:
+        return None
+    return Section("Outstanding bytes by caller", "ledger", (
+        Figure("outstanding-by-caller", plots.outstanding_by_caller(callers.t, callers.callers, callers.bytes),
+               "Bytes mapped and not yet unmapped, by the caller past the libc wrapper, over the run."),))

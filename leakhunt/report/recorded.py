@@ -1,0 +1,127 @@
+"""A recording read back for a report: the sample history rebuilt from samples.jsonl, the memory
+summary every command renders, and whatever other streams the session holds (Python heap,
+tracer ledger, correlator culprits), each None or empty when the recording lacks it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from leakhunt.analysis.summary import MemorySummary, summarize
+from leakhunt.analysis.verdict import MIN_SLOPE
+from leakhunt.errors import CorruptRecording
+from leakhunt.heap import HeapSeries, read_heap
+from leakhunt.proc.classes import RegionClass
+from leakhunt.proc.growth import GroupStat
+from leakhunt.proc.sampler import History, Sample
+from leakhunt.proc.smaps import Snapshot, parse_smaps
+from leakhunt.record import EVENTS, SNAPSHOTS, Recording
+from leakhunt.report.streams import CallerSeries, Culprits, read_callers, read_culprits, read_event_counts
+
+
+@dataclass(frozen=True)
+class ReportData:
+    recording: Recording
+    history: History
+    memory: MemorySummary | None        # None when the recording has no sample at all
+    heap: HeapSeries | None
+    culprits: Culprits | None
+    callers: CallerSeries | None
+    event_counts: dict[str, int]        # mmap/munmap/... events recorded, by kind
+    notes: tuple[str, ...]
+    problems: tuple[str, ...]           # what was wrong with the recording itself
+
+    @property
+    def session(self) -> dict:
+        return self.recording.session
+
+    @property
+    def has_tracer_data(self) -> bool:
+        return bool(self.event_counts) or self.callers is not None or self.culprits is not None
+
+    @property
+    def target_died(self) -> bool:
+        summary = self.recording.summary or {}
+        return is_exit_note(str(summary.get("stopped_because", ""))) or any(map(is_exit_note, self.notes))
+
+    @property
+    def t0(self) -> float:
+        """Wall-clock time of the first sample: every other stream's timestamps are placed on
+        the sample timeline by subtracting it."""
+        return self.history.ts[0] - self.history.t[0] if len(self.history) else 0.0
+
+
+def is_exit_note(text: str) -> bool:
+    """Whether a note or stop reason says the target went away (TargetGone's messages)."""
+    return "exited" in text or "no process with pid" in text
+
+
+def load(directory: str | Path) -> ReportData:
+    rec = Recording.open(directory)
+    history, problems = replay(rec)
+    memory = None
+    if len(history):
+        summary = rec.summary or {}
+        memory = summarize(history, warmup_s=summary.get("warmup_s"),
+                           min_slope=rec.session.get("max_slope_bytes_per_s") or MIN_SLOPE)
+    notes = tuple(str(n.get("note", "")) for n in rec.notes() if n.get("note") != "joined")
+    t0 = history.ts[0] - history.t[0] if len(history) else None
+    data = ReportData(rec, history, memory, read_heap(rec, t0), read_culprits(rec), read_callers(rec, t0),
+                      read_event_counts(rec, EVENTS), notes, ())
+    return dataclasses.replace(data, problems=tuple(problems + rec.problems))
+
+
+def replay(rec: Recording) -> tuple[History, list[str]]:
+    """The History a live run would have had, from recorded samples. Full snapshots exist only
+    for some samples: the first and the latest recorded ones stand in for the history's first
+    and last (they are what address-range growth is computed from)."""
+    problems: list[str] = []
+    records = rec.samples()
+    snapshot_paths = [(r["seq"], r["snapshot"]) for r in records if r.get("snapshot")]
+    snapshot_paths += [(r["seq"], r["snapshot"]) for r in rec.records(SNAPSHOTS) if r.get("snapshot")]
+    empty = parse_smaps(b"")
+    history = History()
+    unknown: set[str] = set()
+    pid0 = records[0].get("pid") if records else None
+    for r in records:
+        if r.get("pid") != pid0:
+            # A recording that followed a restarted target: only the first process's story is one series.
+            problems.append(f"samples of pid {r.get('pid')} after pid {pid0}: only pid {pid0} is shown")
+            break
+        history.add(_sample(r, empty, unknown))
+    if unknown:
+        problems.append(f"unknown region classes skipped: {', '.join(sorted(unknown))}")
+    if len(history) and snapshot_paths:
+        first_seq, first_rel = min(snapshot_paths)
+        last_seq, last_rel = max(snapshot_paths)
+        if first_seq == history.first.seq and last_seq > first_seq:
+            try:
+                history.first = dataclasses.replace(history.first, snapshot=_load(rec, first_rel))
+                if history.last.seq != last_seq:
+                    problems.append(f"address ranges are as of sample {last_seq}, the last with a snapshot")
+                history.last = dataclasses.replace(history.last, snapshot=_load(rec, last_rel))
+            except CorruptRecording as e:
+                problems.append(str(e))
+    return history, problems
+
+
+def _load(rec: Recording, rel: str) -> Snapshot:
+    return parse_smaps(rec.snapshot_text(rel), source=rel)
+
+
+def _sample(r: dict, empty: Snapshot, unknown: set[str]) -> Sample:
+    classes: dict[RegionClass, int] = {}
+    for name, value in r.get("classes", {}).items():
+        try:
+            classes[RegionClass(name)] = int(value)
+        except ValueError:
+            unknown.add(name)
+    groups = {}
+    for klass, path, rss, regions in r.get("groups", []):
+        try:
+            groups[(RegionClass(klass), path)] = GroupStat(int(rss), int(regions), 0, 0)
+        except ValueError:
+            unknown.add(klass)
+    return Sample(r["seq"], r["ts"], r["t"], r.get("pid", 0), empty, r.get("status", {}),
+                  r.get("cost_s", 0.0), classes, groups)

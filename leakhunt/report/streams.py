@@ -1,0 +1,129 @@
+"""Readers of the tracer and correlator streams a recording may hold, normalised to the plain
+records the report draws. The one place that knows their on-disk shape:
+
+``ledger.jsonl`` (trace-mmap --record): periodic outstanding bytes by caller::
+
+    {"ts": 1716.2, "callers": [{"caller": "libleakpool.so!lkpool_grow+0x4c", "bytes": 8388608,
+                                "mappings": 8}, ...]}
+
+``verdict.jsonl`` (investigate; the last record counts), or a "culprits" list in summary.json::
+
+    {"culprits": [{"caller": "...", "library": "libucm.so", "symbol": "ucm_orig_mmap_syscall",
+                   "bytes": 123, "slope_bytes_per_s": 4.0, "explained_fraction": 0.93,
+                   "stack": ["frame", ...] | {"frames": [...], "partial": true},
+                   "remedies": ["UCX_MEM_MMAP_HOOK_MODE=none", ...] | [{"title": ..., "fix": ...}]}],
+     "explained_fraction": 0.95}
+
+Unknown keys are ignored and missing ones default, so that the report survives the streams'
+shapes growing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from leakhunt.record import Recording
+from leakhunt.trace.events import Stack
+
+LEDGER = "ledger"
+VERDICT = "verdict"
+
+
+@dataclass(frozen=True)
+class Culprit:
+    label: str                       # who: library!symbol, or the caller frame
+    bytes: int                       # outstanding bytes it explains
+    slope: float                     # bytes/s, NaN when unknown
+    explained_fraction: float        # of the total anonymous growth, NaN when unknown
+    stack: tuple[str, ...]           # frames innermost first, as text
+    stack_partial: bool
+    remedies: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Culprits:
+    culprits: tuple[Culprit, ...]
+    explained_fraction: float        # of all growth, NaN when unknown
+
+
+@dataclass(frozen=True)
+class CallerSeries:
+    """Outstanding bytes of the top callers over time: ``bytes[i][j]`` is caller j at time t[i]."""
+
+    t: np.ndarray
+    callers: tuple[str, ...]
+    bytes: np.ndarray
+
+
+def _float(value, default=float("nan")) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _stack_lines(raw) -> tuple[tuple[str, ...], bool]:
+    if isinstance(raw, dict):
+        stack = Stack.from_record(raw)
+        return tuple(str(f) for f in stack.frames), stack.partial
+    if isinstance(raw, list):
+        return tuple(str(f) for f in raw), False
+    if isinstance(raw, str):
+        return tuple(part.strip() for part in raw.split("<-")), False
+    return (), True
+
+
+def _remedy_text(raw) -> str:
+    if isinstance(raw, dict):
+        parts = [str(raw[k]) for k in ("title", "fix", "text", "env", "command") if raw.get(k)]
+        return " — ".join(parts)
+    return str(raw)
+
+
+def _culprit(raw: dict) -> Culprit:
+    label = raw.get("caller") or "!".join(str(raw[k]) for k in ("library", "symbol") if raw.get(k)) or "?"
+    stack, partial = _stack_lines(raw.get("stack"))
+    return Culprit(str(label), int(_float(raw.get("bytes", raw.get("outstanding_bytes")), 0)),
+                   _float(raw.get("slope_bytes_per_s")), _float(raw.get("explained_fraction")),
+                   stack, partial, tuple(_remedy_text(r) for r in raw.get("remedies") or ()))
+
+
+def read_culprits(rec: Recording) -> Culprits | None:
+    last = None
+    for last in rec.records(VERDICT):
+        pass
+    if last is None:
+        last = rec.summary if rec.summary and rec.summary.get("culprits") else None
+    if not last or not isinstance(last.get("culprits"), list):
+        return None
+    culprits = tuple(_culprit(c) for c in last["culprits"] if isinstance(c, dict))
+    return Culprits(culprits, _float(last.get("explained_fraction")))
+
+
+def read_callers(rec: Recording, t0: float | None, top: int = 8) -> CallerSeries | None:
+    """The ledger stream on the sample timeline (t0: wall clock of t=0), top callers by peak."""
+    points: list[tuple[float, dict[str, int]]] = []
+    for r in rec.records(LEDGER):
+        entries = r.get("callers")
+        if not isinstance(entries, list) or "ts" not in r:
+            continue
+        points.append((float(r["ts"]), {str(e.get("caller", "?")): int(_float(e.get("bytes"), 0))
+                                        for e in entries if isinstance(e, dict)}))
+    if not points:
+        return None
+    peak: Counter[str] = Counter()
+    for _, by in points:
+        for caller, n in by.items():
+            peak[caller] = max(peak[caller], n)
+    callers = tuple(c for c, _ in peak.most_common(top))
+    base = t0 if t0 is not None else points[0][0]
+    t = np.array([ts - base for ts, _ in points])
+    values = np.array([[by.get(c, 0) for c in callers] for _, by in points], dtype=np.float64)
+    return CallerSeries(t, callers, values)
+
+
+def read_event_counts(rec: Recording, stream: str) -> dict[str, int]:
+    return dict(Counter(str(r.get("kind", "?")) for r in rec.records(stream)))
