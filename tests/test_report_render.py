@@ -1,0 +1,130 @@
+"""`leakhunt report`: post-mortems of real recordings (a leak, a target that died, a leakhunt that
+was killed), the tracer/correlator streams when a recording has them, and a look through a
+real browser when one is installed."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import leakhunt_json, run_leakhunt
+from leakhunt.record import SessionWriter
+
+
+def _record_watch(leakers: Path, out: Path, leaker_args: list[str], duration: str) -> Path:
+    proc = subprocess.Popen([leakers / "pool_leaker", *leaker_args], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        run_leakhunt("watch", "--pid", proc.pid, "--interval", "0.5s", "--duration", duration,
+                     "--record", out, "--json")
+    finally:
+        proc.terminate()
+        proc.wait()
+    return out
+
+
+@pytest.fixture(scope="module")
+def leak_recording(leakers, tmp_path_factory) -> Path:
+    return _record_watch(leakers, tmp_path_factory.mktemp("rep") / "pool", ["--rate", "4M", "--chunk", "1M"], "8s")
+
+
+@pytest.fixture(scope="module")
+def leak_report(leak_recording, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rendered")
+    doc = leakhunt_json("report", leak_recording, "--html", out / "r.html", "--markdown", out / "r.md")
+    return doc, out
+
+
+def test_leak_report_has_the_verdict_and_at_least_four_plots(leak_report):
+    doc, out = leak_report
+    assert doc["verdict"] == "leak" and doc["complete"]
+    assert len(doc["plots"]) >= 4
+    assert {"rss-by-class", "top-groups", "slope-fit", "class-rates"} <= set(doc["plots"])
+    assert doc["summary"]["classes"]["anon"]["leak"]
+
+
+def test_html_is_self_contained(leak_report):
+    _, out = leak_report
+    html = (out / "r.html").read_text()
+    assert html.count('src="data:image/png;base64,') >= 4
+    assert not re.search(r'(src|href)="(https?:)?//', html), "no external asset"
+    assert "<script" not in html and "<link" not in html
+    assert "LEAK" in html and "No tracer data in this recording" in html
+
+
+def test_markdown_links_plots_written_beside_it(leak_report):
+    _, out = leak_report
+    md = (out / "r.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(links) >= 4 and all((out / link).is_file() for link in links)
+    assert "## Reproduce" in md and "leakhunt report" in md
+
+
+def test_killed_leakhunt_leaves_an_incomplete_recording_that_still_renders(leak_recording, tmp_path):
+    rec = tmp_path / "killed"
+    shutil.copytree(leak_recording, rec)
+    (rec / "summary.json").unlink()
+    with open(rec / "samples.jsonl", "ab") as f:
+        f.write(b'{"seq": 999, "ts": 1')    # the write a crash cut short
+    doc = leakhunt_json("report", rec, "--markdown", tmp_path / "k.md")
+    assert not doc["complete"] and doc["verdict"] == "leak"
+    assert any("truncated" in p for p in doc["problems"])
+    assert "Incomplete recording" in (tmp_path / "k.md").read_text()
+
+
+def test_target_that_died_is_reported(leakers, tmp_path):
+    rec = _record_watch(leakers, tmp_path / "died", ["--rate", "4M", "--chunk", "1M", "--duration", "4"], "20s")
+    doc = leakhunt_json("report", rec, "--markdown", tmp_path / "d.md")
+    assert "The target exited during the run" in (tmp_path / "d.md").read_text()
+    assert doc["summary"]["samples"] >= 6
+
+
+def test_tracer_and_correlator_streams_are_drawn(leak_recording, tmp_path):
+    rec = tmp_path / "traced"
+    shutil.copytree(leak_recording, rec)
+    t0 = json.loads((rec / "samples.jsonl").read_text().splitlines()[0])["ts"]
+    writer = SessionWriter(rec, "investigate")
+    for i in range(10):
+        writer.append("ledger", {"ts": t0 + i, "callers": [
+            {"caller": "libleakpool.so!lkpool_grow+0x4c", "bytes": (i + 1) << 22, "mappings": i + 1},
+            {"caller": "pool_leaker!tick+0x31", "bytes": 1 << 16, "mappings": 1}]})
+    writer.append("verdict", {"explained_fraction": 0.9, "culprits": [{
+        "library": "libleakpool.so", "symbol": "lkpool_grow", "bytes": 40 << 20, "slope_bytes_per_s": 4 << 20,
+        "explained_fraction": 0.9,
+        "stack": {"frames": [[0x7f00, "/x/libleakpool.so", "lkpool_grow", 76],
+                             [0x7f10, "/x/libleakpool.so", "lkpool_release", 16]], "partial": True, "source": "bpf"},
+        "remedies": [{"title": "cap the invalidation queue", "fix": "LKPOOL_MAX_UNRELEASED=1024"}]}]})
+    writer.close()
+    doc = leakhunt_json("report", rec, "--markdown", tmp_path / "t.md")
+    assert {"attribution", "outstanding-by-caller"} <= set(doc["plots"]) and doc["tracer_data"]
+    md = (tmp_path / "t.md").read_text()
+    assert "libleakpool.so!lkpool_grow+0x4c" in md and "LKPOOL_MAX_UNRELEASED=1024" in md
+    assert "No tracer data" not in md
+    assert "Top culprit: libleakpool.so!lkpool_grow (90% of the growth)" in doc["answer"]
+
+
+def test_not_a_recording_is_one_line_and_exit_2(tmp_path):
+    cp = run_leakhunt("report", tmp_path)
+    assert cp.returncode == 2 and "not a leakhunt recording" in cp.stderr and "Traceback" not in cp.stderr
+
+
+def test_screenshot_in_headless_chromium_is_a_real_page(leak_report, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium): the report's look is not checked")
+    _, out = leak_report
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1200,3000", f"--screenshot={shot}", (out / "r.html").as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    from PIL import Image
+
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1200, 3000)
+    # A page that failed to lay out (or to decode its plots) is nearly one colour.
+    assert len(image.getcolors(maxcolors=1 << 20) or ()) > 200
