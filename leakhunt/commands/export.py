@@ -1,0 +1,69 @@
+"""`leakhunt export --pid PID... [--match REGEX] [--port N]`: Prometheus metrics for a fleet."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import click
+from prometheus_client import start_http_server
+
+from leakhunt import ui
+from leakhunt.commands.options import DURATION, duration_option, interval_option, json_option
+from leakhunt.errors import BadInput
+from leakhunt.export import Fleet, registry_for
+from leakhunt.units import format_duration
+
+
+@click.command("export")
+@click.option("--pid", "-p", "pids", type=int, multiple=True, help="a process to export (repeatable)")
+@click.option("--match", metavar="REGEX", help="also every process whose command line matches (followed as they come and go)")
+@click.option("--port", type=click.IntRange(0, 65535), default=9464, show_default=True, help="HTTP port of /metrics")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0 exposes it to the network)")
+@interval_option(default="5s")
+@click.option("--window", type=DURATION, default="15m", show_default=True, help="span the slopes are fitted over")
+@click.option("--top-groups", type=click.IntRange(0, 50), default=5, show_default=True,
+              help="growing (class, path) groups exported per process")
+@duration_option(help="stop after this long (default: until Ctrl-C or SIGTERM)")
+@json_option
+def command(pids: tuple[int, ...], match: str | None, port: int, host: str, interval: float, window: float,
+            top_groups: int, duration: float | None, as_json: bool) -> None:
+    """Serve Prometheus metrics of the processes given by --pid and/or --match.
+
+    Per process: RSS by region class, slopes over --window with their 95% bounds, leak and
+    plateau verdicts, the top growing groups. See docs/prometheus-alerts.yml and
+    docs/grafana-dashboard.json.
+    """
+    if not pids and not match:
+        raise BadInput("give --pid PID (repeatable) and/or --match REGEX")
+    if match:
+        try:
+            re.compile(match)
+        except re.error as e:
+            raise BadInput(f"--match: not a regular expression: {e}") from None
+    fleet = Fleet(pids, match, interval, window)
+    fleet.sample_once()   # the first scrape already has figures
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry_for(fleet, top_groups))
+    except OSError as e:
+        raise BadInput(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+    bound = server.server_address[1]
+    console = ui.console_for(True)   # stdout is kept for --json; progress goes to stderr
+    console.print(f"serving http://{host}:{bound}/metrics — {len(fleet.view().targets)} process(es), "
+                  f"every {format_duration(interval)}", highlight=False)
+    stop = threading.Event()
+    began = time.monotonic()
+    try:
+        fleet.run(stop, duration)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+    view = fleet.view()
+    if as_json:
+        ui.emit_json(ui.clean_json({
+            "url": f"http://{host}:{bound}/metrics", "ran_s": time.monotonic() - began,
+            "targets": [{"pid": t.pid, "comm": t.comm, "rss_bytes": last.rss,
+                         "leak": bool(s and s.leak)} for t, s, last, _, _ in view.targets],
+            "targets_discovered": view.discovered_total, "targets_lost": view.lost_total}))

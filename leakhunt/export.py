@@ -1,0 +1,212 @@
+"""Prometheus metrics for a fleet: every watched process's RSS by class, its slopes over a rolling
+window, its verdict and its top growing groups, served over HTTP for Prometheus to scrape.
+
+One exporter runs per node; Prometheus does the scale. Targets are explicit pids and/or every
+process whose command line matches a pattern, re-discovered each interval, so processes that
+come and go (restarts, autoscaling) are followed. Sampling and judging happen in one background
+thread; a scrape only reads the latest figures under a lock.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from leakhunt.analysis.summary import MemorySummary, summarize
+from leakhunt.errors import AccessDenied, TargetGone
+from leakhunt.proc.sampler import History, Sample, Sampler
+from leakhunt.proc.smaps import parse_smaps
+from leakhunt.proc.target import PROC, Target, open_target
+
+PREFIX = "leakhunt"
+#: (pid) -> [(caller, outstanding bytes)]: filled once a tracer runs beside the exporter.
+CulpritSource = Callable[[int], Iterable[tuple[str, int]]]
+
+
+@dataclass
+class Watched:
+    target: Target
+    sampler: Sampler
+    samples: deque[Sample] = field(default_factory=deque)
+    summary: MemorySummary | None = None
+    last_cost_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class FleetView:
+    """What one scrape sees: an immutable copy of the fleet's latest figures."""
+
+    targets: tuple[tuple[Target, MemorySummary | None, Sample, float, float], ...]  # target, summary, last, window, cost
+    lost_total: int
+    discovered_total: int
+
+
+class Fleet:
+    """The processes an exporter follows, each with a rolling window of light samples."""
+
+    def __init__(self, pids: Iterable[int] = (), match: str | None = None, interval: float = 5.0,
+                 window_s: float = 900.0, culprits: CulpritSource | None = None) -> None:
+        self.interval = interval
+        self.window_s = window_s
+        self.match = re.compile(match) if match else None
+        self.culprits = culprits
+        self._explicit = [open_target(p) for p in pids]   # a bad --pid is an error at the start
+        self._watched: dict[tuple[int, int], Watched] = {}
+        self._ignored = _ancestors(os.getpid())            # never export ourselves or our shell
+        self._lock = threading.Lock()
+        self._view = FleetView((), 0, 0)
+        self._lost = 0
+        self._discovered = 0
+        self._empty = parse_smaps(b"")
+
+    # -- discovery ---------------------------------------------------------------------------
+
+    def _candidates(self) -> Iterator[Target]:
+        yield from (t for t in self._explicit if t.alive())
+        if self.match is None:
+            return
+        for name in os.listdir(PROC):
+            if not name.isdigit() or int(name) in self._ignored:
+                continue
+            try:
+                cmdline = (PROC / name / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if cmdline and self.match.search(cmdline):
+                try:
+                    yield open_target(int(name))
+                except (TargetGone, AccessDenied):
+                    continue
+
+    def discover(self) -> None:
+        for target in self._candidates():
+            key = (target.pid, target.start_time)
+            if key not in self._watched:
+                self._watched[key] = Watched(target, Sampler(target, self.interval))
+                self._discovered += 1
+
+    # -- sampling ----------------------------------------------------------------------------
+
+    def sample_once(self) -> None:
+        self.discover()
+        for key, w in list(self._watched.items()):
+            try:
+                sample = w.sampler.take()
+            except (TargetGone, AccessDenied):
+                del self._watched[key]
+                self._lost += 1
+                continue
+            w.last_cost_s = sample.cost_s
+            # The window keeps totals and groups only: a big process's snapshot is megabytes.
+            w.samples.append(replace(sample, snapshot=self._empty))
+            while w.samples and sample.t - w.samples[0].t > self.window_s:
+                w.samples.popleft()
+            history = History()
+            for s in w.samples:
+                history.add(s)
+            w.summary = summarize(history) if len(history) >= 2 else None
+        self._publish()
+
+    def _publish(self) -> None:
+        rows = tuple((w.target, w.summary, w.samples[-1], w.samples[-1].t - w.samples[0].t, w.last_cost_s)
+                     for w in self._watched.values() if w.samples)
+        with self._lock:
+            self._view = FleetView(rows, self._lost, self._discovered)
+
+    def view(self) -> FleetView:
+        with self._lock:
+            return self._view
+
+    def run(self, stop: threading.Event, duration: float | None = None) -> None:
+        deadline = None if duration is None else time.monotonic() + duration
+        next_at = time.monotonic()
+        while not stop.is_set():
+            self.sample_once()
+            next_at = max(next_at + self.interval, time.monotonic())
+            if deadline is not None and next_at > deadline:
+                break
+            stop.wait(next_at - time.monotonic())
+
+
+def _ancestors(pid: int) -> set[int]:
+    seen = {pid}
+    while pid > 1:
+        try:
+            stat = (PROC / str(pid) / "stat").read_text()
+            pid = int(stat[stat.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError):
+            break
+        seen.add(pid)
+    return seen
+
+
+class FleetCollector(Collector):
+    """Turns the fleet's latest view into metric families at scrape time."""
+
+    def __init__(self, fleet: Fleet, top_groups: int = 5) -> None:
+        self.fleet = fleet
+        self.top_groups = top_groups
+
+    def collect(self) -> Iterator:
+        view = self.fleet.view()
+        proc = ["pid", "comm"]
+        rss = GaugeMetricFamily(f"{PREFIX}_rss_bytes", "Resident memory by region class", labels=proc + ["class"])
+        total = GaugeMetricFamily(f"{PREFIX}_process_rss_bytes", "Resident memory of the process", labels=proc)
+        slope = GaugeMetricFamily(f"{PREFIX}_rss_slope_bytes_per_second",
+                                  "Theil-Sen slope of RSS over the window ('total' or a region class), with "
+                                  "its 95% interval bounds", labels=proc + ["class", "bound"])
+        leak = GaugeMetricFamily(f"{PREFIX}_leak", "1 when the series is judged a leak (significant, still "
+                                 "growing), else 0", labels=proc + ["class"])
+        plateau = GaugeMetricFamily(f"{PREFIX}_plateau", "1 when the series grew and levelled off", labels=proc + ["class"])
+        group_rss = GaugeMetricFamily(f"{PREFIX}_group_rss_bytes", "RSS of the top growing (class, path) groups",
+                                      labels=proc + ["class", "path"])
+        group_growth = GaugeMetricFamily(f"{PREFIX}_group_growth_bytes", "Growth over the window of the top "
+                                         "growing groups", labels=proc + ["class", "path"])
+        culprit = GaugeMetricFamily(f"{PREFIX}_culprit_outstanding_bytes", "Bytes mapped and not unmapped, by "
+                                    "caller (when a tracer runs beside the exporter)", labels=proc + ["caller"])
+        window = GaugeMetricFamily(f"{PREFIX}_window_seconds", "Span of the samples the slopes are fitted on", labels=proc)
+        cost = GaugeMetricFamily(f"{PREFIX}_sample_duration_seconds", "Time the last smaps sample took", labels=proc)
+        for target, summary, last, span, sample_cost in view.targets:
+            who = [str(target.pid), target.comm]
+            total.add_metric(who, last.rss)
+            for klass, value in last.classes.items():
+                rss.add_metric(who + [klass.value], value)
+            window.add_metric(who, span)
+            cost.add_metric(who, sample_cost)
+            if summary is not None:
+                _judged(summary, who, slope, leak, plateau)
+                for g in summary.groups[:self.top_groups]:
+                    group_rss.add_metric(who + [g.klass.value, g.label], g.end)
+                    group_growth.add_metric(who + [g.klass.value, g.label], g.growth)
+            if self.fleet.culprits is not None:
+                for caller, n in self.fleet.culprits(target.pid):
+                    culprit.add_metric(who + [caller], n)
+        yield from (rss, total, slope, leak, plateau, group_rss, group_growth, culprit, window, cost)
+        yield GaugeMetricFamily(f"{PREFIX}_targets", "Processes being watched", value=len(view.targets))
+        yield CounterMetricFamily(f"{PREFIX}_targets_lost", "Watched processes that exited", value=view.lost_total)
+        yield CounterMetricFamily(f"{PREFIX}_targets_discovered", "Processes ever watched", value=view.discovered_total)
+
+
+def _judged(summary: MemorySummary, who: list[str], slope, leak, plateau) -> None:
+    series = [("total", summary.rss)] + [(k.value, s) for k, s in summary.classes.items()]
+    for name, s in series:
+        v = s.verdict
+        for bound, value in (("estimate", v.trend.slope), ("lower", v.trend.lo), ("upper", v.trend.hi)):
+            if value == value:   # NaN: not enough samples yet; absent beats a fake zero
+                slope.add_metric(who + [name, bound], value)
+        leak.add_metric(who + [name], float(v.leak))
+        plateau.add_metric(who + [name], float(v.plateau))
+
+
+def registry_for(fleet: Fleet, top_groups: int = 5) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(fleet, top_groups))
+    return registry
