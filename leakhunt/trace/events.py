@@ -50,7 +50,9 @@ MREMAP_DONTUNMAP = 4
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """One return address, resolved as far as we could."""
+    """One return address, resolved as far as we could.
+
+    An interpreted (Python) frame has address 0: module is its source file, offset its line."""
 
     address: int
     module: str | None = None   # path of the object mapping `address`, as the target sees it
@@ -58,6 +60,8 @@ class Frame:
     offset: int = 0             # from the symbol, or from the module's load base without one
 
     def __str__(self) -> str:
+        if not self.address and self.symbol and self.module:
+            return f"{self.symbol} ({_basename(self.module)}:{self.offset})"
         if self.symbol:
             where = f"{self.symbol}+{self.offset:#x}"
         elif self.module:
