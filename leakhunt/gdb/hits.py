@@ -1,0 +1,307 @@
+"""What happens at each breakpoint hit: one state machine per stopped thread, driven by MI records.
+
+At the entry of ``syscall``/``mmap``... the thread is stopped; we send, in one write, the commands
+that read what we need (thread id, ``-stack-list-frames``, Python frames, argument registers) and
+``-exec-finish``, so gdb resumes the thread as soon as it has answered, before we even parse the
+answers. At ``function-finished`` we read %rax (the returned address) and ``-exec-continue`` in one
+write again. Two short stops per hit; anything else that stops a thread is resumed at once.
+Symbol offsets are asked for afterwards, while the thread runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable
+
+from leakhunt.gdb.budget import Budget, CostMeter
+from leakhunt.gdb.frames import PythonFrame, Symbolizer, caller_of
+from leakhunt.gdb.mi import Record, mi_quote
+from leakhunt.gdb.sites import ARGUMENTS, Site
+from leakhunt.proc.target import Target
+from leakhunt.trace.events import EventKind, Frame, MmapEvent
+
+#: Kinds whose stacks are worth the cost; releases carry none (unless asked) and are never sampled
+#: away: the ledger must see every release, or a sampled mapping would look leaked forever.
+STACK_KINDS = frozenset({EventKind.MMAP, EventKind.MREMAP, EventKind.SHMAT, EventKind.MEMFD_CREATE,
+                         EventKind.BRK})
+
+Callback = Callable[[Record], None]
+Send = Callable[[list[tuple[str, Callback | None]]], None]
+
+
+class Phase(Enum):
+    ENTRY = "entry"           # stopped at the breakpoint
+    FINISHING = "finishing"   # running the syscall, until the wrapper returns
+    RETURNED = "returned"     # stopped at the return address
+
+
+@dataclass
+class Hit:
+    site: Site
+    thread: str
+    ts: float
+    stopped_at: float
+    wants_stack: bool
+    phase: Phase = Phase.ENTRY
+    stopped_s: float = 0.0
+    frames: list[dict] | None = None
+    python: list[PythonFrame] = field(default_factory=list)
+    args: list[int] | None = None
+    ret: int | None = None
+    waiting: int = 0          # answers the event still needs
+    resumed: bool = False
+    return_frame: Frame | None = None   # the caller, when no stack is taken
+    settled: bool = False     # emitted or lost
+
+
+@dataclass(frozen=True)
+class HitSettings:
+    budget: Budget
+    depth: int
+    stacks: bool
+    unmap_stacks: bool
+    python_frames: bool
+
+
+class HitHandler:
+    def __init__(self, target: Target, sites: dict[str, Site], registers: dict[str, int], settings: HitSettings,
+                 symbolizer: Symbolizer, send: Send, emit: Callable[[MmapEvent], None], cost: CostMeter,
+                 on_return_address: Callable[[int], None] = lambda address: None) -> None:
+        self.target = target
+        self.sites = sites                      # gdb breakpoint number -> site
+        self.registers = registers              # register name -> gdb register number
+        self.settings = settings
+        self.symbolizer = symbolizer
+        self.send = send
+        self.emit = emit
+        self.cost = cost
+        self.on_return_address = on_return_address  # where `finish` is about to put a breakpoint
+        self.accepting = True                   # False once the session winds down
+        self.active: dict[str, Hit] = {}        # thread -> hit whose thread is not resumed yet
+        self.unfinished = 0                     # hits not emitted yet (active or awaiting answers)
+        self.completed = 0
+        self.lost = 0
+        self.notes: list[str] = []
+        self.python_frames = settings.python_frames      # off for good once gdb says it cannot
+        self._threads: dict[str, tuple[int, str]] = {}   # gdb thread id -> (LWP, name)
+        self._lookups: dict[int, list[Hit]] = {}         # address being symbolized -> hits waiting
+
+    # -- records ----------------------------------------------------------------------------------
+
+    def on_stopped(self, record: Record) -> None:
+        payload = record.payload if isinstance(record.payload, dict) else {}
+        thread = payload.get("thread-id")
+        reason = payload.get("reason")
+        hit = self.active.get(thread) if thread else None
+        if reason == "function-finished" and hit is not None and hit.phase is Phase.FINISHING:
+            self._returned(hit, record.received)
+            return
+        if hit is not None:
+            # A stop in the middle of a hit (a signal handler that maps memory...): gdb cancelled the
+            # finish, the returned address is unknowable. Count the hit lost, never guess.
+            self._lose(hit, f"thread {thread} stopped ({reason}) before its call returned")
+        site = self.sites.get(str(payload.get("bkptno"))) if reason == "breakpoint-hit" else None
+        if site is not None and self.accepting and thread:
+            self._begin(site, thread, record.received)
+        else:
+            self.resume(thread)
+
+    def on_thread_exited(self, thread: str) -> None:
+        hit = self.active.get(thread)
+        if hit is not None:
+            self._lose(hit, f"thread {thread} exited during a hit")
+        self._threads.pop(thread, None)
+
+    def resume(self, thread: str | None) -> None:
+        """Never leave a thread stopped: continue it (or every thread when gdb named none)."""
+        self.send([(f"-exec-continue --thread {thread}" if thread else "-exec-continue --all", None)])
+
+    # -- one hit ----------------------------------------------------------------------------------
+
+    def _begin(self, site: Site, thread: str, received: float) -> None:
+        s = self.settings
+        wants_stack = s.stacks and (site.kind in STACK_KINDS or s.unmap_stacks)
+        hit = Hit(site, thread, time.time(), received, wants_stack)
+        self.active[thread] = hit
+        self.unfinished += 1
+        commands: list[tuple[str, Callback | None]] = []
+        if thread not in self._threads:
+            commands.append((f"-thread-info {thread}", self._answer(hit, self._thread_info)))
+        if wants_stack:
+            commands.append((f"-stack-list-frames --thread {thread} 0 {s.depth - 1}",
+                             self._answer(hit, self._frames)))
+            if self.python_frames:
+                commands.append((f"-leakhunt-python-frames --thread {thread}", self._answer(hit, self._python)))
+        else:
+            commands.append((f"-data-evaluate-expression --thread {thread} {mi_quote('*(void **) $rsp')}",
+                             self._answer(hit, self._return_address)))
+        numbers = " ".join(str(self.registers[r]) for r in site.registers)
+        commands.append((f"-data-list-register-values --thread {thread} x {numbers}",
+                         self._answer(hit, self._arguments)))
+        if s.budget.every_nth > 1 and site.kind in STACK_KINDS:
+            number = next(n for n, other in self.sites.items() if other is site)
+            commands.append((f"-break-after {number} {s.budget.every_nth - 1}", None))
+        commands.append((f"-exec-finish --thread {thread}", lambda r: self._finish_started(hit, r)))
+        self.send(commands)
+
+    def _finish_started(self, hit: Hit, record: Record) -> None:
+        if record.message == "running":
+            hit.stopped_s += record.received - hit.stopped_at
+            hit.phase = Phase.FINISHING
+        else:
+            self._lose(hit, f"finish failed: {_message(record)}")
+            self.resume(hit.thread)
+
+    def _returned(self, hit: Hit, received: float) -> None:
+        hit.stopped_at = received
+        hit.phase = Phase.RETURNED
+        self.send([(f"-data-list-register-values --thread {hit.thread} x {self.registers['rax']}",
+                    self._answer(hit, self._return_value)),
+                   (f"-exec-continue --thread {hit.thread}", lambda r: self._resumed(hit, r))])
+
+    def _resumed(self, hit: Hit, record: Record) -> None:
+        if record.message == "running":
+            hit.stopped_s += record.received - hit.stopped_at
+        hit.resumed = True
+        if self.active.get(hit.thread) is hit:
+            del self.active[hit.thread]
+        self._complete(hit)
+
+    # -- answers ----------------------------------------------------------------------------------
+
+    def _answer(self, hit: Hit, handler: Callable[[Hit, dict], None]) -> Callback:
+        hit.waiting += 1
+
+        def callback(record: Record) -> None:
+            if record.message == "done" and isinstance(record.payload, dict):
+                handler(hit, record.payload)
+            else:
+                self._note(f"gdb refused a read during a hit: {_message(record)}")
+            hit.waiting -= 1
+            self._complete(hit)
+        return callback
+
+    def _thread_info(self, hit: Hit, payload: dict) -> None:
+        for t in payload.get("threads", ()):
+            self._threads[t.get("id")] = (_lwp(t.get("target-id", "")), t.get("name", ""))
+
+    def _return_address(self, hit: Hit, payload: dict) -> None:
+        value = str(payload.get("value", ""))
+        if value.startswith("0x"):
+            address = int(value.split()[0], 16)
+            self.on_return_address(address)
+            hit.return_frame = self.symbolizer.frame_at(address, value)
+
+    def _frames(self, hit: Hit, payload: dict) -> None:
+        hit.frames = list(payload.get("stack", ()))
+        if len(hit.frames) > 1:
+            self.on_return_address(int(hit.frames[1]["addr"], 16))
+        for key in self.symbolizer.unknown(hit.frames):
+            waiting = self._lookups.get(key)
+            if waiting is None:
+                self._lookups[key] = waiting = []
+                self.symbolizer.pending(key)
+                self.send([(f"-data-evaluate-expression {mi_quote(f'(void *) {key:#x}')}",
+                            lambda r, key=key: self._symbol(key, r))])
+            if hit not in waiting:
+                waiting.append(hit)
+                hit.waiting += 1
+
+    def _symbol(self, key: int, record: Record) -> None:
+        payload = record.payload if isinstance(record.payload, dict) else {}
+        self.symbolizer.learn(key, str(payload.get("value", "")))
+        for hit in self._lookups.pop(key, ()):
+            hit.waiting -= 1
+            self._complete(hit)
+
+    def _python(self, hit: Hit, payload: dict) -> None:
+        for problem in ("unavailable", "error"):
+            if payload.get(problem):
+                self._note(f"Python frames {problem}: {payload[problem]}")
+                self.python_frames = problem != "unavailable"
+        hit.python = [PythonFrame(f.get("function", "?"), f.get("filename", "?"), int(f.get("line", 0)),
+                                  int(f.get("level", -1))) for f in payload.get("frames", ())]
+
+    def _arguments(self, hit: Hit, payload: dict) -> None:
+        values = {int(v["number"]): int(v["value"], 16) for v in payload.get("register-values", ())}
+        hit.args = [values.get(self.registers[r], 0) for r in hit.site.registers]
+
+    def _return_value(self, hit: Hit, payload: dict) -> None:
+        values = payload.get("register-values", ())
+        if values:
+            hit.ret = _signed64(int(values[0]["value"], 16))
+
+    # -- endings ----------------------------------------------------------------------------------
+
+    def _complete(self, hit: Hit) -> None:
+        if hit.settled or not (hit.phase is Phase.RETURNED and hit.resumed and hit.waiting == 0):
+            return
+        if hit.ret is None or hit.args is None:
+            self._lose(hit, "the arguments or the returned value could not be read")
+            return
+        hit.settled = True
+        self.unfinished -= 1
+        self.completed += 1
+        self.cost.add_hit(hit.stopped_s)
+        self.emit(self._event(hit))
+
+    def _lose(self, hit: Hit, why: str) -> None:
+        if self.active.get(hit.thread) is hit:
+            del self.active[hit.thread]
+        if hit.settled:
+            return
+        hit.settled = True
+        self.unfinished -= 1
+        self.lost += 1
+        self._note(why)
+
+    def abandon(self) -> int:
+        """At detach: the hits still in flight are lost (gdb's detach resumes their threads)."""
+        count = 0
+        for hit in list(self.active.values()):
+            self._lose(hit, "the session ended during a hit")
+            count += 1
+        return count
+
+    def _note(self, text: str) -> None:
+        if text not in self.notes and len(self.notes) < 20:
+            self.notes.append(text)
+
+    def _event(self, hit: Hit) -> MmapEvent:
+        fields = {name: value for name, value in zip(ARGUMENTS[hit.site.kind], hit.args) if name != "_"}
+        if "fd" in fields:
+            fields["fd"] = _signed32(fields["fd"])
+        for name in ("prot", "flags"):
+            if name in fields:
+                fields[name] &= 0xFFFFFFFF
+        stack = (self.symbolizer.stack(hit.frames, self.settings.depth, hit.python)
+                 if hit.frames else None)
+        tid, name = self._threads.get(hit.thread, (0, ""))
+        return MmapEvent(hit.ts, self.target.pid, tid or self.target.pid, hit.site.kind, ret=hit.ret,
+                         stack=stack, caller=caller_of(stack) if stack else hit.return_frame,
+                         comm=name or self.target.comm, **fields)
+
+
+def _message(record: Record) -> str:
+    payload = record.payload if isinstance(record.payload, dict) else {}
+    return str(payload.get("msg", record.message))
+
+
+def _lwp(target_id: str) -> int:
+    for marker in ("LWP ", "process "):
+        if marker in target_id:
+            digits = target_id.split(marker, 1)[1].split(")")[0].strip()
+            if digits.isdigit():
+                return int(digits)
+    return 0
+
+
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _signed32(value: int) -> int:
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value

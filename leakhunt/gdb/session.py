@@ -1,0 +1,358 @@
+"""A gdb session on one live process: spawn gdb, attach without stopping the server, break on the
+memory syscalls, hand every stop to HitHandler, and detach on every way out.
+
+Ways out, and what each does: a budget or a stop request (Ctrl-C, SIGTERM, the caller's duration)
+winds down (deletes the breakpoints, lets hits in flight return, detaches); the target exiting
+ends the session with what was collected; gdb dying or hanging puts the original bytes back under
+every breakpoint gdb may have left (BreakpointGuard); leakhunt dying (even SIGKILL) closes gdb's
+input and the watchdog pipe, and gdb detaches by itself (gdb_scripts/leakhunt_watchdog.py).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from leakhunt.errors import BackendUnavailable, LeakhuntError
+from leakhunt.gdb.budget import Budget, CostMeter
+from leakhunt.gdb.frames import Symbolizer
+from leakhunt.gdb.guard import BreakpointGuard
+from leakhunt.gdb.hits import HitHandler, HitSettings
+from leakhunt.gdb.memory import AddressSpace
+from leakhunt.gdb.mi import GdbCommandError, GdbDied, GdbTimeout, MiChannel, Record, mi_quote
+from leakhunt.gdb.preflight import check_access, explain_attach_error, tracer_pid
+from leakhunt.gdb.python_frames import python_frames_helper
+from leakhunt.gdb.sites import VIA_SYSCALL, VIA_WRAPPER, Site, plan_sites
+from leakhunt.proc.target import Target
+from leakhunt.resources import gdb_script
+from leakhunt.trace.events import EventKind, MmapEvent
+
+DEFAULT_KINDS = frozenset({EventKind.MMAP, EventKind.MUNMAP, EventKind.MREMAP})
+#: Settings the session cannot work without (the rest of leakhunt.gdb may fail on an older gdb).
+REQUIRED_SETTINGS = {"non-stop": "on", "mi-async": "on"}
+
+
+@dataclass(frozen=True)
+class GdbConfig:
+    gdb_path: str = "gdb"                       # or cuda-gdb, or a gdb built elsewhere
+    kinds: frozenset[EventKind] = DEFAULT_KINDS
+    min_length: int = 0                         # in the breakpoint condition: short calls never stop
+    budget: Budget = Budget()
+    stacks: bool = True
+    depth: int = 128                            # frames per stack at most
+    unmap_stacks: bool = False                  # stacks for munmap/shmdt too
+    python_frames: bool = True                  # when the target runs CPython with debug info
+    vias: tuple[str, ...] = (VIA_SYSCALL, VIA_WRAPPER)
+    attach_timeout: float = 120.0               # symbol loading of a big server takes a while
+    grace_s: float = 2.0                        # for hits in flight when winding down
+
+
+@dataclass
+class SessionEnd:
+    reason: str = ""
+    target_exited: bool = False
+    detached: bool = False          # gdb confirmed the detach
+    restored: int = 0               # breakpoint sites put back by the guard (gdb died or hung)
+    tracer_left: int = 0            # TracerPid of the target afterwards (0 = untraced)
+
+
+@dataclass
+class SessionState:
+    hits: int = 0
+    lost: int = 0
+    seen: int = 0                   # condition-true hits gdb counted, sampled-away ones included
+    notes: list[str] = field(default_factory=list)
+
+
+class GdbSession:
+    def __init__(self, target: Target, config: GdbConfig, emit: Callable[[MmapEvent], None]) -> None:
+        self.target = target
+        self.config = config
+        self.emit = emit
+        self.cost = CostMeter()
+        self.end = SessionEnd()
+        self.notes: list[str] = []
+        self.sites: dict[str, Site] = {}            # gdb breakpoint number -> site
+        self.mi: MiChannel | None = None
+        self.handler: HitHandler | None = None
+        self.python_frames = False
+        self._callbacks: dict[int, Callable[[Record], None] | None] = {}
+        self._times: dict[str, int] = {}
+        self._attached = False
+        self._winding_until: float | None = None
+        self._stop_reason: str | None = None
+        self._started = 0.0
+        self._ended = False
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+
+    # -- start ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Attach and insert the breakpoints; on any failure leave the target as it was, and raise."""
+        access = check_access(self.target, self.config.gdb_path)
+        self.space = AddressSpace(self.target)
+        planned = plan_sites(self.space, self.config.kinds, self.config.min_length, self.config.vias)
+        self.guard = BreakpointGuard(self.space)
+        self.guard.protect_scratch_pad()
+        for site in planned:
+            self.guard.protect(site.address)
+        self.mi = MiChannel(access.gdb)
+        try:
+            self._configure(access.foreign_mounts)
+            self._attach()
+            self._insert(planned)
+        except BaseException:
+            self.end.reason = "start failed"
+            self._finish()
+            raise
+        self._started = time.monotonic()
+
+    def _configure(self, foreign_mounts: bool) -> None:
+        lines = [line.strip() for line in gdb_script("leakhunt.gdb").read_text().splitlines()]
+        for line in (line for line in lines if line and not line.startswith("#")):
+            try:
+                self.mi.console(line)
+            except GdbCommandError as e:
+                self._note(f"gdb setting skipped: {line} ({e})")
+        for name, wanted in REQUIRED_SETTINGS.items():
+            value = (self.mi.request(f"-gdb-show {name}").payload or {}).get("value")
+            if value != wanted:
+                raise BackendUnavailable("gdb", f"{self.config.gdb_path} cannot run with {name} {wanted}: "
+                                         f"leakhunt would have to stop every thread at each hit", "")
+        if foreign_mounts:
+            # The target sees another filesystem (a container): read its libraries through its root,
+            # and load only our own libthread_db, never one from inside the container.
+            self.mi.console(f"set sysroot /proc/{self.target.pid}/root")
+            self.mi.console("set libthread-db-search-path $sdir")
+        try:
+            self.mi.console(f"source {gdb_script('leakhunt_watchdog.py')}")
+        except GdbCommandError as e:
+            self._note(f"gdb-side watchdog unavailable ({e}): gdb still detaches when leakhunt's pipe closes")
+        if self.config.python_frames and self.config.stacks:
+            self.python_frames = python_frames_helper(self.mi, self.space, self._note)
+
+    def _attach(self) -> None:
+        started = time.monotonic()
+        try:
+            # `attach &` in non-stop mode stops only one thread while gdb reads the symbols; the
+            # rest of the server keeps running (a plain -target-attach would stop every thread).
+            self.mi.console(f"attach {self.target.pid} &", timeout=self.config.attach_timeout)
+        except GdbCommandError as e:
+            raise explain_attach_error(self.target, str(e)) from None
+        except GdbTimeout:
+            raise BackendUnavailable("gdb", f"gdb took more than {self.config.attach_timeout:.0f}s to attach "
+                                     f"(reading symbols?)", "") from None
+        self._attached = True
+        threads = self.mi.request("-thread-info").payload.get("threads", [])
+        if any(t.get("state") == "stopped" for t in threads):
+            self.mi.request("-exec-continue --all")
+        self.cost.attach_s = time.monotonic() - started
+        # Only now does gdb know the target's architecture (before, it would name i386 registers).
+        names = self.mi.request("-data-list-register-names").payload["register-names"]
+        self.registers = {name: number for number, name in enumerate(names) if name}
+        if "rdi" not in self.registers:
+            raise BackendUnavailable("gdb", "the target is not an x86-64 process", "")
+
+    def _insert(self, planned: list[Site]) -> None:
+        settings = HitSettings(self.config.budget, self.config.depth, self.config.stacks,
+                               self.config.unmap_stacks, self.python_frames)
+        for site in planned:
+            condition = f"-c {mi_quote(site.condition)} " if site.condition else ""
+            record = self.mi.request(f"-break-insert {condition}{site.location}")
+            self.sites[record.payload["bkpt"]["number"]] = site
+        self.handler = HitHandler(self.target, self.sites, self.registers, settings, Symbolizer(self.space),
+                                  self._send, self.emit, self.cost, self.guard.protect)
+
+    # -- run --------------------------------------------------------------------------------------
+
+    def request_stop(self, reason: str = "stopped") -> None:
+        """Ask a running session to wind down and detach (from any thread, or a signal handler)."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        try:
+            os.write(self._wake_write, b"x")
+        except OSError:
+            pass
+
+    def run(self) -> SessionEnd:
+        """Serve hits until a budget, a stop request, the target's exit or gdb's death; always detach."""
+        try:
+            while not self._ended:
+                now = time.monotonic()
+                if self._winding_until is None:
+                    reason = self._stop_reason or self.config.budget.exhausted(self.handler.completed,
+                                                                               self._started, now)
+                    if reason:
+                        self._wind_down(reason)
+                elif self.handler.unfinished == 0 or now >= self._winding_until:
+                    break
+                try:
+                    records = self.mi.read(0.25, self._wake_read)
+                except GdbDied as e:
+                    self._gdb_lost(str(e))
+                    break
+                self._drain_wake()
+                for record in records:
+                    self._dispatch(record)
+        finally:
+            self._finish()
+        return self.end
+
+    def _wind_down(self, reason: str) -> None:
+        self.end.reason = self.end.reason or reason
+        self.handler.accepting = False
+        self._send([("-break-delete", None)])
+        grace = 0.5 if self._stop_reason else self.config.grace_s
+        self._winding_until = time.monotonic() + grace
+
+    def _dispatch(self, record: Record) -> None:
+        if record.is_result:
+            if record.token in self._callbacks:
+                callback = self._callbacks.pop(record.token)
+                if callback is not None:
+                    callback(record)
+                elif record.message == "error":
+                    self._note(f"gdb: {(record.payload or {}).get('msg', 'error')}")
+            return
+        if record.kind != "notify":
+            return
+        payload = record.payload if isinstance(record.payload, dict) else {}
+        if record.message == "stopped":
+            reason = payload.get("reason", "")
+            if reason.startswith("exited"):
+                self._target_exited(payload)
+            elif reason == "exec":
+                # A new program image: our breakpoint addresses mean nothing in it any more.
+                self._note("the target called exec: leakhunt detached")
+                self._wind_down("the target called exec")
+                self.handler.resume(payload.get("thread-id"))
+            else:
+                self.handler.on_stopped(record)
+        elif record.message == "thread-exited":
+            self.handler.on_thread_exited(payload.get("id"))
+        elif record.message == "thread-group-exited" and "exit-code" in payload:
+            self._target_exited(payload)
+        elif record.message == "breakpoint-modified":
+            bkpt = payload.get("bkpt", {})
+            if bkpt.get("number") in self.sites:
+                self._times[bkpt["number"]] = int(bkpt.get("times", 0))
+
+    def _send(self, commands: list[tuple[str, Callable[[Record], None] | None]]) -> None:
+        tokens = self.mi.send(*(command for command, _ in commands))
+        for token, (_, callback) in zip(tokens, commands):
+            self._callbacks[token] = callback
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_read, 64):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- endings ----------------------------------------------------------------------------------
+
+    def _target_exited(self, payload: dict) -> None:
+        if self.end.target_exited:
+            return
+        code = payload.get("exit-code")
+        signal = payload.get("signal-name")
+        how = f"killed by {signal}" if signal else f"exit status {int(code, 8) if code else 0}"
+        self.end.target_exited = True
+        self.end.reason = f"target exited ({how})"
+        self._ended = True
+
+    def _gdb_lost(self, why: str) -> None:
+        self.end.reason = f"{why}; leakhunt restored the target's code"
+        self._note(f"{why}: the target was detached by the kernel")
+
+    def _finish(self) -> None:
+        """Detach (or restore), quit gdb, verify. Idempotent; never raises."""
+        if self.mi is None or getattr(self, "_finished", False):
+            return
+        self._finished = True
+        self._ended = True
+        if self.handler is not None:
+            self.handler.abandon()
+        try:
+            if self._attached and not self.end.target_exited and self.mi.alive():
+                self._detach()
+        finally:
+            self._quit_gdb()
+            for fd in (self._wake_read, self._wake_write):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def _detach(self) -> None:
+        started = time.monotonic()
+        try:
+            self._request("-break-delete", 10)
+            self._request("-target-detach", 15)
+            self.end.detached = True
+        except (GdbDied, GdbTimeout, GdbCommandError) as e:
+            self._note(f"detach failed ({e}): restoring the target's code directly")
+            self.end.restored += self.guard.restore()
+        self.cost.detach_s = time.monotonic() - started
+
+    def _request(self, command: str, timeout: float) -> None:
+        """Send one command and serve every other record until its answer (hits keep resuming)."""
+        done: list[Record] = []
+        self._send([(command, done.append)])
+        deadline = time.monotonic() + timeout
+        while not done:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GdbTimeout(f"gdb did not answer {command} within {timeout:.0f}s")
+            for record in self.mi.read(left):
+                self._dispatch(record)
+        if done[0].message == "error":
+            raise GdbCommandError(str((done[0].payload or {}).get("msg", "error")))
+
+    def _quit_gdb(self) -> None:
+        mi = self.mi
+        if mi.alive():
+            try:
+                mi.send("-gdb-exit")
+            except GdbDied:
+                pass
+        mi.close()   # closes gdb's stdin and the watchdog pipe: a gdb that is still attached detaches
+        if not mi.wait(10):
+            # Hung: put the original bytes back while gdb still holds the threads, then kill it.
+            self.end.restored += self.guard.restore()
+            mi.kill()
+        if self._attached and not self.end.target_exited and self.target.alive():
+            if not self.end.detached:
+                self.end.restored += self.guard.restore()
+            self.end.tracer_left = _tracer(self.target)
+            if self.end.tracer_left:
+                self._note(f"the target is still traced by pid {self.end.tracer_left}")
+
+    def _note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    # -- accounting -------------------------------------------------------------------------------
+
+    def state(self) -> SessionState:
+        handler = self.handler
+        notes = self.notes + (handler.notes if handler else [])
+        return SessionState(handler.completed if handler else 0, handler.lost if handler else 0,
+                            sum(self._times.values()), notes)
+
+
+def _tracer(target: Target) -> int:
+    try:
+        return tracer_pid(target.pid)
+    except LeakhuntError:
+        return 0
+
+
+def run_in_thread(session: GdbSession) -> threading.Thread:
+    thread = threading.Thread(target=session.run, name=f"leakhunt-gdb-{session.target.pid}", daemon=True)
+    thread.start()
+    return thread
