@@ -115,9 +115,10 @@ class SessionWriter:
     def note(self, text: str, **extra: Any) -> None:
         self.append(NOTES, {"ts": time.time(), "note": text, **extra})
 
-    def snapshot(self, seq: int, smaps_text: bytes) -> str:
-        """Store raw smaps text for sample ``seq``; returns its path relative to the session."""
-        rel = f"{SNAPSHOTS}/{seq:06d}.smaps.gz"
+    def snapshot(self, seq: int, smaps_text: bytes, pid: int | None = None) -> str:
+        """Store raw smaps text for sample ``seq`` (of ``pid``, in a recording of several
+        processes); returns its path relative to the session."""
+        rel = f"{SNAPSHOTS}/{seq:06d}.smaps.gz" if pid is None else f"{SNAPSHOTS}/{pid}-{seq:06d}.smaps.gz"
         _write_atomic(self.dir / rel, gzip.compress(smaps_text, compresslevel=1))
         return rel
 
@@ -196,8 +197,28 @@ class Recording:
                     continue
                 raise CorruptRecording(f"{path}: line {i + 1} is not JSON") from None
 
-    def samples(self) -> list[dict[str, Any]]:
-        return list(self.records(SAMPLES))
+    def samples(self, pid: int | None = None) -> list[dict[str, Any]]:
+        """Samples of one process: ``pid``, or the session's own pid in a recording of a tree."""
+        records = list(self.records(SAMPLES))
+        want = pid if pid is not None else self.session.get("pid")
+        if want is None:
+            return records
+        return [r for r in records if r.get("pid", want) == want]
+
+    def pids(self) -> list[int]:
+        """Every process that has samples, the session's own first."""
+        seen = dict.fromkeys([self.session.get("pid")] + [r.get("pid") for r in self.records(SAMPLES)])
+        return [p for p in seen if p is not None]
+
+    def snapshot_index(self, pid: int | None = None) -> list[tuple[int, float, str]]:
+        """(seq, t, path) of every full snapshot of one process (default: the session's pid)."""
+        t_of = {s["seq"]: s["t"] for s in self.samples(pid)}
+        want = pid if pid is not None else self.session.get("pid")
+        index = {s["seq"]: (s["seq"], s["t"], s["snapshot"]) for s in self.samples(pid) if s.get("snapshot")}
+        for r in self.records(SNAPSHOTS):
+            if r.get("pid", want) == want:
+                index[r["seq"]] = (r["seq"], r.get("t", t_of.get(r["seq"], 0.0)), r["snapshot"])
+        return sorted(index.values())
 
     def notes(self) -> list[dict[str, Any]]:
         return list(self.records(NOTES))
@@ -210,23 +231,23 @@ class Recording:
 
     # -- pandas views ----------------------------------------------------------------------------
 
-    def samples_frame(self):
+    def samples_frame(self, pid: int | None = None):
         """One row per sample: t, ts, rss, and one column per class (bytes)."""
         import pandas as pd
 
         rows = []
-        for s in self.samples():
+        for s in self.samples(pid):
             row = {"seq": s["seq"], "t": s["t"], "ts": s["ts"], "pid": s.get("pid"), "rss": s["rss"]}
             row.update({f"class_{k}": v for k, v in s.get("classes", {}).items()})
             rows.append(row)
         return pd.DataFrame(rows)
 
-    def groups_frame(self):
+    def groups_frame(self, pid: int | None = None):
         """Long format: one row per (sample, group): t, class, path, rss, regions."""
         import pandas as pd
 
         rows = [(s["seq"], s["t"], g[0], g[1], g[2], g[3])
-                for s in self.samples() for g in s.get("groups", [])]
+                for s in self.samples(pid) for g in s.get("groups", [])]
         return pd.DataFrame(rows, columns=["seq", "t", "class", "path", "rss", "regions"])
 
     def frame(self, stream: str):
@@ -239,9 +260,10 @@ class SampleRecorder:
     """Writes a sampler's samples into a session: every sample's totals, the full smaps text of
     the first sample, then one every ``snapshot_every`` seconds, and of the last one at the end."""
 
-    def __init__(self, writer: SessionWriter, snapshot_every: float = 30.0) -> None:
+    def __init__(self, writer: SessionWriter, snapshot_every: float = 30.0, pid: int | None = None) -> None:
         self.writer = writer
         self.snapshot_every = snapshot_every
+        self.pid = pid  # set when several processes share the recording
         self._last_snapshot_t: float | None = None
         self._pending = None  # the latest sample whose snapshot was not written
 
@@ -249,7 +271,7 @@ class SampleRecorder:
         rel = None
         due = self._last_snapshot_t is None or sample.t - self._last_snapshot_t >= self.snapshot_every
         if due and sample.raw is not None:
-            rel = self.writer.snapshot(sample.seq, sample.raw)
+            rel = self.writer.snapshot(sample.seq, sample.raw, self.pid)
             self._last_snapshot_t = sample.t
             self._pending = None
         else:
@@ -260,5 +282,5 @@ class SampleRecorder:
         """Write the snapshot of the latest sample (call once at the end of the run)."""
         sample, self._pending = self._pending, None
         if sample is not None and sample.raw is not None:
-            rel = self.writer.snapshot(sample.seq, sample.raw)
-            self.writer.append(SNAPSHOTS, {"seq": sample.seq, "t": sample.t, "snapshot": rel})
+            rel = self.writer.snapshot(sample.seq, sample.raw, self.pid)
+            self.writer.append(SNAPSHOTS, {"seq": sample.seq, "t": sample.t, "pid": sample.pid, "snapshot": rel})

@@ -103,7 +103,7 @@ class MemorySummary:
 
 
 def summarize(history: History, warmup_s: float | None = None, min_slope: float = MIN_SLOPE,
-              top: int = TOP_GROUPS) -> MemorySummary:
+              top: int = TOP_GROUPS, pid: int | None = None) -> MemorySummary:
     if not len(history):
         raise ValueError("no samples to summarize")
     t = np.asarray(history.t)
@@ -131,7 +131,9 @@ def summarize(history: History, warmup_s: float | None = None, min_slope: float 
             r = snap[i]
             regions.append(RegionGrowthSummary(r.start, r.end, r.klass, r.path, r.rss,
                                                int(rg.growth[i]), bool(rg.new[i])))
-    return MemorySummary(history.first.pid if history.first else 0, len(history), history.duration_s,
+    if pid is None:
+        pid = history.first.pid if history.first else 0
+    return MemorySummary(pid, len(history), history.duration_s,
                          series(history.rss), classes, groups, regions)
 
 

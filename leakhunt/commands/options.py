@@ -52,3 +52,8 @@ def record_option(f):
 def warmup_option(f):
     return click.option("--warmup", type=DURATION, default=None,
                         help="ignore growth in the first part of the run (default: 10%, at most 30s)")(f)
+
+
+def subprocesses_option(f):
+    return click.option("--subprocesses", is_flag=True,
+                        help="follow the whole process tree under --pid (children that come later too)")(f)

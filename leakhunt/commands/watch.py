@@ -1,4 +1,8 @@
-"""`leakhunt watch --pid PID`: a live, pmap -X-like view sorted by growth, and a verdict."""
+"""`leakhunt watch --pid PID`: a live, pmap -X-like view sorted by growth, and a verdict.
+
+With --subprocesses the whole tree under PID is watched: every process with its own verdict,
+and tree totals that count shared memory once (leakhunt.proc.tree).
+"""
 
 from __future__ import annotations
 
@@ -12,11 +16,12 @@ from rich.text import Text
 
 from leakhunt import ui
 from leakhunt.analysis.summary import MemorySummary, summarize
-from leakhunt.errors import LeakhuntError
 from leakhunt.commands.options import (duration_option, interval_option, json_option, pid_option,
-                                       record_option, warmup_option)
-from leakhunt.proc.sampler import History, Sample, Sampler, SamplingResult
+                                       record_option, subprocesses_option, warmup_option)
+from leakhunt.errors import LeakhuntError
+from leakhunt.proc.sampler import History, Sample, Sampler
 from leakhunt.proc.target import Target, open_target
+from leakhunt.proc.tree import TreeResult, TreeSampler, children_hint
 from leakhunt.record import SampleRecorder, SessionWriter
 from leakhunt.units import format_bytes, format_duration
 
@@ -28,9 +33,10 @@ REFRESH_S = 1.0
 @interval_option()
 @duration_option()
 @warmup_option
+@subprocesses_option
 @record_option
 @json_option
-def command(pid: int, interval: float, duration: float | None, warmup: float | None,
+def command(pid: int, interval: float, duration: float | None, warmup: float | None, subprocesses: bool,
             record_dir: str | None, as_json: bool) -> None:
     """Sample PID's memory every INTERVAL and judge its growth.
 
@@ -39,97 +45,100 @@ def command(pid: int, interval: float, duration: float | None, warmup: float | N
     """
     target = open_target(pid)
     console = ui.console_for(as_json)
-    writer = SessionWriter(record_dir, "watch", {"pid": pid, "cmdline": target.cmdline,
-                                                 "interval_s": interval}) if record_dir else None
-    recorder = SampleRecorder(writer) if writer else None
-    sampler = Sampler(target, interval, keep_raw=writer is not None)
-    view = WatchView(target, interval, duration, warmup)
-
-    live = Live(console=console, auto_refresh=False, transient=False, redirect_stdout=False)
-    show_live = console.is_terminal
-
-    def on_sample(sample: Sample, history: History) -> None:
-        if recorder:
-            recorder(sample)
-        if show_live:
-            view.update(history, live)
-
-    if show_live:
-        live.start()
-    try:
-        result = sampler.run(duration, on_sample)
-    finally:
-        if show_live:
-            live.stop()
-    summary = summarize(result.history, warmup_s=warmup)
-    document = watch_document(target, result, summary, interval, record_dir)
+    if not subprocesses and (hint := children_hint(pid)):
+        ui.err.print(f"[yellow]hint:[/] {hint}")
+    writer = SessionWriter(record_dir, "watch", {"pid": pid, "cmdline": target.cmdline, "interval_s": interval,
+                                                 "subprocesses": subprocesses}) if record_dir else None
+    live = LiveView(console)
+    with live:
+        if subprocesses:
+            document, lost, summary = _watch_tree(target, interval, duration, warmup, writer, live)
+        else:
+            document, lost, summary = _watch_one(target, interval, duration, warmup, writer, live)
+    document.update(interval_s=interval, record=record_dir)
     if writer:
-        if recorder:
-            recorder.flush_last()
-        if result.error:
-            writer.note(str(result.error))
+        if lost:
+            writer.note(str(lost))
         writer.finish({"command": "watch", **document})
     if as_json:
         ui.emit_json(ui.clean_json(document))
     else:
-        console.print(render_summary(target, result, summary, interval))
+        console.print(live.final)
         if record_dir:
             console.print(f"[dim]recorded in {record_dir} — render it with: leakhunt report {record_dir}[/]")
-    if result.error:
-        raise LeakhuntError(f"{result.error} after {format_duration(summary.duration_s)} "
+    if lost:
+        raise LeakhuntError(f"{lost} after {format_duration(summary.duration_s)} "
                             f"({summary.samples} samples kept{', recorded' if record_dir else ''})")
 
 
-def watch_document(target: Target, result: SamplingResult, summary: MemorySummary, interval: float,
-                   record_dir: str | None) -> dict:
-    return {
-        **summary.to_json(),
-        "pid": target.pid,
-        "cmdline": target.cmdline,
-        "interval_s": interval,
-        "stopped_because": result.stopped_because,
-        "sample_cost_s": (sum(result.history.cost_s) / len(result.history)) if len(result.history) else None,
-        "record": record_dir,
-    }
+class LiveView:
+    """A rich Live display on terminals, rebuilt at most once per REFRESH_S; nothing otherwise."""
 
-
-class WatchView:
-    """The live display, rebuilt at most once per REFRESH_S from the history."""
-
-    def __init__(self, target: Target, interval: float, duration: float | None, warmup: float | None) -> None:
-        self.target = target
-        self.interval = interval
-        self.duration = duration
-        self.warmup = warmup
+    def __init__(self, console) -> None:
+        self.enabled = console.is_terminal
+        self.live = Live(console=console, auto_refresh=False, transient=False, redirect_stdout=False)
         self._last = 0.0
+        self.final = None
 
-    def update(self, history: History, live: Live) -> None:
+    def due(self, first: bool) -> bool:
         now = time.monotonic()
-        if now - self._last < REFRESH_S and len(history) > 1:
-            return
+        if not self.enabled or (now - self._last < REFRESH_S and not first):
+            return False
         self._last = now
-        summary = summarize(history, warmup_s=self.warmup)
-        live.update(render_live(self.target, history, summary, self.interval, self.duration), refresh=True)
+        return True
+
+    def show(self, renderable) -> None:
+        self.live.update(renderable, refresh=True)
+
+    def __enter__(self) -> LiveView:
+        if self.enabled:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.live.stop()
 
 
-def _header(target: Target, history: History, summary: MemorySummary, interval: float,
-            duration: float | None) -> Text:
-    elapsed = format_duration(history.duration_s)
-    if duration:
-        elapsed += f" / {format_duration(duration)}"
+# -- one process -----------------------------------------------------------------------------------
+
+def _watch_one(target: Target, interval: float, duration: float | None, warmup: float | None,
+               writer: SessionWriter | None, live: LiveView):
+    recorder = SampleRecorder(writer) if writer else None
+    sampler = Sampler(target, interval, keep_raw=writer is not None)
+
+    def on_sample(sample: Sample, history: History) -> None:
+        if recorder:
+            recorder(sample)
+        if live.due(len(history) == 1):
+            live.show(render_one(target, history, summarize(history, warmup_s=warmup), interval, duration))
+
+    result = sampler.run(duration, on_sample)
+    if recorder:
+        recorder.flush_last()
+    summary = summarize(result.history, warmup_s=warmup)
+    live.final = Group(Text(f"summary — stopped: {result.stopped_because}", style="bold"),
+                       render_one(target, result.history, summary, interval, None))
+    document = {**summary.to_json(), "pid": target.pid, "cmdline": target.cmdline,
+                "stopped_because": result.stopped_because,
+                "sample_cost_s": sum(result.history.cost_s) / len(result.history)}
+    return document, result.error, summary
+
+
+def _header(target: Target, history: History, interval: float, duration: float | None, what: str) -> Text:
+    elapsed = format_duration(history.duration_s) + (f" / {format_duration(duration)}" if duration else "")
     cost = history.cost_s[-1] * 1000 if history.cost_s else 0
     text = Text()
     text.append("leakhunt watch ", style="bold")
     text.append(f"{target.describe()}\n", style="cyan")
-    text.append(f"{elapsed} · {len(history)} samples every {format_duration(interval)} · "
-                f"{len(history.last.snapshot) if history.last else 0} mappings · sample cost {cost:.0f} ms",
-                style="dim")
+    text.append(f"{elapsed} · {len(history)} samples every {format_duration(interval)} · {what} · "
+                f"sample cost {cost:.0f} ms", style="dim")
     return text
 
 
-def _rss_line(summary: MemorySummary, history: History) -> Text:
+def _rss_line(summary: MemorySummary, history: History, label: str = "RSS") -> Text:
     v = summary.rss.verdict
-    text = Text("RSS ", style="bold")
+    text = Text(f"{label} ", style="bold")
     text.append(format_bytes(summary.rss.end), style="bold")
     text.append("  ")
     text.append_text(ui.growth_text(summary.rss.growth))
@@ -142,20 +151,19 @@ def _rss_line(summary: MemorySummary, history: History) -> Text:
     return text
 
 
-def _class_table(summary: MemorySummary, history: History) -> Table:
+def class_table(summary: MemorySummary, history: History) -> Table:
     table = Table(title="by class", title_justify="left", expand=False, box=None, pad_edge=False)
     for col, justify in (("class", "left"), ("RSS", "right"), ("growth", "right"),
                          ("slope /min [95% interval]", "right"), ("trend", "left")):
         table.add_column(col, justify=justify)
-    for klass, s in sorted(summary.classes.items(), key=lambda kv: -kv[1].growth):
+    for klass, s in sorted(summary.classes.items(), key=lambda kv: (-kv[1].growth, -kv[1].end)):
         table.add_row(klass.value, format_bytes(s.end), ui.growth_text(s.growth),
-                      ui.rate_text(s.verdict.trend.slope, s.verdict.trend.lo, s.verdict.trend.hi,
-                                   s.verdict.leak),
+                      ui.rate_text(s.verdict.trend.slope, s.verdict.trend.lo, s.verdict.trend.hi, s.verdict.leak),
                       ui.sparkline(history.classes[klass]))
     return table
 
 
-def _group_table(summary: MemorySummary, history: History) -> Table:
+def group_table(summary: MemorySummary, history: History) -> Table:
     table = Table(title="top growing groups", title_justify="left", box=None, pad_edge=False)
     for col, justify in (("class", "left"), ("path", "left"), ("regions", "right"), ("RSS", "right"),
                          ("growth", "right"), ("slope /min", "right"), ("trend", "left")):
@@ -169,7 +177,7 @@ def _group_table(summary: MemorySummary, history: History) -> Table:
     return table
 
 
-def _region_table(summary: MemorySummary) -> Table:
+def region_table(summary: MemorySummary) -> Table:
     table = Table(title="top growing address ranges (since the first sample)", title_justify="left",
                   box=None, pad_edge=False)
     for col, justify in (("range", "left"), ("class", "left"), ("path", "left"), ("RSS", "right"),
@@ -181,16 +189,93 @@ def _region_table(summary: MemorySummary) -> Table:
     return table
 
 
-def render_live(target: Target, history: History, summary: MemorySummary, interval: float,
+def render_one(target: Target, history: History, summary: MemorySummary, interval: float,
+               duration: float | None) -> Group:
+    mappings = len(history.last.snapshot) if history.last else 0
+    return Group(_header(target, history, interval, duration, f"{mappings} mappings"), _rss_line(summary, history),
+                 Text(""), class_table(summary, history), Text(""), group_table(summary, history),
+                 Text(""), region_table(summary))
+
+
+# -- a process tree --------------------------------------------------------------------------------
+
+def _watch_tree(target: Target, interval: float, duration: float | None, warmup: float | None,
+                writer: SessionWriter | None, live: LiveView):
+    tree_sampler = TreeSampler(target, interval, keep_raw=writer is not None)
+    recorders: dict[int, SampleRecorder] = {}
+
+    def on_tick(samples: list[Sample], sampler: TreeSampler, tree: History) -> None:
+        if writer:
+            for sample in samples:
+                rec = recorders.setdefault(sample.pid, SampleRecorder(writer, pid=sample.pid))
+                rec(sample)
+            writer.append("tree", {"t": tree.t[-1], "ts": tree.ts[-1], "rss": tree.rss[-1],
+                                   "classes": {c.value: v[-1] for c, v in tree.classes.items() if v[-1]},
+                                   "pids": [s.pid for s in samples]})
+        if live.due(len(tree) == 1):
+            live.show(render_tree(target, sampler, tree, warmup, interval, duration))
+
+    result = tree_sampler.run(duration, on_tick)
+    for rec in recorders.values():
+        rec.flush_last()
+    summary = summarize(result.tree, warmup_s=warmup, pid=target.pid)
+    live.final = Group(Text(f"summary — stopped: {result.stopped_because}", style="bold"),
+                       render_tree(target, tree_sampler, result.tree, warmup, interval, None))
+    document = {**summary.to_json(), "pid": target.pid, "cmdline": target.cmdline, "subprocesses": True,
+                "stopped_because": result.stopped_because,
+                "tree": {"rss_counting": "private pages of every process plus each shared object once",
+                         "pss_bytes_start": result.pss[0] if result.pss else None,
+                         "pss_bytes_end": result.pss[-1] if result.pss else None,
+                         "uss_bytes_start": result.uss[0] if result.uss else None,
+                         "uss_bytes_end": result.uss[-1] if result.uss else None},
+                "processes": process_documents(result, warmup),
+                "unreadable": {str(p): why for p, why in tree_sampler.skipped.items()}}
+    return document, result.error, summary
+
+
+def process_documents(result: TreeResult, warmup: float | None) -> list[dict]:
+    docs = []
+    for track in result.tracks:
+        if not len(track.history):
+            continue
+        s = summarize(track.history, warmup_s=warmup)
+        last = track.history.last.snapshot
+        docs.append({
+            "pid": track.target.pid, "ppid_root": track is result.root, "cmdline": track.target.cmdline,
+            "nspid": list(track.target.nspid),
+            "samples": s.samples, "first_seen_s": track.first_seen, "ended": track.ended, "ended_at_s": track.ended_at,
+            "rss_bytes_start": s.rss.start, "rss_bytes_end": s.rss.end,
+            "pss_bytes": last.total("Pss"), "uss_bytes": last.total("Private_Clean") + last.total("Private_Dirty"),
+            "rss_slope_bytes_per_s": s.rss.verdict.trend.slope,
+            "slope_interval": [s.rss.verdict.trend.lo, s.rss.verdict.trend.hi],
+            "leak": s.leak, "verdict": s.rss.verdict.reason,
+            "top_groups": [g.to_json() for g in s.groups[:5]],
+        })
+    return docs
+
+
+def render_tree(target: Target, sampler: TreeSampler, tree: History, warmup: float | None, interval: float,
                 duration: float | None) -> Group:
-    return Group(_header(target, history, summary, interval, duration), _rss_line(summary, history),
-                 Text(""), _class_table(summary, history), Text(""), _group_table(summary, history),
-                 Text(""), _region_table(summary))
-
-
-def render_summary(target: Target, result: SamplingResult, summary: MemorySummary, interval: float) -> Group:
-    history = result.history
-    title = Text(f"summary — stopped: {result.stopped_because}", style="bold")
-    return Group(title, _header(target, history, summary, interval, None), _rss_line(summary, history),
-                 Text(""), _class_table(summary, history), Text(""), _group_table(summary, history),
-                 Text(""), _region_table(summary))
+    summary = summarize(tree, warmup_s=warmup, pid=target.pid)
+    table = Table(title="processes", title_justify="left", box=None, pad_edge=False)
+    for col, justify in (("pid", "right"), ("command", "left"), ("RSS", "right"), ("PSS", "right"),
+                         ("USS", "right"), ("growth", "right"), ("slope /min", "right"), ("", "left"),
+                         ("trend", "left")):
+        table.add_column(col, justify=justify, overflow="ellipsis", no_wrap=True,
+                         max_width=28 if col == "command" else None)
+    for track in sampler.tracks.values():
+        h = track.history
+        if not len(h):
+            continue
+        s = summarize(h, warmup_s=warmup)
+        last = h.last.snapshot
+        state = Text(track.ended, style="dim") if track.ended else ui.verdict_badge(s.leak, s.rss.verdict.plateau)
+        table.add_row(str(track.target.pid), Text(track.target.cmdline), format_bytes(s.rss.end),
+                      format_bytes(last.total("Pss")),
+                      format_bytes(last.total("Private_Clean") + last.total("Private_Dirty")),
+                      ui.growth_text(s.rss.growth), ui.rate_text(s.rss.verdict.trend.slope, leak=s.leak), state,
+                      ui.sparkline(h.rss, 12))
+    what = f"{len(sampler.live_tracks())} processes"
+    return Group(_header(target, tree, interval, duration, what),
+                 _rss_line(summary, tree, "tree memory (shared counted once)"), Text(""), table, Text(""),
+                 class_table(summary, tree), Text(""), group_table(summary, tree))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from leakhunt.errors import AccessDenied, TargetGone
@@ -67,14 +67,21 @@ class History:
         if self.first is None:
             self.first = sample
         self.last = sample
-        self.t.append(sample.t)
-        self.ts.append(sample.ts)
-        self.rss.append(sample.rss)
-        self.cost_s.append(sample.cost_s)
+        self.append(sample.t, sample.ts, sample.rss, sample.classes,
+                    {k: g.rss for k, g in sample.groups.items() if g.rss},
+                    {k: g.regions for k, g in sample.groups.items()}, sample.cost_s)
+
+    def append(self, t: float, ts: float, rss: int, classes: dict[RegionClass, int],
+               group_rss: dict[GroupKey, int], group_regions: dict[GroupKey, int], cost_s: float) -> None:
+        """Totals of one sample that are not one snapshot's (a process tree's, say)."""
+        self.t.append(t)
+        self.ts.append(ts)
+        self.rss.append(rss)
+        self.cost_s.append(cost_s)
         for c, series in self.classes.items():
-            series.append(sample.classes.get(c, 0))
-        self.group_rss.append({k: g.rss for k, g in sample.groups.items() if g.rss})
-        self.group_regions = {k: g.regions for k, g in sample.groups.items()}
+            series.append(classes.get(c, 0))
+        self.group_rss.append(group_rss)
+        self.group_regions = group_regions
 
     def __len__(self) -> int:
         return len(self.t)
@@ -98,6 +105,34 @@ STOP_INTERRUPTED = "interrupted"
 STOP_REQUESTED = "stopped"
 
 
+class Pace:
+    """Iterate at a fixed interval until ``duration`` elapsed or ``stop`` is set; ``reason`` says
+    which. A slow iteration skips ahead rather than firing a burst to catch up."""
+
+    def __init__(self, interval: float, duration: float | None, stop: threading.Event | None = None) -> None:
+        if interval <= 0:
+            raise ValueError("interval must be positive")
+        self.interval = interval
+        self.duration = duration
+        self.stop = stop or threading.Event()
+        self.reason = STOP_DURATION
+
+    def __iter__(self) -> Iterator[None]:
+        now = time.monotonic()
+        deadline = None if self.duration is None else now + self.duration
+        next_at = now
+        while True:
+            yield
+            next_at += self.interval
+            now = time.monotonic()
+            next_at = max(next_at, now)
+            if deadline is not None and next_at > deadline + 1e-3:
+                return
+            if self.stop.wait(next_at - now):
+                self.reason = STOP_REQUESTED
+                return
+
+
 @dataclass
 class SamplingResult:
     history: History
@@ -112,13 +147,14 @@ class SamplingResult:
 class Sampler:
     """Takes samples of one target at a fixed interval."""
 
-    def __init__(self, target: Target, interval: float = 1.0, keep_raw: bool = False) -> None:
+    def __init__(self, target: Target, interval: float = 1.0, keep_raw: bool = False,
+                 t0: float | None = None) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
         self.target = target
         self.interval = interval
         self.keep_raw = keep_raw
-        self._t0: float | None = None
+        self._t0 = t0   # the clock's zero; a tree's samplers share one
         self._seq = 0
 
     def take(self) -> Sample:
@@ -145,33 +181,19 @@ class Sampler:
         The first sample's errors propagate (nothing to keep yet); later ones end the run and are
         returned in ``SamplingResult.error``.
         """
-        stop = stop or threading.Event()
         history = History()
-        deadline = None if duration is None else time.monotonic() + duration
-        next_at = time.monotonic()
-        reason = STOP_DURATION
-        error: Exception | None = None
+        pace = Pace(self.interval, duration, stop)
         try:
-            while True:
+            for _ in pace:
                 try:
                     sample = self.take()
                 except (TargetGone, AccessDenied) as e:
                     if not len(history):
                         raise
-                    error, reason = e, str(e)
-                    break
+                    return SamplingResult(history, str(e), e)
                 history.add(sample)
                 if on_sample is not None:
                     on_sample(sample, history)
-                next_at += self.interval
-                now = time.monotonic()
-                if next_at < now:  # a slow sample: skip ahead rather than fire a burst
-                    next_at = now
-                if deadline is not None and next_at > deadline + 1e-3:
-                    break
-                if stop.wait(max(0.0, next_at - now)):
-                    reason = STOP_REQUESTED
-                    break
         except KeyboardInterrupt:
-            reason = STOP_INTERRUPTED
-        return SamplingResult(history, reason, error)
+            return SamplingResult(history, STOP_INTERRUPTED)
+        return SamplingResult(history, pace.reason)

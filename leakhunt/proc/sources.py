@@ -43,24 +43,23 @@ def load(spec: str | os.PathLike) -> LoadedSnapshot:
 
 
 def _from_recording(directory: Path, which: str) -> LoadedSnapshot:
-    from leakhunt.record import SNAPSHOTS, Recording
+    from leakhunt.record import Recording
 
     rec = Recording.open(directory)
-    stored = sorted(int(p.name.split(".")[0]) for p in (directory / SNAPSHOTS).glob("*.smaps.gz"))
+    stored = rec.snapshot_index()
     if not stored:
         raise BadInput(f"{directory}: the recording holds no full snapshot")
     if which in ("", "last"):
-        seq = stored[-1]
+        seq, t, rel = stored[-1]
     elif which == "first":
-        seq = stored[0]
+        seq, t, rel = stored[0]
     elif which.isdigit():
-        earlier = [s for s in stored if s <= int(which)]
+        earlier = [s for s in stored if s[0] <= int(which)]
         if not earlier:
-            raise BadInput(f"{directory}: no snapshot at or before sample {which} (have {stored})")
-        seq = earlier[-1]
+            raise BadInput(f"{directory}: no snapshot at or before sample {which} "
+                           f"(snapshots at {', '.join(str(s[0]) for s in stored)})")
+        seq, t, rel = earlier[-1]
     else:
         raise BadInput(f"{directory}@{which}: say @first, @last or @SEQ (a sample number)")
-    t = next((s["t"] for s in rec.samples() if s["seq"] == seq), None)
-    when = f" (t={t:.1f}s)" if t is not None else ""
-    snap = parse_smaps(rec.snapshot_text(f"{SNAPSHOTS}/{seq:06d}.smaps.gz"), source=f"{directory}@{seq}")
-    return LoadedSnapshot(snap, f"{directory}@{seq}{when}", "recording")
+    snap = parse_smaps(rec.snapshot_text(rel), source=f"{directory}@{seq}")
+    return LoadedSnapshot(snap, f"{directory}@{seq} (t={t:.1f}s)", "recording")

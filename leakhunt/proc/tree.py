@@ -1,0 +1,175 @@
+"""Following a process tree (--subprocesses): every process under a pid, those that appear later
+included, each with its own history and verdict, and honest totals for the tree.
+
+Tree totals never add up RSS: a /dev/shm segment or a library mapped by three processes would
+count three times. A process's memory is its private pages plus its shared ones; the tree holds
+every process's private pages plus, for each shared object (keyed by device and inode, or by
+address for anonymous pages still shared copy-on-write after fork), the most any one process
+has resident. PSS and USS sums are reported beside it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import psutil
+
+from leakhunt.errors import AccessDenied, TargetGone
+from leakhunt.proc.classes import CLASSES, RegionClass
+from leakhunt.proc.growth import GroupKey
+from leakhunt.proc.sampler import STOP_INTERRUPTED, History, Pace, Sample, Sampler
+from leakhunt.proc.smaps import Snapshot
+from leakhunt.proc.target import Target, open_target
+
+
+@dataclass
+class ProcessTrack:
+    """One process of the tree and everything sampled from it."""
+
+    target: Target
+    sampler: Sampler
+    history: History = field(default_factory=History)
+    first_seen: float = 0.0          # seconds since the tree's first sample
+    ended: str | None = None         # why it stopped being sampled ("exited", "permission lost")
+    ended_at: float | None = None
+
+
+@dataclass
+class TreeTotals:
+    rss: int          # deduplicated: private pages plus each shared object once
+    pss: int
+    uss: int
+    classes: dict[RegionClass, int]
+    groups: dict[GroupKey, int]
+    group_regions: dict[GroupKey, int]
+
+
+def tree_totals(snapshots: list[Snapshot]) -> TreeTotals:
+    """Memory of several processes with every shared object counted once."""
+    classes = dict.fromkeys(CLASSES, 0)
+    groups: dict[GroupKey, int] = {}
+    regions: dict[GroupKey, int] = {}
+    shared: dict[tuple, tuple[int, RegionClass, str]] = {}
+    pss = uss = 0
+    for snap in snapshots:
+        private = snap.column("Private_Clean") + snap.column("Private_Dirty")
+        shared_now = snap.column("Shared_Clean") + snap.column("Shared_Dirty")
+        pss += snap.total("Pss")
+        uss += int(private.sum())
+        for i in np.flatnonzero(private):
+            key = (CLASSES[snap.classes[i]], snap.path[i])
+            classes[key[0]] += int(private[i])
+            groups[key] = groups.get(key, 0) + int(private[i])
+        for i in np.flatnonzero(shared_now):
+            obj = (snap.dev[i], int(snap.inode[i]), int(snap.offset[i])) if snap.inode[i] else \
+                ("anon", int(snap.start[i]))
+            size = int(shared_now[i])
+            if obj not in shared or shared[obj][0] < size:
+                shared[obj] = (size, CLASSES[snap.classes[i]], snap.path[i])
+        for code, path in zip(snap.classes.tolist(), snap.path):
+            key = (CLASSES[code], path)
+            regions[key] = regions.get(key, 0) + 1
+    for size, klass, path in shared.values():
+        classes[klass] += size
+        groups[(klass, path)] = groups.get((klass, path), 0) + size
+    return TreeTotals(sum(classes.values()), pss, uss, classes, groups, regions)
+
+
+@dataclass
+class TreeResult:
+    root: ProcessTrack
+    tracks: list[ProcessTrack]
+    tree: History                  # the deduplicated totals, one entry per tick
+    pss: list[int]
+    uss: list[int]
+    stopped_because: str
+    error: Exception | None = None  # the root process was lost
+
+
+class TreeSampler:
+    """Samples a pid and all its descendants every interval, picking up new children as they come."""
+
+    def __init__(self, root: Target, interval: float = 1.0, keep_raw: bool = False) -> None:
+        self.interval = interval
+        self.keep_raw = keep_raw
+        self.t0 = time.monotonic()
+        self.root = ProcessTrack(root, Sampler(root, interval, keep_raw, t0=self.t0))
+        self.tracks: dict[int, ProcessTrack] = {root.pid: self.root}
+        self.skipped: dict[int, str] = {}   # children we could not read, and why
+
+    def discover(self) -> list[ProcessTrack]:
+        """Start tracking children that appeared since the last call; returns the new tracks."""
+        try:
+            children = psutil.Process(self.root.target.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+        new = []
+        for child in children:
+            if child.pid in self.tracks or child.pid in self.skipped:
+                continue
+            try:
+                target = open_target(child.pid)
+            except (TargetGone, AccessDenied) as e:
+                self.skipped[child.pid] = str(e)
+                continue
+            track = ProcessTrack(target, Sampler(target, self.interval, self.keep_raw, t0=self.t0),
+                                 first_seen=time.monotonic() - self.t0)
+            self.tracks[child.pid] = track
+            new.append(track)
+        return new
+
+    def live_tracks(self) -> list[ProcessTrack]:
+        return [t for t in self.tracks.values() if t.ended is None]
+
+    def run(self, duration: float | None,
+            on_tick: Callable[[list[Sample], TreeSampler, History], None] | None = None,
+            stop: threading.Event | None = None) -> TreeResult:
+        tree, pss, uss = History(), [], []
+        pace = Pace(self.interval, duration, stop)
+        error = None
+        reason = None
+        try:
+            for _ in pace:
+                self.discover()
+                began = time.monotonic()
+                samples = []
+                for track in self.live_tracks():
+                    try:
+                        sample = track.sampler.take()
+                    except (TargetGone, AccessDenied) as e:
+                        if track is self.root and not len(tree):
+                            raise
+                        track.ended = "exited" if isinstance(e, TargetGone) else "permission lost"
+                        track.ended_at = began - self.t0
+                        continue
+                    track.history.add(sample)
+                    samples.append(sample)
+                if self.root.ended is not None:
+                    error = TargetGone(self.root.target.pid, f"process {self.root.target.pid} exited")
+                    reason = str(error)
+                    break
+                totals = tree_totals([s.snapshot for s in samples])
+                tree.append(began - self.t0, time.time(), totals.rss, totals.classes, totals.groups,
+                            totals.group_regions, time.monotonic() - began)
+                pss.append(totals.pss)
+                uss.append(totals.uss)
+                if on_tick is not None:
+                    on_tick(samples, self, tree)
+        except KeyboardInterrupt:
+            reason = STOP_INTERRUPTED
+        return TreeResult(self.root, list(self.tracks.values()), tree, pss, uss, reason or pace.reason, error)
+
+
+def children_hint(pid: int) -> str | None:
+    """One line for a target that has children but is watched alone."""
+    try:
+        n = len(psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return None
+    if not n:
+        return None
+    return f"pid {pid} has {n} child process{'es' if n > 1 else ''}: add --subprocesses to follow the whole tree"

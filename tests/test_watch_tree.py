@@ -1,0 +1,62 @@
+"""`leakhunt watch --subprocesses`: a tree with a steady and a leaking child (which appears after
+the watch began), and a shared segment resident in all three that must be counted once."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import leakhunt_json, run_leakhunt
+
+MiB = 2**20
+
+
+@pytest.fixture(scope="module")
+def tree_doc(leakers):
+    import subprocess
+
+    proc = subprocess.Popen([str(leakers / "tree"), "--rate", "4M", "--shared", "32M", "--late", "2"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        doc = leakhunt_json("watch", "--pid", proc.pid, "--subprocesses", "--duration", "12s")
+        return proc.pid, doc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_the_leaking_child_is_named(tree_doc):
+    root, doc = tree_doc
+    procs = {p["pid"]: p for p in doc["processes"]}
+    assert len(procs) == 3 and root in procs
+    leaking = [p for p in procs.values() if p["leak"]]
+    assert len(leaking) == 1 and leaking[0]["pid"] != root
+    assert leaking[0]["rss_slope_bytes_per_s"] == pytest.approx(4 * MiB, rel=0.15)
+    assert leaking[0]["first_seen_s"] >= 1.0  # it appeared after the watch began and was picked up
+    assert all(not p["leak"] for p in procs.values() if p is not leaking[0])
+    assert doc["leak"] is True and doc["subprocesses"] is True
+
+
+def test_shared_segment_is_counted_once(tree_doc):
+    _, doc = tree_doc
+    procs = doc["processes"]
+    assert all(p["rss_bytes_end"] >= 32 * MiB for p in procs)  # resident in every process
+    rss_sum = sum(p["rss_bytes_end"] for p in procs)
+    assert doc["classes"]["shm"]["rss_bytes"] == 32 * MiB
+    assert doc["rss_bytes_end"] < rss_sum - 60 * MiB  # two of the three copies not counted
+    assert abs(doc["rss_bytes_end"] - doc["tree"]["pss_bytes_end"]) < 4 * MiB
+
+
+def test_process_entries_have_the_contract_fields(tree_doc):
+    _, doc = tree_doc
+    for p in doc["processes"]:
+        for key in ("pid", "cmdline", "rss_bytes_start", "rss_bytes_end", "rss_slope_bytes_per_s", "leak",
+                    "top_groups"):
+            assert key in p
+
+
+def test_a_target_with_children_gets_a_hint(leakers, spawn):
+    proc = spawn([leakers / "tree", "--late", "0", "--rate", "1M"])
+    cp = run_leakhunt("watch", "--pid", proc.pid, "--duration", "1s", "--json")
+    assert cp.returncode == 0
+    assert "add --subprocesses" in cp.stderr
