@@ -69,6 +69,11 @@ class Backend(ABC):
     def target_exited(self) -> bool:
         return not self.target.alive()
 
+    @property
+    def finished(self) -> str | None:
+        """Why the backend stopped tracing on its own (gdb: a hit or time budget ran out), else None."""
+        return None
+
     def __enter__(self) -> Backend:
         self.start()
         return self
