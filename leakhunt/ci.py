@@ -15,10 +15,12 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.errors import BadInput, LeakhuntError, TargetGone
+from leakhunt.heap import HeapTracker, capture_records, run_mode_argv
 from leakhunt.proc.sampler import STOP_INTERRUPTED, History, Sample, Sampler
 from leakhunt.proc.target import Target, open_target
 from leakhunt.units import format_duration, format_rate
@@ -55,6 +57,7 @@ class GateResult:
     stopped_because: str = ""
     notes: tuple[str, ...] = ()
     elapsed_s: float = 0.0
+    heap_growth: float | None = None   # Python heap growth memray saw (--heap), bytes
 
     @property
     def status(self) -> str:
@@ -65,7 +68,7 @@ class GateResult:
                "target": self.target, "pid": self.pid, "max_slope_bytes_per_s": self.config.max_slope,
                "duration_s": self.config.duration, "interval_s": self.config.interval,
                "warmup_s": self.config.warmup, "stopped_because": self.stopped_because,
-               "notes": list(self.notes), "elapsed_s": self.elapsed_s}
+               "notes": list(self.notes), "elapsed_s": self.elapsed_s, "heap_growth_bytes": self.heap_growth}
         if self.summary is not None:
             doc["summary"] = self.summary.to_json()
         return doc
@@ -152,18 +155,40 @@ class Gate:
     config: GateConfig
     on_sample: Callable[[Sample, History], None] | None = None
     command_output: object = None    # where a started command's stdout/stderr go (None: inherit)
+    heap_capture: Path | None = None # track the Python heap with memray into this file
     notes: list[str] = field(default_factory=list)
+    heap_records: list[dict] = field(default_factory=list)   # the `heap` stream, after a --heap run
 
     def run_pid(self, pid: int, load: Sequence[str] | None = None) -> GateResult:
         target = open_target(pid)
-        return self._measure(target, target.describe(), load, command=None)
+        if self.heap_capture is None:
+            return self._measure(target, target.describe(), load, command=None)
+        with HeapTracker(pid, self.heap_capture, self.config.duration):
+            result = self._measure(target, target.describe(), load, command=None)
+        return self._with_heap(result)
 
     def run_command(self, argv: Sequence[str], load: Sequence[str] | None = None) -> GateResult:
         if not argv:
             raise BadInput("no command given after --")
+        label = shlex.join(argv)
+        if self.heap_capture is not None:
+            argv = run_mode_argv(list(argv), self.heap_capture)
         with Launched(argv, "command", self.command_output) as launched:
             target = _open_started(launched)
-            return self._measure(target, shlex.join(argv), load, command=launched)
+            result = self._measure(target, label, load, command=launched)
+        # memray finishes its capture when the interpreter exits, i.e. only now.
+        return self._with_heap(result) if self.heap_capture is not None else result
+
+    def _with_heap(self, result: GateResult) -> GateResult:
+        if self.heap_capture is None or not self.heap_capture.exists():
+            return replace(result, notes=result.notes + ("memray wrote no capture: no heap data",))
+        try:
+            self.heap_records = capture_records(self.heap_capture)
+        except OSError as e:
+            return replace(result, notes=result.notes + (f"memray capture unreadable: {e}",))
+        if len(self.heap_records) < 2:
+            return result
+        return replace(result, heap_growth=float(self.heap_records[-1]["heap"] - self.heap_records[0]["heap"]))
 
     def _measure(self, target: Target, label: str, load: Sequence[str] | None,
                  command: Launched | None) -> GateResult:

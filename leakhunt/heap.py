@@ -136,3 +136,15 @@ def read_heap(rec, t0: float | None) -> HeapSeries | None:
     base = t0 if t0 is not None else records[0]["ts"]
     return HeapSeries(np.array([r["ts"] - base for r in records]), np.array([r["heap"] for r in records], float),
                       np.array([r.get("rss", 0) for r in records], float), mode)
+
+
+def aligned_growth(t: np.ndarray, rss: np.ndarray, heap: HeapSeries) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RSS growth and heap growth from the first RSS sample taken once tracking had begun, at the
+    sample times: before that sample the interpreter may still be starting (its libraries load),
+    which is growth memray was not there to see."""
+    i0 = int(np.searchsorted(t, heap.t[0]))
+    if i0 >= len(t):
+        return t[:0], rss[:0], rss[:0]
+    tk = t[i0:]
+    heap_at = np.interp(tk, heap.t, heap.heap)
+    return tk, rss[i0:] - rss[i0], heap_at - heap_at[0]

@@ -6,8 +6,10 @@ Exit 0 when RSS grows no faster than the limit, 1 when the lower bound of its sl
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -20,6 +22,7 @@ from leakhunt.ci import ERROR, FAIL, Gate, GateConfig, GateResult, error_result
 from leakhunt.commands.options import (DURATION, RATE, duration_option, interval_option, json_option,
                                        record_option, warmup_option)
 from leakhunt.errors import BadInput, LeakhuntError
+from leakhunt.heap import CAPTURE, HEAP
 from leakhunt.record import SampleRecorder, SessionWriter
 from leakhunt.report import github
 from leakhunt.report.junit import junit_xml
@@ -33,12 +36,14 @@ from leakhunt.units import format_bytes
 @interval_option()
 @warmup_option
 @click.option("--load", "load", metavar="CMD", help="a load generator to run alongside (one quoted command line)")
+@click.option("--heap", is_flag=True, help="Python target: track its heap with memray (attach for --pid, "
+              "run mode for a command) so the report shows the heap beside RSS")
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="write JUnit XML here")
 @record_option
 @json_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def command(pid: int | None, max_slope: float, duration: float, interval: float, warmup: float | None,
-            load: str | None, junit_path: str | None, record_dir: str | None, as_json: bool,
+            load: str | None, heap: bool, junit_path: str | None, record_dir: str | None, as_json: bool,
             command: tuple[str, ...]) -> None:
     """Fail when memory grows faster than --max-slope.
 
@@ -56,17 +61,26 @@ def command(pid: int | None, max_slope: float, duration: float, interval: float,
     config = GateConfig(max_slope, duration, interval, warmup)
     label = shlex.join(command) if command else f"pid {pid}"
     load_argv = shlex.split(load) if load else None
-    writer = SessionWriter(record_dir, "ci", {"pid": pid, "cmdline": label, "interval_s": interval,
-                                              "max_slope_bytes_per_s": max_slope}) if record_dir else None
+    meta = {"pid": pid, "cmdline": label, "interval_s": interval, "max_slope_bytes_per_s": max_slope}
+    if heap:
+        meta["heap_mode"] = "attach" if pid is not None else "run"
+    writer = SessionWriter(record_dir, "ci", meta) if record_dir else None
     recorder = SampleRecorder(writer) if writer else None
-    # A started command's output goes to stderr so that --json keeps stdout one document.
-    gate = Gate(config, on_sample=recorder, command_output=sys.stderr)
-    try:
-        result = gate.run_pid(pid, load_argv) if pid is not None else gate.run_command(command, load_argv)
-    except LeakhuntError as e:
-        result = error_result(config, label, e)
-        _publish(result, junit_path, writer, recorder, as_json, console)
-        raise
+    with contextlib.ExitStack() as cleanup:
+        capture = None
+        if heap:
+            where = writer.dir if writer else Path(cleanup.enter_context(tempfile.TemporaryDirectory()))
+            capture = where / CAPTURE
+        # A started command's output goes to stderr so that --json keeps stdout one document.
+        gate = Gate(config, on_sample=recorder, command_output=sys.stderr, heap_capture=capture)
+        try:
+            result = gate.run_pid(pid, load_argv) if pid is not None else gate.run_command(command, load_argv)
+        except LeakhuntError as e:
+            result = error_result(config, label, e)
+            _publish(result, junit_path, writer, recorder, as_json, console)
+            raise
+        if writer and gate.heap_records:
+            writer.append_many(HEAP, gate.heap_records)
     _publish(result, junit_path, writer, recorder, as_json, console)
     if result.exit_code:
         raise click.exceptions.Exit(result.exit_code)
@@ -109,6 +123,8 @@ def render(result: GateResult) -> Group | Text:
     for klass, c in sorted(s.classes.items(), key=lambda kv: -kv[1].growth):
         table.add_row(klass.value, format_bytes(c.end), ui.growth_text(c.growth),
                       ui.rate_text(c.verdict.trend.slope, c.verdict.trend.lo, c.verdict.trend.hi))
+    if result.heap_growth is not None:
+        table.add_row("python heap", "", ui.growth_text(result.heap_growth), Text("(memray)", style="dim"))
     for note in result.notes:
         table.add_row(Text(f"note: {note}", style="dim"), "", "", "")
     return Group(head, table)

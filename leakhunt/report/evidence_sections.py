@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from leakhunt.heap import aligned_growth
 from leakhunt.report import plots
 from leakhunt.report.blocks import Callout, Code, Facts, Figure, Para, Section, Table
 from leakhunt.report.recorded import ReportData
@@ -33,18 +34,17 @@ def heap_versus_rss(data: ReportData) -> Section | None:
             "next to RSS; the gap between them is what no heap profiler can see."),))
     if not len(h) or len(heap.t) < 2:
         return None
-    t, rss = np.asarray(h.t), np.asarray(h.rss, float)
-    start = float(heap.t[0])
-    rss_growth = rss[-1] - float(np.interp(start, t, rss))
-    heap_growth = float(heap.heap[-1] - heap.heap[0])
-    outside = rss_growth - heap_growth
-    share = outside / rss_growth if rss_growth > 0 else math.nan
-    tone = "bad" if rss_growth > 0 and share > 0.5 else "info"
-    sentence = (f"RSS grew {format_bytes(rss_growth, signed=True)} while memray saw the Python heap grow "
-                f"{format_bytes(heap_growth, signed=True)}: {format_bytes(max(outside, 0))}"
+    t, rss_growth, heap_growth = aligned_growth(np.asarray(h.t), np.asarray(h.rss, float), heap)
+    if len(t) < 2:
+        return None
+    outside = rss_growth[-1] - heap_growth[-1]
+    share = outside / rss_growth[-1] if rss_growth[-1] > 0 else math.nan
+    tone = "bad" if rss_growth[-1] > 0 and share > 0.5 else "info"
+    sentence = (f"RSS grew {format_bytes(rss_growth[-1], signed=True)} while memray saw the Python heap grow "
+                f"{format_bytes(heap_growth[-1], signed=True)}: {format_bytes(max(outside, 0))}"
                 + (f" ({share:.0%}) of the growth" if math.isfinite(share) else "")
                 + " is memory a heap profiler cannot see (raw mmap syscalls, shared memory, driver mappings).")
-    blocks = [Figure("heap-vs-rss", plots.heap_vs_rss(t, rss, heap.t, heap.heap),
+    blocks = [Figure("heap-vs-rss", plots.heap_vs_rss(t, rss_growth, heap_growth),
                      f"Growth of RSS and of the heap memray tracked ({heap.mode} mode) from the moment "
                      "tracking began."),
               Callout(tone, "Outside the heap" if tone == "bad" else "Heap and RSS", sentence)]

@@ -163,19 +163,14 @@ def class_rates(rows: list[tuple[RegionClass, Trend, bool]]) -> bytes:
     return _png(fig)
 
 
-def heap_vs_rss(t: np.ndarray, rss: np.ndarray, heap_t: np.ndarray, heap: np.ndarray) -> bytes:
+def heap_vs_rss(t: np.ndarray, rss_growth: np.ndarray, heap_growth: np.ndarray) -> bytes:
     """Growth of RSS and of the Python heap from the same start: the gap is memory no heap
     profiler can see."""
     fig, ax = plt.subplots(figsize=(WIDTH, HEIGHT))
-    start = heap_t[0] if len(heap_t) else t[0]
-    base = float(np.interp(start, t, rss))
-    keep = t >= start
-    rss_growth = rss[keep] - base
-    heap_growth = np.interp(t[keep], heap_t, heap - heap[0])
-    ax.plot(t[keep], rss_growth, color="#d62728", lw=2, label=f"RSS growth {format_bytes(rss_growth[-1], signed=True)}")
-    ax.plot(t[keep], heap_growth, color="#1f77b4", lw=2,
+    ax.plot(t, rss_growth, color="#d62728", lw=2, label=f"RSS growth {format_bytes(rss_growth[-1], signed=True)}")
+    ax.plot(t, heap_growth, color="#1f77b4", lw=2,
             label=f"Python heap growth (memray) {format_bytes(heap_growth[-1], signed=True)}")
-    ax.fill_between(t[keep], heap_growth, rss_growth, where=rss_growth > heap_growth, color="#d62728",
+    ax.fill_between(t, heap_growth, rss_growth, where=rss_growth > heap_growth, color="#d62728",
                     alpha=0.12, lw=0, label="not on the heap")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("RSS versus the Python heap")

@@ -1,0 +1,71 @@
+"""memray beside the gate: the Python heap next to RSS for a Python target that leaks through raw
+mmap syscalls, in run mode (`ci --heap -- python ...`) and attach mode (`ci --heap --pid`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import leakhunt_json, run_leakhunt
+
+pytest.importorskip("memray", reason="memray (the dev extra) is not installed")
+
+# 1 MiB a tick through syscall(SYS_mmap), which memray's hooks never see, and 128 KiB a tick of
+# Python objects, which they do.
+LEAKER = '''
+import ctypes, sys, time
+libc = ctypes.CDLL(None); libc.syscall.restype = ctypes.c_long
+keep = []
+print("ready", flush=True)
+try:
+    while True:
+        addr = libc.syscall(9, 0, 1 << 20, 3, 0x22, -1, 0)
+        ctypes.memset(addr, 1, 1 << 20)
+        keep.append(bytearray(128 << 10))
+        time.sleep(0.1)
+except KeyboardInterrupt:
+    pass
+'''
+
+
+@pytest.fixture
+def leaker_script(tmp_path):
+    path = tmp_path / "pyleaker.py"
+    path.write_text(LEAKER)
+    return path
+
+
+def _gap_share(report_md: str) -> float:
+    line = next(line for line in report_md.splitlines() if "Outside the heap" in line)
+    return int(line.split("(")[1].split("%")[0]) / 100
+
+
+def test_run_mode_shows_the_heap_beside_rss(leaker_script, tmp_path):
+    cp = run_leakhunt("ci", "--max-slope", "1MB/min", "--duration", "6s", "--interval", "0.5s", "--heap",
+                      "--record", tmp_path / "rec", "--json", "--", sys.executable, leaker_script)
+    assert cp.returncode == 1, cp.stderr
+    doc = json.loads(cp.stdout)
+    assert 2 << 20 < doc["heap_growth_bytes"] < doc["summary"]["rss_growth_bytes"] / 3
+    assert (tmp_path / "rec" / "memray.bin").is_file()
+    report = leakhunt_json("report", tmp_path / "rec", "--markdown", tmp_path / "r.md")
+    assert report["heap_data"] and "heap-vs-rss" in report["plots"]
+    assert _gap_share((tmp_path / "r.md").read_text()) > 0.5
+
+
+@pytest.mark.gdb
+def test_attach_mode_shows_the_heap_beside_rss(leaker_script, spawn, tmp_path):
+    target = spawn([sys.executable, leaker_script])
+    cp = run_leakhunt("ci", "--max-slope", "1MB/min", "--duration", "6s", "--interval", "0.5s", "--heap",
+                      "--pid", target.pid, "--record", tmp_path / "rec", "--json")
+    assert cp.returncode == 1, cp.stderr
+    assert target.alive(), "the target survives memray's attach and detach"
+    assert json.loads(cp.stdout)["heap_growth_bytes"] > 1 << 20
+    report = leakhunt_json("report", tmp_path / "rec", "--markdown", tmp_path / "r.md")
+    assert report["heap_data"] and _gap_share((tmp_path / "r.md").read_text()) > 0.5
+
+
+def test_heap_needs_a_python_command(leakers):
+    cp = run_leakhunt("ci", "--max-slope", "1MB/min", "--duration", "2s", "--heap", "--", leakers / "steady")
+    assert cp.returncode == 2 and "needs a Python command" in cp.stderr
