@@ -17,6 +17,7 @@ from typing import Callable
 
 from leakhunt.gdb.budget import Budget, CostMeter
 from leakhunt.gdb.frames import PythonFrame, Symbolizer, caller_of
+from leakhunt.gdb.memory import shm_segment_size
 from leakhunt.gdb.mi import Record, mi_quote
 from leakhunt.gdb.sites import ARGUMENTS, Site
 from leakhunt.proc.target import Target
@@ -276,6 +277,8 @@ class HitHandler:
         for name in ("prot", "flags"):
             if name in fields:
                 fields[name] &= 0xFFFFFFFF
+        if hit.site.kind is EventKind.SHMAT and not -4096 < hit.ret < 0:
+            fields["length"] = shm_segment_size(self.target.pid, fields.get("fd", -1))
         stack = (self.symbolizer.stack(hit.frames, self.settings.depth, hit.python)
                  if hit.frames else None)
         tid, name = self._threads.get(hit.thread, (0, ""))

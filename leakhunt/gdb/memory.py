@@ -119,3 +119,22 @@ def write_memory(pid: int, address: int, data: bytes) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def shm_segment_size(pid: int, shmid: int) -> int:
+    """Size of a System V segment (for shmat events), 0 when unknown.
+
+    /proc/sysvipc/shm lists the segments of the *reader's* IPC namespace: only trust it when the
+    target shares ours."""
+    try:
+        if os.stat(PROC / str(pid) / "ns" / "ipc").st_ino != os.stat(PROC / "self" / "ns" / "ipc").st_ino:
+            return 0
+        with open(PROC / "sysvipc" / "shm") as f:
+            next(f)  # header: key shmid perms size ...
+            for line in f:
+                fields = line.split()
+                if len(fields) > 3 and int(fields[1]) == shmid:
+                    return int(fields[3])
+    except (OSError, ValueError, StopIteration):
+        return 0
+    return 0

@@ -237,7 +237,10 @@ class MiChannel:
                 pass
 
     def _death(self) -> str:
-        code = self.process.poll()
+        try:
+            code = self.process.wait(0.5)   # its output closed: it is exiting, learn how
+        except subprocess.TimeoutExpired:
+            code = None
         if code is None:
             return "gdb closed its output"
         if code < 0:

@@ -266,8 +266,10 @@ class GdbSession:
         self._ended = True
 
     def _gdb_lost(self, why: str) -> None:
-        self.end.reason = f"{why}; leakhunt restored the target's code"
-        self._note(f"{why}: the target was detached by the kernel")
+        # The kernel detached the target when gdb died, with gdb's int3 bytes still in its code:
+        # _quit_gdb puts the original bytes back (BreakpointGuard).
+        self.end.reason = why
+        self._note(f"{why} during the session")
 
     def _finish(self) -> None:
         """Detach (or restore), quit gdb, verify. Idempotent; never raises."""
@@ -328,6 +330,8 @@ class GdbSession:
         if self._attached and not self.end.target_exited and self.target.alive():
             if not self.end.detached:
                 self.end.restored += self.guard.restore()
+                self._note(f"gdb did not detach: leakhunt put back the original code at "
+                           f"{self.end.restored} breakpoint site(s) of {self.guard.addresses} it guards")
             self.end.tracer_left = _tracer(self.target)
             if self.end.tracer_left:
                 self._note(f"the target is still traced by pid {self.end.tracer_left}")
