@@ -93,18 +93,23 @@ def test_tracer_and_correlator_streams_are_drawn(leak_recording, tmp_path):
         writer.append("ledger", {"ts": t0 + i, "callers": [
             {"caller": "libleakpool.so!lkpool_grow+0x4c", "bytes": (i + 1) << 22, "mappings": i + 1},
             {"caller": "pool_leaker!tick+0x31", "bytes": 1 << 16, "mappings": 1}]})
-    writer.append("verdict", {"explained_fraction": 0.9, "culprits": [{
-        "library": "libleakpool.so", "symbol": "lkpool_grow", "bytes": 40 << 20, "slope_bytes_per_s": 4 << 20,
-        "explained_fraction": 0.9,
-        "stack": {"frames": [[0x7f00, "/x/libleakpool.so", "lkpool_grow", 76],
-                             [0x7f10, "/x/libleakpool.so", "lkpool_release", 16]], "partial": True, "source": "bpf"},
-        "remedies": [{"title": "cap the invalidation queue", "fix": "LKPOOL_MAX_UNRELEASED=1024"}]}]})
+    # The shape of analysis/correlate.py's Attribution.to_json().
+    writer.append("verdict", {
+        "growth_bytes": 44 << 20, "explained_bytes": 40 << 20, "unexplained_bytes": 4 << 20,
+        "explained_fraction": 0.9, "verdict": "90% of native memory growth is anonymous memory mapped by "
+                                             "libleakpool.so's lkpool_grow", "culprits": [{
+            "library": "libleakpool.so", "symbol": "lkpool_grow", "class": "anon", "bytes": 40 << 20,
+            "slope_bytes_per_s": 4 << 20, "share": 0.9, "evidence": "traced mmap",
+            "stack": ["libleakpool.so!lkpool_grow+0x4c", "libleakpool.so!lkpool_release+0x10"],
+            "stack_partial": True, "known": {"name": "leak pool", "explanation": "an invalidation queue that grows"},
+            "remedies": ["LKPOOL_MAX_UNRELEASED=1024"], "pid": 1, "mappings": 40}]})
     writer.close()
     doc = leakhunt_json("report", rec, "--markdown", tmp_path / "t.md")
     assert {"attribution", "outstanding-by-caller"} <= set(doc["plots"]) and doc["tracer_data"]
     md = (tmp_path / "t.md").read_text()
     assert "libleakpool.so!lkpool_grow+0x4c" in md and "LKPOOL_MAX_UNRELEASED=1024" in md
-    assert "No tracer data" not in md
+    assert "No tracer data" not in md and "lkpool_release+0x10" in md and "(partial stack)" in md
+    assert "90% of native memory growth is anonymous memory mapped by" in md
     assert "Top culprit: libleakpool.so!lkpool_grow (90% of the growth)" in doc["answer"]
 
 

@@ -75,20 +75,27 @@ def who_mapped_it(data: ReportData) -> Section | None:
         return None
     cs = culprits.culprits
     total = sum(c.bytes for c in cs)
-    unexplained = None
-    if math.isfinite(culprits.explained_fraction) and 0 < culprits.explained_fraction < 1:
+    unexplained = culprits.unexplained_bytes if math.isfinite(culprits.unexplained_bytes) else None
+    if unexplained is None and math.isfinite(culprits.explained_fraction) and 0 < culprits.explained_fraction < 1:
         unexplained = total / culprits.explained_fraction - total
-    blocks = [Figure("attribution", plots.attribution([c.label for c in cs], [c.bytes for c in cs], unexplained),
-                     "Outstanding bytes each caller mapped and never unmapped, joined with the regions that grew.")]
+    blocks = []
+    if culprits.sentence:
+        blocks.append(Callout("bad", culprits.sentence[:1].upper() + culprits.sentence[1:]))
+    blocks.append(Figure("attribution", plots.attribution([c.label for c in cs], [c.bytes for c in cs], unexplained),
+                         "Growth each caller's outstanding mappings explain (mapped, never unmapped, inside the "
+                         "regions that grew), and what no traced mapping explains."))
     if math.isfinite(culprits.explained_fraction):
         blocks.append(Para(f"The culprits below explain {culprits.explained_fraction:.0%} of the growth."))
-    blocks.append(Table(("caller", "outstanding", "slope", "share of growth"),
+    blocks.append(Table(("caller", "bytes", "slope", "share of growth", "evidence"),
                         tuple((c.label, format_bytes(c.bytes), format_rate(c.slope),
-                               f"{c.explained_fraction:.0%}" if math.isfinite(c.explained_fraction) else "")
-                              for c in cs), code_columns=(0,)))
+                               f"{c.explained_fraction:.0%}" if math.isfinite(c.explained_fraction) else "",
+                               c.evidence) for c in cs), align="lrrrl", code_columns=(0,)))
     for c in cs:
+        if c.explanation:
+            blocks.append(Para(f"{c.label}: {c.explanation}"))
         if c.stack:
-            blocks.append(Code("\n".join(c.stack) + ("\n..." if c.stack_partial else ""), caption=f"stack of {c.label}"))
+            blocks.append(Code("\n".join(c.stack) + ("\n... (partial stack)" if c.stack_partial else ""),
+                               caption=f"stack of {c.label}, innermost frame first"))
         if c.remedies:
             blocks.append(Facts(tuple(("remedy", r) for r in c.remedies)))
     return Section("Who mapped it", "culprits", tuple(blocks))

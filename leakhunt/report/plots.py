@@ -48,12 +48,14 @@ def _nice_step(span: float, ticks: int = 5) -> float:
     return unit * decade * next(m for m in (1, 2, 5, 10) if m * decade >= scaled)
 
 
-def _bytes_axis(ax, signed: bool = False) -> None:
+def _bytes_axis(ax, signed: bool = False, axis: str = "y") -> None:
     """Call after plotting: ticks at round binary sizes over the current limits."""
-    lo, hi = ax.get_ylim()
-    ax.yaxis.set_major_locator(MultipleLocator(_nice_step(hi - lo)))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: format_bytes(v, signed=signed and v != 0)))
-    ax.set_ylim(lo, hi)
+    get_lim, set_lim, which = ((ax.get_ylim, ax.set_ylim, ax.yaxis) if axis == "y"
+                               else (ax.get_xlim, ax.set_xlim, ax.xaxis))
+    lo, hi = get_lim()
+    which.set_major_locator(MultipleLocator(_nice_step(hi - lo)))
+    which.set_major_formatter(FuncFormatter(lambda v, _: format_bytes(v, signed=signed and v != 0)))
+    set_lim(lo, hi)
 
 
 def _time_axis(ax, t: Sequence[float]) -> None:
@@ -190,7 +192,7 @@ def attribution(labels: list[str], values: list[float], unexplained: float | Non
         ax.text(v, i, "  " + format_bytes(v), va="center", fontsize=8.5, color=INK)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_bytes(v)))
+    _bytes_axis(ax, axis="x")
     ax.set_title("Growth attributed to callers")
     ax.grid(axis="y", visible=False)
     return _png(fig)

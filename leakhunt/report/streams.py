@@ -6,13 +6,15 @@ records the report draws. The one place that knows their on-disk shape:
     {"ts": 1716.2, "callers": [{"caller": "libleakpool.so!lkpool_grow+0x4c", "bytes": 8388608,
                                 "mappings": 8}, ...]}
 
-``verdict.jsonl`` (investigate; the last record counts), or a "culprits" list in summary.json::
+``verdict.jsonl`` or ``attribution.jsonl`` (investigate; the last record counts), or an
+"attribution" object (or a "culprits" list) in summary.json: analysis/correlate.py's
+``Attribution.to_json()``::
 
-    {"culprits": [{"caller": "...", "library": "libucm.so", "symbol": "ucm_orig_mmap_syscall",
-                   "bytes": 123, "slope_bytes_per_s": 4.0, "explained_fraction": 0.93,
-                   "stack": ["frame", ...] | {"frames": [...], "partial": true},
-                   "remedies": ["UCX_MEM_MMAP_HOOK_MODE=none", ...] | [{"title": ..., "fix": ...}]}],
-     "explained_fraction": 0.95}
+    {"growth_bytes": 123, "explained_fraction": 0.95, "unexplained_bytes": 6, "verdict": "93% of ...",
+     "culprits": [{"library": "libucm.so", "symbol": "ucm_orig_mmap_syscall", "bytes": 117,
+                   "slope_bytes_per_s": 4.0, "share": 0.93, "evidence": "traced mmap",
+                   "stack": ["frame", ...], "stack_partial": true,
+                   "known": {"name": ..., "explanation": ...}, "remedies": ["UCX_MEM_MMAP_HOOK_MODE=none"]}]}
 
 Unknown keys are ignored and missing ones default, so that the report survives the streams'
 shapes growing.
@@ -29,7 +31,7 @@ from leakhunt.record import Recording
 from leakhunt.trace.events import Stack
 
 LEDGER = "ledger"
-VERDICT = "verdict"
+VERDICT_STREAMS = ("verdict", "attribution")
 
 
 @dataclass(frozen=True)
@@ -41,12 +43,16 @@ class Culprit:
     stack: tuple[str, ...]           # frames innermost first, as text
     stack_partial: bool
     remedies: tuple[str, ...]
+    explanation: str = ""            # what the known culprit is, when it is a known one
+    evidence: str = ""               # how it was found: "traced mmap", "shm segment names", ...
 
 
 @dataclass(frozen=True)
 class Culprits:
     culprits: tuple[Culprit, ...]
     explained_fraction: float        # of all growth, NaN when unknown
+    unexplained_bytes: float = float("nan")
+    sentence: str = ""               # the correlator's one-line verdict
 
 
 @dataclass(frozen=True)
@@ -86,21 +92,34 @@ def _remedy_text(raw) -> str:
 def _culprit(raw: dict) -> Culprit:
     label = raw.get("caller") or "!".join(str(raw[k]) for k in ("library", "symbol") if raw.get(k)) or "?"
     stack, partial = _stack_lines(raw.get("stack"))
+    partial = bool(raw.get("stack_partial", partial))
+    known = raw.get("known") if isinstance(raw.get("known"), dict) else {}
     return Culprit(str(label), int(_float(raw.get("bytes", raw.get("outstanding_bytes")), 0)),
-                   _float(raw.get("slope_bytes_per_s")), _float(raw.get("explained_fraction")),
-                   stack, partial, tuple(_remedy_text(r) for r in raw.get("remedies") or ()))
+                   _float(raw.get("slope_bytes_per_s")), _float(raw.get("explained_fraction", raw.get("share"))),
+                   stack, partial, tuple(_remedy_text(r) for r in raw.get("remedies") or ()),
+                   str(known.get("explanation", "")), str(raw.get("evidence", "")))
+
+
+def _last_verdict(rec: Recording) -> dict | None:
+    for stream in VERDICT_STREAMS:
+        last = None
+        for last in rec.records(stream):
+            pass
+        if isinstance(last, dict):
+            return last.get("attribution", last) if isinstance(last.get("attribution"), dict) else last
+    summary = rec.summary or {}
+    if isinstance(summary.get("attribution"), dict):
+        return summary["attribution"]
+    return summary if summary.get("culprits") else None
 
 
 def read_culprits(rec: Recording) -> Culprits | None:
-    last = None
-    for last in rec.records(VERDICT):
-        pass
-    if last is None:
-        last = rec.summary if rec.summary and rec.summary.get("culprits") else None
+    last = _last_verdict(rec)
     if not last or not isinstance(last.get("culprits"), list):
         return None
     culprits = tuple(_culprit(c) for c in last["culprits"] if isinstance(c, dict))
-    return Culprits(culprits, _float(last.get("explained_fraction")))
+    return Culprits(culprits, _float(last.get("explained_fraction")), _float(last.get("unexplained_bytes")),
+                    str(last.get("verdict", "") if isinstance(last.get("verdict"), str) else ""))
 
 
 def read_callers(rec: Recording, t0: float | None, top: int = 8) -> CallerSeries | None:
