@@ -16,11 +16,10 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.errors import BadInput, LeakhuntError, TargetGone
-from leakhunt.heap import HeapTracker, capture_records, run_mode_argv
+from leakhunt.heap import HeapRun
 from leakhunt.proc.sampler import STOP_INTERRUPTED, History, Sample, Sampler
 from leakhunt.proc.target import Target, open_target
 from leakhunt.units import format_duration, format_rate
@@ -155,40 +154,40 @@ class Gate:
     config: GateConfig
     on_sample: Callable[[Sample, History], None] | None = None
     command_output: object = None    # where a started command's stdout/stderr go (None: inherit)
-    heap_capture: Path | None = None # track the Python heap with memray into this file
+    heap: HeapRun | None = None      # memray beside the run (--heap)
     notes: list[str] = field(default_factory=list)
-    heap_records: list[dict] = field(default_factory=list)   # the `heap` stream, after a --heap run
 
     def run_pid(self, pid: int, load: Sequence[str] | None = None) -> GateResult:
         target = open_target(pid)
-        if self.heap_capture is None:
+        if self.heap is None:
             return self._measure(target, target.describe(), load, command=None)
-        with HeapTracker(pid, self.heap_capture, self.config.duration):
+        self.heap.attach(pid, self.config.duration)
+        try:
             result = self._measure(target, target.describe(), load, command=None)
+        finally:
+            self.heap.finish()
         return self._with_heap(result)
 
     def run_command(self, argv: Sequence[str], load: Sequence[str] | None = None) -> GateResult:
         if not argv:
             raise BadInput("no command given after --")
         label = shlex.join(argv)
-        if self.heap_capture is not None:
-            argv = run_mode_argv(list(argv), self.heap_capture)
-        with Launched(argv, "command", self.command_output) as launched:
-            target = _open_started(launched)
-            result = self._measure(target, label, load, command=launched)
-        # memray finishes its capture when the interpreter exits, i.e. only now.
-        return self._with_heap(result) if self.heap_capture is not None else result
+        if self.heap is not None:
+            argv = self.heap.run_argv(list(argv))
+        try:
+            with Launched(argv, "command", self.command_output) as launched:
+                target = _open_started(launched)
+                result = self._measure(target, label, load, command=launched)
+        finally:
+            if self.heap is not None:   # memray finishes its capture when the interpreter exits: now
+                self.heap.finish()
+        return self._with_heap(result)
 
     def _with_heap(self, result: GateResult) -> GateResult:
-        if self.heap_capture is None or not self.heap_capture.exists():
-            return replace(result, notes=result.notes + ("memray wrote no capture: no heap data",))
-        try:
-            self.heap_records = capture_records(self.heap_capture)
-        except OSError as e:
-            return replace(result, notes=result.notes + (f"memray capture unreadable: {e}",))
-        if len(self.heap_records) < 2:
+        if self.heap is None:
             return result
-        return replace(result, heap_growth=float(self.heap_records[-1]["heap"] - self.heap_records[0]["heap"]))
+        notes = result.notes + ((self.heap.problem,) if self.heap.problem else ())
+        return replace(result, heap_growth=self.heap.growth, notes=notes)
 
     def _measure(self, target: Target, label: str, load: Sequence[str] | None,
                  command: Launched | None) -> GateResult:

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,53 @@ class HeapTracker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class HeapRun:
+    """memray beside one sampling run: ``attach`` to a pid or ``run_argv`` for a command, then
+    ``finish`` once the run (and, in run mode, the command) is over. The capture goes into
+    ``directory`` (a recording keeps it) or a temporary directory removed at ``finish``."""
+
+    def __init__(self, directory: str | os.PathLike | None = None) -> None:
+        _require_memray()
+        self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="leakhunt-heap-")
+        self.capture = Path(directory or self._tmp.name) / CAPTURE
+        self.mode = ""
+        self.records: list[dict] = []
+        self.problem: str | None = None
+        self._tracker: HeapTracker | None = None
+
+    def attach(self, pid: int, duration_s: float | None) -> None:
+        self.mode = "attach"
+        self._tracker = HeapTracker(pid, self.capture, duration_s)
+
+    def run_argv(self, argv: list[str]) -> list[str]:
+        self.mode = "run"
+        return run_mode_argv(argv, self.capture)
+
+    def finish(self) -> None:
+        """Detach (attach mode) and read the capture; a run mode command must have exited."""
+        if self._tracker is not None:
+            self._tracker.stop()
+        try:
+            if self.capture.exists():
+                self.records = capture_records(self.capture)
+            else:
+                self.problem = "memray wrote no capture: no heap data"
+        except OSError as e:
+            self.problem = f"memray capture unreadable: {e}"
+        finally:
+            if self._tmp is not None:
+                self._tmp.cleanup()
+
+    @property
+    def growth(self) -> float | None:
+        """Heap growth over the run, bytes (None without two snapshots)."""
+        return float(self.records[-1]["heap"] - self.records[0]["heap"]) if len(self.records) >= 2 else None
+
+    def write(self, writer) -> None:
+        """The ``heap`` stream into a session recording."""
+        writer.append_many(HEAP, self.records)
 
 
 def capture_records(capture: Path, step_s: float = STREAM_STEP_S) -> list[dict]:

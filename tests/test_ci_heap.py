@@ -69,3 +69,14 @@ def test_attach_mode_shows_the_heap_beside_rss(leaker_script, spawn, tmp_path):
 def test_heap_needs_a_python_command(leakers):
     cp = run_leakhunt("ci", "--max-slope", "1MB/min", "--duration", "2s", "--heap", "--", leakers / "steady")
     assert cp.returncode == 2 and "needs a Python command" in cp.stderr
+
+
+@pytest.mark.gdb
+def test_watch_heap_records_the_heap_stream(leaker_script, spawn, tmp_path):
+    target = spawn([sys.executable, leaker_script])
+    doc = leakhunt_json("watch", "--pid", target.pid, "--duration", "5s", "--interval", "0.5s", "--heap",
+                        "--record", tmp_path / "rec")
+    assert doc["heap_growth_bytes"] > 1 << 20 and target.alive()
+    assert (tmp_path / "rec" / "heap.jsonl").read_text().count("\n") >= 5
+    report = leakhunt_json("report", tmp_path / "rec", "--markdown", tmp_path / "r.md")
+    assert report["heap_data"] and _gap_share((tmp_path / "r.md").read_text()) > 0.5

@@ -6,10 +6,8 @@ Exit 0 when RSS grows no faster than the limit, 1 when the lower bound of its sl
 
 from __future__ import annotations
 
-import contextlib
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -22,7 +20,7 @@ from leakhunt.ci import ERROR, FAIL, Gate, GateConfig, GateResult, error_result
 from leakhunt.commands.options import (DURATION, RATE, duration_option, interval_option, json_option,
                                        record_option, warmup_option)
 from leakhunt.errors import BadInput, LeakhuntError
-from leakhunt.heap import CAPTURE, HEAP
+from leakhunt.heap import HeapRun
 from leakhunt.record import SampleRecorder, SessionWriter
 from leakhunt.report import github
 from leakhunt.report.junit import junit_xml
@@ -66,21 +64,17 @@ def command(pid: int | None, max_slope: float, duration: float, interval: float,
         meta["heap_mode"] = "attach" if pid is not None else "run"
     writer = SessionWriter(record_dir, "ci", meta) if record_dir else None
     recorder = SampleRecorder(writer) if writer else None
-    with contextlib.ExitStack() as cleanup:
-        capture = None
-        if heap:
-            where = writer.dir if writer else Path(cleanup.enter_context(tempfile.TemporaryDirectory()))
-            capture = where / CAPTURE
-        # A started command's output goes to stderr so that --json keeps stdout one document.
-        gate = Gate(config, on_sample=recorder, command_output=sys.stderr, heap_capture=capture)
-        try:
-            result = gate.run_pid(pid, load_argv) if pid is not None else gate.run_command(command, load_argv)
-        except LeakhuntError as e:
-            result = error_result(config, label, e)
-            _publish(result, junit_path, writer, recorder, as_json, console)
-            raise
-        if writer and gate.heap_records:
-            writer.append_many(HEAP, gate.heap_records)
+    # A started command's output goes to stderr so that --json keeps stdout one document.
+    gate = Gate(config, on_sample=recorder, command_output=sys.stderr,
+                heap=HeapRun(writer.dir if writer else None) if heap else None)
+    try:
+        result = gate.run_pid(pid, load_argv) if pid is not None else gate.run_command(command, load_argv)
+    except LeakhuntError as e:
+        result = error_result(config, label, e)
+        _publish(result, junit_path, writer, recorder, as_json, console)
+        raise
+    if writer and gate.heap:
+        gate.heap.write(writer)
     _publish(result, junit_path, writer, recorder, as_json, console)
     if result.exit_code:
         raise click.exceptions.Exit(result.exit_code)

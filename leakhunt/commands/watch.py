@@ -19,6 +19,7 @@ from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.commands.options import (duration_option, interval_option, json_option, pid_option,
                                        record_option, subprocesses_option, warmup_option)
 from leakhunt.errors import LeakhuntError
+from leakhunt.heap import HeapRun
 from leakhunt.proc.sampler import History, Sample, Sampler
 from leakhunt.proc.target import Target, open_target
 from leakhunt.proc.tree import TreeResult, TreeSampler, children_hint
@@ -34,10 +35,12 @@ REFRESH_S = 1.0
 @duration_option()
 @warmup_option
 @subprocesses_option
+@click.option("--heap", is_flag=True, help="Python target: memray attached alongside (needs gdb or lldb), so "
+              "the report shows the Python heap beside RSS")
 @record_option
 @json_option
 def command(pid: int, interval: float, duration: float | None, warmup: float | None, subprocesses: bool,
-            record_dir: str | None, as_json: bool) -> None:
+            heap: bool, record_dir: str | None, as_json: bool) -> None:
     """Sample PID's memory every INTERVAL and judge its growth.
 
     Shows RSS with its slope and confidence interval, a breakdown by region class, and the
@@ -50,12 +53,23 @@ def command(pid: int, interval: float, duration: float | None, warmup: float | N
     writer = SessionWriter(record_dir, "watch", {"pid": pid, "cmdline": target.cmdline, "interval_s": interval,
                                                  "subprocesses": subprocesses}) if record_dir else None
     live = LiveView(console)
-    with live:
-        if subprocesses:
-            document, lost, summary = _watch_tree(target, interval, duration, warmup, writer, live)
-        else:
-            document, lost, summary = _watch_one(target, interval, duration, warmup, writer, live)
+    heap_run = HeapRun(writer.dir if writer else None) if heap else None
+    if heap_run:
+        heap_run.attach(pid, duration)
+    try:
+        with live:
+            if subprocesses:
+                document, lost, summary = _watch_tree(target, interval, duration, warmup, writer, live)
+            else:
+                document, lost, summary = _watch_one(target, interval, duration, warmup, writer, live)
+    finally:
+        if heap_run:
+            heap_run.finish()
     document.update(interval_s=interval, record=record_dir)
+    if heap_run:
+        document.update(heap_growth_bytes=heap_run.growth)
+        if writer:
+            heap_run.write(writer)
     if writer:
         if lost:
             writer.note(str(lost))
