@@ -7,10 +7,14 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from leakhunt.errors import BackendUnavailable
 from leakhunt.proc.target import Target
 from leakhunt.trace.events import EventKind, MmapEvent
+
+if TYPE_CHECKING:
+    from leakhunt.trace.ledger import KernelState
 
 #: name -> "module:Class"; the order is the preference of `--backend auto`.
 BACKENDS: dict[str, str] = {
@@ -72,6 +76,12 @@ class Backend(ABC):
     @property
     def finished(self) -> str | None:
         """Why the backend stopped tracing on its own (gdb: a hit or time budget ran out), else None."""
+        return None
+
+    def kernel_state(self) -> KernelState | None:
+        """The part of the ledger the backend keeps in the kernel (mappings made and, maybe,
+        unmapped there without any event reaching user space), as of the last poll() and newer
+        than every event it returned; None for backends that stream every event (gdb)."""
         return None
 
     def __enter__(self) -> Backend:

@@ -1,0 +1,288 @@
+"""The BCC backend: compiles probes/mmap_ledger.c with the OS's python3-bpfcc and reads its maps.
+
+BCC comes from the distribution (never the unrelated PyPI package named ``bcc``);
+``ensure_bcc_importable`` links it into the running environment with a .pth file and is what
+``leakhunt doctor --install`` calls. The ring buffer is read without wake-ups (each poll drains
+it), and the kernel maps are read in batches into numpy arrays: a ledger of 100k live mappings
+costs milliseconds per snapshot. ``python -m leakhunt.trace.bcc PID`` prints the cflags.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import importlib
+import importlib.util
+import os
+import platform
+import struct
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+
+from leakhunt import resources
+from leakhunt.errors import BackendUnavailable
+from leakhunt.trace.backend import TraceOptions
+from leakhunt.trace.events import MAP_FIXED, MAP_FIXED_NOREPLACE, MREMAP_DONTUNMAP, SYSCALL_NUMBERS, EventKind
+from leakhunt.trace.kernel_backend import (KernelLedgerBackend, RawCall, RawDump, RawExemplar, RawLifecycle,
+                                           root_problem)
+from leakhunt.trace.ledger import SiteCounts
+from leakhunt.trace.unwind import is_wrapper_module
+
+OS_BCC = Path("/usr/lib/python3/dist-packages/bcc")
+PTH_NAME = "leakhunt-os-bcc.pth"
+LINK_DIR = "leakhunt-os-bcc"
+PROBE = "mmap_ledger.c"
+DUMP_S = 0.25
+STACK_BYTES = 4096
+#: Functions of libc and the loader whose syscall instructions get a return-address slot from CFI.
+WRAPPER_FUNCTIONS = ("syscall", "mmap", "mmap64", "__mmap", "munmap", "__munmap", "mremap", "__mremap",
+                     "brk", "__brk", "shmat", "shmdt", "memfd_create")
+_KINDS = list(SYSCALL_NUMBERS)          # counter index -> kind, in the order of kind_index()
+_C_FILTERED, _C_FAILED, _C_FULL, _C_LOST_CALL, _C_LOST_EXEMPLAR, _C_LOST_PROC = 8, 9, 10, 11, 12, 13
+
+_CALL = struct.Struct("<IIIIQ5QqQQQ")
+_EXEMPLAR = struct.Struct("<IIQQQQQII")
+_PROC = struct.Struct("<IIIIQ")
+_PROC_KINDS = {1: "fork", 2: "exec", 3: "exit"}
+_LIVE_KEY = np.dtype([("pid", "<u4"), ("pad", "<u4"), ("addr", "<u8")])
+_LIVE_VAL = np.dtype([("len", "<u8"), ("ip", "<u8"), ("ra", "<u8"), ("ts", "<u8"), ("flags", "<u4"),
+                      ("fd", "<i4")])
+_SITE_KEY = np.dtype([("pid", "<u4"), ("pad", "<u4"), ("ip", "<u8"), ("ra", "<u8")])
+_SITE_VAL = np.dtype([("count", "<u8"), ("mapped", "<u8"), ("unmapped", "<u8")])
+
+
+def _bcc_origin() -> str | None:
+    spec = importlib.util.find_spec("bcc")
+    return spec.origin if spec is not None and spec.origin else None
+
+
+def ensure_bcc_importable() -> str | None:
+    """Make ``import bcc`` load the OS's python3-bpfcc in this interpreter's environment, adding a
+    .pth file to site-packages if needed. None when it works, else one line saying why not."""
+    origin = _bcc_origin()
+    if origin is not None:
+        if Path(origin).resolve().is_relative_to(OS_BCC.resolve()):
+            return None
+        return (f"the bcc module at {origin} is not the OS's python3-bpfcc (the PyPI package named "
+                "'bcc' is unrelated): pip uninstall bcc")
+    if not (OS_BCC / "__init__.py").is_file():
+        return "python3-bpfcc is not installed (apt-get install python3-bpfcc)"
+    site = Path(sysconfig.get_paths()["purelib"])
+    link_dir = site / LINK_DIR
+    try:
+        link_dir.mkdir(exist_ok=True)
+        link = link_dir / "bcc"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(OS_BCC)
+        # Only the one package goes on sys.path: all of dist-packages would shadow the venv's.
+        (site / PTH_NAME).write_text(f"{link_dir}\n")
+    except OSError as e:
+        return f"cannot link python3-bpfcc into {site}: {e.strerror}"
+    if str(link_dir) not in sys.path:
+        sys.path.append(str(link_dir))
+    importlib.invalidate_caches()
+    return None if _bcc_origin() is not None else f"bcc still not importable after writing {site / PTH_NAME}"
+
+
+def _bcc_problem() -> str | None:
+    origin = _bcc_origin()
+    if origin is None:
+        if (OS_BCC / "__init__.py").is_file():
+            return "python3-bpfcc is installed but not importable from this Python environment"
+        return "python3-bpfcc is not installed"
+    if not Path(origin).resolve().is_relative_to(OS_BCC.resolve()):
+        return f"{origin} is not the OS's python3-bpfcc (the PyPI package named 'bcc' is unrelated)"
+    return None
+
+
+def _headers_problem() -> str | None:
+    release = platform.release()
+    if any(os.path.isdir(f"/lib/modules/{release}/{d}/include") for d in ("build", "source")):
+        return None
+    if os.path.exists("/sys/kernel/kheaders.tar.xz"):
+        return None
+    return f"no kernel headers for {release} (/lib/modules/{release}/build)"
+
+
+def cflags(pid: int, follow: bool = False, min_len: int = 0, live_max: int = 262144) -> list[str]:
+    """The -D definitions probes/mmap_ledger.c expects: the facts live in leakhunt.trace.events."""
+    defines = {"TARGET": pid, "FOLLOW": int(follow), "MIN_LEN": min_len, "LIVE_MAX": live_max,
+               "SITES_MAX": 16384, "RINGBUF_PAGES": 2048, "STACK_BYTES": STACK_BYTES,
+               "MAP_FIXED": MAP_FIXED, "MAP_FIXED_NOREPLACE": MAP_FIXED_NOREPLACE,
+               "MREMAP_DONTUNMAP": MREMAP_DONTUNMAP}
+    defines.update({f"NR_{kind.name}": nr for kind, nr in SYSCALL_NUMBERS.items()})
+    return [f"-D{k}={v}" for k, v in defines.items()]
+
+
+class BccBackend(KernelLedgerBackend):
+    name = "bcc"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return root_problem() or _bcc_problem() or _headers_problem()
+
+    def __init__(self, target, options: TraceOptions) -> None:
+        super().__init__(target, options)
+        self.bpf = None
+        self._records: list = []
+        self._next_dump = 0.0
+        self._interval = DUMP_S
+        self._installed: dict[int, int] = {}   # ip -> return-address slot the kernel reads at
+        self._counters = [0] * 16
+        self._live_max = int(options.extra.get("max_mappings", 262144))
+
+    def start(self) -> None:
+        reason = self.unavailable_reason()
+        if reason:
+            raise BackendUnavailable(self.name, reason)
+        from bcc import BPF   # noqa: PLC0415 - loads libbcc: only when this backend is used
+
+        source = resources.probe(PROBE).read_text()
+        flags = cflags(self.target.pid, self.options.follow, self.options.min_length, self._live_max)
+        try:
+            self.bpf = BPF(text=source, cflags=flags)
+        except Exception as e:   # BCC raises bare Exception for compile and load errors
+            raise BackendUnavailable(self.name, f"cannot load the BPF program: {str(e).splitlines()[0]}") from None
+        self.bpf["traced"][ct.c_uint32(self.target.pid)] = ct.c_uint8(1)
+        self._install_slots(self.target.pid)
+        self._callback = self.bpf["events"].open_ring_buffer(self._on_record)
+        self._started = True
+        self._next_dump = time.monotonic()
+
+    def _install_slots(self, pid: int) -> None:
+        """Tell the kernel where each libc wrapper keeps its return address (CFI), so the site key
+        it builds holds the true caller even in non-leaf wrappers such as mremap."""
+        pm = self.resolver.modules(pid)
+        table = self.bpf["ra_slot"]
+        seen_modules = set()
+        for m in pm._mappings:
+            if not m.executable or not is_wrapper_module(m.path) or m.path in seen_modules:
+                continue
+            seen_modules.add(m.path)
+            module = pm.module(m)
+            if module is None:
+                continue
+            for name in WRAPPER_FUNCTIONS:
+                fn = module.function(name)
+                code = module.read(fn[0], fn[1]) if fn and fn[1] else None
+                if not code:
+                    continue
+                at = code.find(b"\x0f\x05")
+                while at >= 0:
+                    ip_vaddr = fn[0] + at + 2
+                    rule = module.rule_at(ip_vaddr)
+                    slot = rule.return_slot() if rule is not None else None
+                    foff = module.file_offset(ip_vaddr)
+                    if slot is not None and foff is not None and 0 <= slot < 4096:
+                        ip = m.start - m.offset + foff
+                        table[ct.c_uint64(ip)] = ct.c_uint32(slot)
+                        self._installed[ip] = slot
+                    at = code.find(b"\x0f\x05", at + 1)
+
+    def _slot_installed(self, ip: int, slot: int) -> bool:
+        return self._installed.get(ip) == slot
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _on_record(self, ctx, data, size) -> None:
+        raw = ct.string_at(data, size)
+        kind = raw[0]
+        if kind == 1:
+            _, pid, tid, nr, ts, a0, a1, a2, a3, a4, ret, ip, sp, ra = _CALL.unpack_from(raw)
+            self._records.append(RawCall(nr, pid, tid, ts, (a0, a1, a2, a3, a4), ret, ip, sp, ra,
+                                         raw[_CALL.size:_CALL.size + 128]))
+        elif kind == 2:
+            _, pid, ts, ip, ra, sp, bp, nbytes, _ = _EXEMPLAR.unpack_from(raw)
+            self._records.append(RawExemplar(pid, ts, ip, ra, sp, bp,
+                                             raw[_EXEMPLAR.size:_EXEMPLAR.size + nbytes]))
+        elif kind == 3:
+            _, pid, what, child, ts = _PROC.unpack_from(raw)
+            self._records.append(RawLifecycle(_PROC_KINDS.get(what, "?"), pid, ts, child))
+
+    def _read(self, timeout: float) -> tuple[list, RawDump | None]:
+        wait = min(timeout, self._next_dump - time.monotonic())
+        if wait > 0:
+            time.sleep(wait)
+        self.bpf.ring_buffer_consume()
+        dump = None
+        if time.monotonic() >= self._next_dump:
+            began = time.monotonic()
+            dump = self._dump()
+            # Reading a big ledger costs: keep it under 5% of the time.
+            self._interval = max(DUMP_S, 20 * (time.monotonic() - began))
+            self._next_dump = time.monotonic() + self._interval
+        records, self._records = self._records, []
+        return records, dump
+
+    def _dump(self) -> RawDump:
+        ts = time.monotonic_ns()   # CLOCK_MONOTONIC, like bpf_ktime_get_ns: the maps are read after it
+        keys, vals = _lookup_all(self.bpf["live"], _LIVE_KEY, _LIVE_VAL, self._live_max)
+        live = list(zip(keys["pid"].tolist(), keys["addr"].tolist(), vals["len"].tolist(), vals["ip"].tolist(),
+                        vals["ra"].tolist(), vals["ts"].tolist(), vals["flags"].tolist(), vals["fd"].tolist()))
+        skeys, svals = _lookup_all(self.bpf["sites"], _SITE_KEY, _SITE_VAL, 16384)
+        sites = {(int(k["pid"]), int(k["ip"]), int(k["ra"])): SiteCounts(int(v["count"]), int(v["mapped"]),
+                                                                        int(v["unmapped"]))
+                 for k, v in zip(skeys, svals)}
+        counters = self.bpf["counters"]
+        self._counters = [sum(counters[ct.c_int(i)]) for i in range(16)]
+        syscalls = {kind.value: self._counters[i] for i, kind in enumerate(_KINDS) if self._counters[i]}
+        if self._counters[_C_FULL]:
+            self.note_once("the kernel map of live mappings filled up: later mappings are tracked in user "
+                           "space (raise TraceOptions.extra['max_mappings'])")
+        if self._counters[_C_LOST_EXEMPLAR]:
+            self.note_once("some stack samples were dropped (ring buffer full): those callers have shallow stacks")
+        return RawDump(ts, live, sites, syscalls, self._counters[_C_FILTERED], self._counters[_C_FAILED],
+                       self._counters[_C_FULL])
+
+    def _lost(self) -> int:
+        return self._counters[_C_LOST_CALL] + self._counters[_C_LOST_PROC]
+
+    def _shutdown(self) -> tuple[list, RawDump | None]:
+        if self.bpf is None:
+            return [], None
+        try:
+            del self.bpf["traced"][ct.c_uint32(self.target.pid)]
+        except KeyError:
+            pass
+        self.bpf.ring_buffer_consume()
+        dump = self._dump()
+        records, self._records = self._records, []
+        self.bpf.cleanup()
+        self.bpf = None
+        return records, dump
+
+
+def _lookup_all(table, key_dtype: np.dtype, val_dtype: np.dtype, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every entry of a BPF hash map, read with BPF_MAP_LOOKUP_BATCH straight into numpy arrays."""
+    from bcc.libbcc import lib   # noqa: PLC0415
+
+    keys = np.zeros(capacity, key_dtype)
+    vals = np.zeros(capacity, val_dtype)
+    in_batch, out_batch, count = ct.c_uint32(0), ct.c_uint32(0), ct.c_uint32(0)
+    total = 0
+    while total < capacity:
+        count.value = capacity - total
+        res = lib.bpf_lookup_batch(table.map_fd, ct.byref(in_batch) if total else None, ct.byref(out_batch),
+                                   ct.c_void_p(keys.ctypes.data + total * key_dtype.itemsize),
+                                   ct.c_void_p(vals.ctypes.data + total * val_dtype.itemsize), ct.byref(count))
+        err = ct.get_errno()
+        total += count.value
+        if res != 0:
+            if err != errno.ENOENT:
+                raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+            break
+        if count.value == 0:
+            break
+        in_batch.value = out_batch.value
+    return keys[:total], vals[:total]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not sys.argv[1].isdigit():
+        sys.exit("usage: python -m leakhunt.trace.bcc PID   (prints the cflags of probes/mmap_ledger.c)")
+    print(" ".join(cflags(int(sys.argv[1]))))

@@ -1,0 +1,144 @@
+"""Who called the syscall wrapper: the return address from the copied top of the user stack, and
+deeper frames by DWARF CFI unwinding of that copy.
+
+At a syscall the wrapper (glibc's ``syscall``, ``mmap64``, ``munmap``...) is a leaf sitting at the
+``syscall`` instruction, and the CFI of libc tells where the CFA is at that ip, hence where the
+return address into the calling library is. The BPF side reads the stack word at that slot (or
+copies a window of the stack); everything here runs in user space on those bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from leakhunt.trace.cfi import RBP, RSP
+from leakhunt.trace.events import Frame, Stack
+from leakhunt.trace.symbols import ModuleCache, ProcessModules
+
+#: Modules whose functions are syscall wrappers rather than callers: the C library and loader.
+WRAPPER_MODULES = ("libc.so", "libc-", "ld-linux", "ld-musl", "libc.musl", "libpthread.so")
+
+
+def is_wrapper_module(path: str | None) -> bool:
+    name = (path or "").rsplit("/", 1)[-1]
+    return name.startswith(WRAPPER_MODULES)
+
+
+@dataclass(frozen=True, slots=True)
+class UserContext:
+    """User registers at the syscall and a copy of the stack from ``sp`` upwards."""
+
+    ip: int
+    sp: int
+    bp: int
+    stack: bytes = b""
+
+    def word(self, address: int) -> int | None:
+        off = address - self.sp
+        if off < 0 or off + 8 > len(self.stack):
+            return None
+        return struct.unpack_from("<Q", self.stack, off)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """Where a syscall came from: the wrapper frame (the ip) and the caller past it."""
+
+    wrapper: Frame | None
+    caller: Frame
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.caller.library, self.caller.symbol or f"+{self.caller.offset:#x}"
+
+
+class CallerResolver:
+    """Resolves sites and stacks for any process of a traced tree (one ProcessModules per pid)."""
+
+    def __init__(self, cache: ModuleCache | None = None) -> None:
+        self.cache = cache or ModuleCache()
+        self._procs: dict[int, ProcessModules] = {}
+        self._sites: dict[tuple[int, int, int], Site] = {}
+
+    def modules(self, pid: int) -> ProcessModules:
+        pm = self._procs.get(pid)
+        if pm is None:
+            pm = self._procs[pid] = ProcessModules(pid, self.cache)
+        return pm
+
+    def forget(self, pid: int) -> None:
+        """After exec the address space is new: drop what we knew about it."""
+        self._procs.pop(pid, None)
+        for key in [k for k in self._sites if k[0] == pid]:
+            del self._sites[key]
+
+    def return_slot(self, pid: int, ip: int) -> int | None:
+        """Offset from sp of the wrapper's return address at ``ip`` (None: not rsp-based CFA)."""
+        rule = self.modules(pid).rule_at(ip, is_return=False)
+        return rule.return_slot() if rule is not None else None
+
+    def site(self, pid: int, ip: int, ra: int | None) -> Site:
+        """The site of a syscall at ``ip`` whose wrapper returns to ``ra`` (the kernel read it at
+        the CFI slot). A syscall instruction outside libc is its own caller (inline syscall)."""
+        key = (pid, ip, ra or 0)
+        hit = self._sites.get(key)
+        if hit is not None:
+            return hit
+        pm = self.modules(pid)
+        here = pm.frame(ip, is_return=False)
+        if is_wrapper_module(here.module) and ra:
+            site = Site(here, pm.frame(ra, is_return=True))
+        else:
+            site = Site(None, here)
+        self._sites[key] = site
+        return site
+
+    def caller_from_stack(self, pid: int, ctx: UserContext) -> int | None:
+        """The wrapper's return address read from a copied stack through the CFI at ip."""
+        slot = self.return_slot(pid, ctx.ip)
+        return ctx.word(ctx.sp + slot) if slot is not None else None
+
+    def unwind(self, pid: int, ctx: UserContext, max_depth: int = 32) -> Stack:
+        """Frames from the syscall ip outwards through the copied stack, innermost first.
+        ``partial`` is False only when the CFI says the outermost frame was reached."""
+        pm = self.modules(pid)
+        frames = [pm.frame(ctx.ip, is_return=False)]
+        pc, sp, bp = ctx.ip, ctx.sp, ctx.bp
+        partial = True
+        for depth in range(max_depth):
+            rule = pm.rule_at(pc, is_return=depth > 0)
+            if rule is None or rule.cfa_reg not in (RSP, RBP):
+                break
+            base = sp if rule.cfa_reg == RSP else bp
+            if base is None:
+                break
+            cfa = base + rule.cfa_offset
+            ra_rule = rule.return_address
+            if ra_rule.kind == "undefined":
+                partial = False  # the CFI marks the outermost frame (_start, clone)
+                break
+            if ra_rule.kind != "offset":
+                break
+            ra = ctx.word(cfa + ra_rule.value)
+            if ra is None:
+                break  # past the copied window
+            bp_rule = rule.registers.get(RBP)
+            if bp_rule is not None and bp_rule.kind == "offset":
+                bp = ctx.word(cfa + bp_rule.value)
+            if ra == 0:
+                partial = False
+                break
+            frames.append(pm.frame(ra, is_return=True))
+            pc, sp = ra, cfa
+        return Stack(tuple(frames), partial, "bpf+dwarf")
+
+    def stack_for(self, pid: int, site: Site, ctx: UserContext | None) -> Stack:
+        """A stack for a site: DWARF-unwound from a copied stack when we have one, else the
+        wrapper and its caller (always partial)."""
+        if ctx is not None and ctx.stack:
+            stack = self.unwind(pid, ctx)
+            if len(stack.frames) >= 2:
+                return stack
+        frames = tuple(f for f in (site.wrapper, site.caller) if f is not None)
+        return Stack(frames, True, "bpf+cfi")

@@ -1,0 +1,285 @@
+/*
+ * mmap_ledger.c - BCC program: outstanding mmaps of a process tree, by caller, kept in the kernel.
+ *
+ * Traces mmap, munmap, mremap, brk, shmat, shmdt and memfd_create of the processes in `traced`
+ * (TARGET, plus children forked after the start with FOLLOW=1), all threads, from the raw
+ * sys_enter/sys_exit tracepoints: they hand over the user registers, and cost a third of the
+ * per-syscall tracepoints at 100k calls/s. The caller is the return address of the libc
+ * wrapper, read at the stack slot user space found in libc's CFI (`ra_slot`, default sp+0).
+ *
+ * The common case never leaves the kernel: an mmap goes into `live` and its exact munmap or
+ * mremap updates it there, with per-site sums in `sites` (the same scheme as BCC's memleak).
+ * Everything else (partial unmaps, MAP_FIXED, brk, shm*, memfd_create, a full `live`) goes to the
+ * ring buffer as a CALL record with 16 stack words, without waking the reader (it polls); the
+ * first call of each site sends an EXEMPLAR with STACK_BYTES of stack for DWARF unwinding.
+ * A failed ring buffer reservation is counted in `counters`: losses are exact.
+ *
+ * Arguments (-D): TARGET, FOLLOW, MIN_LEN, LIVE_MAX, SITES_MAX, RINGBUF_PAGES, STACK_BYTES, the
+ * NR_* syscall numbers, MAP_FIXED, MAP_FIXED_NOREPLACE, MREMAP_DONTUNMAP, all supplied by
+ * leakhunt.trace.bcc.cflags(). Read by leakhunt.trace.bcc; by hand:
+ *     python -m leakhunt.trace.bcc PID      # prints the cflags
+ *
+ * Example (pool_leaker, as leakhunt.trace.bcc reads it):
+ *     live  {pid 4242, addr 0x7f3a2b000000} -> {len 1048576, ip libc!syscall+0x19,
+ *            ra libleakpool.so!lkpool_grow+0x2c, ts 1520391416401}
+ *     sites {4242, libc!__mmap+0x13, pool_leaker!main+0x37f} -> {count 865, mapped 890306560,
+ *            unmapped 890306560}
+ */
+#include <uapi/linux/ptrace.h>
+#include <linux/sched.h>
+
+enum { REC_CALL = 1, REC_EXEMPLAR = 2, REC_PROC = 3 };
+enum { PROC_FORK = 1, PROC_EXEC = 2, PROC_EXIT = 3 };
+/* counters: 0..6 one per traced syscall (see kind_index), then these */
+enum { C_FILTERED = 8, C_FAILED = 9, C_FULL = 10, C_LOST_CALL = 11, C_LOST_EXEMPLAR = 12,
+       C_LOST_PROC = 13, C_COUNT = 16 };
+
+struct call_t { u64 nr; u64 a[5]; u64 ip; u64 sp; u64 ra; u64 bp; };
+struct live_key_t { u32 pid; u32 pad; u64 addr; };
+struct live_val_t { u64 len; u64 ip; u64 ra; u64 ts; u32 flags; s32 fd; };
+struct site_key_t { u32 pid; u32 pad; u64 ip; u64 ra; };
+struct site_val_t { u64 count; u64 mapped; u64 unmapped; };
+
+struct call_rec_t {
+    u32 type; u32 pid; u32 tid; u32 nr; u64 ts; u64 a[5]; s64 ret; u64 ip; u64 sp; u64 ra;
+    u64 words[16];
+};
+struct exemplar_rec_t {
+    u32 type; u32 pid; u64 ts; u64 ip; u64 ra; u64 sp; u64 bp; u32 nbytes; u32 pad;
+    u8 stack[STACK_BYTES];
+};
+struct proc_rec_t { u32 type; u32 pid; u32 kind; u32 child; u64 ts; };
+
+BPF_HASH(traced, u32, u8, 4096);
+BPF_HASH(calls, u32, struct call_t, 65536);
+BPF_HASH(ra_slot, u64, u32, 4096);
+BPF_F_TABLE("hash", struct live_key_t, struct live_val_t, live, LIVE_MAX, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct site_key_t, struct site_val_t, sites, SITES_MAX, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct site_key_t, u8, seen, SITES_MAX, BPF_F_NO_PREALLOC);
+BPF_PERCPU_ARRAY(counters, u64, C_COUNT);
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+static __always_inline int kind_index(u64 nr) {
+    switch (nr) {
+    case NR_MMAP: return 0;
+    case NR_MUNMAP: return 1;
+    case NR_MREMAP: return 2;
+    case NR_BRK: return 3;
+    case NR_SHMAT: return 4;
+    case NR_SHMDT: return 5;
+    case NR_MEMFD_CREATE: return 6;
+    }
+    return -1;
+}
+
+static __always_inline void count(int index, u64 n) {
+    u64 *c = counters.lookup(&index);
+    if (c)
+        *c += n;   /* per-CPU: no atomics needed */
+}
+
+static __always_inline u64 page_round(u64 n) { return (n + 4095) & ~4095ULL; }
+
+static __always_inline void site_add(u32 pid, u64 ip, u64 ra, u64 count_n, u64 mapped, u64 unmapped) {
+    struct site_key_t k = {.pid = pid, .ip = ip, .ra = ra};
+    struct site_val_t zero = {};
+    struct site_val_t *v = sites.lookup_or_try_init(&k, &zero);
+    if (!v)
+        return;
+    __sync_fetch_and_add(&v->count, count_n);
+    __sync_fetch_and_add(&v->mapped, mapped);
+    __sync_fetch_and_add(&v->unmapped, unmapped);
+}
+
+static __always_inline void send_exemplar(u32 pid, struct call_t *c) {
+    struct site_key_t k = {.pid = pid, .ip = c->ip, .ra = c->ra};
+    u8 one = 1;
+    if (seen.insert(&k, &one) != 0)
+        return;   /* seen before, or the map is full */
+    struct exemplar_rec_t *x = events.ringbuf_reserve(sizeof(struct exemplar_rec_t));
+    if (!x) {
+        count(C_LOST_EXEMPLAR, 1);
+        return;
+    }
+    x->type = REC_EXEMPLAR; x->pid = pid; x->ts = bpf_ktime_get_ns();
+    x->ip = c->ip; x->ra = c->ra; x->sp = c->sp; x->bp = c->bp; x->pad = 0;
+    /* Near the top of a stack a long read faults: try shorter copies. */
+    x->nbytes = STACK_BYTES;
+    if (bpf_probe_read_user(x->stack, STACK_BYTES, (void *)c->sp) != 0) {
+        x->nbytes = STACK_BYTES / 4;
+        if (bpf_probe_read_user(x->stack, STACK_BYTES / 4, (void *)c->sp) != 0) {
+            x->nbytes = 256;
+            if (bpf_probe_read_user(x->stack, 256, (void *)c->sp) != 0)
+                x->nbytes = 0;
+        }
+    }
+    events.ringbuf_submit(x, BPF_RB_NO_WAKEUP);
+}
+
+RAW_TRACEPOINT_PROBE(sys_enter) {
+    u64 nr = ctx->args[1];
+    if (kind_index(nr) < 0)
+        return 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 pid = pid_tgid >> 32, tid = (u32)pid_tgid;
+    if (!traced.lookup(&pid))
+        return 0;
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    struct call_t c = {.nr = nr};
+    bpf_probe_read_kernel(&c.a[0], 8, &regs->di);
+    bpf_probe_read_kernel(&c.a[1], 8, &regs->si);
+    bpf_probe_read_kernel(&c.a[2], 8, &regs->dx);
+    bpf_probe_read_kernel(&c.a[3], 8, &regs->r10);
+    bpf_probe_read_kernel(&c.a[4], 8, &regs->r8);
+    bpf_probe_read_kernel(&c.ip, 8, &regs->ip);
+    bpf_probe_read_kernel(&c.sp, 8, &regs->sp);
+    bpf_probe_read_kernel(&c.bp, 8, &regs->bp);
+    u32 *slot = ra_slot.lookup(&c.ip);
+    u64 off = slot ? *slot : 0;
+    bpf_probe_read_user(&c.ra, 8, (void *)(c.sp + (off & 0xfff)));
+    calls.update(&tid, &c);
+    if (nr == NR_MMAP || nr == NR_MREMAP || nr == NR_BRK || nr == NR_SHMAT)
+        send_exemplar(pid, &c);
+    return 0;
+}
+
+static __always_inline void stream(u32 pid, u32 tid, struct call_t *c, s64 ret) {
+    struct call_rec_t *r = events.ringbuf_reserve(sizeof(struct call_rec_t));
+    if (!r) {
+        count(C_LOST_CALL, 1);
+        return;
+    }
+    r->type = REC_CALL; r->pid = pid; r->tid = tid; r->nr = c->nr; r->ts = bpf_ktime_get_ns();
+    #pragma unroll
+    for (int i = 0; i < 5; i++)
+        r->a[i] = c->a[i];
+    r->ret = ret; r->ip = c->ip; r->sp = c->sp; r->ra = c->ra;
+    if (bpf_probe_read_user(r->words, sizeof(r->words), (void *)c->sp) != 0)
+        __builtin_memset(r->words, 0, sizeof(r->words));
+    events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+}
+
+RAW_TRACEPOINT_PROBE(sys_exit) {
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    u64 nr = 0;
+    bpf_probe_read_kernel(&nr, 8, &regs->orig_ax);
+    int kind = kind_index(nr);
+    if (kind < 0)
+        return 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 pid = pid_tgid >> 32, tid = (u32)pid_tgid;
+    if (!traced.lookup(&pid))
+        return 0;
+    struct call_t *cp = calls.lookup(&tid);
+    if (!cp || cp->nr != nr)
+        return 0;   /* entered before we attached */
+    struct call_t c = *cp;
+    calls.delete(&tid);
+    s64 ret = (s64)ctx->args[1];
+    count(kind, 1);
+    int send = 0;
+
+    if (nr == NR_MMAP && ret >= 0) {
+        u64 len = page_round(c.a[1]);
+        if (c.a[3] & (MAP_FIXED | MAP_FIXED_NOREPLACE)) {
+            send = 1;
+        } else if (len < MIN_LEN) {
+            count(C_FILTERED, 1);
+        } else {
+            struct live_key_t k = {.pid = pid, .addr = (u64)ret};
+            struct live_val_t v = {.len = len, .ip = c.ip, .ra = c.ra, .ts = bpf_ktime_get_ns(),
+                                   .flags = (u32)c.a[3], .fd = (s32)c.a[4]};
+            if (live.update(&k, &v) != 0) {
+                count(C_FULL, 1);   /* user space keeps this one */
+                send = 1;
+            } else {
+                site_add(pid, c.ip, c.ra, 1, len, 0);
+            }
+        }
+    } else if (nr == NR_MUNMAP && ret == 0) {
+        u64 len = page_round(c.a[1]);
+        struct live_key_t k = {.pid = pid, .addr = c.a[0]};
+        struct live_val_t *v = live.lookup(&k);
+        if (v && v->len == len) {
+            site_add(pid, v->ip, v->ra, 0, 0, len);
+            live.delete(&k);
+        } else if (len < MIN_LEN) {
+            count(C_FILTERED, 1);
+        } else {
+            send = 1;
+        }
+    } else if (nr == NR_MREMAP && ret >= 0) {
+        u64 olen = page_round(c.a[1]), nlen = page_round(c.a[2]);
+        struct live_key_t k = {.pid = pid, .addr = c.a[0]};
+        struct live_val_t *v = live.lookup(&k);
+        if (v && v->len == olen && !(c.a[3] & MREMAP_DONTUNMAP)) {
+            struct live_val_t moved = *v;
+            moved.len = nlen;
+            live.delete(&k);
+            struct live_key_t nk = {.pid = pid, .addr = (u64)ret};
+            if (live.update(&nk, &moved) != 0) {
+                count(C_FULL, 1);
+                send = 1;
+            } else if (nlen > olen) {
+                site_add(pid, moved.ip, moved.ra, 0, nlen - olen, 0);
+            } else if (nlen < olen) {
+                site_add(pid, moved.ip, moved.ra, 0, 0, olen - nlen);
+            }
+        } else {
+            send = 1;
+        }
+    } else if (nr == NR_BRK || ((nr == NR_SHMAT || nr == NR_SHMDT || nr == NR_MEMFD_CREATE) && ret >= 0)) {
+        send = 1;
+    } else {
+        count(C_FAILED, 1);
+    }
+    if (send)
+        stream(pid, tid, &c, ret);
+    return 0;
+}
+
+static __always_inline void send_proc(u32 pid, u32 kind, u32 child) {
+    struct proc_rec_t *r = events.ringbuf_reserve(sizeof(struct proc_rec_t));
+    if (!r) {
+        count(C_LOST_PROC, 1);
+        return;
+    }
+    r->type = REC_PROC; r->pid = pid; r->kind = kind; r->child = child; r->ts = bpf_ktime_get_ns();
+    events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+}
+
+RAW_TRACEPOINT_PROBE(sched_process_fork) {
+    if (!FOLLOW)
+        return 0;
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    if (!traced.lookup(&parent))
+        return 0;
+    struct task_struct *child = (struct task_struct *)ctx->args[1];
+    u32 child_pid = 0, child_tgid = 0;
+    bpf_probe_read_kernel(&child_pid, sizeof(child_pid), &child->pid);
+    bpf_probe_read_kernel(&child_tgid, sizeof(child_tgid), &child->tgid);
+    if (child_pid != child_tgid)
+        return 0;   /* a new thread, already covered by its process */
+    u8 one = 1;
+    traced.update(&child_pid, &one);
+    send_proc(parent, PROC_FORK, child_pid);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec) {
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    if (traced.lookup(&pid))
+        send_proc(pid, PROC_EXEC, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 pid = pid_tgid >> 32, tid = (u32)pid_tgid;
+    if (pid != tid || !traced.lookup(&pid))
+        return 0;
+    send_proc(pid, PROC_EXIT, 0);
+    if (pid != TARGET)
+        traced.delete(&pid);
+    return 0;
+}
