@@ -11,6 +11,7 @@ input and the watchdog pipe, and gdb detaches by itself (gdb_scripts/leakhunt_wa
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,13 +27,16 @@ from leakhunt.gdb.mi import GdbCommandError, GdbDied, GdbTimeout, MiChannel, Rec
 from leakhunt.gdb.preflight import check_access, explain_attach_error, tracer_pid
 from leakhunt.gdb.python_frames import python_frames_helper
 from leakhunt.gdb.sites import VIA_SYSCALL, VIA_WRAPPER, Site, plan_sites
-from leakhunt.proc.target import Target
+from leakhunt.proc.target import Target, proc_read
 from leakhunt.resources import gdb_script
 from leakhunt.trace.events import EventKind, MmapEvent
 
 DEFAULT_KINDS = frozenset({EventKind.MMAP, EventKind.MUNMAP, EventKind.MREMAP})
 #: Settings the session cannot work without (the rest of leakhunt.gdb may fail on an older gdb).
 REQUIRED_SETTINGS = {"non-stop": "on", "mi-async": "on"}
+#: gdb cannot report the exit of a target killed while one of its threads sat at a breakpoint (its
+#: pending exit status waits for a resume that fails), so the session also looks for itself.
+ALIVE_CHECK_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class GdbSession:
         self._winding_until: float | None = None
         self._stop_reason: str | None = None
         self._started = 0.0
+        self._next_alive_check = 0.0
         self._ended = False
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
@@ -181,26 +186,32 @@ class GdbSession:
     def run(self) -> SessionEnd:
         """Serve hits until a budget, a stop request, the target's exit or gdb's death; always detach."""
         try:
-            while not self._ended:
-                now = time.monotonic()
-                if self._winding_until is None:
-                    reason = self._stop_reason or self.config.budget.exhausted(self.handler.completed,
-                                                                               self._started, now)
-                    if reason:
-                        self._wind_down(reason)
-                elif self.handler.unfinished == 0 or now >= self._winding_until:
-                    break
-                try:
-                    records = self.mi.read(0.25, self._wake_read)
-                except GdbDied as e:
-                    self._gdb_lost(str(e))
-                    break
-                self._drain_wake()
-                for record in records:
-                    self._dispatch(record)
+            while not self._ended and self._serve_once():
+                pass
+        except GdbDied as e:
+            self._gdb_lost(str(e))
         finally:
             self._finish()
         return self.end
+
+    def _serve_once(self) -> bool:
+        """Handle what gdb said within a quarter second; False once the session should end."""
+        now = time.monotonic()
+        if self._winding_until is None:
+            reason = self._stop_reason or self.config.budget.exhausted(self.handler.completed, self._started, now)
+            if reason:
+                self._wind_down(reason)
+        elif self.handler.unfinished == 0 or now >= self._winding_until:
+            return False
+        records = self.mi.read(0.25, self._wake_read)
+        self._drain_wake()
+        for record in records:
+            self._dispatch(record)
+        if now >= self._next_alive_check:
+            self._next_alive_check = now + ALIVE_CHECK_S
+            if not self.target.alive():
+                self._target_exited(exit_status_of(self.target))
+        return True
 
     def _wind_down(self, reason: str) -> None:
         self.end.reason = self.end.reason or reason
@@ -259,10 +270,10 @@ class GdbSession:
         if self.end.target_exited:
             return
         code = payload.get("exit-code")
-        signal = payload.get("signal-name")
-        how = f"killed by {signal}" if signal else f"exit status {int(code, 8) if code else 0}"
+        killer = payload.get("signal-name")
+        how = f" (killed by {killer})" if killer else f" (exit status {int(code, 8)})" if code else ""
         self.end.target_exited = True
-        self.end.reason = f"target exited ({how})"
+        self.end.reason = f"target exited{how}"
         self._ended = True
 
     def _gdb_lost(self, why: str) -> None:
@@ -347,6 +358,19 @@ class GdbSession:
         notes = self.notes + (handler.notes if handler else [])
         return SessionState(handler.completed if handler else 0, handler.lost if handler else 0,
                             sum(self._times.values()), notes)
+
+
+def exit_status_of(target: Target) -> dict:
+    """The exit of a dead target as MI would have reported it, from its zombie's /proc/PID/stat
+    (field 52, a wait status) while its parent has not reaped it; empty when it is gone."""
+    try:
+        fields = proc_read(target.pid, "stat").rsplit(b")", 1)[1].split()
+        status = int(fields[49])
+    except (LeakhuntError, IndexError, ValueError):
+        return {}
+    if status & 0x7F:
+        return {"signal-name": signal.Signals(status & 0x7F).name}
+    return {"exit-code": oct(status >> 8 & 0xFF)[2:]}
 
 
 def _tracer(target: Target) -> int:
