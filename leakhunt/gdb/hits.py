@@ -104,10 +104,14 @@ class HitHandler:
             # finish, the returned address is unknowable. Count the hit lost, never guess.
             self._lose(hit, f"thread {thread} stopped ({reason}) before its call returned")
         site = self.sites.get(str(payload.get("bkptno"))) if reason == "breakpoint-hit" else None
-        if site is not None and self.accepting and thread:
+        if site is not None and self._room_for_one_more() and thread:
             self._begin(site, thread, record.received)
         else:
             self.resume(thread)
+
+    def _room_for_one_more(self) -> bool:
+        budget = self.settings.budget.max_hits
+        return self.accepting and (budget is None or self.completed + self.unfinished < budget)
 
     def on_thread_exited(self, thread: str) -> None:
         hit = self.active.get(thread)
