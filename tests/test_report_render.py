@@ -133,3 +133,22 @@ def test_screenshot_in_headless_chromium_is_a_real_page(leak_report, tmp_path):
     assert image.size == (1200, 3000)
     # A page that failed to lay out (or to decode its plots) is nearly one colour.
     assert len(image.getcolors(maxcolors=1 << 20) or ()) > 200
+
+
+def test_process_tree_is_reported_by_its_totals_and_per_process(leakers, tmp_path):
+    import os
+    import signal
+
+    shell = subprocess.Popen(["sh", "-c", f"{leakers / 'pool_leaker'} --rate 4M --chunk 1M & {leakers / 'steady'} & wait"],
+                             stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        run_leakhunt("watch", "--pid", shell.pid, "--subprocesses", "--interval", "0.5s", "--duration", "5s",
+                     "--record", tmp_path / "tree", "--json")
+    finally:
+        os.killpg(shell.pid, signal.SIGTERM)
+        shell.wait()
+    doc = leakhunt_json("report", tmp_path / "tree", "--markdown", tmp_path / "t.md")
+    assert doc["verdict"] == "leak", "the tree's totals grow although its root does not"
+    md = (tmp_path / "t.md").read_text()
+    rows = md.split("## Processes in the tree", 1)[1].split("\n## ", 1)[0]
+    assert "(root)" in rows and rows.count("| leak |") == 1

@@ -23,6 +23,7 @@ SECTIONS: list[Callable[[ReportData], Section | None]] = [
     evidence_sections.heap_versus_rss,
     memory_sections.what_grew,
     memory_sections.is_it_a_leak,
+    memory_sections.processes,
     evidence_sections.no_tracer_data,
     context_sections.environment,
     context_sections.reproduce,

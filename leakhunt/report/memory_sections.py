@@ -118,3 +118,18 @@ def is_it_a_leak(data: ReportData) -> Section | None:
                              "Each class's growth rate with its 95% interval; a class whose whole interval "
                              "is above zero grows for sure."))
     return Section("Is it a leak?", "verdict", tuple(blocks))
+
+
+def processes(data: ReportData) -> Section | None:
+    """A recording of a process tree: the plots show the tree's totals, this each process."""
+    if not data.processes:
+        return None
+    root = data.session.get("pid")
+    rows = tuple((str(p.pid) + (" (root)" if p.pid == root else ""), str(p.samples), format_bytes(p.first_rss),
+                  format_bytes(p.last_rss), format_bytes(p.last_rss - p.first_rss, signed=True),
+                  format_rate(p.slope), p.verdict)
+                 for p in sorted(data.processes, key=lambda p: p.first_rss - p.last_rss))
+    return Section("Processes in the tree", "processes", (
+        Para(f"This recording followed {len(rows)} processes; the plots show their totals (shared pages "
+             "counted once), this table each process, most growth first."),
+        Table(("pid", "samples", "first", "last", "growth", "slope", "verdict"), rows, align="lrrrrrl")))

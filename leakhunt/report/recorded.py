@@ -16,8 +16,25 @@ from leakhunt.proc.classes import RegionClass
 from leakhunt.proc.growth import GroupStat
 from leakhunt.proc.sampler import History, Sample
 from leakhunt.proc.smaps import Snapshot, parse_smaps
-from leakhunt.record import EVENTS, SNAPSHOTS, Recording
+from leakhunt.record import EVENTS, Recording
 from leakhunt.report.streams import CallerSeries, Culprits, read_callers, read_culprits, read_event_counts
+
+
+TREE = "tree"
+_CLASS_NAMES = {c.value for c in RegionClass}
+
+
+@dataclass(frozen=True)
+class ProcessLine:
+    """One process of a recording that followed a tree (watch --subprocesses)."""
+
+    pid: int
+    samples: int
+    first_rss: int
+    last_rss: int
+    duration_s: float
+    slope: float              # bytes/s, NaN with too few samples
+    verdict: str              # "leak", "plateau" or ""
 
 
 @dataclass(frozen=True)
@@ -31,6 +48,7 @@ class ReportData:
     event_counts: dict[str, int]        # mmap/munmap/... events recorded, by kind
     notes: tuple[str, ...]
     problems: tuple[str, ...]           # what was wrong with the recording itself
+    processes: tuple[ProcessLine, ...] = ()   # every pid sampled, when more than one was
 
     @property
     def session(self) -> dict:
@@ -45,12 +63,6 @@ class ReportData:
         summary = self.recording.summary or {}
         return is_exit_note(str(summary.get("stopped_because", ""))) or any(map(is_exit_note, self.notes))
 
-    @property
-    def t0(self) -> float:
-        """Wall-clock time of the first sample: every other stream's timestamps are placed on
-        the sample timeline by subtracting it."""
-        return self.history.ts[0] - self.history.t[0] if len(self.history) else 0.0
-
 
 def is_exit_note(text: str) -> bool:
     """Whether a note or stop reason says the target went away (TargetGone's messages)."""
@@ -59,36 +71,57 @@ def is_exit_note(text: str) -> bool:
 
 def load(directory: str | Path) -> ReportData:
     rec = Recording.open(directory)
-    history, problems = replay(rec)
-    memory = None
-    if len(history):
-        summary = rec.summary or {}
-        memory = summarize(history, warmup_s=summary.get("warmup_s"),
-                           min_slope=rec.session.get("max_slope_bytes_per_s") or MIN_SLOPE)
+    tree = list(rec.records(TREE))
+    # A process tree's story is its totals (watch --subprocesses records them as the tree stream);
+    # each process gets its own line in the processes section.
+    history, problems = (_tree_history(rec, tree), []) if tree else replay(rec)
+    judge = {"warmup_s": (rec.summary or {}).get("warmup_s"),
+             "min_slope": rec.session.get("max_slope_bytes_per_s") or MIN_SLOPE}
+    memory = summarize(history, **judge) if len(history) else None
     notes = tuple(str(n.get("note", "")) for n in rec.notes() if n.get("note") != "joined")
+    # Every other stream's timestamps are placed on the sample timeline by subtracting t0.
     t0 = history.ts[0] - history.t[0] if len(history) else None
     data = ReportData(rec, history, memory, read_heap(rec, t0), read_culprits(rec), read_callers(rec, t0),
-                      read_event_counts(rec, EVENTS), notes, ())
+                      read_event_counts(rec, EVENTS), notes, (), _processes(rec, judge))
     return dataclasses.replace(data, problems=tuple(problems + rec.problems))
 
 
-def replay(rec: Recording) -> tuple[History, list[str]]:
+def _tree_history(rec: Recording, records: list[dict]) -> History:
+    empty = parse_smaps(b"")
+    history = History()
+    pid = rec.session.get("pid", 0)
+    for i, r in enumerate(records):
+        classes = {RegionClass(k): int(v) for k, v in r.get("classes", {}).items() if k in _CLASS_NAMES}
+        history.add(Sample(i, r["ts"], r["t"], pid, empty, {}, 0.0, classes, {}))
+    return history
+
+
+def _processes(rec: Recording, judge: dict) -> tuple[ProcessLine, ...]:
+    pids = rec.pids()
+    if len(pids) < 2:
+        return ()
+    lines = []
+    for pid in pids:
+        history, _ = replay(rec, pid, snapshots=False)
+        if not len(history):
+            continue
+        v = summarize(history, **judge).rss.verdict
+        lines.append(ProcessLine(pid, len(history), history.rss[0], history.rss[-1], history.duration_s,
+                                 v.trend.slope, "leak" if v.leak else "plateau" if v.plateau else ""))
+    return tuple(lines)
+
+
+def replay(rec: Recording, pid: int | None = None, snapshots: bool = True) -> tuple[History, list[str]]:
     """The History a live run would have had, from recorded samples. Full snapshots exist only
     for some samples: the first and the latest recorded ones stand in for the history's first
     and last (they are what address-range growth is computed from)."""
     problems: list[str] = []
-    records = rec.samples()
-    snapshot_paths = [(r["seq"], r["snapshot"]) for r in records if r.get("snapshot")]
-    snapshot_paths += [(r["seq"], r["snapshot"]) for r in rec.records(SNAPSHOTS) if r.get("snapshot")]
+    records = rec.samples(pid)    # default: the session's process (the root of a tree)
+    snapshot_paths = [(seq, rel) for seq, _, rel in rec.snapshot_index(pid)] if snapshots else []
     empty = parse_smaps(b"")
     history = History()
     unknown: set[str] = set()
-    pid0 = records[0].get("pid") if records else None
     for r in records:
-        if r.get("pid") != pid0:
-            # A recording that followed a restarted target: only the first process's story is one series.
-            problems.append(f"samples of pid {r.get('pid')} after pid {pid0}: only pid {pid0} is shown")
-            break
         history.add(_sample(r, empty, unknown))
     if unknown:
         problems.append(f"unknown region classes skipped: {', '.join(sorted(unknown))}")
