@@ -152,3 +152,14 @@ def test_process_tree_is_reported_by_its_totals_and_per_process(leakers, tmp_pat
     md = (tmp_path / "t.md").read_text()
     rows = md.split("## Processes in the tree", 1)[1].split("\n## ", 1)[0]
     assert "(root)" in rows and rows.count("| leak |") == 1
+
+
+@pytest.mark.bpf
+def test_real_trace_recording_draws_outstanding_bytes_by_caller(leakers, spawn, tmp_path):
+    leaker = spawn([leakers / "pool_leaker", "--rate", "4M", "--chunk", "1M", "--churn", "50"])
+    run_leakhunt("trace-mmap", "--pid", leaker.pid, "--duration", "5s", "--record", tmp_path / "rec", "--json",
+                 check=True)
+    doc = leakhunt_json("report", tmp_path / "rec", "--markdown", tmp_path / "t.md")
+    assert "outstanding-by-caller" in doc["plots"] and doc["tracer_data"]
+    md = (tmp_path / "t.md").read_text()
+    assert "lkpool_grow" in md and "No tracer data" not in md

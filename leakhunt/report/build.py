@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 
 from leakhunt.report import context_sections, evidence_sections, memory_sections
-from leakhunt.report.blocks import Headline, Report, Section
+from leakhunt.report.blocks import Callout, Headline, Report, Section
 from leakhunt.report.recorded import ReportData
 from leakhunt.units import format_bytes, format_duration, format_rate
 
@@ -31,8 +31,19 @@ SECTIONS: list[Callable[[ReportData], Section | None]] = [
 
 
 def build_report(data: ReportData) -> Report:
-    sections = tuple(s for s in (make(data) for make in SECTIONS) if s is not None)
+    sections = tuple(s for s in (_safely(make, data) for make in SECTIONS) if s is not None)
     return Report(headline(data), sections)
+
+
+def _safely(make: Callable[[ReportData], Section | None], data: ReportData) -> Section | None:
+    """A post-mortem must render even from a recording no section foresaw: a section that fails
+    says so in its place instead of taking the whole report down."""
+    try:
+        return make(data)
+    except Exception as e:  # noqa: BLE001 - any failure of one section, reported in the page
+        title = make.__name__.replace("_", " ").capitalize()
+        return Section(title, make.__name__, (Callout("warn", "This section could not be drawn",
+                                                      f"{type(e).__name__}: {e}"),))
 
 
 def _target_name(session: dict) -> str:
@@ -56,6 +67,12 @@ def headline(data: ReportData) -> Headline:
         parts.append("incomplete recording")
     subtitle = " · ".join(p for p in parts if p)
     if m is None:
+        if data.tracer is not None:
+            t = data.tracer
+            return Headline(title, subtitle, "info", "TRACE ONLY",
+                            f"No memory samples in this recording, only the tracer's: "
+                            f"{format_bytes(t.outstanding_bytes)} outstanding in {t.outstanding_mappings} mappings "
+                            f"at the end, {t.events} events, {t.lost_events} lost.", ())
         return Headline(title, subtitle, "info", "NO DATA", "The recording holds no sample.", ())
     v = m.rss.verdict
     if v.leak:

@@ -62,10 +62,20 @@ def no_tracer_data(data: ReportData) -> Section | None:
         blocks.append(Callout("info", "No tracer data in this recording",
                               "Nothing here says which code mapped the memory. Record the mmap tracer and "
                               f"the correlator with: leakhunt investigate --pid {_pid(data)} --record NEW_DIR"))
+    else:
+        blocks.append(Callout("info", "No culprit verdict in this recording",
+                              "The tracer ran but the correlator did not (trace-mmap records the ledger; "
+                              f"investigate joins it with the regions that grew): leakhunt investigate --pid {_pid(data)}"))
+    if data.tracer is not None:
+        t = data.tracer
+        blocks.append(Facts((("events traced", str(t.events)), ("events lost", str(t.lost_events)),
+                             ("outstanding at the end", f"{format_bytes(t.outstanding_bytes)} in "
+                                                        f"{t.outstanding_mappings} mappings"),
+                             ("backend", str(data.session.get("backend", "")) or "not recorded"))))
     if data.event_counts:
         blocks.append(Table(("event", "count"), tuple(sorted((k, str(v)) for k, v in data.event_counts.items())),
-                            caption="Memory syscalls traced in this recording (no culprit verdict yet)."))
-    return Section("Who mapped it", "culprits", tuple(blocks)) if blocks else None
+                            caption="Memory syscalls recorded one by one in this recording."))
+    return Section("Who mapped it", "culprits", tuple(blocks))
 
 
 def who_mapped_it(data: ReportData) -> Section | None:

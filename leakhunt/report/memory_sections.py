@@ -37,7 +37,9 @@ def recording_state(data: ReportData) -> Section | None:
             (n for n in data.notes if is_exit_note(n)), "")
         blocks.append(Callout("warn", "The target exited during the run", str(stopped)))
     if data.memory is None:
-        blocks.append(Callout("bad", "No samples", "the recording holds no memory sample of the target."))
+        blocks.append(Callout("info" if data.has_tracer_data else "bad", "No memory samples",
+                              "the recording holds no smaps sample of the target (watch, ci and investigate "
+                              "record them; trace-mmap alone does not)."))
     for problem in data.problems:
         blocks.append(Callout("info", "Recording problem", problem))
     other = [n for n in data.notes if not is_exit_note(n)]

@@ -17,7 +17,8 @@ from leakhunt.proc.growth import GroupStat
 from leakhunt.proc.sampler import History, Sample
 from leakhunt.proc.smaps import Snapshot, parse_smaps
 from leakhunt.record import EVENTS, Recording
-from leakhunt.report.streams import CallerSeries, Culprits, read_callers, read_culprits, read_event_counts
+from leakhunt.report.streams import (CallerSeries, Culprits, TracerTotals, read_callers, read_culprits,
+                                     read_event_counts, read_tracer_totals)
 
 
 TREE = "tree"
@@ -45,6 +46,7 @@ class ReportData:
     heap: HeapSeries | None
     culprits: Culprits | None
     callers: CallerSeries | None
+    tracer: TracerTotals | None
     event_counts: dict[str, int]        # mmap/munmap/... events recorded, by kind
     notes: tuple[str, ...]
     problems: tuple[str, ...]           # what was wrong with the recording itself
@@ -56,7 +58,8 @@ class ReportData:
 
     @property
     def has_tracer_data(self) -> bool:
-        return bool(self.event_counts) or self.callers is not None or self.culprits is not None
+        return (bool(self.event_counts) or self.callers is not None or self.culprits is not None
+                or self.tracer is not None)
 
     @property
     def target_died(self) -> bool:
@@ -82,7 +85,7 @@ def load(directory: str | Path) -> ReportData:
     # Every other stream's timestamps are placed on the sample timeline by subtracting t0.
     t0 = history.ts[0] - history.t[0] if len(history) else None
     data = ReportData(rec, history, memory, read_heap(rec, t0), read_culprits(rec), read_callers(rec, t0),
-                      read_event_counts(rec, EVENTS), notes, (), _processes(rec, judge))
+                      read_tracer_totals(rec), read_event_counts(rec, EVENTS), notes, (), _processes(rec, judge))
     return dataclasses.replace(data, problems=tuple(problems + rec.problems))
 
 

@@ -131,13 +131,15 @@ def read_callers(rec: Recording, t0: float | None, top: int = 8) -> CallerSeries
             continue
         points.append((float(r["ts"]), {str(e.get("caller", "?")): int(_float(e.get("bytes"), 0))
                                         for e in entries if isinstance(e, dict)}))
-    if not points:
+    if not any(by for _, by in points):
         return None
     peak: Counter[str] = Counter()
     for _, by in points:
         for caller, n in by.items():
             peak[caller] = max(peak[caller], n)
-    callers = tuple(c for c, _ in peak.most_common(top))
+    callers = tuple(c for c, n in peak.most_common(top) if n > 0)   # balanced callers hold nothing
+    if not callers:
+        return None
     base = t0 if t0 is not None else points[0][0]
     t = np.array([ts - base for ts, _ in points])
     values = np.array([[by.get(c, 0) for c in callers] for _, by in points], dtype=np.float64)
@@ -146,3 +148,29 @@ def read_callers(rec: Recording, t0: float | None, top: int = 8) -> CallerSeries
 
 def read_event_counts(rec: Recording, stream: str) -> dict[str, int]:
     return dict(Counter(str(r.get("kind", "?")) for r in rec.records(stream)))
+
+
+@dataclass(frozen=True)
+class TracerTotals:
+    """The tracer's own bookkeeping at the end of the ledger stream."""
+
+    records: int
+    events: int
+    lost_events: int
+    outstanding_bytes: int
+    outstanding_mappings: int
+    duration_s: float
+
+
+def read_tracer_totals(rec: Recording) -> TracerTotals | None:
+    first = last = None
+    n = 0
+    for r in rec.records(LEDGER):
+        first = first or r
+        last = r
+        n += 1
+    if last is None:
+        return None
+    return TracerTotals(n, int(_float(last.get("events"), 0)), int(_float(last.get("lost_events"), 0)),
+                        int(_float(last.get("outstanding_bytes"), 0)), int(_float(last.get("outstanding_mappings"), 0)),
+                        _float(last.get("ts"), 0) - _float(first.get("ts"), 0))
