@@ -12,9 +12,10 @@
  * Everything else (partial unmaps, MAP_FIXED, brk, shm*, memfd_create, a full `live`) goes to the
  * ring buffer as a CALL record with 16 stack words, without waking the reader (it polls); the
  * first call of each site sends an EXEMPLAR with STACK_BYTES of stack for DWARF unwinding.
- * A failed ring buffer reservation is counted in `counters`: losses are exact.
+ * A failed ring buffer reservation is counted in `counters`: losses are exact. With STREAM_ALL=1
+ * every call is streamed and the kernel keeps no ledger (--all-events).
  *
- * Arguments (-D): TARGET, FOLLOW, MIN_LEN, LIVE_MAX, SITES_MAX, RINGBUF_PAGES, STACK_BYTES, the
+ * Arguments (-D): TARGET, FOLLOW, MIN_LEN, STREAM_ALL, LIVE_MAX, SITES_MAX, RINGBUF_PAGES, STACK_BYTES, the
  * NR_* syscall numbers, MAP_FIXED, MAP_FIXED_NOREPLACE, MREMAP_DONTUNMAP, all supplied by
  * leakhunt.trace.bcc.cflags(). Read by leakhunt.trace.bcc; by hand:
  *     python -m leakhunt.trace.bcc PID      # prints the cflags
@@ -179,7 +180,14 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     count(kind, 1);
     int send = 0;
 
-    if (nr == NR_MMAP && ret >= 0) {
+    if (STREAM_ALL) {
+        if (ret < 0 && nr != NR_BRK)
+            count(C_FAILED, 1);
+        else if ((nr == NR_MMAP || nr == NR_MUNMAP) && page_round(c.a[1]) < MIN_LEN)
+            count(C_FILTERED, 1);
+        else
+            send = 1;
+    } else if (nr == NR_MMAP && ret >= 0) {
         u64 len = page_round(c.a[1]);
         if (c.a[3] & (MAP_FIXED | MAP_FIXED_NOREPLACE)) {
             send = 1;

@@ -109,9 +109,11 @@ def _headers_problem() -> str | None:
     return f"no kernel headers for {release} (/lib/modules/{release}/build)"
 
 
-def cflags(pid: int, follow: bool = False, min_len: int = 0, live_max: int = 262144) -> list[str]:
+def cflags(pid: int, follow: bool = False, min_len: int = 0, live_max: int = 262144,
+           stream_all: bool = False) -> list[str]:
     """The -D definitions probes/mmap_ledger.c expects: the facts live in leakhunt.trace.events."""
-    defines = {"TARGET": pid, "FOLLOW": int(follow), "MIN_LEN": min_len, "LIVE_MAX": live_max,
+    defines = {"TARGET": pid, "FOLLOW": int(follow), "MIN_LEN": min_len, "STREAM_ALL": int(stream_all),
+               "LIVE_MAX": live_max,
                "SITES_MAX": 16384, "RINGBUF_PAGES": 2048, "STACK_BYTES": STACK_BYTES,
                "MAP_FIXED": MAP_FIXED, "MAP_FIXED_NOREPLACE": MAP_FIXED_NOREPLACE,
                "MREMAP_DONTUNMAP": MREMAP_DONTUNMAP}
@@ -143,7 +145,8 @@ class BccBackend(KernelLedgerBackend):
         from bcc import BPF   # noqa: PLC0415 - loads libbcc: only when this backend is used
 
         source = resources.probe(PROBE).read_text()
-        flags = cflags(self.target.pid, self.options.follow, self.options.min_length, self._live_max)
+        flags = cflags(self.target.pid, self.options.follow, self.options.min_length, self._live_max,
+                       bool(self.options.extra.get("stream_all")))
         try:
             self.bpf = BPF(text=source, cflags=flags)
         except Exception as e:   # BCC raises bare Exception for compile and load errors
@@ -153,6 +156,7 @@ class BccBackend(KernelLedgerBackend):
         self._callback = self.bpf["events"].open_ring_buffer(self._on_record)
         self._started = True
         self._next_dump = time.monotonic()
+        self._check_patched()
 
     def _install_slots(self, pid: int) -> None:
         """Tell the kernel where each libc wrapper keeps its return address (CFI), so the site key

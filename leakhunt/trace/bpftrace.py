@@ -69,9 +69,10 @@ def pt_regs_offset(config: dict[str, str] | None = None) -> int:
     return (4096 << order) - padding - PT_REGS_SIZE
 
 
-def script_text(pid: int, follow: bool = False, min_len: int = 0) -> str:
+def script_text(pid: int, follow: bool = False, min_len: int = 0, stream_all: bool = False) -> str:
     """The probe with the #defines it expects: the facts live in leakhunt.trace.events."""
-    defines = {"TARGET": pid, "FOLLOW": int(follow), "MIN_LEN": min_len, "PT_REGS_OFFSET": pt_regs_offset(),
+    defines = {"TARGET": pid, "FOLLOW": int(follow), "MIN_LEN": min_len, "STREAM_ALL": int(stream_all),
+               "PT_REGS_OFFSET": pt_regs_offset(),
                "MAP_FIXED": MAP_FIXED, "MAP_FIXED_NOREPLACE": MAP_FIXED_NOREPLACE,
                "MREMAP_DONTUNMAP": MREMAP_DONTUNMAP}
     defines.update({f"NR_{kind.name}": nr for kind, nr in SYSCALL_NUMBERS.items()})
@@ -114,7 +115,8 @@ class BpftraceBackend(KernelLedgerBackend):
         env = dict(os.environ)
         env["BPFTRACE_MAP_KEYS_MAX"] = str(self.options.extra.get("max_mappings", 65536))
         env["BPFTRACE_PERF_RB_PAGES"] = str(self.options.extra.get("perf_pages", 256))
-        text = script_text(self.target.pid, self.options.follow, self.options.min_length)
+        text = script_text(self.target.pid, self.options.follow, self.options.min_length,
+                           bool(self.options.extra.get("stream_all")))
         self._proc = subprocess.Popen(["bpftrace", "-e", text, str(DUMP_MS)], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, env=env, start_new_session=True)
         threading.Thread(target=self._pump, args=(self._proc.stdout, self._lines), daemon=True).start()
@@ -128,6 +130,7 @@ class BpftraceBackend(KernelLedgerBackend):
                 raise BackendUnavailable(self.name, f"bpftrace did not start within {START_TIMEOUT_S:.0f}s")
             self._ready_records += self._drain(0.1)
         self._started = True
+        self._check_patched()
 
     def _failure(self) -> str:
         lines = [line for line in self._stderr if "RLIMIT_MEMLOCK" not in line and line.strip()]

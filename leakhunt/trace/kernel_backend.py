@@ -22,6 +22,7 @@ from leakhunt.trace.ledger import KernelMapping, KernelState, Lifecycle, SiteCou
 
 #: A fork/exec/exit record as the kernel sends it (kernel monotonic ns until converted).
 RawLifecycle = Lifecycle
+from leakhunt.trace.patched import find_patched, patched_note
 from leakhunt.trace.unwind import CallerResolver, UserContext
 
 #: Streamed records are released once a snapshot is this much newer than them: per-CPU buffers
@@ -266,6 +267,16 @@ class KernelLedgerBackend(Backend):
             callers[key] = self.describe(*key)
         lifecycle, self._lifecycle = tuple(self._lifecycle), []
         return KernelState(self._wall(dump.ts), mappings, sites, dump.syscalls, callers, lifecycle)
+
+    def _check_patched(self) -> None:
+        """Say when the target's libc is hooked in memory (libucm): the user should know, and we
+        place no uprobes anyway (one on patched code kills the target with SIGILL)."""
+        try:
+            note = patched_note(find_patched(self.target.pid, self.resolver))
+        except (OSError, ValueError):
+            note = None
+        if note:
+            self.note_once(note)
 
     def note_once(self, text: str) -> None:
         if text not in self.stats.notes:

@@ -1,0 +1,185 @@
+"""`leakhunt trace-mmap --pid PID`: who maps memory and does not give it back, live, by caller."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import click
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from leakhunt import ui
+from leakhunt.commands.options import SIZE, duration_option, json_option, pid_option, record_option
+from leakhunt.errors import LeakhuntError
+from leakhunt.proc.target import open_target
+from leakhunt.record import SessionWriter
+from leakhunt.trace.backend import BACKENDS, TraceOptions
+from leakhunt.trace.session import BackendChoice, CallerView, TraceSession, choose_backend
+from leakhunt.units import format_bytes, format_duration
+
+REFRESH_S = 1.0
+TOP = 15
+
+
+@click.command("trace-mmap")
+@pid_option()
+@click.option("--backend", "-b", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
+              help="tracer: auto picks the first that works here (bcc, bpftrace, perf, gdb)")
+@duration_option()
+@click.option("--follow", "--subprocesses", "follow", is_flag=True,
+              help="also trace the children PID forks after the start")
+@click.option("--min-size", type=SIZE, default="0", help="ignore mmap/munmap smaller than this (e.g. 64K)")
+@click.option("--all-events", is_flag=True,
+              help="send every call to user space (and --record) instead of pairing mmap/munmap in the kernel; "
+                   "costs more at high rates")
+@record_option
+@json_option
+def command(pid: int, backend: str, duration: float | None, follow: bool, min_size: int, all_events: bool,
+            record_dir: str | None, as_json: bool) -> None:
+    """Trace PID's mmap, munmap, mremap, brk, shmat/shmdt and memfd_create, and show the memory
+    still mapped, by caller (the library and function past the libc wrapper).
+
+    Ctrl-C ends it with a summary.
+    """
+    target = open_target(pid)
+    choice = choose_backend(backend)
+    console = ui.console_for(as_json)
+    console.print(Text(choice.explain(), style="dim"))
+    options = TraceOptions(follow=follow, min_length=min_size, extra={"stream_all": all_events})
+    writer = SessionWriter(record_dir, "trace-mmap", {"pid": pid, "cmdline": target.cmdline,
+                                                      "backend": choice.name}) if record_dir else None
+    session = TraceSession(target, choice.cls(target, options), writer)
+    session.start()
+
+    live = Live(console=console, auto_refresh=False, transient=True, redirect_stdout=False)
+    show_live = console.is_terminal
+    last = [0.0]
+
+    def on_step(s: TraceSession) -> None:
+        now = time.monotonic()
+        if show_live and now - last[0] >= REFRESH_S:
+            last[0] = now
+            live.update(render(s, choice, duration, width=console.width), refresh=True)
+
+    if show_live:
+        live.start()
+    try:
+        why = session.run(duration, on_step)
+    finally:
+        if show_live:
+            live.stop()
+    document = trace_document(session, choice, record_dir)
+    if writer:
+        writer.finish({"command": "trace-mmap", **document})
+    if as_json:
+        ui.emit_json(ui.clean_json(document))
+    else:
+        console.print(render(session, choice, duration, final=True, width=console.width))
+        if record_dir:
+            console.print(f"[dim]recorded in {record_dir} — render it with: leakhunt report {record_dir}[/]")
+    if why == "target exited":
+        raise LeakhuntError(f"pid {pid} exited after {format_duration(session.elapsed)}; "
+                            f"kept what was traced ({document['events']} calls"
+                            f"{', recorded' if record_dir else ''})")
+
+
+def trace_document(session: TraceSession, choice: BackendChoice, record_dir: str | None) -> dict:
+    stats = session.backend.stats
+    callers = session.callers()
+    return {
+        "command": "trace-mmap",
+        "pid": session.target.pid,
+        "cmdline": session.target.cmdline,
+        "backend": choice.name,
+        "backends_unavailable": choice.unavailable,
+        "duration_s": round(session.elapsed, 3),
+        "stopped_because": session.stopped_because,
+        "events": stats.events,
+        "events_by_kind": session.ledger.kernel_syscalls,
+        "streamed_events": session.streamed,
+        "lost_events": stats.lost_events,
+        "filtered_events": stats.filtered,
+        "outstanding_bytes": sum(c.totals.outstanding_bytes for c in callers),
+        "outstanding_mappings": sum(c.totals.mappings for c in callers),
+        "by_caller": [caller_json(c) for c in callers],
+        "notes": list(stats.notes),
+        "record": record_dir,
+    }
+
+
+def caller_json(view: CallerView) -> dict:
+    c = view.totals
+    return {"library": c.library, "symbol": c.symbol, "caller": c.label,
+            "frame": str(c.caller) if c.caller else None,
+            "stack": [str(f) for f in c.stack.frames] if c.stack else [],
+            "stack_partial": c.stack.partial if c.stack else True,
+            "outstanding_bytes": c.outstanding_bytes, "mappings": c.mappings, "count": c.count,
+            "mapped_bytes": c.mapped_bytes, "unmapped_bytes": c.unmapped_bytes,
+            "rate_bytes_per_s": None if math.isnan(view.rate) else view.rate}
+
+
+def _header(session: TraceSession, choice: BackendChoice, duration: float | None, final: bool) -> Text:
+    stats = session.backend.stats
+    elapsed = session.elapsed
+    text = Text()
+    if final:
+        text.append(f"summary — stopped: {session.stopped_because}\n", style="bold")
+    text.append("leakhunt trace-mmap ", style="bold")
+    text.append(f"{session.target.describe()}\n", style="cyan")
+    clock = format_duration(elapsed) + (f" / {format_duration(duration)}" if duration and not final else "")
+    rate = stats.events / elapsed if elapsed > 0 else 0.0
+    text.append(f"{clock} · backend {choice.name} · {stats.events} calls ({rate:,.0f}/s) · "
+                f"{session.streamed} to user space · ", style="dim")
+    text.append(f"{stats.lost_events} lost", style="bold red" if stats.lost_events else "dim")
+    if stats.filtered:
+        text.append(f" · {stats.filtered} below --min-size", style="dim")
+    return text
+
+
+def _table(callers: list[CallerView], width: int) -> Table:
+    table = Table(title="outstanding by caller (library!function past the libc wrapper)", title_justify="left",
+                  box=None, pad_edge=False)
+    wide = width >= 100   # mapped/unmapped totals only where they fit
+    columns = [("outstanding", 11), ("share", 5), ("/min", 9), ("maps", 5), ("calls", 6)]
+    columns += [("mapped", 9), ("unmapped", 9)] if wide else []
+    table.add_column("caller", no_wrap=True, overflow="ellipsis", ratio=1, min_width=16)
+    for col, min_width in columns:
+        table.add_column(col, justify="right", no_wrap=True, min_width=min_width)
+    total = sum(c.totals.outstanding_bytes for c in callers) or 1
+    for view in callers[:TOP]:
+        c = view.totals
+        rate = Text("…", style="dim") if math.isnan(view.rate) else ui.growth_text(view.rate * 60)
+        row = [c.label, ui.growth_text(c.outstanding_bytes), f"{100 * c.outstanding_bytes / total:.0f}%",
+               rate, str(c.mappings), str(c.count)]
+        row += [format_bytes(c.mapped_bytes), format_bytes(c.unmapped_bytes)] if wide else []
+        table.add_row(*row)
+    if not callers:
+        table.add_row(Text("no mapping calls yet", style="dim"), *[""] * len(columns))
+    return table
+
+
+def _top_stack(callers: list[CallerView]) -> Text:
+    if not callers or not callers[0].totals.stack or not callers[0].totals.outstanding_bytes:
+        return Text("")
+    c = callers[0].totals
+    text = Text(f"stack of {c.label}", style="bold")
+    text.append(" (partial)" if c.stack.partial else "", style="dim")
+    for frame in c.stack.frames:
+        text.append(f"\n  {frame}")
+    return text
+
+
+def render(session: TraceSession, choice: BackendChoice, duration: float | None, final: bool = False,
+           width: int = 80) -> Group:
+    callers = session.callers()
+    parts = [_header(session, choice, duration, final), Text(""), _table(callers, width), Text(""),
+             _top_stack(callers)]
+    total = sum(c.totals.outstanding_bytes for c in callers)
+    parts.insert(1, Text(f"outstanding {format_bytes(total)} in {sum(c.totals.mappings for c in callers)} "
+                         "mappings made while tracing", style="bold"))
+    for note in session.backend.stats.notes:
+        parts.append(Text(f"note: {note}", style="yellow"))
+    return Group(*parts)
