@@ -115,6 +115,9 @@ def outstanding_by_caller(data: ReportData) -> Section | None:
     callers = data.callers
     if callers is None or len(callers.t) < 2:
         return None
+    rows = tuple((caller, format_bytes(callers.bytes[-1, i]), format_bytes(callers.bytes[:, i].max()))
+                 for i, caller in enumerate(callers.callers))
     return Section("Outstanding bytes by caller", "ledger", (
         Figure("outstanding-by-caller", plots.outstanding_by_caller(callers.t, callers.callers, callers.bytes),
-               "Bytes mapped and not yet unmapped, by the caller past the libc wrapper, over the run."),))
+               "Bytes mapped and not yet unmapped, by the caller past the libc wrapper, over the run."),
+        Table(("caller", "outstanding at the end", "peak"), rows, code_columns=(0,))))
