@@ -83,19 +83,25 @@ def _shade_warmup(ax, t0: float, warmup_s: float) -> None:
                 va="top", fontsize=8, color=MUTED)
 
 
-def rss_by_class(t: np.ndarray, classes: dict[RegionClass, np.ndarray], warmup_s: float) -> bytes:
-    """Stacked areas, the class that grew most on top where the eye lands."""
+def _stacked(t: np.ndarray, layers: list[np.ndarray], colors: list[str], labels: list[str], title: str,
+             warmup_s: float = 0.0) -> bytes:
+    """Stacked areas over time, the legend listed top layer first like the areas."""
     fig, ax = plt.subplots(figsize=(WIDTH, HEIGHT))
-    order = sorted(classes, key=lambda c: (classes[c][-1] - classes[c][0], classes[c][-1]))
-    ax.stackplot(t, *[classes[c] for c in order], colors=[CLASS_COLORS[c] for c in order],
-                 labels=[f"{c.value}  {format_bytes(classes[c][-1])}" for c in order], alpha=0.85, lw=0)
+    ax.stackplot(t, *layers, colors=colors, labels=labels, alpha=0.85, lw=0)
     _shade_warmup(ax, t[0], warmup_s)
-    handles, labels = ax.get_legend_handles_labels()
-    ax.legend(handles[::-1], labels[::-1], loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title("RSS by region class")
+    handles, names = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], names[::-1], loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(title)
     _bytes_axis(ax)
     _time_axis(ax, t)
     return _png(fig)
+
+
+def rss_by_class(t: np.ndarray, classes: dict[RegionClass, np.ndarray], warmup_s: float) -> bytes:
+    """Stacked areas, the class that grew most on top where the eye lands."""
+    order = sorted(classes, key=lambda c: (classes[c][-1] - classes[c][0], classes[c][-1]))
+    return _stacked(t, [classes[c] for c in order], [CLASS_COLORS[c] for c in order],
+                    [f"{c.value}  {format_bytes(classes[c][-1])}" for c in order], "RSS by region class", warmup_s)
 
 
 def group_growth(t: np.ndarray, series: list[tuple[str, RegionClass, np.ndarray]]) -> bytes:
@@ -200,15 +206,9 @@ def attribution(labels: list[str], values: list[float], unexplained: float | Non
 
 def outstanding_by_caller(t: np.ndarray, callers: Sequence[str], values: np.ndarray) -> bytes:
     """Outstanding (mapped, not yet unmapped) bytes by caller over time, stacked."""
-    fig, ax = plt.subplots(figsize=(WIDTH, HEIGHT))
-    ax.stackplot(t, *values.T, colors=SERIES_COLORS[:len(callers)], alpha=0.85, lw=0,
-                 labels=[f"{_shorten(c)}  {format_bytes(values[-1, i])}" for i, c in enumerate(callers)])
-    handles, labels = ax.get_legend_handles_labels()
-    ax.legend(handles[::-1], labels[::-1], loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title("Outstanding mapped bytes by caller")
-    _bytes_axis(ax)
-    _time_axis(ax, t)
-    return _png(fig)
+    return _stacked(t, list(values.T), SERIES_COLORS[:len(callers)],
+                    [f"{_shorten(c)}  {format_bytes(values[-1, i])}" for i, c in enumerate(callers)],
+                    "Outstanding mapped bytes by caller")
 
 
 def _shorten(label: str, width: int = 44) -> str:
