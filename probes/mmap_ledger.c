@@ -256,21 +256,19 @@ static __always_inline void send_proc(u32 pid, u32 kind, u32 child) {
     events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
 }
 
-RAW_TRACEPOINT_PROBE(sched_process_fork) {
+/* The tracepoint's own format, not task_struct: BCC compiles against headers that need not
+ * match the running kernel's layout. It fires for new threads too; user space tells them apart
+ * (an entry for a thread is harmless: filtering is on the thread group id, and exit removes it). */
+TRACEPOINT_PROBE(sched, sched_process_fork) {
     if (!FOLLOW)
         return 0;
     u32 parent = bpf_get_current_pid_tgid() >> 32;
     if (!traced.lookup(&parent))
         return 0;
-    struct task_struct *child = (struct task_struct *)ctx->args[1];
-    u32 child_pid = 0, child_tgid = 0;
-    bpf_probe_read_kernel(&child_pid, sizeof(child_pid), &child->pid);
-    bpf_probe_read_kernel(&child_tgid, sizeof(child_tgid), &child->tgid);
-    if (child_pid != child_tgid)
-        return 0;   /* a new thread, already covered by its process */
+    u32 child = args->child_pid;
     u8 one = 1;
-    traced.update(&child_pid, &one);
-    send_proc(parent, PROC_FORK, child_pid);
+    traced.update(&child, &one);
+    send_proc(parent, PROC_FORK, child);
     return 0;
 }
 
@@ -284,10 +282,11 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
 TRACEPOINT_PROBE(sched, sched_process_exit) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 pid = pid_tgid >> 32, tid = (u32)pid_tgid;
-    if (pid != tid || !traced.lookup(&pid))
+    if (!traced.lookup(&tid))
         return 0;
-    send_proc(pid, PROC_EXIT, 0);
-    if (pid != TARGET)
-        traced.delete(&pid);
+    if (pid == tid)
+        send_proc(pid, PROC_EXIT, 0);
+    if (tid != TARGET)
+        traced.delete(&tid);   /* a followed process's leader, or a thread recorded at fork */
     return 0;
 }

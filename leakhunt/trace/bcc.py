@@ -148,12 +148,12 @@ class BccBackend(KernelLedgerBackend):
         flags = cflags(self.target.pid, self.options.follow, self.options.min_length, self._live_max,
                        bool(self.options.extra.get("stream_all")))
         try:
-            self.bpf = BPF(text=source, cflags=flags)
+            self.bpf = BPF(text=source.encode(), cflags=flags)
         except Exception as e:   # BCC raises bare Exception for compile and load errors
             raise BackendUnavailable(self.name, f"cannot load the BPF program: {str(e).splitlines()[0]}") from None
-        self.bpf["traced"][ct.c_uint32(self.target.pid)] = ct.c_uint8(1)
+        self.bpf[b"traced"][ct.c_uint32(self.target.pid)] = ct.c_uint8(1)
         self._install_slots(self.target.pid)
-        self._callback = self.bpf["events"].open_ring_buffer(self._on_record)
+        self._callback = self.bpf[b"events"].open_ring_buffer(self._on_record)
         self._started = True
         self._next_dump = time.monotonic()
         self._check_patched()
@@ -162,7 +162,7 @@ class BccBackend(KernelLedgerBackend):
         """Tell the kernel where each libc wrapper keeps its return address (CFI), so the site key
         it builds holds the true caller even in non-leaf wrappers such as mremap."""
         pm = self.resolver.modules(pid)
-        table = self.bpf["ra_slot"]
+        table = self.bpf[b"ra_slot"]
         seen_modules = set()
         for m in pm._mappings:
             if not m.executable or not is_wrapper_module(m.path) or m.path in seen_modules:
@@ -225,14 +225,14 @@ class BccBackend(KernelLedgerBackend):
 
     def _dump(self) -> RawDump:
         ts = time.monotonic_ns()   # CLOCK_MONOTONIC, like bpf_ktime_get_ns: the maps are read after it
-        keys, vals = _lookup_all(self.bpf["live"], _LIVE_KEY, _LIVE_VAL, self._live_max)
+        keys, vals = _lookup_all(self.bpf[b"live"], _LIVE_KEY, _LIVE_VAL, self._live_max)
         live = list(zip(keys["pid"].tolist(), keys["addr"].tolist(), vals["len"].tolist(), vals["ip"].tolist(),
                         vals["ra"].tolist(), vals["ts"].tolist(), vals["flags"].tolist(), vals["fd"].tolist()))
-        skeys, svals = _lookup_all(self.bpf["sites"], _SITE_KEY, _SITE_VAL, 16384)
+        skeys, svals = _lookup_all(self.bpf[b"sites"], _SITE_KEY, _SITE_VAL, 16384)
         sites = {(int(k["pid"]), int(k["ip"]), int(k["ra"])): SiteCounts(int(v["count"]), int(v["mapped"]),
                                                                         int(v["unmapped"]))
                  for k, v in zip(skeys, svals)}
-        counters = self.bpf["counters"]
+        counters = self.bpf[b"counters"]
         self._counters = [sum(counters[ct.c_int(i)]) for i in range(16)]
         syscalls = {kind.value: self._counters[i] for i, kind in enumerate(_KINDS) if self._counters[i]}
         if self._counters[_C_FULL]:
@@ -250,7 +250,7 @@ class BccBackend(KernelLedgerBackend):
         if self.bpf is None:
             return [], None
         try:
-            del self.bpf["traced"][ct.c_uint32(self.target.pid)]
+            del self.bpf[b"traced"][ct.c_uint32(self.target.pid)]
         except KeyError:
             pass
         self.bpf.ring_buffer_consume()
