@@ -9,6 +9,7 @@ thread; a scrape only reads the latest figures under a lock.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -16,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -25,6 +27,7 @@ from leakhunt.errors import AccessDenied, TargetGone
 from leakhunt.proc.sampler import History, Sample, Sampler
 from leakhunt.proc.smaps import parse_smaps
 from leakhunt.proc.target import PROC, Target, open_target
+from leakhunt.report.streams import last_ledger_callers
 
 PREFIX = "leakhunt"
 #: (pid) -> [(caller, outstanding bytes)]: filled once a tracer runs beside the exporter.
@@ -204,6 +207,27 @@ def _judged(summary: MemorySummary, who: list[str], slope, leak, plateau) -> Non
                 slope.add_metric(who + [name, bound], value)
         leak.add_metric(who + [name], float(v.leak))
         plateau.add_metric(who + [name], float(v.plateau))
+
+
+class LedgerFeed:
+    """Culprits' outstanding bytes for the exporter from trace-mmap recordings written beside it
+    (``leakhunt trace-mmap --pid PID --record DIR``): the newest ledger record of the recording
+    whose session is that pid."""
+
+    def __init__(self, directories: Iterable[str | os.PathLike]) -> None:
+        self.directories = [Path(d) for d in directories]
+
+    def _session_pid(self, directory: Path) -> int | None:
+        try:
+            return json.loads((directory / "session.json").read_text()).get("pid")
+        except (OSError, ValueError):
+            return None
+
+    def __call__(self, pid: int) -> list[tuple[str, int]]:
+        for directory in self.directories:
+            if self._session_pid(directory) == pid:
+                return [(caller, n) for caller, n in last_ledger_callers(directory) if n > 0]
+        return []
 
 
 def registry_for(fleet: Fleet, top_groups: int = 5) -> CollectorRegistry:

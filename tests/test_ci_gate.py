@@ -86,7 +86,7 @@ def test_gate_run_is_recorded_for_the_report(leak_run):
 
 
 def test_plateau_passes_the_gate(leakers, tmp_path):
-    cp = run_leakhunt("ci", *GATE, "--duration", "10s", "--junit", tmp_path / "junit.xml", "--",
+    cp = run_leakhunt("ci", *GATE, "--duration", "8s", "--junit", tmp_path / "junit.xml", "--",
                       leakers / "plateau", "--rate", "8M", "--cap", "24M")
     assert cp.returncode == PASS, cp.stdout + cp.stderr
     suite = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite")

@@ -43,7 +43,7 @@ def _gap_share(report_md: str) -> float:
 
 
 def test_run_mode_shows_the_heap_beside_rss(leaker_script, tmp_path):
-    cp = run_leakhunt("ci", "--max-slope", "1MB/min", "--duration", "6s", "--interval", "0.5s", "--heap",
+    cp = run_leakhunt("ci", "--max-slope", "1MB/min", "--duration", "4s", "--interval", "0.5s", "--heap",
                       "--record", tmp_path / "rec", "--json", "--", sys.executable, leaker_script)
     assert cp.returncode == 1, cp.stderr
     doc = json.loads(cp.stdout)
@@ -57,7 +57,7 @@ def test_run_mode_shows_the_heap_beside_rss(leaker_script, tmp_path):
 @pytest.mark.gdb
 def test_attach_mode_shows_the_heap_beside_rss(leaker_script, spawn, tmp_path):
     target = spawn([sys.executable, leaker_script])
-    cp = run_leakhunt("ci", "--max-slope", "1MB/min", "--duration", "6s", "--interval", "0.5s", "--heap",
+    cp = run_leakhunt("ci", "--max-slope", "1MB/min", "--duration", "4s", "--interval", "0.5s", "--heap",
                       "--pid", target.pid, "--record", tmp_path / "rec", "--json")
     assert cp.returncode == 1, cp.stderr
     assert target.alive(), "the target survives memray's attach and detach"
@@ -74,7 +74,7 @@ def test_heap_needs_a_python_command(leakers):
 @pytest.mark.gdb
 def test_watch_heap_records_the_heap_stream(leaker_script, spawn, tmp_path):
     target = spawn([sys.executable, leaker_script])
-    doc = leakhunt_json("watch", "--pid", target.pid, "--duration", "5s", "--interval", "0.5s", "--heap",
+    doc = leakhunt_json("watch", "--pid", target.pid, "--duration", "4s", "--interval", "0.5s", "--heap",
                         "--record", tmp_path / "rec")
     assert doc["heap_growth_bytes"] > 1 << 20 and target.alive()
     assert (tmp_path / "rec" / "heap.jsonl").read_text().count("\n") >= 5

@@ -129,3 +129,37 @@ def test_port_in_use_is_exit_2(leakers, spawn):
         cp = run_leakhunt("export", "--pid", spawn([leakers / "steady"]).pid, "--port", s.getsockname()[1],
                           "--duration", "1s")
     assert cp.returncode == 2 and "cannot serve" in cp.stderr
+
+
+def test_culprits_come_from_a_ledger_written_beside_the_exporter(leakers, spawn, exporter, tmp_path):
+    from leakhunt.record import SessionWriter
+
+    target = spawn([leakers / "steady"])
+    writer = SessionWriter(tmp_path / "trace", "trace-mmap", {"pid": target.pid})
+    writer.append("ledger", {"ts": time.time(), "callers": [
+        {"caller": "libucm.so!ucm_orig_mmap_syscall", "bytes": 64 << 20, "mappings": 64},
+        {"caller": "python!balanced", "bytes": 0, "mappings": 0}]})
+    with open(tmp_path / "trace" / "ledger.jsonl", "ab") as f:
+        f.write(b'{"ts": 1, "callers": [')     # the record trace-mmap is writing right now
+    e = exporter("--pid", target.pid, "--ledger", tmp_path / "trace")
+    metrics = e.scrape()
+    assert e.value(metrics, "leakhunt_culprit_outstanding_bytes", pid=target.pid,
+                   caller="libucm.so!ucm_orig_mmap_syscall") == 64 << 20
+    assert e.value(metrics, "leakhunt_culprit_outstanding_bytes", caller="python!balanced") is None
+
+
+@pytest.mark.bpf
+def test_live_trace_feeds_the_exporter(leakers, spawn, exporter, tmp_path):
+    leaker = spawn([leakers / "pool_leaker", "--rate", "4M", "--chunk", "1M"])
+    trace = subprocess.Popen([sys.executable, "-m", "leakhunt", "trace-mmap", "--pid", str(leaker.pid),
+                              "--duration", "20s", "--record", str(tmp_path / "trace"), "--json"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        e = exporter("--pid", leaker.pid, "--ledger", tmp_path / "trace")
+        metrics = _wait_for(e.scrape, lambda m: (e.value(m, "leakhunt_culprit_outstanding_bytes", pid=leaker.pid,
+                                                         caller="libleakpool.so!lkpool_grow") or 0) > 2 << 20)
+        assert e.value(metrics, "leakhunt_culprit_outstanding_bytes", pid=leaker.pid,
+                       caller="libleakpool.so!lkpool_grow") > 2 << 20
+    finally:
+        trace.terminate()
+        trace.wait(30)

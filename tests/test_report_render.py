@@ -30,7 +30,7 @@ def _record_watch(leakers: Path, out: Path, leaker_args: list[str], duration: st
 
 @pytest.fixture(scope="module")
 def leak_recording(leakers, tmp_path_factory) -> Path:
-    return _record_watch(leakers, tmp_path_factory.mktemp("rep") / "pool", ["--rate", "4M", "--chunk", "1M"], "8s")
+    return _record_watch(leakers, tmp_path_factory.mktemp("rep") / "pool", ["--rate", "4M", "--chunk", "1M"], "6s")
 
 
 @pytest.fixture(scope="module")

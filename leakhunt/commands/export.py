@@ -12,7 +12,7 @@ from prometheus_client import start_http_server
 from leakhunt import ui
 from leakhunt.commands.options import DURATION, duration_option, interval_option, json_option
 from leakhunt.errors import BadInput
-from leakhunt.export import Fleet, registry_for
+from leakhunt.export import Fleet, LedgerFeed, registry_for
 from leakhunt.units import format_duration
 
 
@@ -25,10 +25,13 @@ from leakhunt.units import format_duration
 @click.option("--window", type=DURATION, default="15m", show_default=True, help="span the slopes are fitted over")
 @click.option("--top-groups", type=click.IntRange(0, 50), default=5, show_default=True,
               help="growing (class, path) groups exported per process")
+@click.option("--ledger", "ledgers", type=click.Path(file_okay=False), multiple=True, metavar="DIR",
+              help="a `trace-mmap --record DIR` recording written beside the exporter: exports its "
+                   "callers' outstanding bytes for that pid (repeatable)")
 @duration_option(help="stop after this long (default: until Ctrl-C or SIGTERM)")
 @json_option
 def command(pids: tuple[int, ...], match: str | None, port: int, host: str, interval: float, window: float,
-            top_groups: int, duration: float | None, as_json: bool) -> None:
+            top_groups: int, ledgers: tuple[str, ...], duration: float | None, as_json: bool) -> None:
     """Serve Prometheus metrics of the processes given by --pid and/or --match.
 
     Per process: RSS by region class, slopes over --window with their 95% bounds, leak and
@@ -42,7 +45,7 @@ def command(pids: tuple[int, ...], match: str | None, port: int, host: str, inte
             re.compile(match)
         except re.error as e:
             raise BadInput(f"--match: not a regular expression: {e}") from None
-    fleet = Fleet(pids, match, interval, window)
+    fleet = Fleet(pids, match, interval, window, culprits=LedgerFeed(ledgers) if ledgers else None)
     fleet.sample_once()   # the first scrape already has figures
     try:
         server, _ = start_http_server(port, addr=host, registry=registry_for(fleet, top_groups))

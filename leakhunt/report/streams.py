@@ -22,8 +22,10 @@ shapes growing.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -174,3 +176,28 @@ def read_tracer_totals(rec: Recording) -> TracerTotals | None:
     return TracerTotals(n, int(_float(last.get("events"), 0)), int(_float(last.get("lost_events"), 0)),
                         int(_float(last.get("outstanding_bytes"), 0)), int(_float(last.get("outstanding_mappings"), 0)),
                         _float(last.get("ts"), 0) - _float(first.get("ts"), 0))
+
+
+#: How much of a growing ledger file is read to find its last record (a record is a few KiB).
+_TAIL_BYTES = 256 * 1024
+
+
+def last_ledger_callers(directory: Path) -> list[tuple[str, int]]:
+    """Outstanding bytes by caller in the newest ledger record of a recording that may still be
+    being written (trace-mmap --record running beside an exporter): only the file's tail is read."""
+    path = Path(directory) / f"{LEDGER}.jsonl"
+    try:
+        with open(path, "rb") as f:
+            start = max(0, f.seek(0, 2) - _TAIL_BYTES)
+            f.seek(start)
+            lines = f.read().split(b"\n")
+    except OSError:
+        return []
+    for line in reversed(lines[1:] if start else lines):   # past 0 the first line is cut
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue   # the line being written, or a cut first line
+        return [(str(e.get("caller", "?")), int(_float(e.get("bytes"), 0)))
+                for e in record.get("callers", []) if isinstance(e, dict)]
+    return []
