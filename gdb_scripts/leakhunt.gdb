@@ -17,6 +17,10 @@ set height 0
 set print thread-events off
 set print inferior-events off
 set breakpoint pending off
+# Attach without reading the libraries' symbols: gdb reads them while one thread of the target
+# is stopped (seconds for a torch server). leakhunt runs `sharedlibrary` once every thread runs
+# again, then sets auto-solib-add back on for libraries loaded later.
+set auto-solib-add off
 # Never fetch debug info over the network while the target waits.
 set debuginfod enabled off
 # Run nothing that ships beside the target's objects: it may be a container we do not trust.

@@ -88,19 +88,34 @@ def test_target_killed_mid_session_keeps_what_was_collected(spawn, leakers):
 
 
 def test_gdb_killed_mid_session_leaves_no_breakpoint_behind(spawn, leakers):
-    proc = spawn([leakers / "pool_leaker", "--rate", "4M", "--chunk", "1M", "--churn", "50"])
+    proc = spawn([leakers / "pool_leaker", "--rate", "4M", "--chunk", "1M"])
     backend = GdbBackend(open_target(proc.pid), TraceOptions(extra=gdb_extra(max_hits=10**6)))
     with backend:
         collect(backend, timeout=60, until=lambda ev: len(ev) >= 5)
+        # Kill gdb while the target sleeps between ticks: a thread stopped at a breakpoint when gdb
+        # dies, or a few instructions before one, runs onto the int3 before anybody can put the
+        # code back (the guard's known limit); one that sleeps wakes up to restored code.
+        _wait_all_sleeping(proc.pid)
         os.kill(backend._session.mi.pid, signal.SIGKILL)
         collect(backend, timeout=30)
         assert "gdb was killed by signal 9" in backend.finished
+    assert backend.details()["restored_sites"] >= 2, (backend.details(), backend.stats.notes)
     sites = backend._session.sites.values()
     assert all(read_memory(proc.pid, s.address, 1) != bytes([INT3]) for s in sites)
     assert tracer(proc.pid) == 0
-    # 50 mmap/munmap pairs a second through the very functions gdb had broken on: an int3 left
-    # behind would have killed it with SIGTRAP by now.
+    # It keeps calling syscall(SYS_mmap) and munmap(), where gdb had broken: an int3 left behind
+    # would kill it with SIGTRAP.
     assert makes_progress(proc.pid, 2.0) and proc.alive()
+
+
+def _wait_all_sleeping(pid: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        states = {open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[0]
+                  for t in os.listdir(f"/proc/{pid}/task")}
+        if states == {"S"}:
+            return
+        time.sleep(0.001)
 
 
 def test_stop_while_hits_are_in_flight_detaches_cleanly(spawn, leakers):

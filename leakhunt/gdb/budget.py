@@ -40,6 +40,7 @@ class Budget:
 @dataclass
 class CostMeter:
     attach_s: float = 0.0                  # from `attach` to the threads running again
+    symbols_s: float = 0.0                 # reading the libraries' symbols, the target running
     detach_s: float = 0.0
     stopped_s: float = 0.0                 # all hits, all threads
     hits: int = 0                          # hits measured
@@ -66,7 +67,7 @@ class CostMeter:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     def to_json(self) -> dict:
-        return {"attach_s": self.attach_s, "detach_s": self.detach_s, "stopped_s": self.stopped_s,
+        return {"attach_s": self.attach_s, "symbols_s": self.symbols_s, "detach_s": self.detach_s, "stopped_s": self.stopped_s,
                 "hits": self.hits, "mean_hit_s": self.mean_hit_s, "p99_hit_s": self.percentile(0.99),
                 "max_hit_s": self.max_hit_s}
 

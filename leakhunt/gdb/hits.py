@@ -1,11 +1,17 @@
-"""What happens at each breakpoint hit: one state machine per stopped thread, driven by MI records.
+"""What happens at each breakpoint hit: one small state machine per hit, driven by MI records.
 
 At the entry of ``syscall``/``mmap``... the thread is stopped; we send, in one write, the commands
-that read what we need (thread id, ``-stack-list-frames``, Python frames, argument registers) and
-``-exec-finish``, so gdb resumes the thread as soon as it has answered, before we even parse the
-answers. At ``function-finished`` we read %rax (the returned address) and ``-exec-continue`` in one
-write again. Two short stops per hit; anything else that stops a thread is resumed at once.
-Symbol offsets are asked for afterwards, while the thread runs.
+that read what we need (thread id, ``-stack-list-frames``, Python frames, argument registers), a
+temporary breakpoint for this thread at the return address, and ``-exec-continue``: gdb resumes the
+thread as soon as it has answered, before we even parse the answers. At the return breakpoint we
+read %rax (the returned address) and continue, in one write again: two short stops per hit.
+Anything else that stops a thread is resumed at once. Symbol offsets are asked for afterwards,
+while the thread runs.
+
+Why not ``-exec-finish``: a wrapper that calls another traced function (libucm's mmap hook ends in
+``syscall(SYS_mmap)``) stops the thread again before it returns, and gdb abandons a finish
+interrupted by a breakpoint. Our own return breakpoints, conditional on the stack pointer of the
+very call, survive nesting (and recursion): each hit of a nest returns in turn.
 """
 
 from __future__ import annotations
@@ -34,12 +40,13 @@ Send = Callable[[list[tuple[str, Callback | None]]], None]
 
 class Phase(Enum):
     ENTRY = "entry"           # stopped at the breakpoint
-    FINISHING = "finishing"   # running the syscall, until the wrapper returns
+    RUNNING = "running"       # in the call, until the return breakpoint
     RETURNED = "returned"     # stopped at the return address
 
 
-@dataclass
+@dataclass(eq=False)
 class Hit:
+    number: int               # sequence number, names this hit's gdb convenience variable
     site: Site
     thread: str
     ts: float
@@ -80,43 +87,41 @@ class HitHandler:
         self.cost = cost
         self.on_return_address = on_return_address  # where `finish` is about to put a breakpoint
         self.accepting = True                   # False once the session winds down
-        self.active: dict[str, Hit] = {}        # thread -> hit whose thread is not resumed yet
-        self.unfinished = 0                     # hits not emitted yet (active or awaiting answers)
+        self.returns: dict[str, Hit] = {}       # return breakpoint number -> hit
+        self.unfinished: set[Hit] = set()       # hits not emitted yet (running or awaiting answers)
         self.completed = 0
         self.lost = 0
         self.notes: list[str] = []
         self.python_frames = settings.python_frames      # off for good once gdb says it cannot
         self._threads: dict[str, tuple[int, str]] = {}   # gdb thread id -> (LWP, name)
         self._lookups: dict[int, list[Hit]] = {}         # address being symbolized -> hits waiting
+        self._sequence = 0
 
     # -- records ----------------------------------------------------------------------------------
 
     def on_stopped(self, record: Record) -> None:
         payload = record.payload if isinstance(record.payload, dict) else {}
         thread = payload.get("thread-id")
-        reason = payload.get("reason")
-        hit = self.active.get(thread) if thread else None
-        if reason == "function-finished" and hit is not None and hit.phase is Phase.FINISHING:
-            self._returned(hit, record.received)
-            return
-        if hit is not None:
-            # A stop in the middle of a hit (a signal handler that maps memory...): gdb cancelled the
-            # finish, the returned address is unknowable. Count the hit lost, never guess.
-            self._lose(hit, f"thread {thread} stopped ({reason}) before its call returned")
-        site = self.sites.get(str(payload.get("bkptno"))) if reason == "breakpoint-hit" else None
-        if site is not None and self._room_for_one_more() and thread:
-            self._begin(site, thread, record.received)
-        else:
-            self.resume(thread)
+        number = str(payload.get("bkptno"))
+        if payload.get("reason") == "breakpoint-hit" and thread:
+            hit = self.returns.pop(number, None)
+            if hit is not None:
+                self._returned(hit, record.received)
+                return
+            site = self.sites.get(number)
+            if site is not None and self._room_for_one_more():
+                self._begin(site, thread, record.received)
+                return
+        self.resume(thread)
 
     def _room_for_one_more(self) -> bool:
         budget = self.settings.budget.max_hits
-        return self.accepting and (budget is None or self.completed + self.unfinished < budget)
+        return self.accepting and (budget is None or self.completed + len(self.unfinished) < budget)
 
     def on_thread_exited(self, thread: str) -> None:
-        hit = self.active.get(thread)
-        if hit is not None:
-            self._lose(hit, f"thread {thread} exited during a hit")
+        # gdb deletes the thread's return breakpoints with it; their calls never returned.
+        for hit in [h for h in self.unfinished if h.thread == thread and not h.resumed]:
+            self._lose(hit, f"thread {thread} exited during a call")
         self._threads.pop(thread, None)
 
     def resume(self, thread: str | None) -> None:
@@ -127,10 +132,10 @@ class HitHandler:
 
     def _begin(self, site: Site, thread: str, received: float) -> None:
         s = self.settings
+        self._sequence += 1
         wants_stack = s.stacks and (site.kind in STACK_KINDS or s.unmap_stacks)
-        hit = Hit(site, thread, time.time(), received, wants_stack)
-        self.active[thread] = hit
-        self.unfinished += 1
+        hit = Hit(self._sequence, site, thread, time.time(), received, wants_stack)
+        self.unfinished.add(hit)
         commands: list[tuple[str, Callback | None]] = []
         if thread not in self._threads:
             commands.append((f"-thread-info {thread}", self._answer(hit, self._thread_info)))
@@ -148,16 +153,27 @@ class HitHandler:
         if s.budget.every_nth > 1 and site.kind in STACK_KINDS:
             number = next(n for n, other in self.sites.items() if other is site)
             commands.append((f"-break-after {number} {s.budget.every_nth - 1}", None))
-        commands.append((f"-exec-finish --thread {thread}", lambda r: self._finish_started(hit, r)))
+        # The return breakpoint: this thread only, and only when the stack pointer is back where
+        # this very call's `ret` leaves it (a recursive or nested call to the same place is not us).
+        sp = f"$lkhunt_sp{hit.number % 1024}"
+        commands += [(f"-data-evaluate-expression --thread {thread} {mi_quote(f'{sp} = $rsp + 8')}", None),
+                     (f"-break-insert --thread {thread} -t -p {thread} -c {mi_quote(f'$rsp == {sp}')} "
+                      f"{mi_quote('*(*(void **) $rsp)')}", lambda r: self._armed(hit, r)),
+                     (f"-exec-continue --thread {thread}", lambda r: self._running(hit, r))]
         self.send(commands)
 
-    def _finish_started(self, hit: Hit, record: Record) -> None:
-        if record.message == "running":
-            hit.stopped_s += record.received - hit.stopped_at
-            hit.phase = Phase.FINISHING
+    def _armed(self, hit: Hit, record: Record) -> None:
+        payload = record.payload if isinstance(record.payload, dict) else {}
+        bkpt = payload.get("bkpt")
+        if record.message == "done" and isinstance(bkpt, dict):
+            self.returns[str(bkpt.get("number"))] = hit
         else:
-            self._lose(hit, f"finish failed: {_message(record)}")
-            self.resume(hit.thread)
+            self._lose(hit, f"no breakpoint at the return address: {_message(record)}")
+
+    def _running(self, hit: Hit, record: Record) -> None:
+        hit.stopped_s += record.received - hit.stopped_at
+        if hit.phase is Phase.ENTRY:
+            hit.phase = Phase.RUNNING
 
     def _returned(self, hit: Hit, received: float) -> None:
         hit.stopped_at = received
@@ -170,8 +186,6 @@ class HitHandler:
         if record.message == "running":
             hit.stopped_s += record.received - hit.stopped_at
         hit.resumed = True
-        if self.active.get(hit.thread) is hit:
-            del self.active[hit.thread]
         self._complete(hit)
 
     # -- answers ----------------------------------------------------------------------------------
@@ -247,28 +261,28 @@ class HitHandler:
             self._lose(hit, "the arguments or the returned value could not be read")
             return
         hit.settled = True
-        self.unfinished -= 1
+        self.unfinished.discard(hit)
         self.completed += 1
         self.cost.add_hit(hit.stopped_s)
         self.emit(self._event(hit))
 
     def _lose(self, hit: Hit, why: str) -> None:
-        if self.active.get(hit.thread) is hit:
-            del self.active[hit.thread]
         if hit.settled:
             return
         hit.settled = True
-        self.unfinished -= 1
+        self.unfinished.discard(hit)
+        for number in [n for n, h in self.returns.items() if h is hit]:
+            del self.returns[number]
         self.lost += 1
         self._note(why)
 
     def abandon(self) -> int:
-        """At detach: the hits still in flight are lost (gdb's detach resumes their threads)."""
-        count = 0
-        for hit in list(self.active.values()):
-            self._lose(hit, "the session ended during a hit")
-            count += 1
-        return count
+        """At detach: the calls that have not returned yet are lost (detach resumes their threads)."""
+        pending = list(self.unfinished)
+        for hit in pending:
+            self._lose(hit, "the session ended during a call")
+        self.returns.clear()
+        return len(pending)
 
     def _note(self, text: str) -> None:
         if text not in self.notes and len(self.notes) < 20:

@@ -149,13 +149,21 @@ class GdbSession:
         except GdbCommandError as e:
             raise explain_attach_error(self.target, str(e)) from None
         except GdbTimeout:
-            raise BackendUnavailable("gdb", f"gdb took more than {self.config.attach_timeout:.0f}s to attach "
-                                     f"(reading symbols?)", "") from None
+            raise BackendUnavailable("gdb", f"gdb took more than {self.config.attach_timeout:.0f}s to attach",
+                                     "") from None
         self._attached = True
-        threads = self.mi.request("-thread-info").payload.get("threads", [])
+        threads = self.mi.request("-thread-info", timeout=self.config.attach_timeout).payload.get("threads", [])
         if any(t.get("state") == "stopped" for t in threads):
             self.mi.request("-exec-continue --all")
         self.cost.attach_s = time.monotonic() - started
+        started = time.monotonic()
+        try:
+            self.mi.console("sharedlibrary", timeout=self.config.attach_timeout)   # every thread runs
+            self.mi.console("set auto-solib-add on")
+        except GdbTimeout:
+            raise BackendUnavailable("gdb", f"gdb took more than {self.config.attach_timeout:.0f}s to read the "
+                                     f"target's symbols", "") from None
+        self.cost.symbols_s = time.monotonic() - started
         # Only now does gdb know the target's architecture (before, it would name i386 registers).
         names = self.mi.request("-data-list-register-names").payload["register-names"]
         self.registers = {name: number for number, name in enumerate(names) if name}
@@ -201,7 +209,7 @@ class GdbSession:
             reason = self._stop_reason or self.config.budget.exhausted(self.handler.completed, self._started, now)
             if reason:
                 self._wind_down(reason)
-        elif self.handler.unfinished == 0 or now >= self._winding_until:
+        elif not self.handler.unfinished or now >= self._winding_until:
             return False
         records = self.mi.read(0.25, self._wake_read)
         self._drain_wake()
@@ -216,7 +224,8 @@ class GdbSession:
     def _wind_down(self, reason: str) -> None:
         self.end.reason = self.end.reason or reason
         self.handler.accepting = False
-        self._send([("-break-delete", None)])
+        # Only the entry breakpoints: the return breakpoints of calls in flight still fire.
+        self._send([(f"-break-delete {' '.join(self.sites)}", None)])
         grace = 0.5 if self._stop_reason else self.config.grace_s
         self._winding_until = time.monotonic() + grace
 
@@ -278,7 +287,10 @@ class GdbSession:
 
     def _gdb_lost(self, why: str) -> None:
         # The kernel detached the target when gdb died, with gdb's int3 bytes still in its code:
-        # _quit_gdb puts the original bytes back (BreakpointGuard).
+        # put the original bytes back now, before a running thread reaches one. (A thread that sat
+        # at a breakpoint when gdb died was resumed onto it by the kernel at once: nobody can save
+        # it; the hit budget and short stops keep that window small.)
+        self.end.restored += self.guard.restore()
         self.end.reason = why
         self._note(f"{why} during the session")
 
@@ -340,7 +352,7 @@ class GdbSession:
             mi.kill()
         if self._attached and not self.end.target_exited and self.target.alive():
             if not self.end.detached:
-                self.end.restored += self.guard.restore()
+                self.end.restored += self.guard.restore()   # gdb hung, or died: anything left
                 self._note(f"gdb did not detach: leakhunt put back the original code at "
                            f"{self.end.restored} breakpoint site(s) of {self.guard.addresses} it guards")
             self.end.tracer_left = _tracer(self.target)
