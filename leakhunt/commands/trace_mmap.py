@@ -53,6 +53,7 @@ def command(pid: int, backend: str, duration: float | None, follow: bool, min_si
                                                       "backend": choice.name}) if record_dir else None
     session = TraceSession(target, choice.cls(target, options), writer)
     session.start()
+    console.print(Text(f"tracing {target.describe()} with {choice.name}; Ctrl-C stops", style="dim"))
 
     live = Live(console=console, auto_refresh=False, transient=True, redirect_stdout=False)
     show_live = console.is_terminal

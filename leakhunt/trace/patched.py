@@ -102,7 +102,12 @@ def patched_note(patched: list[PatchedFunction]) -> str | None:
     """One line for TraceStats.notes, or None when nothing is patched."""
     if not patched:
         return None
-    names = ", ".join(p.describe() for p in patched)
-    return (f"code patched in memory (memory hooks such as UCX libucm's): {names}; leakhunt places no "
-            "uprobes there (a probe on patched code kills the target with SIGILL), its tracepoints see "
-            "the syscalls the hooks make")
+    by_dest: dict[str, list[str]] = {}
+    for p in patched:
+        dest = p.jumps_to.library if p.jumps_to is not None else "somewhere unknown"
+        by_dest.setdefault(dest, []).append(p.symbol)
+    libc = patched[0].module.rsplit("/", 1)[-1]
+    hooks = "; ".join(f"{', '.join(names)} jump into {dest}" for dest, names in by_dest.items())
+    return (f"{libc} is patched in memory (memory hooks, like UCX libucm's): {hooks}. leakhunt places no "
+            "uprobes (one on patched code kills the target with SIGILL); its tracepoints see the syscalls "
+            "the hooks make")

@@ -102,6 +102,7 @@ class TraceSession:
         self.ledger = Ledger()
         self.streamed = 0
         self.started = 0.0
+        self.traced_s: float | None = None   # how long it traced, fixed when the loop ends
         self.stopped_because = ""
         self._history: deque[tuple[float, dict[tuple[str, str], int]]] = deque()
         self._last_ledger = 0.0
@@ -123,6 +124,8 @@ class TraceSession:
 
     @property
     def elapsed(self) -> float:
+        if self.traced_s is not None:
+            return self.traced_s
         return time.monotonic() - self.started if self.started else 0.0
 
     def step(self, timeout: float) -> list[MmapEvent]:
@@ -209,5 +212,6 @@ class TraceSession:
         except KeyboardInterrupt:
             self.stopped_because = "interrupted"
         finally:
+            self.traced_s = self.elapsed
             self.stop()
         return self.stopped_because
