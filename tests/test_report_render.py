@@ -163,3 +163,18 @@ def test_real_trace_recording_draws_outstanding_bytes_by_caller(leakers, spawn, 
     assert "outstanding-by-caller" in doc["plots"] and doc["tracer_data"]
     md = (tmp_path / "t.md").read_text()
     assert "lkpool_grow" in md and "No tracer data" not in md
+
+
+@pytest.mark.parametrize("samples", [1, 2])
+def test_a_recording_with_almost_no_samples_renders_every_section(leak_recording, tmp_path, samples):
+    import os
+
+    rec = tmp_path / "short"
+    shutil.copytree(leak_recording, rec)
+    lines = (rec / "samples.jsonl").read_text().splitlines(keepends=True)
+    (rec / "samples.jsonl").write_text("".join(lines[:samples]))
+    cp = run_leakhunt("report", rec, "--html", tmp_path / "r.html", "--json",
+                      env={**os.environ, "PYTHONWARNINGS": "error"})
+    assert cp.returncode == 0, cp.stderr
+    assert json.loads(cp.stdout)["verdict"] == "inconclusive"
+    assert "could not be drawn" not in (tmp_path / "r.html").read_text()

@@ -65,7 +65,8 @@ def _time_axis(ax, t: Sequence[float]) -> None:
     else:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}s"))
     ax.set_xlabel("time since the first sample")
-    ax.set_xlim(min(t) if len(t) else 0, max(t) if len(t) else 1)
+    if span > 0:   # a single sample has no span: leave matplotlib its own margins
+        ax.set_xlim(min(t), max(t))
 
 
 def _png(fig) -> bytes:
