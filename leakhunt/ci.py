@@ -22,6 +22,7 @@ from leakhunt.errors import BadInput, LeakhuntError, TargetGone
 from leakhunt.heap import HeapRun
 from leakhunt.proc.sampler import STOP_INTERRUPTED, History, Sample, Sampler
 from leakhunt.proc.target import Target, open_target
+from leakhunt.proc.tree import TreeSampler
 from leakhunt.units import format_duration, format_rate
 
 PASS, FAIL, ERROR = 0, 1, 2
@@ -153,6 +154,9 @@ class Gate:
 
     config: GateConfig
     on_sample: Callable[[Sample, History], None] | None = None
+    subprocesses: bool = False       # gate the whole tree under the target: its deduplicated totals
+    on_tick: Callable | None = None  # TreeSampler's callback, with subprocesses (recording)
+    keep_raw: bool = False           # keep smaps text for on_sample/on_tick (a recording's snapshots)
     command_output: object = None    # where a started command's stdout/stderr go (None: inherit)
     heap: HeapRun | None = None      # memray beside the run (--heap)
     notes: list[str] = field(default_factory=list)
@@ -194,14 +198,20 @@ class Gate:
         began = time.monotonic()
         loader = Launched(load, "load generator", self.command_output) if load else None
         try:
-            result = Sampler(target, self.config.interval).run(self.config.duration, self.on_sample)
+            if self.subprocesses:
+                result = TreeSampler(target, self.config.interval, self.keep_raw).run(self.config.duration,
+                                                                                      self.on_tick)
+                history = result.tree
+            else:
+                result = Sampler(target, self.config.interval, self.keep_raw).run(self.config.duration,
+                                                                                  self.on_sample)
+                history = result.history
         finally:
             if loader is not None:
                 if loader.returncode is not None:
                     self.notes.append(f"the load generator {loader.describe_exit()} before the end")
                 loader.stop()
         elapsed = time.monotonic() - began
-        history = result.history
         summary = summarize(history, warmup_s=self.config.warmup, min_slope=self.config.max_slope)
         code, reason = decide(summary, self.config)
         if result.error is not None:

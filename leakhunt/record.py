@@ -37,6 +37,7 @@ SUMMARY = "summary.json"
 SAMPLES = "samples"
 EVENTS = "events"
 NOTES = "notes"
+TREE = "tree"
 SNAPSHOTS = "snapshots"
 
 
@@ -284,3 +285,25 @@ class SampleRecorder:
         if sample is not None and sample.raw is not None:
             rel = self.writer.snapshot(sample.seq, sample.raw, self.pid)
             self.writer.append(SNAPSHOTS, {"seq": sample.seq, "t": sample.t, "pid": sample.pid, "snapshot": rel})
+
+
+class TreeRecorder:
+    """Writes a process tree's ticks (proc.tree.TreeSampler's on_tick) into a session: each
+    process's samples through its own SampleRecorder, and the tree's totals as the ``tree`` stream."""
+
+    def __init__(self, writer: SessionWriter) -> None:
+        self.writer = writer
+        self._recorders: dict[int, SampleRecorder] = {}
+
+    def __call__(self, samples, sampler=None, tree=None) -> None:
+        for sample in samples:
+            self._recorders.setdefault(sample.pid, SampleRecorder(self.writer, pid=sample.pid))(sample)
+        if tree is not None and len(tree):
+            self.writer.append(TREE, {"t": tree.t[-1], "ts": tree.ts[-1], "rss": tree.rss[-1],
+                                      "classes": {c.value: v[-1] for c, v in tree.classes.items() if v[-1]},
+                                      "pids": [s.pid for s in samples]})
+
+    def flush_last(self) -> None:
+        for recorder in self._recorders.values():
+            recorder.flush_last()
+

@@ -121,3 +121,18 @@ def test_command_crashing_mid_run_is_an_error(tmp_path):
 def test_annotation_escapes_newlines_and_percent():
     result = GateResult(GateConfig(1.0, 1.0), "x", None, None, PASS, "50% done\nnext")
     assert github.annotation(result) == "::notice title=leakhunt ci%3A no leak::50%25 done%0Anext"
+
+
+def test_subprocesses_gate_the_tree_and_stop_it_whole(leakers, tmp_path):
+    from leakhunt.record import Recording
+
+    script = f"{leakers / 'pool_leaker'} --rate 4M --chunk 1M & {leakers / 'steady'} & wait"
+    cp = run_leakhunt("ci", *GATE, "--duration", "6s", "--subprocesses", "--record", tmp_path / "rec", "--json",
+                      "--", "sh", "-c", script)
+    assert cp.returncode == FAIL, "the root shell does not grow, its child does"
+    pids = Recording.open(tmp_path / "rec").pids()
+    assert len(pids) == 3
+    deadline = time.monotonic() + 5
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_alive, pids))

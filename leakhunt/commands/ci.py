@@ -17,11 +17,11 @@ from rich.text import Text
 
 from leakhunt import ui
 from leakhunt.ci import ERROR, FAIL, Gate, GateConfig, GateResult, error_result
-from leakhunt.commands.options import (DURATION, RATE, duration_option, interval_option, json_option,
-                                       record_option, warmup_option)
+from leakhunt.commands.options import (RATE, duration_option, interval_option, json_option, record_option,
+                                       subprocesses_option, warmup_option)
 from leakhunt.errors import BadInput, LeakhuntError
 from leakhunt.heap import HeapRun
-from leakhunt.record import SampleRecorder, SessionWriter
+from leakhunt.record import SampleRecorder, SessionWriter, TreeRecorder
 from leakhunt.report import github
 from leakhunt.report.junit import junit_xml
 from leakhunt.units import format_bytes
@@ -34,6 +34,7 @@ from leakhunt.units import format_bytes
 @interval_option()
 @warmup_option
 @click.option("--load", "load", metavar="CMD", help="a load generator to run alongside (one quoted command line)")
+@subprocesses_option
 @click.option("--heap", is_flag=True, help="Python target: track its heap with memray (attach for --pid, "
               "run mode for a command) so the report shows the heap beside RSS")
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="write JUnit XML here")
@@ -41,8 +42,8 @@ from leakhunt.units import format_bytes
 @json_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def command(pid: int | None, max_slope: float, duration: float, interval: float, warmup: float | None,
-            load: str | None, heap: bool, junit_path: str | None, record_dir: str | None, as_json: bool,
-            command: tuple[str, ...]) -> None:
+            load: str | None, subprocesses: bool, heap: bool, junit_path: str | None, record_dir: str | None,
+            as_json: bool, command: tuple[str, ...]) -> None:
     """Fail when memory grows faster than --max-slope.
 
     Either gate a running process (--pid) or start COMMAND (after --), sample it for --duration
@@ -59,13 +60,15 @@ def command(pid: int | None, max_slope: float, duration: float, interval: float,
     config = GateConfig(max_slope, duration, interval, warmup)
     label = shlex.join(command) if command else f"pid {pid}"
     load_argv = shlex.split(load) if load else None
-    meta = {"pid": pid, "cmdline": label, "interval_s": interval, "max_slope_bytes_per_s": max_slope}
+    meta = {"pid": pid, "cmdline": label, "interval_s": interval, "max_slope_bytes_per_s": max_slope,
+            "subprocesses": subprocesses}
     if heap:
         meta["heap_mode"] = "attach" if pid is not None else "run"
     writer = SessionWriter(record_dir, "ci", meta) if record_dir else None
-    recorder = SampleRecorder(writer) if writer else None
+    recorder = (TreeRecorder(writer) if subprocesses else SampleRecorder(writer)) if writer else None
     # A started command's output goes to stderr so that --json keeps stdout one document.
-    gate = Gate(config, on_sample=recorder, command_output=sys.stderr,
+    gate = Gate(config, on_sample=None if subprocesses else recorder, subprocesses=subprocesses,
+                on_tick=recorder if subprocesses else None, keep_raw=writer is not None, command_output=sys.stderr,
                 heap=HeapRun(writer.dir if writer else None) if heap else None)
     try:
         result = gate.run_pid(pid, load_argv) if pid is not None else gate.run_command(command, load_argv)
@@ -81,7 +84,7 @@ def command(pid: int | None, max_slope: float, duration: float, interval: float,
 
 
 def _publish(result: GateResult, junit_path: str | None, writer: SessionWriter | None,
-             recorder: SampleRecorder | None, as_json: bool, console) -> None:
+             recorder: SampleRecorder | TreeRecorder | None, as_json: bool, console) -> None:
     if junit_path:
         Path(junit_path).write_bytes(junit_xml(result))
     line = github.publish(result)

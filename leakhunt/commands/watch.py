@@ -23,7 +23,7 @@ from leakhunt.heap import HeapRun
 from leakhunt.proc.sampler import History, Sample, Sampler
 from leakhunt.proc.target import Target, open_target
 from leakhunt.proc.tree import TreeResult, TreeSampler, children_hint
-from leakhunt.record import SampleRecorder, SessionWriter
+from leakhunt.record import SampleRecorder, SessionWriter, TreeRecorder
 from leakhunt.units import format_bytes, format_duration
 
 REFRESH_S = 1.0
@@ -216,22 +216,17 @@ def render_one(target: Target, history: History, summary: MemorySummary, interva
 def _watch_tree(target: Target, interval: float, duration: float | None, warmup: float | None,
                 writer: SessionWriter | None, live: LiveView):
     tree_sampler = TreeSampler(target, interval, keep_raw=writer is not None)
-    recorders: dict[int, SampleRecorder] = {}
+    recorder = TreeRecorder(writer) if writer else None
 
     def on_tick(samples: list[Sample], sampler: TreeSampler, tree: History) -> None:
-        if writer:
-            for sample in samples:
-                rec = recorders.setdefault(sample.pid, SampleRecorder(writer, pid=sample.pid))
-                rec(sample)
-            writer.append("tree", {"t": tree.t[-1], "ts": tree.ts[-1], "rss": tree.rss[-1],
-                                   "classes": {c.value: v[-1] for c, v in tree.classes.items() if v[-1]},
-                                   "pids": [s.pid for s in samples]})
+        if recorder:
+            recorder(samples, sampler, tree)
         if live.due(len(tree) == 1):
             live.show(render_tree(target, sampler, tree, warmup, interval, duration))
 
     result = tree_sampler.run(duration, on_tick)
-    for rec in recorders.values():
-        rec.flush_last()
+    if recorder:
+        recorder.flush_last()
     summary = summarize(result.tree, warmup_s=warmup, pid=target.pid)
     live.final = Group(Text(f"summary — stopped: {result.stopped_because}", style="bold"),
                        render_tree(target, tree_sampler, result.tree, warmup, interval, None))

@@ -16,12 +16,11 @@ from leakhunt.proc.classes import RegionClass
 from leakhunt.proc.growth import GroupStat
 from leakhunt.proc.sampler import History, Sample
 from leakhunt.proc.smaps import Snapshot, parse_smaps
-from leakhunt.record import EVENTS, Recording
+from leakhunt.record import EVENTS, TREE, Recording
 from leakhunt.report.streams import (CallerSeries, Culprits, TracerTotals, read_callers, read_culprits,
                                      read_event_counts, read_tracer_totals)
 
 
-TREE = "tree"
 _CLASS_NAMES = {c.value for c in RegionClass}
 
 
