@@ -10,6 +10,12 @@ from typing import Literal, Union
 Tone = Literal["info", "good", "warn", "bad"]
 
 
+def sentence(text: str) -> str:
+    """A library's lower-case reason ("growing ...") as a sentence of a report."""
+    text = text.strip()
+    return (text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")) if text else text
+
+
 @dataclass(frozen=True)
 class Para:
     text: str

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 
 from leakhunt.report import context_sections, evidence_sections, memory_sections
-from leakhunt.report.blocks import Callout, Headline, Report, Section
+from leakhunt.report.blocks import Callout, Headline, Report, Section, sentence
 from leakhunt.report.recorded import ReportData
 from leakhunt.units import format_bytes, format_duration, format_rate
 
@@ -83,7 +83,7 @@ def headline(data: ReportData) -> Headline:
         tone, badge = "info", "INCONCLUSIVE"
     else:
         tone, badge = "good", "NO LEAK"
-    answer = v.reason[:1].upper() + v.reason[1:] + "."
+    answer = sentence(v.reason)
     top = m.top_class()
     if v.leak and top is not None:
         answer += f" Most of it is {top.value} memory ({format_bytes(m.classes[top].growth, signed=True)})."

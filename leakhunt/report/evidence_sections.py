@@ -10,7 +10,7 @@ import numpy as np
 
 from leakhunt.heap import aligned_growth
 from leakhunt.report import plots
-from leakhunt.report.blocks import Callout, Code, Facts, Figure, Para, Section, Table
+from leakhunt.report.blocks import Callout, Code, Facts, Figure, Para, Section, Table, sentence
 from leakhunt.report.recorded import ReportData
 from leakhunt.units import format_bytes, format_rate
 
@@ -90,7 +90,7 @@ def who_mapped_it(data: ReportData) -> Section | None:
         unexplained = total / culprits.explained_fraction - total
     blocks = []
     if culprits.sentence:
-        blocks.append(Callout("bad", culprits.sentence[:1].upper() + culprits.sentence[1:]))
+        blocks.append(Callout("bad", sentence(culprits.sentence)))
     blocks.append(Figure("attribution", plots.attribution([c.label for c in cs], [c.bytes for c in cs], unexplained),
                          "Growth each caller's outstanding mappings explain (mapped, never unmapped, inside the "
                          "regions that grew), and what no traced mapping explains."))

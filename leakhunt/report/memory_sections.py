@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from leakhunt.report import plots
-from leakhunt.report.blocks import Callout, Facts, Figure, Para, Section, Table
+from leakhunt.report.blocks import Callout, Facts, Figure, Para, Section, Table, sentence
 from leakhunt.report.recorded import ReportData, is_exit_note
 from leakhunt.units import format_bytes, format_duration, format_rate
 
@@ -106,7 +106,7 @@ def is_it_a_leak(data: ReportData) -> Section | None:
                      "Total RSS at each sample with its robust (Theil–Sen) trend and the band spanned by "
                      "the slope's 95% confidence interval; the dashed line is the last part of the run, "
                      "fitted alone to tell a leak from growth that levelled off."),
-              Para(v.reason + "."),
+              Para(sentence(v.reason)),
               Facts((("slope", format_rate(v.trend.slope)), ("95% interval", _interval(v.trend) or "n/a"),
                      ("last part of the run", format_rate(v.tail.slope) if v.tail.samples else "n/a"),
                      ("fitted window", f"{format_duration(v.trend.duration_s)}, {v.trend.samples} samples"),
