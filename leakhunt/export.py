@@ -76,8 +76,11 @@ class Fleet:
         yield from (t for t in self._explicit if t.alive())
         if self.match is None:
             return
+        # A watched pid is not opened again each interval (open_target reads four /proc files);
+        # sample_once notices when it exits, or when the pid now belongs to another process.
+        skip = self._ignored | {pid for pid, _ in self._watched}
         for name in os.listdir(PROC):
-            if not name.isdigit() or int(name) in self._ignored:
+            if not name.isdigit() or int(name) in skip:
                 continue
             try:
                 cmdline = (PROC / name / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -102,6 +105,8 @@ class Fleet:
         self.discover()
         for key, w in list(self._watched.items()):
             try:
+                if not w.target.alive():   # exited, or its pid was reused by another process
+                    raise TargetGone(w.target.pid)
                 sample = w.sampler.take()
             except (TargetGone, AccessDenied):
                 del self._watched[key]
