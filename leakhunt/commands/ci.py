@@ -66,11 +66,11 @@ def command(pid: int | None, max_slope: float, duration: float, interval: float,
         meta["heap_mode"] = "attach" if pid is not None else "run"
     writer = SessionWriter(record_dir, "ci", meta) if record_dir else None
     recorder = (TreeRecorder(writer) if subprocesses else SampleRecorder(writer)) if writer else None
-    # A started command's output goes to stderr so that --json keeps stdout one document.
-    gate = Gate(config, on_sample=None if subprocesses else recorder, subprocesses=subprocesses,
-                on_tick=recorder if subprocesses else None, keep_raw=writer is not None, command_output=sys.stderr,
-                heap=HeapRun(writer.dir if writer else None) if heap else None)
     try:
+        # A started command's output goes to stderr so that --json keeps stdout one document.
+        gate = Gate(config, on_sample=None if subprocesses else recorder, subprocesses=subprocesses,
+                    on_tick=recorder if subprocesses else None, keep_raw=writer is not None,
+                    command_output=sys.stderr, heap=HeapRun(writer.dir if writer else None) if heap else None)
         result = gate.run_pid(pid, load_argv) if pid is not None else gate.run_command(command, load_argv)
     except LeakhuntError as e:
         result = error_result(config, label, e)
