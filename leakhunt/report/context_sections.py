@@ -51,17 +51,19 @@ def _recorded_command(s: dict) -> str | None:
 
 def reproduce(data: ReportData) -> Section:
     s, d = data.session, data.recording.dir
-    pid, cmdline = s.get("pid"), s.get("cmdline")
+    cmdline = s.get("cmdline")
     lines = ["# render this report again"]
     lines.append(f"leakhunt report {shlex.quote(str(d))} --html report.html --markdown report.md")
     recorded = _recorded_command(s)
     if recorded:
         lines += ["", "# the command that made the recording", recorded]
+    # The recorded pid is history by now: the commands below name the process to start or find.
+    lines += ["", "# start the target again (PID: its new process id), then watch it"]
     if cmdline:
-        lines += ["", "# start the target again, then watch it (PID: the new process)", str(cmdline)]
+        lines.append(str(cmdline))
     interval = format_duration(s.get("interval_s") or 1.0)
-    lines.append(f"leakhunt watch --pid {pid or 'PID'} --interval {interval} --record NEW_DIR")
-    lines += ["", "# name the code that maps the memory", f"leakhunt investigate --pid {pid or 'PID'} --record NEW_DIR"]
+    lines.append(f"leakhunt watch --pid PID --interval {interval} --record NEW_DIR")
+    lines += ["", "# name the code that maps the memory", "leakhunt investigate --pid PID --record NEW_DIR"]
     if (d / "memray.bin").exists():
         lines += ["", "# the Python heap, by allocation site", f"memray flamegraph {shlex.quote(str(d / 'memray.bin'))}"]
     return Section("Reproduce", "reproduce", (Code("\n".join(lines)),))
