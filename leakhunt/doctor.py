@@ -177,15 +177,15 @@ def check_memray() -> Check:
 
 
 def check_nvml() -> Check:
-    rc, out = _run([sys.executable, "-c",
-                    "import pynvml as n; n.nvmlInit(); print(n.nvmlDeviceGetCount(), n.nvmlSystemGetDriverVersion())"])
-    if rc == 0:
-        count, _, driver = out.partition(" ")
-        return Check("NVML / GPU", True, f"{count} GPU(s), driver {driver}", "", "GPU memory series", optional=True)
-    reason = "nvidia-ml-py not installed" if "No module named" in out else "no NVIDIA driver or GPU"
-    return Check("NVML / GPU", False, f"{reason}: GPU device memory is not sampled (everything else works)",
-                 "pip install 'leakhunt[gpu]' on a GPU machine" if "No module" in out else "",
-                 "GPU memory series", optional=True)
+    from leakhunt.gpu import GpuUnavailable, NvmlReader
+
+    reader = NvmlReader.open()
+    if isinstance(reader, GpuUnavailable):
+        return Check("NVML / GPU", False, f"{reader.reason}: device memory is not sampled (everything else works)",
+                     "", "device memory series", optional=True)
+    detail = f"{reader.devices} GPU(s), driver {reader._nvml.nvmlSystemGetDriverVersion()}"
+    reader.close()
+    return Check("NVML / GPU", True, detail, "", "device memory series", optional=True)
 
 
 def check_backends() -> list[Check]:

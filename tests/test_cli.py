@@ -43,3 +43,11 @@ def test_doctor_install_is_idempotent():
     doc = json.loads(cp.stdout)
     assert doc["install"]["failures"] == []
     assert doc["install"]["actions"] == []
+
+
+def test_doctor_says_whether_nvml_and_a_gpu_are_there():
+    doc = json.loads(run_leakhunt("doctor", "--json").stdout)
+    nvml = next(c for c in doc["checks"] if c["name"] == "NVML / GPU")
+    assert nvml["optional"]
+    if not nvml["ok"]:
+        assert "device memory is not sampled (everything else works)" in nvml["detail"]

@@ -25,7 +25,7 @@ def watched(leakers):
     """The syscall-pool leaker and the two controls, each watched for 20 s at the same time."""
     targets = {
         "pool": [leakers / "pool_leaker", "--rate", "4M", "--chunk", "512K", "--churn", "50"],
-        "plateau": [leakers / "plateau", "--rate", "16M", "--cap", "48M", "--chunk", "1M"],
+        "plateau": [leakers / "plateau", "--rate", "6M", "--cap", "60M", "--chunk", "1M"],
         "steady": [leakers / "steady", "--rate", "16M", "--chunk", "256K"],
     }
     procs, watches = {}, {}
@@ -160,3 +160,9 @@ def test_watch_records_a_session_that_reads_back(leakers, spawn, tmp_path):
     groups = rec.groups_frame()
     assert set(groups["class"]) >= {"anon", "lib"}
     assert rec.session["command"] == "watch" and rec.session["pid"] == proc.pid
+
+
+def test_without_a_gpu_device_memory_says_why(watched):
+    device = watched["steady"]["device_memory"]
+    assert device["available"] is False
+    assert "NVML" in device["reason"] or "nvidia-ml-py" in device["reason"]

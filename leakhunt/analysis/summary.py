@@ -72,6 +72,7 @@ class MemorySummary:
     classes: dict[RegionClass, SeriesSummary]
     groups: list[GroupSummary]            # the top growing groups, most growth first
     regions: list[RegionGrowthSummary]    # the top growing address ranges
+    device: SeriesSummary | None = None   # device memory (NVML), when it was sampled
 
     @property
     def leak(self) -> bool:
@@ -99,6 +100,7 @@ class MemorySummary:
             "classes": {c.value: s.to_json() for c, s in self.classes.items()},
             "top_groups": [g.to_json() for g in self.groups],
             "top_regions": [r.to_json() for r in self.regions],
+            "device_memory": {"available": True, **self.device.to_json()} if self.device else None,
         }
 
 
@@ -133,8 +135,9 @@ def summarize(history: History, warmup_s: float | None = None, min_slope: float 
                                                int(rg.growth[i]), bool(rg.new[i])))
     if pid is None:
         pid = history.first.pid if history.first else 0
+    device = series(history.gpu) if history.gpu and len(history.gpu) == len(history) else None
     return MemorySummary(pid, len(history), history.duration_s,
-                         series(history.rss), classes, groups, regions)
+                         series(history.rss), classes, groups, regions, device)
 
 
 def group_key_label(key: GroupKey) -> str:

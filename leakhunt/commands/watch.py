@@ -15,10 +15,11 @@ from rich.table import Table
 from rich.text import Text
 
 from leakhunt import ui
-from leakhunt.analysis.summary import MemorySummary, summarize
+from leakhunt.analysis.summary import MemorySummary, SeriesSummary, summarize
 from leakhunt.commands.options import (duration_option, interval_option, json_option, pid_option,
                                        record_option, subprocesses_option, warmup_option)
 from leakhunt.errors import LeakhuntError
+from leakhunt.gpu import NvmlReader
 from leakhunt.heap import HeapRun
 from leakhunt.proc.sampler import History, Sample, Sampler
 from leakhunt.proc.target import Target, open_target
@@ -53,18 +54,24 @@ def command(pid: int, interval: float, duration: float | None, warmup: float | N
     writer = SessionWriter(record_dir, "watch", {"pid": pid, "cmdline": target.cmdline, "interval_s": interval,
                                                  "subprocesses": subprocesses}) if record_dir else None
     live = LiveView(console)
+    nvml = NvmlReader.open()
+    gpu = nvml if isinstance(nvml, NvmlReader) else None
     heap_run = HeapRun(writer.dir if writer else None) if heap else None
     if heap_run:
         heap_run.attach(pid, duration)
     try:
         with live:
             if subprocesses:
-                document, lost, summary = _watch_tree(target, interval, duration, warmup, writer, live)
+                document, lost, summary = _watch_tree(target, interval, duration, warmup, writer, live, gpu)
             else:
-                document, lost, summary = _watch_one(target, interval, duration, warmup, writer, live)
+                document, lost, summary = _watch_one(target, interval, duration, warmup, writer, live, gpu)
     finally:
         if heap_run:
             heap_run.finish()
+        if gpu:
+            gpu.close()
+    if document.get("device_memory") is None:
+        document["device_memory"] = {"available": False, "reason": getattr(nvml, "reason", "not sampled")}
     document.update(interval_s=interval, record=record_dir)
     if heap_run:
         document.update(heap_growth_bytes=heap_run.growth)
@@ -117,9 +124,9 @@ class LiveView:
 # -- one process -----------------------------------------------------------------------------------
 
 def _watch_one(target: Target, interval: float, duration: float | None, warmup: float | None,
-               writer: SessionWriter | None, live: LiveView):
+               writer: SessionWriter | None, live: LiveView, gpu: NvmlReader | None):
     recorder = SampleRecorder(writer) if writer else None
-    sampler = Sampler(target, interval, keep_raw=writer is not None)
+    sampler = Sampler(target, interval, keep_raw=writer is not None, gpu=gpu)
 
     def on_sample(sample: Sample, history: History) -> None:
         if recorder:
@@ -150,18 +157,26 @@ def _header(target: Target, history: History, interval: float, duration: float |
     return text
 
 
-def _rss_line(summary: MemorySummary, history: History, label: str = "RSS") -> Text:
-    v = summary.rss.verdict
+def _series_line(label: str, series: SeriesSummary, values: list[int]) -> Text:
+    v = series.verdict
     text = Text(f"{label} ", style="bold")
-    text.append(format_bytes(summary.rss.end), style="bold")
+    text.append(format_bytes(series.end), style="bold")
     text.append("  ")
-    text.append_text(ui.growth_text(summary.rss.growth))
+    text.append_text(ui.growth_text(series.growth))
     text.append("  slope ")
     text.append_text(ui.rate_text(v.trend.slope, v.trend.lo, v.trend.hi, v.leak))
     text.append("  ")
     text.append_text(ui.verdict_badge(v.leak, v.plateau))
-    text.append("  " + ui.sparkline(history.rss, 32), style="red" if v.leak else "cyan")
+    text.append("  " + ui.sparkline(values, 32), style="red" if v.leak else "cyan")
     text.append(f"\n{v.reason}", style="dim")
+    return text
+
+
+def _rss_line(summary: MemorySummary, history: History, label: str = "RSS") -> Text:
+    text = _series_line(label, summary.rss, history.rss)
+    if summary.device is not None:
+        text.append("\n")
+        text.append_text(_series_line("device memory (NVML)", summary.device, history.gpu))
     return text
 
 
@@ -214,8 +229,8 @@ def render_one(target: Target, history: History, summary: MemorySummary, interva
 # -- a process tree --------------------------------------------------------------------------------
 
 def _watch_tree(target: Target, interval: float, duration: float | None, warmup: float | None,
-                writer: SessionWriter | None, live: LiveView):
-    tree_sampler = TreeSampler(target, interval, keep_raw=writer is not None)
+                writer: SessionWriter | None, live: LiveView, gpu: NvmlReader | None):
+    tree_sampler = TreeSampler(target, interval, keep_raw=writer is not None, gpu=gpu)
     recorder = TreeRecorder(writer) if writer else None
 
     def on_tick(samples: list[Sample], sampler: TreeSampler, tree: History) -> None:

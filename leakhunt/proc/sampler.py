@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from leakhunt.errors import AccessDenied, TargetGone
+from leakhunt.gpu import NvmlReader
 from leakhunt.proc.classes import RegionClass
 from leakhunt.proc.growth import GroupKey, GroupStat, groups
 from leakhunt.proc.smaps import Snapshot, parse_smaps
@@ -32,6 +33,7 @@ class Sample:
     classes: dict[RegionClass, int] = field(default_factory=dict)
     groups: dict[GroupKey, GroupStat] = field(default_factory=dict)
     raw: bytes | None = None  # the smaps text, kept only when a recording wants it
+    gpu_bytes: int | None = None  # device memory NVML says the process uses (None: not sampled)
 
     @property
     def rss(self) -> int:
@@ -45,6 +47,7 @@ class Sample:
             "groups": [[c.value, path, g.rss, g.regions] for (c, path), g in self.groups.items()
                        if g.rss],
             "snapshot": snapshot_path,
+            **({"gpu_bytes": self.gpu_bytes} if self.gpu_bytes is not None else {}),
         }
 
 
@@ -62,6 +65,7 @@ class History:
         self.first: Sample | None = None
         self.last: Sample | None = None
         self.cost_s: list[float] = []
+        self.gpu: list[int] = []          # device memory per sample, when NVML is sampled
 
     def add(self, sample: Sample) -> None:
         if self.first is None:
@@ -69,11 +73,14 @@ class History:
         self.last = sample
         self.append(sample.t, sample.ts, sample.rss, sample.classes,
                     {k: g.rss for k, g in sample.groups.items() if g.rss},
-                    {k: g.regions for k, g in sample.groups.items()}, sample.cost_s)
+                    {k: g.regions for k, g in sample.groups.items()}, sample.cost_s, sample.gpu_bytes)
 
     def append(self, t: float, ts: float, rss: int, classes: dict[RegionClass, int],
-               group_rss: dict[GroupKey, int], group_regions: dict[GroupKey, int], cost_s: float) -> None:
+               group_rss: dict[GroupKey, int], group_regions: dict[GroupKey, int], cost_s: float,
+               gpu_bytes: int | None = None) -> None:
         """Totals of one sample that are not one snapshot's (a process tree's, say)."""
+        if gpu_bytes is not None:
+            self.gpu.append(gpu_bytes)
         self.t.append(t)
         self.ts.append(ts)
         self.rss.append(rss)
@@ -148,7 +155,7 @@ class Sampler:
     """Takes samples of one target at a fixed interval."""
 
     def __init__(self, target: Target, interval: float = 1.0, keep_raw: bool = False,
-                 t0: float | None = None) -> None:
+                 t0: float | None = None, gpu: NvmlReader | None = None) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
         self.target = target
@@ -156,6 +163,7 @@ class Sampler:
         self.keep_raw = keep_raw
         self._t0 = t0   # the clock's zero; a tree's samplers share one
         self._seq = 0
+        self.gpu = gpu
 
     def take(self) -> Sample:
         """One sample now. Raises TargetGone or AccessDenied."""
@@ -168,9 +176,10 @@ class Sampler:
         status = read_status(pid)
         if not len(snapshot) and not self.target.alive():
             raise TargetGone(pid, f"process {pid} exited")
+        gpu_bytes = self.gpu.used_by({pid})[pid] if self.gpu is not None else None
         cost = time.monotonic() - began
         sample = Sample(self._seq, time.time(), began - self._t0, pid, snapshot, status, cost,
-                        snapshot.class_totals(), groups(snapshot), raw if self.keep_raw else None)
+                        snapshot.class_totals(), groups(snapshot), raw if self.keep_raw else None, gpu_bytes)
         self._seq += 1
         return sample
 

@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 
 from leakhunt.errors import AccessDenied, TargetGone
+from leakhunt.gpu import NvmlReader
 from leakhunt.proc.classes import CLASSES, RegionClass
 from leakhunt.proc.growth import GroupKey
 from leakhunt.proc.sampler import STOP_INTERRUPTED, History, Pace, Sample, Sampler
@@ -93,11 +94,13 @@ class TreeResult:
 class TreeSampler:
     """Samples a pid and all its descendants every interval, picking up new children as they come."""
 
-    def __init__(self, root: Target, interval: float = 1.0, keep_raw: bool = False) -> None:
+    def __init__(self, root: Target, interval: float = 1.0, keep_raw: bool = False,
+                 gpu: NvmlReader | None = None) -> None:
         self.interval = interval
         self.keep_raw = keep_raw
+        self.gpu = gpu
         self.t0 = time.monotonic()
-        self.root = ProcessTrack(root, Sampler(root, interval, keep_raw, t0=self.t0))
+        self.root = ProcessTrack(root, Sampler(root, interval, keep_raw, t0=self.t0, gpu=gpu))
         self.tracks: dict[int, ProcessTrack] = {root.pid: self.root}
         self.skipped: dict[int, str] = {}   # children we could not read, and why
 
@@ -116,7 +119,7 @@ class TreeSampler:
             except (TargetGone, AccessDenied) as e:
                 self.skipped[child.pid] = str(e)
                 continue
-            track = ProcessTrack(target, Sampler(target, self.interval, self.keep_raw, t0=self.t0),
+            track = ProcessTrack(target, Sampler(target, self.interval, self.keep_raw, t0=self.t0, gpu=self.gpu),
                                  first_seen=time.monotonic() - self.t0)
             self.tracks[child.pid] = track
             new.append(track)
@@ -153,8 +156,9 @@ class TreeSampler:
                     reason = str(error)
                     break
                 totals = tree_totals([s.snapshot for s in samples])
+                device = sum(s.gpu_bytes for s in samples if s.gpu_bytes) if self.gpu is not None else None
                 tree.append(began - self.t0, time.time(), totals.rss, totals.classes, totals.groups,
-                            totals.group_regions, time.monotonic() - began)
+                            totals.group_regions, time.monotonic() - began, device)
                 pss.append(totals.pss)
                 uss.append(totals.uss)
                 if on_tick is not None:
