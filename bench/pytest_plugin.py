@@ -39,6 +39,19 @@ def best_of(repeat: int, args: list[str], cwd: Path) -> float:
     return min(run(args, cwd) for _ in range(repeat))
 
 
+def import_costs() -> tuple[float, float]:
+    """(plugin module alone, pytest) cumulative import times in ms, from -X importtime: the
+    part of the plugin's cost that scheduling noise cannot hide."""
+    cp = subprocess.run([sys.executable, "-X", "importtime", "-c", "import leakhunt.pytest_plugin"],
+                        capture_output=True, text=True, check=True)
+    cumulative = {}
+    for line in cp.stderr.splitlines():
+        parts = [p.strip() for p in line.removeprefix("import time:").split("|")]
+        if len(parts) == 3 and parts[1].isdigit():
+            cumulative[parts[2]] = int(parts[1]) / 1000
+    return cumulative["leakhunt.pytest_plugin"] - cumulative["pytest"], cumulative["pytest"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tests", type=int, default=300)
@@ -55,7 +68,10 @@ def main() -> None:
             without.append(run(["-p", "no:leakhunt", "test_plain.py"], d))
         marked = best_of(opts.repeat, ["test_marked.py"], d)
         unmarked = best_of(opts.repeat, ["test_unmarked.py"], d)
+    plugin_ms, pytest_ms = min(import_costs() for _ in range(opts.repeat))
     w, wo = min(with_plugin), min(without)
+    print(f"import: leakhunt.pytest_plugin {plugin_ms:.1f} ms on top of pytest's own {pytest_ms:.1f} ms, "
+          f"ratio {plugin_ms / pytest_ms:.3f}")
     print(f"{opts.tests} unmarked tests, best of {opts.repeat}: with plugin {w:.3f}s, without {wo:.3f}s, "
           f"ratio {w / wo:.3f} (median ratio {statistics.median(with_plugin) / statistics.median(without):.3f})")
     print(f"one marked test (2 warm-up + 10 measured rounds): {marked:.3f}s vs unmarked {unmarked:.3f}s, "
