@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-pytest.importorskip("torch")
+pytest.importorskip("torch").set_num_threads(1)   # as the server runs: OpenMP spins on shared cores
 httpx = pytest.importorskip("httpx")
 
 from refserver import loadgen, tokenizer  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("torch")
+pytest.importorskip("torch").set_num_threads(1)   # as the server runs: OpenMP spins on shared cores
 
 from refserver import tokenizer  # noqa: E402
 from refserver.block_manager import BlockManager  # noqa: E402
