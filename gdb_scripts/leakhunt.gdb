@@ -31,3 +31,8 @@ set auto-load local-gdbinit off
 handle all nostop noprint pass
 handle SIGINT nostop noprint pass
 set backtrace limit 256
+# Each stop, gdb would describe the frame for the console (arguments read from debug info, the
+# source line looked up on disk) while the target thread waits: leakhunt reads none of it.
+set print frame-arguments none
+set print frame-info short-location
+set source open off

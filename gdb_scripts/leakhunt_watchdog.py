@@ -12,6 +12,7 @@ Usage (leakhunt does it):  source gdb_scripts/leakhunt_watchdog.py
 
 import os
 import select
+import signal
 import threading
 
 import gdb  # noqa: F401  (only inside gdb)
@@ -44,8 +45,21 @@ def _start():
     parent = os.environ.get("LEAKHUNT_WATCHDOG_PID")
     if fd is None or parent is None:
         return
-    threading.Thread(target=_watch, args=(int(fd), int(parent)), name="leakhunt-watchdog",
-                     daemon=True).start()
+    # The thread must block every signal gdb handles itself: the kernel would otherwise deliver
+    # SIGCHLD to it while gdb's main thread has it blocked around waitpid(), and gdb would miss
+    # the wakeup of a target thread that hit a breakpoint, leaving that thread stopped forever.
+    # gdb.Thread does exactly that (gdb >= 12); older gdbs get the mask blocked around start().
+    thread_class = getattr(gdb, "Thread", None)
+    if thread_class is not None:
+        thread_class(target=_watch, args=(int(fd), int(parent)), name="leakhunt-watchdog", daemon=True).start()
+    else:
+        everything = set(signal.Signals)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, everything)
+        try:
+            threading.Thread(target=_watch, args=(int(fd), int(parent)), name="leakhunt-watchdog",
+                             daemon=True).start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     gdb.write("leakhunt watchdog armed\n")
 
 

@@ -118,6 +118,11 @@ class HitHandler:
         budget = self.settings.budget.max_hits
         return self.accepting and (budget is None or self.completed + len(self.unfinished) < budget)
 
+    def holding(self) -> set[str]:
+        """Threads stopped at a hit right now, with our commands (and their resume) in flight."""
+        return {h.thread for h in self.unfinished
+                if h.phase is Phase.ENTRY or (h.phase is Phase.RETURNED and not h.resumed)}
+
     def on_thread_exited(self, thread: str) -> None:
         # gdb deletes the thread's return breakpoints with it; their calls never returned.
         for hit in [h for h in self.unfinished if h.thread == thread and not h.resumed]:

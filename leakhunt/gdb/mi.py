@@ -157,54 +157,42 @@ class MiChannel:
         r = parse_response(line)
         return Record(r["type"], r.get("message"), r.get("payload"), r.get("token"))
 
-    def unread(self, records: list[Record]) -> None:
-        """Give records back so that the next read() returns them first (in order)."""
-        self._queue.extendleft(reversed(records))
-
     def request(self, command: str, timeout: float = 30.0) -> Record:
         """Send one command and wait for its result record; other records are kept for read().
 
         Raises GdbCommandError on ^error, GdbTimeout, GdbDied.
         """
-        token = self.send(command)[0]
-        deadline = time.monotonic() + timeout
-        others: list[Record] = []
-        try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise GdbTimeout(f"gdb did not answer {command!r} within {timeout:.0f}s")
-                for record in self.read(left):
-                    if record.is_result and record.token == token:
-                        if record.message == "error":
-                            raise GdbCommandError(_error_message(record))
-                        return record
-                    others.append(record)
-        finally:
-            self._queue.extend(others)
+        return self._await(self.send(command)[0], command, timeout, [])
 
     def console(self, command: str, timeout: float = 30.0) -> str:
         """Run a CLI command through MI and return what it printed on the console stream."""
-        token = self.send(f"-interpreter-exec console {mi_quote(command)}")[0]
-        deadline = time.monotonic() + timeout
         text: list[str] = []
+        self._await(self.send(f"-interpreter-exec console {mi_quote(command)}")[0], command, timeout, text)
+        return "".join(text)
+
+    def _await(self, token: int, command: str, timeout: float, console: list[str]) -> Record:
+        """The result record of ``token``; console output meanwhile goes to ``console``, every
+        other record (a breakpoint hit...) back to the queue, in order, for the next read()."""
+        deadline = time.monotonic() + timeout
         others: list[Record] = []
+        answer: Record | None = None
         try:
-            while True:
+            while answer is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise GdbTimeout(f"gdb did not answer {command!r} within {timeout:.0f}s")
                 for record in self.read(left):
-                    if record.is_result and record.token == token:
-                        if record.message == "error":
-                            raise GdbCommandError(_error_message(record))
-                        return "".join(text)
-                    if record.kind == "console":
-                        text.append(str(record.payload))
+                    if answer is None and record.is_result and record.token == token:
+                        answer = record
+                    elif answer is None and record.kind == "console":
+                        console.append(str(record.payload))
                     else:
                         others.append(record)
         finally:
             self._queue.extend(others)
+        if answer.message == "error":
+            raise GdbCommandError(_error_message(answer))
+        return answer
 
     # -- ending ---------------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ REQUIRED_SETTINGS = {"non-stop": "on", "mi-async": "on"}
 #: gdb cannot report the exit of a target killed while one of its threads sat at a breakpoint (its
 #: pending exit status waits for a resume that fails), so the session also looks for itself.
 ALIVE_CHECK_S = 0.5
+SWEEP_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ class GdbSession:
         self._stop_reason: str | None = None
         self._started = 0.0
         self._next_alive_check = 0.0
+        self._next_sweep = 0.0
+        self._stopped_at_last_sweep: set[str] = set()
         self._ended = False
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
@@ -219,7 +222,20 @@ class GdbSession:
             self._next_alive_check = now + ALIVE_CHECK_S
             if not self.target.alive():
                 self._target_exited(exit_status_of(self.target))
+        if now >= self._next_sweep and not self._ended:
+            self._next_sweep = now + SWEEP_S
+            self._send([("-thread-info", self._sweep)])
         return True
+
+    def _sweep(self, record: Record) -> None:
+        """The safety net: a thread gdb shows stopped at two sweeps in a row is resumed (a hit takes
+        milliseconds; a thread stopped that long is one leakhunt lost track of)."""
+        threads = (record.payload or {}).get("threads", []) if record.message == "done" else []
+        stopped = {t.get("id") for t in threads if t.get("state") == "stopped"} - self.handler.holding()
+        for thread in stopped & self._stopped_at_last_sweep:
+            self._note(f"thread {thread} was left stopped: leakhunt resumed it")
+            self.handler.resume(thread)
+        self._stopped_at_last_sweep = stopped
 
     def _wind_down(self, reason: str) -> None:
         self.end.reason = self.end.reason or reason
