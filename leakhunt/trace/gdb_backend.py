@@ -8,6 +8,7 @@ TraceOptions.extra under the GDB_* keys below; `gdb_extra()` builds them.
 
 from __future__ import annotations
 
+import os
 import queue
 import shutil
 import threading
@@ -20,6 +21,7 @@ from leakhunt.trace.backend import Backend, TraceOptions
 from leakhunt.trace.events import MmapEvent
 
 GDB_PATH = "gdb_path"                  # str: gdb, cuda-gdb, /opt/gdb/bin/gdb
+GDB_ENV = "LEAKHUNT_GDB"               # the gdb to drive when GDB_PATH is not given (default: gdb)
 GDB_MAX_HITS = "gdb_max_hits"          # int: detach after this many handled hits
 GDB_TIME_BUDGET = "gdb_time_budget"    # float seconds: detach after this long
 GDB_EVERY = "gdb_every"                # int: stacks of 1 mmap in N (releases are never sampled)
@@ -45,10 +47,14 @@ def config_from_options(options: TraceOptions) -> GdbConfig:
     extra = options.extra
     budget = Budget(max_hits=extra.get(GDB_MAX_HITS, DEFAULT_MAX_HITS), max_seconds=extra.get(GDB_TIME_BUDGET),
                     every_nth=extra.get(GDB_EVERY, 1))
-    return GdbConfig(gdb_path=extra.get(GDB_PATH, "gdb"), kinds=frozenset(options.kinds), min_length=options.min_length,
+    return GdbConfig(gdb_path=extra.get(GDB_PATH) or default_gdb(), kinds=frozenset(options.kinds), min_length=options.min_length,
                      budget=budget, stacks=options.stacks, depth=extra.get(GDB_DEPTH, 128),
                      unmap_stacks=extra.get(GDB_UNMAP_STACKS, False),
                      python_frames=extra.get(GDB_PYTHON_FRAMES, True))
+
+
+def default_gdb() -> str:
+    return os.environ.get(GDB_ENV) or "gdb"
 
 
 class GdbBackend(Backend):
@@ -63,8 +69,10 @@ class GdbBackend(Backend):
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        if shutil.which("gdb") is None:
-            return "gdb is not installed (apt-get install gdb, or --gdb-path for another gdb)"
+        gdb = default_gdb()
+        if shutil.which(gdb) is None:
+            return (f"{gdb} not found (apt-get install gdb, or --gdb-path / ${GDB_ENV} for another gdb)"
+                    if gdb != "gdb" else "gdb is not installed (apt-get install gdb, or --gdb-path for another gdb)")
         if ptrace_scope() == 3:
             return "ptrace is disabled (kernel.yama.ptrace_scope=3)"
         return None
