@@ -84,6 +84,11 @@ class Backend(ABC):
         than every event it returned; None for backends that stream every event (gdb)."""
         return None
 
+    def details(self) -> dict:
+        """Backend-specific facts for a command's JSON document (gdb: what the session cost the
+        target, how it ended); empty by default."""
+        return {}
+
     def __enter__(self) -> Backend:
         self.start()
         return self
