@@ -14,6 +14,7 @@ from rich.text import Text
 from leakhunt import ui
 from leakhunt.commands.options import SIZE, duration_option, json_option, pid_option, record_option
 from leakhunt.errors import LeakhuntError
+from leakhunt.gdb.cli import gdb_options
 from leakhunt.proc.target import open_target
 from leakhunt.record import SessionWriter
 from leakhunt.trace.backend import BACKENDS, TraceOptions
@@ -37,8 +38,9 @@ TOP = 15
                    "costs more at high rates")
 @record_option
 @json_option
+@gdb_options
 def command(pid: int, backend: str, duration: float | None, follow: bool, min_size: int, all_events: bool,
-            record_dir: str | None, as_json: bool) -> None:
+            record_dir: str | None, as_json: bool, gdb_extra: dict) -> None:
     """Trace PID's mmap, munmap, mremap, brk, shmat/shmdt and memfd_create, and show the memory
     still mapped, by caller (the library and function past the libc wrapper).
 
@@ -48,7 +50,7 @@ def command(pid: int, backend: str, duration: float | None, follow: bool, min_si
     choice = choose_backend(backend)
     console = ui.console_for(as_json)
     console.print(Text(choice.explain(), style="dim"))
-    options = TraceOptions(follow=follow, min_length=min_size, extra={"stream_all": all_events})
+    options = TraceOptions(follow=follow, min_length=min_size, extra={"stream_all": all_events, **gdb_extra})
     writer = SessionWriter(record_dir, "trace-mmap", {"pid": pid, "cmdline": target.cmdline,
                                                       "backend": choice.name}) if record_dir else None
     session = TraceSession(target, choice.cls(target, options), writer)
@@ -107,6 +109,7 @@ def trace_document(session: TraceSession, choice: BackendChoice, record_dir: str
         "outstanding_mappings": sum(c.totals.mappings for c in callers),
         "by_caller": [caller_json(c) for c in callers],
         "notes": list(stats.notes),
+        "backend_details": session.backend.details(),
         "record": record_dir,
     }
 
