@@ -3,12 +3,15 @@ land in the anonymous memory that grew, budgets, sampling, thresholds, and Pytho
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
+from conftest import need
 
 from leakhunt.proc.classes import RegionClass
 from leakhunt.proc.growth import held_between, range_growth
@@ -176,3 +179,28 @@ def test_python_frames_name_the_python_function_and_line(spawn, tmp_path):
     eval_at = max(i for i, f in enumerate(frames) if f.symbol == "_PyEval_EvalFrameDefault"
                   and i < frames.index(grow[0]))
     assert frames[eval_at + 1].address == 0    # Python frames follow the C frame that runs them
+
+
+def test_a_target_in_another_mount_namespace_is_read_through_its_root(leakers, tmp_path):
+    """A container's files are not ours: here the leaker and its library exist only on a tmpfs
+    mounted in the target's own mount namespace; gdb must read them through /proc/PID/root."""
+    need(os.geteuid() == 0 and shutil.which("unshare") is not None, "needs root and unshare")
+    hidden = tmp_path / "ns"
+    hidden.mkdir()
+    script = (f"mount -t tmpfs none {hidden} && cp {leakers}/pool_leaker {leakers}/libleakpool.so {hidden}/ && "
+              f"exec {hidden}/pool_leaker --rate 4M --chunk 1M")
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        assert not (hidden / "pool_leaker").exists()                 # not in our namespace
+        backend = GdbBackend(open_target(proc.pid), TraceOptions(extra=gdb_extra(max_hits=12)))
+        with backend:
+            events = collect(backend, timeout=60)
+        grows = _pool_grows(events)
+        assert grows and grows[0].caller.module == f"{hidden}/libleakpool.so"
+        assert [f.symbol for f in grows[0].stack.frames[1:5]] == POOL_CHAIN
+        assert tracer(proc.pid) == 0 and proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()

@@ -132,8 +132,10 @@ class GdbSession:
                 raise BackendUnavailable("gdb", f"{self.config.gdb_path} cannot run with {name} {wanted}: "
                                          f"leakhunt would have to stop every thread at each hit", "")
         if foreign_mounts:
-            # The target sees another filesystem (a container): read its libraries through its root,
-            # and load only our own libthread_db, never one from inside the container.
+            # The target sees another filesystem (a container): read its libraries through its root.
+            # (A recent gdb's default sysroot, "target:", enters the target's mount namespace by
+            # itself when it may; /proc/PID/root works for any gdb, cuda-gdb included.) And load
+            # only our own libthread_db, never a library from inside the container.
             self.mi.console(f"set sysroot /proc/{self.target.pid}/root")
             self.mi.console("set libthread-db-search-path $sdir")
         try:
