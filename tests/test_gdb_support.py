@@ -3,10 +3,11 @@ tell whether a process is still running and untraced."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
+from leakhunt.errors import LeakhuntError
+from leakhunt.proc.target import open_target
 from leakhunt.trace.backend import Backend
 from leakhunt.trace.events import MmapEvent
 
@@ -49,8 +50,8 @@ def makes_progress(pid: int, seconds: float = 1.0) -> bool:
 
 
 def alive(pid: int) -> bool:
+    """Running, not a zombie its parent has yet to reap (Target.alive's own test)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return open_target(pid).alive()
+    except LeakhuntError:
         return False
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"

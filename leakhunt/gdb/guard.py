@@ -4,8 +4,13 @@ A software breakpoint is an int3 byte written over the target's code. gdb remove
 detaches; if gdb is killed instead, the kernel detaches the target with the int3 bytes still in
 place and the next thread to run over one dies of SIGTRAP: that is how a manual gdb session
 crashes a server. The guard remembers every address where gdb may have written one (our
-breakpoints, the return addresses `finish` breaks at, gdb's displaced-stepping scratch pad at the
-entry point) with the bytes the mapped file holds there, and puts back the ones that differ.
+breakpoints, the return addresses of calls in flight, gdb's displaced-stepping scratch pad at the
+entry point) with the bytes that were there, and puts back the ones that differ.
+
+"The bytes that were there" are read from the target's memory before gdb writes, not from the
+file: libucm patches libc's mmap/munmap with a jump into itself, and putting the file's first byte
+back under that jump would break the instruction. Only when memory already shows an int3 (a
+return address gdb armed before we looked) do we take the file's byte.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ class BreakpointGuard:
     def protect(self, address: int, length: int = 1) -> None:
         if address in self._original:
             return
-        data = self.space.file_bytes(address, length)
+        data = read_memory(self.space.target.pid, address, length)
+        if data is None or len(data) != length or INT3 in data:
+            data = self.space.file_bytes(address, length)
         if data is not None:
             self._original[address] = data
 
