@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,9 @@ import time
 
 import pytest
 
+import leakhunt.gdb.session as session_module
 from leakhunt.errors import AccessDenied
+from leakhunt.gdb.preflight import TraceAccess
 from leakhunt.gdb.guard import INT3
 from leakhunt.gdb.memory import read_memory
 from leakhunt.proc.target import open_target
@@ -137,6 +140,24 @@ def test_a_process_already_traced_is_refused_in_one_line(spawn, leakers):
             GdbBackend(open_target(proc.pid), TraceOptions()).start()
         message = str(refused.value)
         assert f"already traced by pid {strace.pid} (strace)" in message and "\n" not in message
+    finally:
+        strace.terminate()
+        strace.wait()
+    assert wait_untraced(proc.pid) == 0 and proc.alive()
+
+
+def test_gdb_refusing_to_attach_is_one_line_and_leaves_nothing(spawn, leakers, monkeypatch):
+    """The race past our own checks: another tracer attaches between them and gdb's attach."""
+    proc = spawn([leakers / "steady", "--rate", "1M"])
+    monkeypatch.setattr(session_module, "check_access", lambda target, gdb: TraceAccess(shutil.which(gdb), False))
+    strace = subprocess.Popen(["strace", "-p", str(proc.pid), "-o", os.devnull], stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_traced(proc.pid)
+        backend = GdbBackend(open_target(proc.pid), TraceOptions())
+        with pytest.raises(AccessDenied) as refused:
+            backend.start()
+        assert f"already traced by pid {strace.pid} (strace)" in str(refused.value)
+        assert backend._session.notes == [] and not alive(backend._session.mi.pid)
     finally:
         strace.terminate()
         strace.wait()

@@ -17,23 +17,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from leakhunt.errors import BackendUnavailable, LeakhuntError
+from leakhunt.errors import LeakhuntError
+from leakhunt.gdb.attach import attach, configure, settle
 from leakhunt.gdb.budget import Budget, CostMeter
 from leakhunt.gdb.frames import Symbolizer
 from leakhunt.gdb.guard import BreakpointGuard
 from leakhunt.gdb.hits import HitHandler, HitSettings
 from leakhunt.gdb.memory import AddressSpace
 from leakhunt.gdb.mi import GdbCommandError, GdbDied, GdbTimeout, MiChannel, Record, mi_quote
-from leakhunt.gdb.preflight import check_access, explain_attach_error, tracer_pid
-from leakhunt.gdb.python_frames import python_frames_helper
+from leakhunt.gdb.preflight import check_access, tracer_pid
 from leakhunt.gdb.sites import VIA_SYSCALL, VIA_WRAPPER, Site, plan_sites
 from leakhunt.proc.target import Target, proc_read
-from leakhunt.resources import gdb_script
 from leakhunt.trace.events import EventKind, MmapEvent
 
 DEFAULT_KINDS = frozenset({EventKind.MMAP, EventKind.MUNMAP, EventKind.MREMAP})
-#: Settings the session cannot work without (the rest of leakhunt.gdb may fail on an older gdb).
-REQUIRED_SETTINGS = {"non-stop": "on", "mi-async": "on"}
 #: gdb cannot report the exit of a target killed while one of its threads sat at a breakpoint (its
 #: pending exit status waits for a resume that fails), so the session also looks for itself.
 ALIVE_CHECK_S = 0.5
@@ -83,6 +80,9 @@ class GdbSession:
         self.sites: dict[str, Site] = {}            # gdb breakpoint number -> site
         self.mi: MiChannel | None = None
         self.handler: HitHandler | None = None
+        self.space: AddressSpace | None = None
+        self.guard: BreakpointGuard | None = None
+        self.registers: dict[str, int] = {}
         self.python_frames = False
         self._callbacks: dict[int, Callable[[Record], None] | None] = {}
         self._times: dict[str, int] = {}
@@ -94,6 +94,7 @@ class GdbSession:
         self._next_sweep = 0.0
         self._stopped_at_last_sweep: set[str] = set()
         self._ended = False
+        self._finished = False
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
 
@@ -110,70 +111,18 @@ class GdbSession:
             self.guard.protect(site.address)
         self.mi = MiChannel(access.gdb)
         try:
-            self._configure(access.foreign_mounts)
-            self._attach()
+            self.python_frames = configure(self.mi, self.target, self.space, access.foreign_mounts,
+                                           self.config.python_frames and self.config.stacks, self._note)
+            started = time.monotonic()
+            attach(self.mi, self.target, self.config.attach_timeout)
+            self._attached = True   # from here on, every way out detaches
+            self.registers = settle(self.mi, self.config.attach_timeout, self.cost, started)
             self._insert(planned)
         except BaseException:
             self.end.reason = "start failed"
             self._finish()
             raise
         self._started = time.monotonic()
-
-    def _configure(self, foreign_mounts: bool) -> None:
-        lines = [line.strip() for line in gdb_script("leakhunt.gdb").read_text().splitlines()]
-        for line in (line for line in lines if line and not line.startswith("#")):
-            try:
-                self.mi.console(line)
-            except GdbCommandError as e:
-                self._note(f"gdb setting skipped: {line} ({e})")
-        for name, wanted in REQUIRED_SETTINGS.items():
-            value = (self.mi.request(f"-gdb-show {name}").payload or {}).get("value")
-            if value != wanted:
-                raise BackendUnavailable("gdb", f"{self.config.gdb_path} cannot run with {name} {wanted}: "
-                                         f"leakhunt would have to stop every thread at each hit", "")
-        if foreign_mounts:
-            # The target sees another filesystem (a container): read its libraries through its root.
-            # (A recent gdb's default sysroot, "target:", enters the target's mount namespace by
-            # itself when it may; /proc/PID/root works for any gdb, cuda-gdb included.) And load
-            # only our own libthread_db, never a library from inside the container.
-            self.mi.console(f"set sysroot /proc/{self.target.pid}/root")
-            self.mi.console("set libthread-db-search-path $sdir")
-        try:
-            self.mi.console(f"source {gdb_script('leakhunt_watchdog.py')}")
-        except GdbCommandError as e:
-            self._note(f"gdb-side watchdog unavailable ({e}): gdb still detaches when leakhunt's pipe closes")
-        if self.config.python_frames and self.config.stacks:
-            self.python_frames = python_frames_helper(self.mi, self.space, self._note)
-
-    def _attach(self) -> None:
-        started = time.monotonic()
-        try:
-            # `attach &` in non-stop mode stops only one thread while gdb reads the symbols; the
-            # rest of the server keeps running (a plain -target-attach would stop every thread).
-            self.mi.console(f"attach {self.target.pid} &", timeout=self.config.attach_timeout)
-        except GdbCommandError as e:
-            raise explain_attach_error(self.target, str(e)) from None
-        except GdbTimeout:
-            raise BackendUnavailable("gdb", f"gdb took more than {self.config.attach_timeout:.0f}s to attach",
-                                     "") from None
-        self._attached = True
-        threads = self.mi.request("-thread-info", timeout=self.config.attach_timeout).payload.get("threads", [])
-        if any(t.get("state") == "stopped" for t in threads):
-            self.mi.request("-exec-continue --all")
-        self.cost.attach_s = time.monotonic() - started
-        started = time.monotonic()
-        try:
-            self.mi.console("sharedlibrary", timeout=self.config.attach_timeout)   # every thread runs
-            self.mi.console("set auto-solib-add on")
-        except GdbTimeout:
-            raise BackendUnavailable("gdb", f"gdb took more than {self.config.attach_timeout:.0f}s to read the "
-                                     f"target's symbols", "") from None
-        self.cost.symbols_s = time.monotonic() - started
-        # Only now does gdb know the target's architecture (before, it would name i386 registers).
-        names = self.mi.request("-data-list-register-names").payload["register-names"]
-        self.registers = {name: number for number, name in enumerate(names) if name}
-        if "rdi" not in self.registers:
-            raise BackendUnavailable("gdb", "the target is not an x86-64 process", "")
 
     def _insert(self, planned: list[Site]) -> None:
         settings = HitSettings(self.config.budget, self.config.depth, self.config.stacks,
@@ -314,7 +263,7 @@ class GdbSession:
 
     def _finish(self) -> None:
         """Detach (or restore), quit gdb, verify. Idempotent; never raises."""
-        if self.mi is None or getattr(self, "_finished", False):
+        if self.mi is None or self._finished:
             return
         self._finished = True
         self._ended = True
@@ -337,7 +286,11 @@ class GdbSession:
             self._request("-break-delete", 10)
             self._request("-target-detach", 15)
             self.end.detached = True
-        except (GdbDied, GdbTimeout, GdbCommandError) as e:
+        except GdbCommandError as e:
+            if "not being run" not in str(e):   # else the attach itself had failed: nothing to undo
+                self._note(f"detach failed ({e}): restoring the target's code directly")
+                self.end.restored += self.guard.restore()
+        except (GdbDied, GdbTimeout) as e:
             self._note(f"detach failed ({e}): restoring the target's code directly")
             self.end.restored += self.guard.restore()
         self.cost.detach_s = time.monotonic() - started
@@ -374,8 +327,8 @@ class GdbSession:
                 self._note(f"gdb did not detach: leakhunt put back the original code at "
                            f"{self.end.restored} breakpoint site(s) of {self.guard.addresses} it guards")
             self.end.tracer_left = _tracer(self.target)
-            if self.end.tracer_left:
-                self._note(f"the target is still traced by pid {self.end.tracer_left}")
+            if self.end.tracer_left == mi.pid:
+                self._note(f"the target is still traced by gdb (pid {mi.pid})")
 
     def _note(self, text: str) -> None:
         if text not in self.notes:
