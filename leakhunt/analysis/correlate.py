@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -23,10 +23,14 @@ from leakhunt.trace.events import Frame, Stack
 from leakhunt.units import format_bytes, format_rate
 
 #: Classes whose growth a mapping tracer can explain, and those we explain by other evidence.
-TRACED_CLASSES = (RegionClass.ANON, RegionClass.SHM, RegionClass.PINNED)
+TRACED_CLASSES = (RegionClass.ANON, RegionClass.SHM, RegionClass.PINNED, RegionClass.HEAP)
 NATIVE_GROWTH_CLASSES = (RegionClass.ANON, RegionClass.SHM, RegionClass.PINNED, RegionClass.HEAP, RegionClass.GPU)
 #: A culprit must explain at least this share of the growth to be accused.
 MIN_SHARE = 0.05
+#: glibc aligns every non-main malloc arena heap to HEAP_MAX_SIZE (2 * DEFAULT_MMAP_THRESHOLD_MAX,
+#: 64 MiB on 64-bit) and grows it in place with mprotect: an anonymous region that starts on that
+#: alignment and, with its PROT_NONE reserve, spans at most that much is an arena heap.
+ARENA_HEAP = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class Culprit:
     known: KnownCulprit | None = None
     pid: int | None = None
     mappings: int = 0               # outstanding mappings (or segments) behind it
+    detail: str = ""                # e.g. the /dev/shm name pattern of the segments it maps
+    origin: str = ""                # the first frame outside the C library, when the caller is in it
 
     @property
     def title(self) -> str:
@@ -66,7 +72,7 @@ class Culprit:
                 "slope_bytes_per_s": self.slope, "share": self.share, "evidence": self.evidence,
                 "known": self.known.to_json() if self.known else None,
                 "remedies": list(self.known.remedies) if self.known else [], "pid": self.pid,
-                "mappings": self.mappings}
+                "mappings": self.mappings, "detail": self.detail, "origin": self.origin}
 
 
 @dataclass(frozen=True)
@@ -95,8 +101,12 @@ class Attribution:
         what = {RegionClass.ANON: "anonymous memory", RegionClass.SHM: "/dev/shm memory",
                 RegionClass.PINNED: "pinned host memory", RegionClass.HEAP: "heap memory",
                 RegionClass.GPU: "GPU driver mappings"}.get(top.klass, f"{top.klass.value} memory")
-        by = f"mapped by {top.library}'s {top.symbol}" if top.evidence == "traced mmap" and top.symbol else \
-            f"in {top.library}" if top.evidence != "traced mmap" else f"mapped by {top.library}"
+        if top.evidence.startswith("traced"):
+            by = f"mapped by {top.library}'s {top.symbol}" if top.symbol else f"mapped by {top.library}"
+            if top.origin:
+                by += f" (called from {top.origin.split('+')[0]})"
+        else:
+            by = f"in {top.library}"
         text = f"{top.share:.0%} of native memory growth is {what} {by} ({format_rate(top.slope)})"
         if top.known and top.known.remedies:
             text += f"; {top.known.remedies[0]}"
@@ -109,14 +119,6 @@ class Attribution:
                 "culprits": [c.to_json() for c in self.culprits], "verdict": self.sentence()}
 
 
-def _class_at(snapshot: Snapshot, addresses: np.ndarray) -> list[RegionClass | None]:
-    k = np.searchsorted(snapshot.start, addresses, side="right") - 1
-    out: list[RegionClass | None] = []
-    for a, i in zip(addresses.tolist(), k.tolist()):
-        out.append(CLASSES[snapshot.classes[i]] if i >= 0 and a < int(snapshot.end[i]) else None)
-    return out
-
-
 def _traced(before: Snapshot, after: Snapshot, outstanding: Sequence[Outstanding], duration: float,
             total: int) -> list[Culprit]:
     if not outstanding:
@@ -124,28 +126,44 @@ def _traced(before: Snapshot, after: Snapshot, outstanding: Sequence[Outstanding
     lo = np.array([o.start for o in outstanding], np.uint64)
     hi = lo + np.array([o.length for o in outstanding], np.uint64)
     growth = held_between(after, lo, hi) - held_between(before, lo, hi)
-    classes = _class_at(after, lo)
+    where = _region_at(after, lo)
     by_caller: dict[tuple, list] = {}
-    for o, g, klass in zip(outstanding, growth.tolist(), classes):
+    for o, g, i in zip(outstanding, growth.tolist(), where):
+        klass = CLASSES[after.classes[i]] if i is not None else None
         if klass not in TRACED_CLASSES:
-            continue  # unmapped again in the meantime, or not native memory
+            continue  # unmapped again in the meantime, or not memory we attribute
         f = o.caller
-        key = (o.pid, f.library if f else "?", (f.symbol or "") if f else "", klass)
-        acc = by_caller.setdefault(key, [0.0, 0, o])
+        # Segments of one kind (one name pattern) mapped by one caller are one culprit.
+        pattern = shm_pattern(after.path[i]) if klass is RegionClass.SHM else ""
+        key = (o.pid, f.library if f else "?", (f.symbol or "") if f else "", klass, pattern)
+        acc = by_caller.setdefault(key, [0.0, 0, o, after.path[i]])
         acc[0] += g
         acc[1] += 1
         if o.stack is not None and (acc[2].stack is None or len(o.stack.frames) > len(acc[2].stack.frames)):
             acc[2] = o  # keep the deepest stack as the representative one
     culprits = []
-    for (pid, library, symbol, klass), (g, n, rep) in by_caller.items():
+    for (pid, library, symbol, klass, pattern), (g, n, rep, path) in by_caller.items():
         if g <= 0:
             continue
         stack = rep.stack.frames if rep.stack else ((rep.caller,) if rep.caller else ())
-        known = match(klass, rep.caller, tuple(stack))
+        known = match(klass, rep.caller, tuple(stack), shm_name=path if pattern else None)
+        origin = next((str(f) for f in stack if not _in_libc(f)), "") if rep.caller and _in_libc(rep.caller) else ""
         culprits.append(Culprit(library, symbol, klass, int(g), g / duration if duration > 0 else 0.0,
                                 g / total if total > 0 else 0.0, "traced mmap", tuple(str(f) for f in stack),
-                                rep.stack.partial if rep.stack else True, known, pid, n))
+                                rep.stack.partial if rep.stack else True, known, pid, n,
+                                f"segments /dev/shm/{pattern}" if pattern else "", origin))
     return culprits
+
+
+def _in_libc(frame: Frame) -> bool:
+    """malloc's own frames (sbrk, sysmalloc...) name the mechanism, not who asked for memory."""
+    return frame.library.startswith(("libc.so", "libc-", "ld-linux"))
+
+
+def _region_at(snapshot: Snapshot, addresses: np.ndarray) -> list[int | None]:
+    """Index of the region holding each address, None where nothing is mapped."""
+    k = np.searchsorted(snapshot.start, addresses, side="right") - 1
+    return [i if i >= 0 and a < int(snapshot.end[i]) else None for a, i in zip(addresses.tolist(), k.tolist())]
 
 
 _DIGITS = re.compile(r"\d+")
@@ -182,6 +200,33 @@ def _shm(before: Snapshot, after: Snapshot, duration: float, total: int, covered
             for pattern, (g, n, path) in by_pattern.items()]
 
 
+def _arenas(before: Snapshot, after: Snapshot, duration: float, total: int, covered: set[int],
+            pid: int | None) -> list[Culprit]:
+    """Growth of glibc malloc arena heaps that no traced mapping explains (mapped before tracing
+    began: arenas grow inside their 64 MiB reservation with mprotect, not with new mmaps)."""
+    anon = CLASSES.index(RegionClass.ANON)
+    grown, n = 0, 0
+    for i in np.flatnonzero((after.classes == anon) & (after.start % ARENA_HEAP == 0)).tolist():
+        if i in covered:
+            continue
+        end = int(after.end[i])
+        if i + 1 < len(after) and int(after.start[i + 1]) == end and after.perms[i + 1] == "---p" \
+                and after.path[i + 1] == "":
+            end = int(after.end[i + 1])   # the arena's PROT_NONE reserve follows it
+        if end - int(after.start[i]) > ARENA_HEAP or after.perms[i][:2] != "rw":
+            continue
+        g = int(after.rss[i]) - int(held_between(before, after.start[i:i + 1], after.end[i:i + 1])[0])
+        if g > 0:
+            grown += g
+            n += 1
+    if grown <= 0:
+        return []
+    return [Culprit("glibc malloc arenas", "", RegionClass.ANON, grown, grown / duration if duration > 0 else 0.0,
+                    grown / total if total > 0 else 0.0, "arena shape", (), True,
+                    match(RegionClass.ANON, Frame(0, "libc.so.6", "new_heap")), pid, n,
+                    f"{n} arena heap{'s' if n > 1 else ''} (64 MiB-aligned anonymous regions) mapped before tracing")]
+
+
 def _by_class(klass: RegionClass, growth: int, duration: float, total: int, pid: int | None,
               label: str, evidence: str) -> Culprit:
     known = match(klass, Frame(0, "libc.so.6", "malloc") if klass is RegionClass.HEAP else None)
@@ -201,16 +246,24 @@ def correlate(before: Snapshot, after: Snapshot, outstanding: Sequence[Outstandi
     covered: set[int] = set()
     if outstanding:
         lo = np.array([o.start for o in outstanding], np.uint64)
-        for i in np.searchsorted(after.start, lo, side="right") - 1:
-            if i >= 0:
-                covered.add(int(i))
+        covered = {i for i in _region_at(after, lo) if i is not None}
     culprits += _shm(before, after, duration_s, total, covered, pid)
-    if by_class[RegionClass.HEAP] > 0:
-        culprits.append(_by_class(RegionClass.HEAP, by_class[RegionClass.HEAP], duration_s, total, pid,
-                                  "[heap] (malloc main arena)", "heap"))
-    if by_class[RegionClass.GPU] > 0:
-        culprits.append(_by_class(RegionClass.GPU, by_class[RegionClass.GPU], duration_s, total, pid,
-                                  "GPU driver mappings", "gpu mappings"))
+    for arena in _arenas(before, after, duration_s, total, covered, pid):
+        # Arena heaps mapped before tracing and the ones traced since are one culprit: malloc's.
+        traced = next((c for c in culprits if c.known is arena.known and c.klass is RegionClass.ANON), None)
+        if traced is None:
+            culprits.append(arena)
+        else:
+            culprits[culprits.index(traced)] = replace(
+                traced, bytes=traced.bytes + arena.bytes, slope=traced.slope + arena.slope,
+                share=traced.share + arena.share, evidence="traced mmap + arena shape",
+                detail=f"{traced.mappings} arena heaps traced, {arena.detail}")
+    # Heap and GPU growth that no traced brk/mmap explains still has a name.
+    for klass, label, evidence in ((RegionClass.HEAP, "[heap] (malloc main arena)", "heap"),
+                                   (RegionClass.GPU, "GPU driver mappings", "gpu mappings")):
+        rest = by_class[klass] - sum(c.bytes for c in culprits if c.klass is klass)
+        if rest > 0:
+            culprits.append(_by_class(klass, rest, duration_s, total, pid, label, evidence))
     culprits = [c for c in culprits if c.share >= min_share]
     culprits.sort(key=lambda c: -c.bytes)
     return Attribution(total, by_class, duration_s, culprits)

@@ -1,0 +1,173 @@
+"""`leakhunt investigate --pid PID`: which library leaks, how fast, with which stack, and what to do."""
+
+from __future__ import annotations
+
+import time
+
+import click
+from rich.console import Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from leakhunt import ui
+from leakhunt.analysis.correlate import Attribution, Culprit
+from leakhunt.commands.options import DURATION, interval_option, json_option, pid_option, record_option, warmup_option
+from leakhunt.errors import LeakhuntError
+from leakhunt.investigate import Evaluation, InvestigateOptions, Investigation, InvestigationResult
+from leakhunt.proc.target import open_target
+from leakhunt.record import SessionWriter
+from leakhunt.trace.backend import BACKENDS
+from leakhunt.units import format_bytes, format_duration, format_rate
+
+REFRESH_S = 1.0
+
+
+@click.command("investigate")
+@pid_option()
+@click.option("--duration", "-d", type=DURATION, default="60s", show_default=True,
+              help="the longest it runs; it stops earlier once the verdict is confident")
+@interval_option()
+@warmup_option
+@click.option("--backend", "-b", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
+              help="mmap tracer")
+@click.option("--gdb-stacks/--no-gdb-stacks", default=True, show_default=True,
+              help="when the BPF stack of the top caller is shallow, take a few full stacks with gdb")
+@click.option("--follow", is_flag=True, help="also trace children the process forks")
+@record_option
+@json_option
+def command(pid: int, duration: float, interval: float, warmup: float | None, backend: str, gdb_stacks: bool,
+            follow: bool, record_dir: str | None, as_json: bool) -> None:
+    """Sample PID's memory and trace its mmaps together, then name the caller that holds the growth.
+
+    Prints the RSS slope with its interval, the culprits ranked by the growth they explain (with
+    stack and remedies), and how much of the growth is explained at all.
+    """
+    target = open_target(pid)
+    console = ui.console_for(as_json)
+    writer = SessionWriter(record_dir, "investigate", {"pid": pid, "cmdline": target.cmdline,
+                                                       "interval_s": interval}) if record_dir else None
+    options = InvestigateOptions(duration=duration, interval=interval, warmup=warmup, backend=backend,
+                                 gdb_stacks=gdb_stacks, follow=follow)
+    live = Live(console=console, auto_refresh=False, transient=True, redirect_stdout=False)
+    show_live = console.is_terminal
+    last = [0.0]
+
+    def on_update(inv: Investigation, evaluation: Evaluation | None) -> None:
+        now = time.monotonic()
+        if show_live and now - last[0] >= REFRESH_S:
+            last[0] = now
+            live.update(render_progress(inv), refresh=True)
+
+    investigation = Investigation(target, options, writer, on_update)
+    if show_live:
+        live.start()
+    try:
+        result = investigation.run()
+    finally:
+        if show_live:
+            live.stop()
+    document = result.to_json()
+    document["record"] = record_dir
+    if writer:
+        writer.finish(document)
+    if as_json:
+        ui.emit_json(ui.clean_json(document))
+    else:
+        console.print(render_result(result))
+        if record_dir:
+            console.print(f"[dim]recorded in {record_dir} — the post-mortem: leakhunt report {record_dir}[/]")
+    if result.error:
+        raise LeakhuntError(f"{result.error} after {format_duration(result.summary.duration_s)}; "
+                            f"the verdict above is from what was collected")
+
+
+def render_progress(inv: Investigation) -> Group:
+    text = Text()
+    text.append("leakhunt investigate ", style="bold")
+    text.append(f"{inv.target.describe()}\n", style="cyan")
+    tracer = inv.choice.name if inv.choice else f"no tracer ({inv.no_tracer})"
+    events = inv.session.backend.stats.events if inv.session else 0
+    text.append(f"{format_duration(inv.elapsed)} / {format_duration(inv.options.duration)} · "
+                f"{len(inv.history)} samples · {tracer} · {events} mmap calls", style="dim")
+    parts = [text]
+    if inv.evaluations:
+        ev = inv.evaluations[-1]
+        v = ev.summary.rss.verdict
+        line = Text("RSS ")
+        line.append(format_bytes(ev.summary.rss.end), style="bold")
+        line.append("  slope ")
+        line.append_text(ui.rate_text(v.trend.slope, v.trend.lo, v.trend.hi, v.leak))
+        line.append("  ")
+        line.append_text(ui.verdict_badge(v.leak, v.plateau))
+        parts += [line, culprit_table(ev.attribution, brief=True)]
+    return Group(*parts)
+
+
+def culprit_table(attribution: Attribution, brief: bool = False) -> Table:
+    table = Table(title=None if brief else "culprits (ranked by the growth they explain)", title_justify="left",
+                  box=None, pad_edge=False)
+    for col, justify in (("#", "right"), ("culprit", "left"), ("class", "left"), ("growth", "right"),
+                         ("share", "right"), ("rate", "right"), ("known as", "left")):
+        table.add_column(col, justify=justify, overflow="fold" if col in ("culprit", "known as") else "ellipsis")
+    for i, c in enumerate(attribution.culprits, 1):
+        table.add_row(str(i), Text(c.title, style="bold" if i == 1 else ""), c.klass.value, format_bytes(c.bytes),
+                      f"{c.share:.0%}", format_rate(c.slope), Text(c.known.name if c.known else "—"))
+    if not attribution.culprits:
+        table.add_row("", Text("no culprit", style="dim"), "", "", "", "", "")
+    return table
+
+
+def _culprit_detail(c: Culprit, source: str) -> Text:
+    text = Text()
+    text.append(f"{c.title}", style="bold")
+    if c.origin:
+        text.append(f" called from {c.origin}", style="bold")
+    text.append(f"  ({c.evidence}{', ' + str(c.mappings) + ' mappings' if c.mappings else ''}"
+                f"{', ' + c.detail if c.detail else ''})\n", style="dim")
+    if c.stack:
+        text.append(f"stack ({source}{', partial' if c.stack_partial else ''}):\n", style="dim")
+        for frame in c.stack:
+            text.append(f"    {frame}\n")
+    if c.known:
+        text.append(f"{c.known.explanation}\n", style="italic")
+        for remedy in c.known.remedies:
+            text.append("  ➜ ", style="green")
+            text.append(f"{remedy}\n")
+        for ref in c.known.references:
+            text.append(f"    {ref}\n", style="dim")
+    return text
+
+
+def render_result(result: InvestigationResult) -> Group:
+    s = result.summary
+    v = s.rss.verdict
+    a = result.attribution
+    head = Text()
+    head.append_text(ui.verdict_badge(v.leak, v.plateau))
+    head.append("  ")
+    head.append(result.verdict() + "\n", style="bold")
+    head.append(f"RSS {format_bytes(s.rss.start)} → {format_bytes(s.rss.end)}  slope ")
+    head.append_text(ui.rate_text(v.trend.slope, v.trend.lo, v.trend.hi, v.leak))
+    head.append(f"\n{v.reason}", style="dim")
+    parts = [Panel(head, title=f"leakhunt investigate · {result.target.describe()}", title_align="left",
+                   border_style="red" if v.leak else "green")]
+    if a.growth > 0:
+        parts.append(culprit_table(a))
+        parts.append(Text(f"explained {a.explained_fraction:.0%} of {format_bytes(a.growth)} native growth"
+                          + (f"; {format_bytes(a.unexplained)} unexplained (growth in memory mapped before tracing "
+                             "began, or by calls no tracer saw)" if a.unexplained else ""), style="dim"))
+        for c in a.culprits[:3]:
+            source = "gdb" if result.gdb and result.gdb.get("culprit") == c.title and result.gdb.get("stack") else "bpf"
+            parts.append(_culprit_detail(c, source))
+    stats = result.session.backend.stats if result.session else None
+    evidence = (f"{s.samples} samples over {format_duration(s.duration_s)} (stopped: {result.stopped_because}); "
+                + (f"backend {result.choice.name}: {stats.events} mmap calls, {stats.lost_events} lost"
+                   if stats else f"no tracer: {result.no_tracer}"))
+    if result.gdb:
+        evidence += f"; gdb: {result.gdb.get('stacks', 0)} stacks of {result.gdb.get('culprit')}"
+    parts.append(Text(evidence, style="dim"))
+    for note in result.notes:
+        parts.append(Text(f"note: {note}", style="yellow"))
+    return Group(*parts)

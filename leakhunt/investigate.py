@@ -1,0 +1,312 @@
+"""`investigate`: the sampler and the best tracer together, the correlator over both, and gdb for
+a full stack of the top caller when the BPF stack is shallow. Stops as soon as the verdict is
+confident, or at the duration.
+
+The loop is single-threaded: between two smaps samples it polls the tracer, so events flow into
+the ledger while the sampler keeps its pace. Tracing starts before the first sample, so every
+mapping made inside the window is known; growth inside mappings made before it is reported as
+unexplained rather than guessed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from leakhunt.analysis.correlate import Attribution, Outstanding, correlate
+from leakhunt.analysis.summary import MemorySummary, summarize
+from leakhunt.errors import AccessDenied, BackendUnavailable, LeakhuntError, TargetGone
+from leakhunt.gpu import NvmlReader
+from leakhunt.proc.sampler import STOP_DURATION, STOP_INTERRUPTED, History, Sample, Sampler
+from leakhunt.proc.target import Target
+from leakhunt.record import SampleRecorder, SessionWriter
+from leakhunt.trace.backend import TraceOptions, backend_class
+from leakhunt.trace.events import EventKind, Frame, Stack
+from leakhunt.trace.session import BackendChoice, TraceSession, choose_backend
+
+STOP_CONFIDENT = "verdict confident"
+VERDICT = "verdict"
+STACKS = "stacks"
+#: Never decide before this much evidence, whatever the numbers say.
+MIN_DECIDE_S = 15.0
+#: A confident verdict: a leak, this much of it explained, by the same culprit this many times running.
+CONFIDENT_EXPLAINED = 0.9
+CONFIDENT_REPEATS = 3
+EVALUATE_EVERY_S = 2.0
+#: The gdb pass that deepens a shallow stack: its budget, so the target is stopped only briefly.
+GDB_HITS = 25
+GDB_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class InvestigateOptions:
+    duration: float = 60.0
+    interval: float = 1.0
+    warmup: float | None = None
+    backend: str = "auto"
+    gdb_stacks: bool = True
+    min_decide_s: float = MIN_DECIDE_S
+    follow: bool = False
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    t: float
+    summary: MemorySummary
+    attribution: Attribution
+
+    @property
+    def top(self) -> str | None:
+        return self.attribution.culprits[0].title if self.attribution.culprits else None
+
+    def to_record(self) -> dict:
+        v = self.summary.rss.verdict
+        return {"t": self.t, "leak": v.leak, "rss_slope_bytes_per_s": v.trend.slope,
+                "slope_interval": [v.trend.lo, v.trend.hi], "explained_fraction": self.attribution.explained_fraction,
+                "attribution": self.attribution.to_json()}
+
+
+@dataclass
+class InvestigationResult:
+    target: Target
+    choice: BackendChoice | None
+    no_tracer: str | None                  # why there was no tracer, if there was none
+    history: History
+    summary: MemorySummary
+    attribution: Attribution
+    evaluations: list[Evaluation]
+    stopped_because: str
+    error: Exception | None = None         # the target was lost mid-run
+    session: TraceSession | None = None
+    gdb: dict | None = None                # the deep-stack pass: what it found and cost
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def leak(self) -> bool:
+        return self.summary.leak
+
+    def verdict(self) -> str:
+        v = self.summary.rss.verdict
+        if not v.leak:
+            return f"no leak: {v.reason}"
+        return self.attribution.sentence()
+
+    def to_json(self) -> dict:
+        v = self.summary.rss.verdict
+        stats = self.session.backend.stats if self.session else None
+        return {
+            "command": "investigate",
+            "pid": self.target.pid,
+            "cmdline": self.target.cmdline,
+            "leak": v.leak,
+            "verdict": self.verdict(),
+            "rss_verdict": v.reason,
+            "rss_slope_bytes_per_s": v.trend.slope,
+            "slope_interval": [v.trend.lo, v.trend.hi],
+            "explained_fraction": self.attribution.explained_fraction,
+            "unexplained_bytes": self.attribution.unexplained,
+            "culprits": [c.to_json() for c in self.attribution.culprits] if v.leak else [],
+            "growing_not_leaking": [c.to_json() for c in self.attribution.culprits] if not v.leak else [],
+            "attribution": self.attribution.to_json(),
+            "duration_s": self.summary.duration_s,
+            "samples": self.summary.samples,
+            "stopped_because": self.stopped_because,
+            "backend": self.choice.name if self.choice else None,
+            "backends_unavailable": self.choice.unavailable if self.choice else {},
+            "no_tracer": self.no_tracer,
+            "events": stats.events if stats else 0,
+            "lost_events": stats.lost_events if stats else 0,
+            "gdb": self.gdb,
+            "memory": self.summary.to_json(),
+            "notes": self.notes + (list(stats.notes) if stats else []),
+        }
+
+
+def outstanding_of(session: TraceSession) -> list[Outstanding]:
+    info = session.ledger.site_info
+    out = []
+    for o in session.ledger.outstanding():
+        caller, stack = info.get(o.site, (None, None))
+        out.append(Outstanding(o.pid, o.start, o.end - o.start, caller, stack, o.ts / 1e9))
+    return out
+
+
+class Investigation:
+    """One run of investigate over one target."""
+
+    def __init__(self, target: Target, options: InvestigateOptions, writer: SessionWriter | None = None,
+                 on_update: Callable[[Investigation, Evaluation | None], None] | None = None) -> None:
+        self.target = target
+        self.options = options
+        self.writer = writer
+        self.on_update = on_update
+        self.history = History()
+        self.evaluations: list[Evaluation] = []
+        self.session: TraceSession | None = None
+        self.choice: BackendChoice | None = None
+        self.no_tracer: str | None = None
+        self.notes: list[str] = []
+        nvml = NvmlReader.open()
+        self._gpu = nvml if isinstance(nvml, NvmlReader) else None
+        self.sampler = Sampler(target, options.interval, keep_raw=writer is not None, gpu=self._gpu)
+        self.recorder = SampleRecorder(writer) if writer else None
+        self.started = 0.0
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started if self.started else 0.0
+
+    def _start_tracer(self) -> None:
+        try:
+            self.choice = choose_backend(self.options.backend)
+        except BackendUnavailable as e:
+            if self.options.backend != "auto":
+                raise
+            self.no_tracer = e.reason
+            return
+        if self.choice.name == "gdb" and self.options.backend == "auto":
+            # gdb stops the target at every mmap: fine for a deep look, wrong as the always-on tracer.
+            self.no_tracer = "no BPF backend works here (" + "; ".join(
+                f"{n}: {r}" for n, r in self.choice.unavailable.items()) + ")"
+            self.choice = None
+            return
+        backend = self.choice.cls(self.target, TraceOptions(follow=self.options.follow))
+        self.session = TraceSession(self.target, backend, self.writer)
+        self.session.start()
+
+    def _sample(self) -> Sample:
+        sample = self.sampler.take()
+        self.history.add(sample)
+        if self.recorder:
+            self.recorder(sample)
+        return sample
+
+    def evaluate(self) -> Evaluation:
+        summary = summarize(self.history, warmup_s=self.options.warmup, pid=self.target.pid)
+        outstanding = outstanding_of(self.session) if self.session else []
+        first, last = self.history.first, self.history.last
+        attribution = correlate(first.snapshot, last.snapshot, outstanding, self.history.duration_s,
+                                pid=self.target.pid)
+        ev = Evaluation(self.history.duration_s, summary, attribution)
+        self.evaluations.append(ev)
+        if self.writer:
+            self.writer.append(VERDICT, ev.to_record())
+        return ev
+
+    def confident(self) -> bool:
+        if self.history.duration_s < self.options.min_decide_s or len(self.evaluations) < CONFIDENT_REPEATS:
+            return False
+        recent = self.evaluations[-CONFIDENT_REPEATS:]
+        if not all(e.summary.leak for e in recent):
+            return False
+        if self.session is None:  # no tracer: the RSS verdict is all there is to be sure of
+            return True
+        return (len({e.top for e in recent}) == 1 and recent[-1].top is not None
+                and recent[-1].attribution.explained_fraction >= CONFIDENT_EXPLAINED)
+
+    def run(self) -> InvestigationResult:
+        reason, error = STOP_DURATION, None
+        self._start_tracer()
+        try:
+            self.started = time.monotonic()
+            self._sample()  # the baseline: errors here are the caller's (TargetGone, AccessDenied)
+            next_sample = self.started + self.options.interval
+            last_eval = 0.0
+            while True:
+                while (now := time.monotonic()) < next_sample:
+                    if self.session:
+                        self.session.step(min(0.25, next_sample - now))
+                    else:
+                        time.sleep(next_sample - now)
+                next_sample += self.options.interval
+                try:
+                    self._sample()
+                except (TargetGone, AccessDenied) as e:
+                    reason, error = str(e), e
+                    break
+                evaluation = None
+                if self.history.duration_s - last_eval >= EVALUATE_EVERY_S:
+                    last_eval = self.history.duration_s
+                    evaluation = self.evaluate()
+                if self.on_update:
+                    self.on_update(self, evaluation)
+                if self.confident():
+                    reason = STOP_CONFIDENT
+                    break
+                if self.elapsed >= self.options.duration:
+                    break
+        except KeyboardInterrupt:
+            reason = STOP_INTERRUPTED
+        finally:
+            if self.session:
+                self.session.traced_s = self.session.elapsed
+                self.session.stopped_because = reason
+                self.session.stop()
+        if len(self.history) < 2:
+            raise LeakhuntError(f"{self.target.describe()}: {reason} before a second sample; nothing to judge")
+        final = self.evaluate()
+        gdb = None
+        if self.options.gdb_stacks and error is None and final.summary.leak and reason != STOP_INTERRUPTED:
+            gdb = self._deepen(final)
+            if gdb and gdb.get("stack"):
+                final = Evaluation(final.t, final.summary, _with_stack(final.attribution, gdb))
+                if self.writer:
+                    self.writer.append(VERDICT, final.to_record())
+        if self._gpu:
+            self._gpu.close()
+        return InvestigationResult(self.target, self.choice, self.no_tracer, self.history, final.summary,
+                                   final.attribution, self.evaluations, reason, error, self.session, gdb,
+                                   self.notes)
+
+    def _deepen(self, ev: Evaluation) -> dict | None:
+        """Full stacks for the top traced caller from a short, budgeted gdb session."""
+        top = next((c for c in ev.attribution.culprits if c.evidence == "traced mmap"), None)
+        if top is None or len(top.stack) > 3 and not top.stack_partial:
+            return None
+        try:
+            gdb_cls = backend_class("gdb")
+            why = gdb_cls.unavailable_reason()
+        except BackendUnavailable as e:
+            why = e.reason
+        if why:
+            self.notes.append(f"no gdb stack for {top.title}: {why}")
+            return None
+        from leakhunt.trace.gdb_backend import gdb_extra
+
+        extra = gdb_extra(max_hits=GDB_HITS, time_budget=GDB_SECONDS)
+        backend = gdb_cls(self.target, TraceOptions(kinds=frozenset({EventKind.MMAP}), extra=extra))
+        stacks: list[Stack] = []
+        began = time.monotonic()
+        try:
+            backend.start()
+            while time.monotonic() - began < GDB_SECONDS + 2 and not backend.finished:
+                for ev in backend.poll(0.5):
+                    if ev.stack and _same_caller(ev.caller, ev.stack, top.library, top.symbol):
+                        stacks.append(ev.stack)
+                        if self.writer:
+                            self.writer.append(STACKS, ev)
+                if len(stacks) >= 5:
+                    break
+        except (BackendUnavailable, AccessDenied, TargetGone, LeakhuntError) as e:
+            self.notes.append(f"gdb pass for {top.title} failed: {e}")
+        finally:
+            backend.stop()
+        details = backend.details() if hasattr(backend, "details") else {}
+        best = max(stacks, key=lambda s: len(s.frames), default=None)
+        return {"culprit": top.title, "stacks": len(stacks), "stack": [str(f) for f in best.frames] if best else [],
+                "stack_partial": best.partial if best else True, "hits": details.get("hits"),
+                "cost": details.get("cost"), "end": details.get("end")}
+
+
+def _same_caller(caller: Frame | None, stack: Stack, library: str, symbol: str) -> bool:
+    frames = ((caller,) if caller else ()) + stack.frames
+    return any(f.library == library and (f.symbol or "") == symbol for f in frames)
+
+
+def _with_stack(attribution: Attribution, gdb: dict) -> Attribution:
+    from dataclasses import replace
+
+    culprits = [replace(c, stack=tuple(gdb["stack"]), stack_partial=gdb["stack_partial"])
+                if c.title == gdb["culprit"] else c for c in attribution.culprits]
+    return replace(attribution, culprits=culprits)
