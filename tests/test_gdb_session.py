@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,11 +160,16 @@ SCRIPT = textwrap.dedent("""\
 """)
 
 
-def test_python_frames_name_the_python_function_and_line(spawn, tmp_path):
+@pytest.mark.parametrize("python", [sys.executable, "python3.12", "python3.13"])
+def test_python_frames_name_the_python_function_and_line(spawn, tmp_path, python):
+    """CPython 3.11 to 3.13 lay out their frames differently; the reader knows all three."""
+    interpreter = _interpreter(python)
+    if interpreter is None:
+        pytest.skip(f"no {python} here")
     script = tmp_path / "pyserver.py"
     script.write_text(SCRIPT)
     grow_line = SCRIPT.splitlines().index(next(l for l in SCRIPT.splitlines() if "GROW_LINE" in l)) + 1
-    proc = spawn([sys.executable, script])
+    proc = spawn([interpreter, script])
     backend = GdbBackend(open_target(proc.pid), TraceOptions(kinds=frozenset({EventKind.MMAP}),
                                                              extra=gdb_extra(max_hits=3)))
     with backend:
@@ -204,3 +210,12 @@ def test_a_target_in_another_mount_namespace_is_read_through_its_root(leakers, t
     finally:
         proc.kill()
         proc.wait()
+
+
+def _interpreter(name: str) -> str | None:
+    """``name`` as a working interpreter: on PATH, or installed beside ours (pyenv, uv)."""
+    siblings = sorted(Path(sys.base_prefix).parent.glob(f"*/bin/{Path(name).name}"))
+    for candidate in [name if os.path.isabs(name) else shutil.which(name), *map(str, siblings)]:
+        if candidate and subprocess.run([candidate, "-c", "pass"], capture_output=True).returncode == 0:
+            return candidate
+    return None
