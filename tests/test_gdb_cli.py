@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import leakhunt_json, run_leakhunt
+from conftest import leakhunt_json, need, run_leakhunt
 
 from test_gdb_support import makes_progress, tracer, wait_untraced
 
@@ -108,6 +109,30 @@ def test_a_traced_target_is_one_line(spawn, leakers):
     assert cp.returncode == 2
     lines = cp.stderr.strip().splitlines()
     assert len(lines) == 1 and "already traced" in lines[0] and "strace" in lines[0], lines
+
+
+DROP = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def test_without_root_gdb_traces_the_users_own_process(spawn, leakers, tmp_path):
+    need(os.geteuid() == 0 and shutil.which("setpriv") is not None, "needs root and setpriv to drop privileges")
+    proc = spawn([*DROP, leakers / "pool_leaker", "--rate", "4M", "--chunk", "1M"])
+    cp = subprocess.run([*DROP, sys.executable, "-m", "leakhunt", "trace-mmap", "--pid", str(proc.pid), "--backend",
+                         "gdb", "--duration", "2s", "--json"], capture_output=True, text=True, timeout=120,
+                        cwd=tmp_path)
+    assert cp.returncode == 0, cp.stderr
+    assert json.loads(cp.stdout)["by_caller"][0]["symbol"] == "lkpool_grow"
+    assert tracer(proc.pid) == 0 and proc.alive()
+
+
+def test_without_root_another_users_process_is_one_line(spawn, leakers):
+    need(os.geteuid() == 0 and shutil.which("setpriv") is not None, "needs root and setpriv to drop privileges")
+    proc = spawn([leakers / "steady", "--rate", "1M"])                 # root's
+    cp = subprocess.run([*DROP, sys.executable, "-m", "leakhunt", "trace-mmap", "--pid", str(proc.pid), "--backend",
+                         "gdb", "--duration", "1s"], capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 2
+    lines = cp.stderr.strip().splitlines()
+    assert len(lines) == 1 and "permission denied" in lines[0] and "root" in lines[0], lines
 
 
 def _wait_traced_for_a_while(pid: int, settle: float = 1.5) -> None:
