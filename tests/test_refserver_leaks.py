@@ -79,6 +79,8 @@ def test_leak_grows_its_class_in_step_with_requests(mode, classes, status_field)
     assert 1.6 < second / first < 2.4                      # twice the requests, twice the growth
     grown = {c: s2.classes.get(c, 0) - s0.classes.get(c, 0) for c in RegionClass}
     assert max(grown, key=grown.get) in classes
+    if mode == "mmap-hook":      # the events came through the real libucm's munmap hook
+        assert info["hook"] == ("libucm" if ctypes.util.find_library("ucm") else "direct")
     if status_field == "VmLck" and info["kind"] != "mlocked":
         pytest.skip(f"mlock refused here ({info['mlock_error']}): the buffers are plain anonymous memory")
     if status_field:
@@ -86,21 +88,22 @@ def test_leak_grows_its_class_in_step_with_requests(mode, classes, status_field)
 
 
 @pytest.mark.slow
-def test_mmap_hook_runs_through_libucm_and_its_fix_stops_it():
-    expected = "libucm" if ctypes.util.find_library("ucm") else "direct"
-    with launch(leak="mmap-hook", leak_rate=RATE, args=SMALL_POOL,
-                env={"UCX_MEM_MMAP_HOOK_MODE": "none"}) as server:
+@pytest.mark.parametrize("fix,hook", [({"UCX_MEM_MMAP_HOOK_MODE": "none"}, "disabled"),
+                                      ({"UCX_RCACHE_MAX_UNRELEASED": "8"}, "libucm")])
+def test_mmap_hook_runs_through_libucm_and_the_ucx_fixes_stop_it(fix, hook):
+    if not ctypes.util.find_library("ucm"):
+        pytest.skip("libucm is not installed: the library raises its own events, the UCX fixes do not apply")
+    with launch(leak="mmap-hook", leak_rate=RATE, args=SMALL_POOL, env=fix) as server:
         sampler = Sampler(open_target(server.pid))
         drive(server, 20)
         s0 = sampler.take()
         drive(server, 60, seed=1)
         s1 = sampler.take()
         info = server.health()["leak"]["mmap-hook"]
-    if expected == "direct":
-        pytest.skip("libucm is not installed: the library raises its own events, the UCX fix does not apply")
-    assert info["hook"] == "disabled"                       # UCX_MEM_MMAP_HOOK_MODE=none: no events
-    assert info["events"] == 0
-    assert class_growth(s0, s1, ANON) < 10 * PER_REQUEST
+    assert info["hook"] == hook
+    assert (info["events"] == 0) is (hook == "disabled")     # capped: events arrive, the pool is reused
+    assert info["pool_bytes"] <= 12 * PER_REQUEST
+    assert class_growth(s0, s1, ANON) < 10 * PER_REQUEST      # the leak would have grown 60 x 256 KiB
 
 
 def test_native_pool_functions_are_visible_to_tracers():
