@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from refserver.block_manager import BlockManager  # noqa: E402
 from refserver.config import EngineConfig  # noqa: E402
 from refserver.engine import Engine  # noqa: E402
-from refserver.sequence import Request, SamplingParams, Sequence  # noqa: E402
+from refserver.sequence import SamplingParams, Sequence  # noqa: E402
 
 
 class ContiguousBlockManager(BlockManager):
