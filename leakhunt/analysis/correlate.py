@@ -125,7 +125,7 @@ def _traced(before: Snapshot, after: Snapshot, outstanding: Sequence[Outstanding
         return []
     lo = np.array([o.start for o in outstanding], np.uint64)
     hi = lo + np.array([o.length for o in outstanding], np.uint64)
-    growth = held_between(after, lo, hi) - held_between(before, lo, hi)
+    growth = _traced_growth(before, after, lo, hi)
     where = _region_at(after, lo)
     by_caller: dict[tuple, list] = {}
     for o, g, i in zip(outstanding, growth.tolist(), where):
@@ -153,6 +153,42 @@ def _traced(before: Snapshot, after: Snapshot, outstanding: Sequence[Outstanding
                                 rep.stack.partial if rep.stack else True, known, pid, n,
                                 f"segments /dev/shm/{pattern}" if pattern else "", origin))
     return culprits
+
+
+def _traced_growth(before: Snapshot, after: Snapshot, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Growth each traced range explains.
+
+    The kernel merges adjacent anonymous mappings into one region, and smaps tells a region's
+    resident total, not which of its pages are resident. A region's growth (what its addresses
+    hold now minus what they held before) goes first to the traced ranges inside it, in proportion
+    to how much of the region each covers, up to their combined length; growth beyond that is the
+    untraced part's and stays unexplained.
+    """
+    n = len(after)
+    if n == 0 or len(lo) == 0:
+        return np.zeros(len(lo))
+    region_growth = np.maximum(after.rss.astype(np.float64) - held_between(before, after.start, after.end), 0.0)
+    starts, ends = after.start.astype(np.int64), after.end.astype(np.int64)
+    lo_i, hi_i = lo.astype(np.int64), hi.astype(np.int64)
+    first = np.searchsorted(starts, lo_i, side="right") - 1
+    last = np.searchsorted(starts, hi_i - 1, side="right") - 1
+    pieces_m, pieces_r, pieces_len = [], [], []
+    simple = (first == last) & (first >= 0)
+    idx = np.flatnonzero(simple)
+    r = first[idx]
+    pieces_m.append(idx)
+    pieces_r.append(r)
+    pieces_len.append(np.clip(np.minimum(hi_i[idx], ends[r]) - np.maximum(lo_i[idx], starts[r]), 0, None))
+    for m in np.flatnonzero(~simple & (last >= 0)).tolist():   # a range split over several regions
+        rs = np.arange(max(first[m], 0), last[m] + 1)
+        pieces_m.append(np.full(len(rs), m))
+        pieces_r.append(rs)
+        pieces_len.append(np.clip(np.minimum(hi_i[m], ends[rs]) - np.maximum(lo_i[m], starts[rs]), 0, None))
+    pm, pr, pl = (np.concatenate(x) for x in (pieces_m, pieces_r, pieces_len))
+    covered = np.bincount(pr, weights=pl, minlength=n)
+    given = np.minimum(region_growth, covered)
+    share = np.divide(pl, covered[pr], out=np.zeros(len(pl)), where=covered[pr] > 0)
+    return np.bincount(pm, weights=share * given[pr], minlength=len(lo))
 
 
 def _in_libc(frame: Frame) -> bool:
