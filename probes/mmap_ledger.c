@@ -1,11 +1,12 @@
 /*
  * mmap_ledger.c - BCC program: outstanding mmaps of a process tree, by caller, kept in the kernel.
  *
- * Traces mmap, munmap, mremap, brk, shmat, shmdt and memfd_create of the processes in `traced`
- * (TARGET, plus children forked after the start with FOLLOW=1), all threads, from the raw
- * sys_enter/sys_exit tracepoints: they hand over the user registers, and cost a third of the
- * per-syscall tracepoints at 100k calls/s. The caller is the return address of the libc
- * wrapper, read at the stack slot user space found in libc's CFI (`ra_slot`, default sp+0).
+ * Traces mmap, munmap, mremap, brk, shmat, shmdt and memfd_create of TARGET (plus, with FOLLOW=1,
+ * the children it forks after the start: `traced`), all threads, with one program on the raw
+ * sys_exit tracepoint: it hands over the user registers, where the arguments still are at exit,
+ * so nothing is carried from the entry; at 100k mmap/s this costs a fraction of the per-syscall
+ * tracepoints (see bench/trace.py). The caller is the return address of the libc wrapper, read at
+ * the stack slot user space found in libc's CFI (`ra_slot`, default sp+0).
  *
  * The common case never leaves the kernel: an mmap goes into `live` and its exact munmap or
  * mremap updates it there, with per-site sums in `sites` (the same scheme as BCC's memleak).
@@ -43,6 +44,7 @@ struct site_val_t { u64 count; u64 mapped; u64 unmapped; };
 
 struct call_rec_t {
     u32 type; u32 pid; u32 tid; u32 nr; u64 ts; u64 a[5]; s64 ret; u64 ip; u64 sp; u64 ra;
+    u64 nwords;      /* 16 when the return-address slot of ip was unknown, else 0 */
     u64 words[16];
 };
 struct exemplar_rec_t {
@@ -52,11 +54,9 @@ struct exemplar_rec_t {
 struct proc_rec_t { u32 type; u32 pid; u32 kind; u32 child; u64 ts; };
 
 BPF_HASH(traced, u32, u8, 4096);
-BPF_HASH(calls, u32, struct call_t, 65536);
 BPF_HASH(ra_slot, u64, u32, 4096);
-BPF_F_TABLE("hash", struct live_key_t, struct live_val_t, live, LIVE_MAX, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct live_key_t, struct live_val_t, live, LIVE_MAX, 0);
 BPF_F_TABLE("hash", struct site_key_t, struct site_val_t, sites, SITES_MAX, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("hash", struct site_key_t, u8, seen, SITES_MAX, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(counters, u64, C_COUNT);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
@@ -81,22 +81,25 @@ static __always_inline void count(int index, u64 n) {
 
 static __always_inline u64 page_round(u64 n) { return (n + 4095) & ~4095ULL; }
 
-static __always_inline void site_add(u32 pid, u64 ip, u64 ra, u64 count_n, u64 mapped, u64 unmapped) {
+/* Per-site sums; returns 1 when the site is new (its first call sends an exemplar). */
+static __always_inline int site_add(u32 pid, u64 ip, u64 ra, u64 count_n, u64 mapped, u64 unmapped) {
     struct site_key_t k = {.pid = pid, .ip = ip, .ra = ra};
-    struct site_val_t zero = {};
-    struct site_val_t *v = sites.lookup_or_try_init(&k, &zero);
-    if (!v)
-        return;
+    struct site_val_t *v = sites.lookup(&k);
+    int fresh = 0;
+    if (!v) {
+        struct site_val_t zero = {};
+        fresh = sites.insert(&k, &zero) == 0;
+        v = sites.lookup(&k);
+        if (!v)
+            return 0;
+    }
     __sync_fetch_and_add(&v->count, count_n);
     __sync_fetch_and_add(&v->mapped, mapped);
     __sync_fetch_and_add(&v->unmapped, unmapped);
+    return fresh;
 }
 
 static __always_inline void send_exemplar(u32 pid, struct call_t *c) {
-    struct site_key_t k = {.pid = pid, .ip = c->ip, .ra = c->ra};
-    u8 one = 1;
-    if (seen.insert(&k, &one) != 0)
-        return;   /* seen before, or the map is full */
     struct exemplar_rec_t *x = events.ringbuf_reserve(sizeof(struct exemplar_rec_t));
     if (!x) {
         count(C_LOST_EXEMPLAR, 1);
@@ -117,34 +120,9 @@ static __always_inline void send_exemplar(u32 pid, struct call_t *c) {
     events.ringbuf_submit(x, BPF_RB_NO_WAKEUP);
 }
 
-RAW_TRACEPOINT_PROBE(sys_enter) {
-    u64 nr = ctx->args[1];
-    if (kind_index(nr) < 0)
-        return 0;
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 pid = pid_tgid >> 32, tid = (u32)pid_tgid;
-    if (!traced.lookup(&pid))
-        return 0;
-    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
-    struct call_t c = {.nr = nr};
-    bpf_probe_read_kernel(&c.a[0], 8, &regs->di);
-    bpf_probe_read_kernel(&c.a[1], 8, &regs->si);
-    bpf_probe_read_kernel(&c.a[2], 8, &regs->dx);
-    bpf_probe_read_kernel(&c.a[3], 8, &regs->r10);
-    bpf_probe_read_kernel(&c.a[4], 8, &regs->r8);
-    bpf_probe_read_kernel(&c.ip, 8, &regs->ip);
-    bpf_probe_read_kernel(&c.sp, 8, &regs->sp);
-    bpf_probe_read_kernel(&c.bp, 8, &regs->bp);
-    u32 *slot = ra_slot.lookup(&c.ip);
-    u64 off = slot ? *slot : 0;
-    bpf_probe_read_user(&c.ra, 8, (void *)(c.sp + (off & 0xfff)));
-    calls.update(&tid, &c);
-    if (nr == NR_MMAP || nr == NR_MREMAP || nr == NR_BRK || nr == NR_SHMAT)
-        send_exemplar(pid, &c);
-    return 0;
-}
-
-static __always_inline void stream(u32 pid, u32 tid, struct call_t *c, s64 ret) {
+/* A streamed call. The stack words only travel when user space has not told us where the return
+ * address is for this ip (`ra_slot`): then it finds it itself, from CFI over the words. */
+static __always_inline void stream(u32 pid, u32 tid, struct call_t *c, s64 ret, int slot_known) {
     struct call_rec_t *r = events.ringbuf_reserve(sizeof(struct call_rec_t));
     if (!r) {
         count(C_LOST_CALL, 1);
@@ -155,11 +133,14 @@ static __always_inline void stream(u32 pid, u32 tid, struct call_t *c, s64 ret) 
     for (int i = 0; i < 5; i++)
         r->a[i] = c->a[i];
     r->ret = ret; r->ip = c->ip; r->sp = c->sp; r->ra = c->ra;
-    if (bpf_probe_read_user(r->words, sizeof(r->words), (void *)c->sp) != 0)
+    r->nwords = slot_known ? 0 : 16;
+    if (!slot_known && bpf_probe_read_user(r->words, sizeof(r->words), (void *)c->sp) != 0)
         __builtin_memset(r->words, 0, sizeof(r->words));
     events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
 }
 
+/* One probe, at syscall exit: the arguments are still in the saved user registers (only ax
+ * changed), so nothing has to be carried over from the entry, which halves the cost. */
 RAW_TRACEPOINT_PROBE(sys_exit) {
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     u64 nr = 0;
@@ -169,16 +150,17 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
         return 0;
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 pid = pid_tgid >> 32, tid = (u32)pid_tgid;
-    if (!traced.lookup(&pid))
+    if (pid != TARGET && (!FOLLOW || !traced.lookup(&pid)))
         return 0;
-    struct call_t *cp = calls.lookup(&tid);
-    if (!cp || cp->nr != nr)
-        return 0;   /* entered before we attached */
-    struct call_t c = *cp;
-    calls.delete(&tid);
+    struct pt_regs u = {};
+    bpf_probe_read_kernel(&u, sizeof(u), regs);
+    struct call_t c = {.nr = nr, .a = {u.di, u.si, u.dx, u.r10, u.r8}, .ip = u.ip, .sp = u.sp, .bp = u.bp};
+    u32 *slot = ra_slot.lookup(&c.ip);
+    u64 off = slot ? *slot : 0;
+    bpf_probe_read_user(&c.ra, 8, (void *)(c.sp + (off & 0xfff)));
     s64 ret = (s64)ctx->args[1];
     count(kind, 1);
-    int send = 0;
+    int send = 0, fresh = 0;
 
     if (STREAM_ALL) {
         if (ret < 0 && nr != NR_BRK)
@@ -187,10 +169,13 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
             count(C_FILTERED, 1);
         else
             send = 1;
+        if (send && (nr == NR_MMAP || nr == NR_MREMAP || nr == NR_BRK || nr == NR_SHMAT))
+            fresh = site_add(pid, c.ip, c.ra, 0, 0, 0);
     } else if (nr == NR_MMAP && ret >= 0) {
         u64 len = page_round(c.a[1]);
         if (c.a[3] & (MAP_FIXED | MAP_FIXED_NOREPLACE)) {
             send = 1;
+            fresh = site_add(pid, c.ip, c.ra, 0, 0, 0);
         } else if (len < MIN_LEN) {
             count(C_FILTERED, 1);
         } else {
@@ -200,8 +185,9 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
             if (live.update(&k, &v) != 0) {
                 count(C_FULL, 1);   /* user space keeps this one */
                 send = 1;
+                fresh = site_add(pid, c.ip, c.ra, 0, 0, 0);
             } else {
-                site_add(pid, c.ip, c.ra, 1, len, 0);
+                fresh = site_add(pid, c.ip, c.ra, 1, len, 0);
             }
         }
     } else if (nr == NR_MUNMAP && ret == 0) {
@@ -235,14 +221,24 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
             }
         } else {
             send = 1;
+            fresh = site_add(pid, c.ip, c.ra, 0, 0, 0);
         }
-    } else if (nr == NR_BRK || ((nr == NR_SHMAT || nr == NR_SHMDT || nr == NR_MEMFD_CREATE) && ret >= 0)) {
+    } else if (nr == NR_BRK || nr == NR_SHMAT) {
+        if (nr == NR_BRK || ret >= 0) {
+            send = 1;
+            fresh = site_add(pid, c.ip, c.ra, 0, 0, 0);
+        } else {
+            count(C_FAILED, 1);
+        }
+    } else if ((nr == NR_SHMDT || nr == NR_MEMFD_CREATE) && ret >= 0) {
         send = 1;
     } else {
         count(C_FAILED, 1);
     }
+    if (fresh)
+        send_exemplar(pid, &c);
     if (send)
-        stream(pid, tid, &c, ret);
+        stream(pid, tid, &c, ret, slot != 0);
     return 0;
 }
 

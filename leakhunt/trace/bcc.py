@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import mmap
 import importlib
 import importlib.util
 import os
@@ -30,6 +31,7 @@ from leakhunt.trace.events import MAP_FIXED, MAP_FIXED_NOREPLACE, MREMAP_DONTUNM
 from leakhunt.trace.kernel_backend import (KernelLedgerBackend, RawCall, RawDump, RawExemplar, RawLifecycle,
                                            root_problem)
 from leakhunt.trace.ledger import SiteCounts
+from leakhunt.trace.ringbuf import RingBufferReader
 from leakhunt.trace.unwind import is_wrapper_module
 
 OS_BCC = Path("/usr/lib/python3/dist-packages/bcc")
@@ -37,6 +39,10 @@ PTH_NAME = "leakhunt-os-bcc.pth"
 LINK_DIR = "leakhunt-os-bcc"
 PROBE = "mmap_ledger.c"
 DUMP_S = 0.25
+#: Ring buffer pages: 16 MiB (~70k streamed calls) keeps whatever the kernel ledger cannot resolve;
+#: 64 MiB with --all-events, where it must absorb seconds of 50k calls/s while the reader is busy.
+RINGBUF_PAGES = 4096
+RINGBUF_PAGES_ALL_EVENTS = 16384
 STACK_BYTES = 4096
 #: Functions of libc and the loader whose syscall instructions get a return-address slot from CFI.
 WRAPPER_FUNCTIONS = ("syscall", "mmap", "mmap64", "__mmap", "munmap", "__munmap", "mremap", "__mremap",
@@ -44,7 +50,7 @@ WRAPPER_FUNCTIONS = ("syscall", "mmap", "mmap64", "__mmap", "munmap", "__munmap"
 _KINDS = list(SYSCALL_NUMBERS)          # counter index -> kind, in the order of kind_index()
 _C_FILTERED, _C_FAILED, _C_FULL, _C_LOST_CALL, _C_LOST_EXEMPLAR, _C_LOST_PROC = 8, 9, 10, 11, 12, 13
 
-_CALL = struct.Struct("<IIIIQ5QqQQQ")
+_CALL = struct.Struct("<IIIIQ5QqQQQQ")
 _EXEMPLAR = struct.Struct("<IIQQQQQII")
 _PROC = struct.Struct("<IIIIQ")
 _PROC_KINDS = {1: "fork", 2: "exec", 3: "exit"}
@@ -109,12 +115,16 @@ def _headers_problem() -> str | None:
     return f"no kernel headers for {release} (/lib/modules/{release}/build)"
 
 
+def ring_pages(stream_all: bool) -> int:
+    return RINGBUF_PAGES_ALL_EVENTS if stream_all else RINGBUF_PAGES
+
+
 def cflags(pid: int, follow: bool = False, min_len: int = 0, live_max: int = 262144,
            stream_all: bool = False) -> list[str]:
     """The -D definitions probes/mmap_ledger.c expects: the facts live in leakhunt.trace.events."""
     defines = {"TARGET": pid, "FOLLOW": int(follow), "MIN_LEN": min_len, "STREAM_ALL": int(stream_all),
                "LIVE_MAX": live_max,
-               "SITES_MAX": 16384, "RINGBUF_PAGES": 2048, "STACK_BYTES": STACK_BYTES,
+               "SITES_MAX": 16384, "RINGBUF_PAGES": ring_pages(stream_all), "STACK_BYTES": STACK_BYTES,
                "MAP_FIXED": MAP_FIXED, "MAP_FIXED_NOREPLACE": MAP_FIXED_NOREPLACE,
                "MREMAP_DONTUNMAP": MREMAP_DONTUNMAP}
     defines.update({f"NR_{kind.name}": nr for kind, nr in SYSCALL_NUMBERS.items()})
@@ -136,7 +146,7 @@ class BccBackend(KernelLedgerBackend):
         self._interval = DUMP_S
         self._installed: dict[int, int] = {}   # ip -> return-address slot the kernel reads at
         self._counters = [0] * 16
-        self._live_max = int(options.extra.get("max_mappings", 262144))
+        self._live_max = int(options.extra.get("max_mappings", 65536))
 
     def start(self) -> None:
         reason = self.unavailable_reason()
@@ -153,7 +163,9 @@ class BccBackend(KernelLedgerBackend):
             raise BackendUnavailable(self.name, f"cannot load the BPF program: {str(e).splitlines()[0]}") from None
         self.bpf[b"traced"][ct.c_uint32(self.target.pid)] = ct.c_uint8(1)
         self._install_slots(self.target.pid)
-        self._callback = self.bpf[b"events"].open_ring_buffer(self._on_record)
+        pages = ring_pages(bool(self.options.extra.get("stream_all")))
+        self._ring = RingBufferReader(self.bpf[b"events"].map_fd, pages * mmap.PAGESIZE)
+        self._ring.start()
         self._started = True
         self._next_dump = time.monotonic()
         self._check_patched()
@@ -193,26 +205,26 @@ class BccBackend(KernelLedgerBackend):
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _on_record(self, ctx, data, size) -> None:
-        raw = ct.string_at(data, size)
+    @staticmethod
+    def _decode(raw: bytes):
         kind = raw[0]
         if kind == 1:
-            _, pid, tid, nr, ts, a0, a1, a2, a3, a4, ret, ip, sp, ra = _CALL.unpack_from(raw)
-            self._records.append(RawCall(nr, pid, tid, ts, (a0, a1, a2, a3, a4), ret, ip, sp, ra,
-                                         raw[_CALL.size:_CALL.size + 128]))
-        elif kind == 2:
+            _, pid, tid, nr, ts, a0, a1, a2, a3, a4, ret, ip, sp, ra, nwords = _CALL.unpack_from(raw)
+            return RawCall(nr, pid, tid, ts, (a0, a1, a2, a3, a4), ret, ip, sp, ra,
+                           raw[_CALL.size:_CALL.size + 8 * nwords])
+        if kind == 2:
             _, pid, ts, ip, ra, sp, bp, nbytes, _ = _EXEMPLAR.unpack_from(raw)
-            self._records.append(RawExemplar(pid, ts, ip, ra, sp, bp,
-                                             raw[_EXEMPLAR.size:_EXEMPLAR.size + nbytes]))
-        elif kind == 3:
+            return RawExemplar(pid, ts, ip, ra, sp, bp, raw[_EXEMPLAR.size:_EXEMPLAR.size + nbytes])
+        if kind == 3:
             _, pid, what, child, ts = _PROC.unpack_from(raw)
-            self._records.append(RawLifecycle(_PROC_KINDS.get(what, "?"), pid, ts, child))
+            return RawLifecycle(_PROC_KINDS.get(what, "?"), pid, ts, child)
+        return None
 
     def _read(self, timeout: float) -> tuple[list, RawDump | None]:
         wait = min(timeout, self._next_dump - time.monotonic())
         if wait > 0:
             time.sleep(wait)
-        self.bpf.ring_buffer_consume()
+        self._records += [r for r in map(self._decode, self._ring.take()) if r is not None]
         dump = None
         if time.monotonic() >= self._next_dump:
             began = time.monotonic()
@@ -253,9 +265,11 @@ class BccBackend(KernelLedgerBackend):
             del self.bpf[b"traced"][ct.c_uint32(self.target.pid)]
         except KeyError:
             pass
-        self.bpf.ring_buffer_consume()
+        self._ring.stop()
+        self._records += [r for r in map(self._decode, self._ring.take()) if r is not None]
         dump = self._dump()
         records, self._records = self._records, []
+        self._ring.close()
         self.bpf.cleanup()
         self.bpf = None
         return records, dump

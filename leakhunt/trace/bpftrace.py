@@ -69,6 +69,15 @@ def pt_regs_offset(config: dict[str, str] | None = None) -> int:
     return (4096 << order) - padding - PT_REGS_SIZE
 
 
+def perf_pages(total_mib: int = 64) -> int:
+    """Pages of each CPU's perf buffer: about ``total_mib`` in all, a power of two, 64..4096."""
+    per_cpu = total_mib * 256 // max(1, os.cpu_count() or 1)
+    pages = 64
+    while pages * 2 <= min(per_cpu, 4096):
+        pages *= 2
+    return pages
+
+
 def script_text(pid: int, follow: bool = False, min_len: int = 0, stream_all: bool = False) -> str:
     """The probe with the #defines it expects: the facts live in leakhunt.trace.events."""
     defines = {"TARGET": pid, "FOLLOW": int(follow), "MIN_LEN": min_len, "STREAM_ALL": int(stream_all),
@@ -114,7 +123,7 @@ class BpftraceBackend(KernelLedgerBackend):
             raise BackendUnavailable(self.name, reason)
         env = dict(os.environ)
         env["BPFTRACE_MAP_KEYS_MAX"] = str(self.options.extra.get("max_mappings", 65536))
-        env["BPFTRACE_PERF_RB_PAGES"] = str(self.options.extra.get("perf_pages", 256))
+        env["BPFTRACE_PERF_RB_PAGES"] = str(self.options.extra.get("perf_pages", perf_pages()))
         text = script_text(self.target.pid, self.options.follow, self.options.min_length,
                            bool(self.options.extra.get("stream_all")))
         self._proc = subprocess.Popen(["bpftrace", "-e", text, str(DUMP_MS)], stdout=subprocess.PIPE,
@@ -131,6 +140,12 @@ class BpftraceBackend(KernelLedgerBackend):
             self._ready_records += self._drain(0.1)
         self._started = True
         self._check_patched()
+
+    @property
+    def finished(self) -> str | None:
+        if self._ended and not self._stopped:
+            return f"bpftrace exited on its own: {self._failure() or 'no message'}"
+        return None
 
     def _failure(self) -> str:
         lines = [line for line in self._stderr if "RLIMIT_MEMLOCK" not in line and line.strip()]
@@ -194,10 +209,9 @@ class BpftraceBackend(KernelLedgerBackend):
             return self._parse_dump_line(line)
         if tag == b"E ":
             f = line.split()
-            nums = [int(x, 16) for x in f[5:10]]
-            words = struct.pack("<16Q", *(int(x, 16) for x in f[13:29]))
-            return RawCall(int(f[1]), int(f[2]), int(f[3]), int(f[4]), tuple(nums), int(f[10]),
-                           int(f[11], 16), int(f[12], 16), int(f[13], 16), words)
+            words = struct.pack(f"<{len(f) - 14}Q", *(int(x, 16) for x in f[14:]))
+            return RawCall(int(f[1]), int(f[2]), int(f[3]), int(f[4]), tuple(int(x, 16) for x in f[5:10]),
+                           int(f[10]), int(f[11], 16), int(f[12], 16), int(f[13], 16), words)
         if tag in (b"X ", b"X2", b"X3", b"X4"):
             return self._parse_exemplar(line)
         if tag == b"P ":
@@ -240,7 +254,7 @@ class BpftraceBackend(KernelLedgerBackend):
         assert dump is not None
         if line.startswith(b"@live["):
             m = _LIVE.match(line)
-            if m:
+            if m and m.group(3) != b"0":       # length 0: a tombstone (see the probe's header)
                 dump.live.append(tuple(int(x) for x in m.groups()))
         elif line.startswith((b"@mapped[", b"@unmapped[", b"@count[")):
             m = _SITE.match(line)

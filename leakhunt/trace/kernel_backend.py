@@ -88,6 +88,7 @@ class KernelLedgerBackend(Backend):
         self._lifecycle: list[RawLifecycle] = []
         self._exemplars: dict[SiteKey, UserContext] = {}
         self._site_info: dict[SiteKey, tuple[Frame, Stack]] = {}
+        self._shallow_info: dict[SiteKey, tuple[Frame, Stack]] = {}
         self._state: KernelState | None = None
         # Kernel timestamps are CLOCK_MONOTONIC; records carry wall-clock time.
         self._wall_offset_ns = time.time_ns() - time.monotonic_ns()
@@ -247,6 +248,12 @@ class KernelLedgerBackend(Backend):
         if hit is not None:
             return hit
         exemplar = self._exemplars.get(key)
+        if exemplar is None:
+            # No exemplar (yet, or ever: unmaps send none): the event's own 16 words give the
+            # caller and a frame or two; kept until an exemplar arrives for this site.
+            shallow = self._shallow_info.get(key)
+            if shallow is not None:
+                return shallow
         ra = self._caller_ra(pid, ip, key_ra, exemplar or ctx)
         try:
             site = self.resolver.site(pid, ip, ra)
@@ -254,8 +261,7 @@ class KernelLedgerBackend(Backend):
         except (OSError, ValueError, AccessDenied):
             return Frame(ra), Stack((Frame(ip), Frame(ra)), True, "bpf")
         info = (site.caller, stack)
-        if exemplar is not None:
-            self._site_info[key] = info
+        (self._site_info if exemplar is not None else self._shallow_info)[key] = info
         return info
 
     def _kernel_state(self, dump: RawDump) -> KernelState:

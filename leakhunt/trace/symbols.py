@@ -34,6 +34,9 @@ _STT_FUNC, _STT_GNU_IFUNC = 2, 10
 _STB_GLOBAL = 1
 #: How often a process's maps may be re-read to resolve an address we have not seen mapped.
 REFRESH_MIN_S = 0.2
+#: Unwinding rules kept per module (return addresses repeat: the same call sites over and over).
+RULE_CACHE = 65536
+_MISSING = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,7 @@ class Module:
         self.segments = [(s["p_offset"], s["p_vaddr"], s["p_filesz"]) for s in elf.iter_segments()
                          if s["p_type"] == "PT_LOAD"]
         self._lock = threading.Lock()
+        self._rules: dict[int, FrameRule | None] = {}
 
     @staticmethod
     def build_id(elf: ELFFile) -> str | None:
@@ -175,14 +179,21 @@ class Module:
         return CallFrameInfo(data, sec["sh_addr"], hdr_bytes, hdr["sh_addr"] if hdr is not None else 0)
 
     def rule_at(self, vaddr: int) -> FrameRule | None:
+        hit = self._rules.get(vaddr, _MISSING)
+        if hit is not _MISSING:
+            return hit
         with self._lock:
             cfi = self.cfi
-        if cfi is None:
-            return None
-        try:
-            return cfi.rule_at(vaddr)
-        except (ValueError, IndexError):
-            return None
+        rule = None
+        if cfi is not None:
+            try:
+                rule = cfi.rule_at(vaddr)
+            except (ValueError, IndexError):
+                rule = None
+        if len(self._rules) >= RULE_CACHE:
+            self._rules.clear()   # a hot set of return addresses refills it at once
+        self._rules[vaddr] = rule
+        return rule
 
     def read(self, vaddr: int, size: int) -> bytes | None:
         """File bytes at an ELF virtual address (to compare with what the process has in memory)."""

@@ -60,6 +60,7 @@ class CallerResolver:
         self.cache = cache or ModuleCache()
         self._procs: dict[int, ProcessModules] = {}
         self._sites: dict[tuple[int, int, int], Site] = {}
+        self._slots: dict[tuple[int, int], int | None] = {}
 
     def modules(self, pid: int) -> ProcessModules:
         pm = self._procs.get(pid)
@@ -70,13 +71,17 @@ class CallerResolver:
     def forget(self, pid: int) -> None:
         """After exec the address space is new: drop what we knew about it."""
         self._procs.pop(pid, None)
-        for key in [k for k in self._sites if k[0] == pid]:
-            del self._sites[key]
+        for cache in (self._sites, self._slots):
+            for key in [k for k in cache if k[0] == pid]:
+                del cache[key]
 
     def return_slot(self, pid: int, ip: int) -> int | None:
         """Offset from sp of the wrapper's return address at ``ip`` (None: not rsp-based CFA)."""
-        rule = self.modules(pid).rule_at(ip, is_return=False)
-        return rule.return_slot() if rule is not None else None
+        key = (pid, ip)
+        if key not in self._slots:
+            rule = self.modules(pid).rule_at(ip, is_return=False)
+            self._slots[key] = rule.return_slot() if rule is not None else None
+        return self._slots[key]
 
     def site(self, pid: int, ip: int, ra: int | None) -> Site:
         """The site of a syscall at ``ip`` whose wrapper returns to ``ra`` (the kernel read it at
