@@ -128,8 +128,8 @@ def _culprit_detail(c: Culprit, source: str) -> Text:
                 f"{', ' + c.detail if c.detail else ''})\n", style="dim")
     if c.stack:
         text.append(f"stack ({source}{', partial' if c.stack_partial else ''}):\n", style="dim")
-        for frame in c.stack:
-            text.append(f"    {frame}\n")
+        for line, dim in compact_stack(c.stack):
+            text.append(f"    {line}\n", style="dim" if dim else "")
     if c.known:
         text.append(f"{c.known.explanation}\n", style="italic")
         for remedy in c.known.remedies:
@@ -138,6 +138,25 @@ def _culprit_detail(c: Culprit, source: str) -> Text:
         for ref in c.known.references:
             text.append(f"    {ref}\n", style="dim")
     return text
+
+
+def compact_stack(frames: tuple[str, ...], run: int = 3) -> list[tuple[str, bool]]:
+    """Frames as lines, with long runs inside one library (an interpreter's eval loop, libffi)
+    folded into one line: the frames that name the culprit stay readable."""
+    lines: list[tuple[str, bool]] = []
+    i = 0
+    while i < len(frames):
+        lib = frames[i].split("!", 1)[0]
+        j = i
+        while j < len(frames) and frames[j].split("!", 1)[0] == lib:
+            j += 1
+        if j - i > run:
+            lines.append((frames[i], False))
+            lines.append((f"… {j - i - 1} more frames in {lib}", True))
+        else:
+            lines += [(f, False) for f in frames[i:j]]
+        i = j
+    return lines
 
 
 def render_result(result: InvestigationResult) -> Group:

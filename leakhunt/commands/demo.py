@@ -1,0 +1,45 @@
+"""`leakhunt demo [--leak MODE]`: reference server + load + investigate + report, no arguments needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.text import Text
+
+from leakhunt import ui
+from leakhunt.commands.investigate import render_progress, render_result
+from leakhunt.commands.options import DURATION, json_option
+from leakhunt.demo import LEAK_MODES, run_demo
+
+
+@click.command("demo")
+@click.option("--leak", type=click.Choice(LEAK_MODES), default="mmap-hook", show_default=True,
+              help="the leak planted in the reference server")
+@click.option("--duration", "-d", type=DURATION, default="60s", show_default=True,
+              help="the longest the investigation runs (it stops once confident)")
+@click.option("--out", type=click.Path(file_okay=False), default="leakhunt-demo", show_default=True,
+              help="where the recording and the report go")
+@json_option
+def command(leak: str, duration: float, out: str, as_json: bool) -> None:
+    """Start the paged-attention reference server with a planted leak, drive it with load,
+    investigate it, and write the post-mortem report. Leaves no process behind."""
+    console = ui.console_for(as_json)
+    with console.status("starting") as status:
+        def progress(step: str) -> None:
+            status.update(step)
+            console.print(Text(f"· {step}", style="dim"))
+
+        def on_update(inv, evaluation) -> None:
+            status.update(render_progress(inv))
+
+        result = run_demo(leak, Path(out), duration, progress=progress, on_update=on_update)
+    if as_json:
+        ui.emit_json(ui.clean_json(result.to_json()))
+        return
+    console.print(render_result(result.investigation))
+    if result.load:
+        console.print(Text(f"load: {result.load.get('completed', '?')} requests completed, "
+                           f"{result.load.get('failed', 0)} failed, "
+                           f"{result.load.get('throughput_tokens_per_s', 0):.0f} tokens/s", style="dim"))
+    console.print(f"report: [bold]{result.html}[/] (and {result.markdown}); recording: {result.out / 'recording'}")
