@@ -30,6 +30,10 @@ set auto-load local-gdbinit off
 # Signals go straight to the target: a stop on SIGALRM/SIGCHLD/SIGUSR1... would hold a thread.
 handle all nostop noprint pass
 handle SIGINT nostop noprint pass
+# After an exec our breakpoint addresses mean nothing: with a new inferior for the new program,
+# gdb says so in MI (=thread-group-started) and leakhunt deletes them and detaches.
+set follow-exec-mode new
+catch exec
 set backtrace limit 256
 # Each stop, gdb would describe the frame for the console (arguments read from debug info, the
 # source line looked up on disk) while the target thread waits: leakhunt reads none of it.

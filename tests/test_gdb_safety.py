@@ -171,6 +171,28 @@ def _wait_traced(pid: int) -> bool:
     return tracer(pid) != 0
 
 
+EXECER = textwrap.dedent("""\
+    import mmap, os, sys, time
+    print("ready", flush=True)
+    sys.stdin.readline()                 # the test says when it is attached
+    keep = [mmap.mmap(-1, 1 << 20) for _ in range(5)]
+    os.execv("/bin/sleep", ["sleep", "30"])
+""")
+
+
+def test_an_exec_ends_the_session_and_the_new_program_runs_untraced(spawn):
+    proc = spawn([sys.executable, "-c", EXECER], stdin=subprocess.PIPE)
+    backend = GdbBackend(open_target(proc.pid), TraceOptions(extra=gdb_extra(max_hits=10**6, python_frames=False)))
+    with backend:
+        proc.popen.stdin.write("go\n")
+        proc.popen.stdin.flush()
+        events = collect(backend, timeout=60)
+        assert backend.finished == "the target called exec"
+    assert len([e for e in events if e.length == 1 << 20]) == 5
+    assert wait_untraced(proc.pid) == 0
+    assert open(f"/proc/{proc.pid}/comm").read().strip() == "sleep" and proc.alive()
+
+
 CHURNER = r"""
 /* Threads that come and go, each mapping memory through syscall() and mmap(), and a fork per
  * round whose child maps memory too: it inherits the parent's code, which gdb must have cleaned

@@ -95,6 +95,8 @@ class GdbSession:
         self._stopped_at_last_sweep: set[str] = set()
         self._ended = False
         self._finished = False
+        self._group: str | None = None            # gdb's thread group (inferior) of the target
+        self._exec_seen = False
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
 
@@ -213,20 +215,33 @@ class GdbSession:
             if reason.startswith("exited"):
                 self._target_exited(payload)
             elif reason == "exec":
-                # A new program image: our breakpoint addresses mean nothing in it any more.
-                self._note("the target called exec: leakhunt detached")
-                self._wind_down("the target called exec")
-                self.handler.resume(payload.get("thread-id"))
+                self._exec(payload.get("new-exec", "a new program"))
             else:
                 self.handler.on_stopped(record)
         elif record.message == "thread-exited":
             self.handler.on_thread_exited(payload.get("id"))
         elif record.message == "thread-group-exited" and "exit-code" in payload:
             self._target_exited(payload)
+        elif record.message == "thread-group-started" and self._group is None:
+            self._group = payload.get("id")            # our attach
+        elif record.message == "thread-group-added" and self._group is not None:
+            self._exec("a new program")               # follow-exec-mode new: the exec's new inferior
         elif record.message == "breakpoint-modified":
             bkpt = payload.get("bkpt", {})
             if bkpt.get("number") in self.sites:
                 self._times[bkpt["number"]] = int(bkpt.get("times", 0))
+
+    def _exec(self, program: str) -> None:
+        """The target replaced its program: our breakpoints' addresses mean nothing in the new one
+        (gdb fails to insert them there, leaving its thread stopped): delete them all, detach."""
+        if self._exec_seen:
+            return
+        self._exec_seen = True
+        self._note(f"the target called exec ({program}): leakhunt detached")
+        self.end.reason = self.end.reason or "the target called exec"
+        self.handler.accepting = False
+        self._send([("-break-delete", None)])
+        self._ended = True
 
     def _send(self, commands: list[tuple[str, Callable[[Record], None] | None]]) -> None:
         tokens = self.mi.send(*(command for command, _ in commands))
@@ -268,6 +283,7 @@ class GdbSession:
         self._finished = True
         self._ended = True
         if self.handler is not None:
+            self.handler.accepting = False   # stops that arrive while detaching are only resumed
             self.handler.abandon()
         try:
             if self._attached and not self.end.target_exited and self.mi.alive():
@@ -284,7 +300,7 @@ class GdbSession:
         started = time.monotonic()
         try:
             self._request("-break-delete", 10)
-            self._request("-target-detach", 15)
+            self._request(f"-target-detach {self.target.pid}", 15)   # by pid: an exec makes a new inferior
             self.end.detached = True
         except GdbCommandError as e:
             if "not being run" not in str(e):   # else the attach itself had failed: nothing to undo
@@ -364,6 +380,14 @@ def _tracer(target: Target) -> int:
 
 
 def run_in_thread(session: GdbSession) -> threading.Thread:
-    thread = threading.Thread(target=session.run, name=f"leakhunt-gdb-{session.target.pid}", daemon=True)
+    """Serve the session in a thread of its own, so that a stopped target thread is answered at
+    once whatever the caller does; a bug of ours ends the session (detached) with its reason."""
+    def serve() -> None:
+        try:
+            session.run()
+        except Exception as e:  # noqa: BLE001 - the session has detached (run's finally); say why it ended
+            session.end.reason = f"leakhunt's gdb session failed: {e!r}"
+
+    thread = threading.Thread(target=serve, name=f"leakhunt-gdb-{session.target.pid}", daemon=True)
     thread.start()
     return thread
