@@ -87,6 +87,7 @@ class GdbSession:
         self._callbacks: dict[int, Callable[[Record], None] | None] = {}
         self._times: dict[str, int] = {}
         self._attached = False
+        self._armed = False                         # a breakpoint may be in the target's code
         self._winding_until: float | None = None
         self._stop_reason: str | None = None
         self._started = 0.0
@@ -129,6 +130,7 @@ class GdbSession:
     def _insert(self, planned: list[Site]) -> None:
         settings = HitSettings(self.config.budget, self.config.depth, self.config.stacks,
                                self.config.unmap_stacks, self.python_frames)
+        self._armed = True
         for site in planned:
             condition = f"-c {mi_quote(site.condition)} " if site.condition else ""
             record = self.mi.request(f"-break-insert {condition}{site.location}")
@@ -286,7 +288,13 @@ class GdbSession:
             self.handler.accepting = False   # stops that arrive while detaching are only resumed
             self.handler.abandon()
         try:
-            if self._attached and not self.end.target_exited and self.mi.alive():
+            if self._attached and not self._armed:
+                # Stopped while attaching or reading symbols (Ctrl-C during a long `sharedlibrary`):
+                # no byte of the target was written yet, so the kernel's detach when gdb dies is a
+                # clean one, and immediate, where a polite detach would wait for gdb to finish.
+                self.mi.kill()
+                self.end.detached = True
+            elif self._attached and not self.end.target_exited and self.mi.alive():
                 self._detach()
         finally:
             self._quit_gdb()
