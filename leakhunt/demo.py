@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -60,6 +61,8 @@ def run_demo(leak: str, out: Path, duration: float, leak_rate: float = DEFAULT_L
 
     out.mkdir(parents=True, exist_ok=True)
     recording = out / "recording"
+    if (recording / "session.json").exists():
+        shutil.rmtree(recording)   # the previous demo's: a recording is one run, not two appended
     progress(f"starting the reference server (leak: {leak})")
     try:
         server = launch(leak=None if leak == "none" else [leak], leak_rate=leak_rate)
