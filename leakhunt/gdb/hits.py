@@ -85,7 +85,7 @@ class HitHandler:
         self.send = send
         self.emit = emit
         self.cost = cost
-        self.on_return_address = on_return_address  # where `finish` is about to put a breakpoint
+        self.on_return_address = on_return_address  # where a return breakpoint is about to go
         self.accepting = True                   # False once the session winds down
         self.returns: dict[str, Hit] = {}       # return breakpoint number -> hit
         self.unfinished: set[Hit] = set()       # hits not emitted yet (running or awaiting answers)
