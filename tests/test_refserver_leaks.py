@@ -74,9 +74,11 @@ def test_leak_grows_its_class_in_step_with_requests(mode, classes, status_field)
         s2 = sampler.take()
         info = server.health()["leak"][mode]
     first, second = class_growth(s0, s1, classes), class_growth(s1, s2, classes)
-    assert 0.85 * 40 * PER_REQUEST < first < 1.3 * 40 * PER_REQUEST, (first, info)
-    assert 0.85 * 80 * PER_REQUEST < second < 1.3 * 80 * PER_REQUEST, (second, info)
-    assert 1.6 < second / first < 2.4                      # twice the requests, twice the growth
+    # Each phase grows by what its requests leaked (malloc-based modes share pages with the
+    # allocator's own churn: +-20%), so twice the requests grow it twice as much.
+    assert 0.8 * 40 * PER_REQUEST < first < 1.35 * 40 * PER_REQUEST, (first, info)
+    assert 0.8 * 80 * PER_REQUEST < second < 1.35 * 80 * PER_REQUEST, (second, info)
+    assert 1.5 < second / first < 2.7
     grown = {c: s2.classes.get(c, 0) - s0.classes.get(c, 0) for c in RegionClass}
     assert max(grown, key=grown.get) in classes
     if mode == "mmap-hook":      # the events came through the real libucm's munmap hook
