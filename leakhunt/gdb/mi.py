@@ -19,7 +19,7 @@ from pygdbmi.gdbmiparser import parse_response
 
 from leakhunt.errors import LeakhuntError
 
-#: Environment variables that tell the gdb-side helper (gdb_scripts/leakhunt.py) who to watch.
+#: Environment variables that tell the gdb-side watchdog (gdb_scripts/leakhunt_watchdog.py) who to watch.
 WATCHDOG_FD_ENV = "LEAKHUNT_WATCHDOG_FD"
 WATCHDOG_PID_ENV = "LEAKHUNT_WATCHDOG_PID"
 
@@ -82,7 +82,7 @@ class MiChannel:
         self._queue: deque[Record] = deque()
         self._next_token = 1
         self.eof = False
-        self.transcript: deque[str] = deque(maxlen=200)  # last lines, for error reports
+        self.transcript: deque[str] = deque(maxlen=200)  # the last lines both ways, to debug a session
 
     @property
     def pid(self) -> int:
@@ -234,9 +234,6 @@ class MiChannel:
         if code < 0:
             return f"gdb was killed by signal {-code}"
         return f"gdb exited with status {code}"
-
-    def last_lines(self, n: int = 5) -> str:
-        return " | ".join(list(self.transcript)[-n:])
 
 
 def mi_quote(text: str) -> str:
