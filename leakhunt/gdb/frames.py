@@ -57,19 +57,12 @@ class Symbolizer:
 
     def __init__(self, space: AddressSpace) -> None:
         self.space = space
-        self._offsets: dict[int, int | None] = {}
+        self._offsets: dict[int, int | None] = {}   # lookup address -> offset (None: no symbol)
 
     def unknown(self, frames: list[dict]) -> list[int]:
-        """Lookup addresses of these MI frames not asked about yet."""
-        out = []
-        for f in frames:
-            key = lookup_address(int(f["level"]), int(f["addr"], 16))
-            if key not in self._offsets:
-                out.append(key)
-        return out
-
-    def pending(self, key: int) -> None:
-        self._offsets.setdefault(key, None)
+        """Lookup addresses of these MI frames whose offset is not known yet (distinct, in order)."""
+        keys = (lookup_address(int(f["level"]), int(f["addr"], 16)) for f in frames)
+        return list(dict.fromkeys(k for k in keys if k not in self._offsets))
 
     def learn(self, key: int, value: str) -> None:
         _, offset = parse_symbol(value)

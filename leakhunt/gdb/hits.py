@@ -224,14 +224,12 @@ class HitHandler:
             self.on_return_address(int(hit.frames[1]["addr"], 16))
         for key in self.symbolizer.unknown(hit.frames):
             waiting = self._lookups.get(key)
-            if waiting is None:
+            if waiting is None:   # ask once; hits that meet the same address meanwhile wait for it too
                 self._lookups[key] = waiting = []
-                self.symbolizer.pending(key)
                 self.send([(f"-data-evaluate-expression {mi_quote(f'(void *) {key:#x}')}",
                             lambda r, key=key: self._symbol(key, r))])
-            if hit not in waiting:
-                waiting.append(hit)
-                hit.waiting += 1
+            waiting.append(hit)
+            hit.waiting += 1
 
     def _symbol(self, key: int, record: Record) -> None:
         payload = record.payload if isinstance(record.payload, dict) else {}
