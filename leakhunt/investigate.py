@@ -37,6 +37,8 @@ EVALUATE_EVERY_S = 2.0
 #: The gdb pass that deepens a shallow stack: its budget, so the target is stopped only briefly.
 GDB_HITS = 25
 GDB_SECONDS = 10.0
+#: A stack of at most this many frames (wrapper, caller, maybe one more) is shallow.
+SHALLOW_FRAMES = 3
 
 
 @dataclass(frozen=True)
@@ -262,7 +264,9 @@ class Investigation:
     def _deepen(self, ev: Evaluation) -> dict | None:
         """Full stacks for the top traced caller from a short, budgeted gdb session."""
         top = next((c for c in ev.attribution.culprits if c.evidence == "traced mmap"), None)
-        if top is None or len(top.stack) > 3 and not top.stack_partial:
+        # Deep enough when the unwinder got past the caller's own frames (a stack cut at the
+        # unwinder's depth limit already names who called).
+        if top is None or len(top.stack) > SHALLOW_FRAMES:
             return None
         try:
             gdb_cls = backend_class("gdb")

@@ -185,7 +185,8 @@ def render_result(result: InvestigationResult) -> Group:
                 + (f"backend {result.choice.name}: {stats.events} mmap calls, {stats.lost_events} lost"
                    if stats else f"no tracer: {result.no_tracer}"))
     if result.gdb:
-        evidence += f"; gdb: {result.gdb.get('stacks', 0)} stacks of {result.gdb.get('culprit')}"
+        evidence += (f"; gdb: {result.gdb['stacks']} full stacks of {result.gdb.get('culprit')}" if result.gdb.get("stacks")
+                     else f"; gdb caught no call of {result.gdb.get('culprit')} within its budget")
     parts.append(Text(evidence, style="dim"))
     for note in result.notes:
         parts.append(Text(f"note: {note}", style="yellow"))
