@@ -109,13 +109,14 @@ def culprit_table(attribution: Attribution, brief: bool = False) -> Table:
     table = Table(title=None if brief else "culprits (ranked by the growth they explain)", title_justify="left",
                   box=None, pad_edge=False)
     for col, justify in (("#", "right"), ("culprit", "left"), ("class", "left"), ("growth", "right"),
-                         ("share", "right"), ("rate", "right"), ("known as", "left")):
-        table.add_column(col, justify=justify, overflow="fold" if col in ("culprit", "known as") else "ellipsis")
+                         ("share", "right"), ("rate", "right")):
+        table.add_column(col, justify=justify, overflow="fold" if col == "culprit" else "ellipsis",
+                         no_wrap=col != "culprit")
     for i, c in enumerate(attribution.culprits, 1):
         table.add_row(str(i), Text(c.title, style="bold" if i == 1 else ""), c.klass.value, format_bytes(c.bytes),
-                      f"{c.share:.0%}", format_rate(c.slope), Text(c.known.name if c.known else "—"))
+                      f"{c.share:.0%}", format_rate(c.slope))
     if not attribution.culprits:
-        table.add_row("", Text("no culprit", style="dim"), "", "", "", "", "")
+        table.add_row("", Text("no culprit", style="dim"), "", "", "", "")
     return table
 
 
@@ -131,6 +132,8 @@ def _culprit_detail(c: Culprit, source: str) -> Text:
         for line, dim in compact_stack(c.stack):
             text.append(f"    {line}\n", style="dim" if dim else "")
     if c.known:
+        text.append("known culprit: ", style="dim")
+        text.append(f"{c.known.name}\n", style="bold")
         text.append(f"{c.known.explanation}\n", style="italic")
         for remedy in c.known.remedies:
             text.append("  ➜ ", style="green")
