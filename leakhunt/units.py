@@ -77,3 +77,11 @@ def format_duration(seconds: float) -> str:
         return f"{m}m{s:02d}s"
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m"
+
+
+def format_share(fraction: float) -> str:
+    """0.998 -> '99.8%' (never '100%' for what is not all), 0.42 -> '42%'."""
+    pct = 100 * fraction
+    if 99.5 <= pct < 100 or 0 < pct < 1:
+        return f"{pct:.1f}%"
+    return f"{pct:.0f}%"

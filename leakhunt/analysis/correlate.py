@@ -20,7 +20,7 @@ from leakhunt.proc.classes import CLASSES, RegionClass
 from leakhunt.proc.growth import held_between
 from leakhunt.proc.smaps import Snapshot
 from leakhunt.trace.events import Frame, Stack
-from leakhunt.units import format_bytes, format_rate
+from leakhunt.units import format_bytes, format_rate, format_share
 
 #: Classes whose growth a mapping tracer can explain, and those we explain by other evidence.
 TRACED_CLASSES = (RegionClass.ANON, RegionClass.SHM, RegionClass.PINNED, RegionClass.HEAP)
@@ -107,7 +107,7 @@ class Attribution:
                 by += f" (called from {top.origin.split('+')[0]})"
         else:
             by = f"in {top.library}"
-        text = f"{top.share:.0%} of native memory growth is {what} {by} ({format_rate(top.slope)})"
+        text = f"{format_share(top.share)} of native memory growth is {what} {by} ({format_rate(top.slope)})"
         if top.known and top.known.remedies:
             text += f"; {top.known.remedies[0]}"
         return text
@@ -306,5 +306,5 @@ def correlate(before: Snapshot, after: Snapshot, outstanding: Sequence[Outstandi
 
 
 def describe(attribution: Attribution) -> str:
-    return (f"{format_bytes(attribution.growth)} of native growth, {attribution.explained_fraction:.0%} explained"
+    return (f"{format_bytes(attribution.growth)} of native growth, {format_share(attribution.explained_fraction)} explained"
             f"{'' if not attribution.unexplained else f', {format_bytes(attribution.unexplained)} unexplained'}")

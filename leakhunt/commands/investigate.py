@@ -19,7 +19,7 @@ from leakhunt.investigate import Evaluation, InvestigateOptions, Investigation, 
 from leakhunt.proc.target import open_target
 from leakhunt.record import SessionWriter
 from leakhunt.trace.backend import BACKENDS
-from leakhunt.units import format_bytes, format_duration, format_rate
+from leakhunt.units import format_bytes, format_duration, format_rate, format_share
 
 REFRESH_S = 1.0
 
@@ -114,7 +114,7 @@ def culprit_table(attribution: Attribution, brief: bool = False) -> Table:
                          no_wrap=col != "culprit")
     for i, c in enumerate(attribution.culprits, 1):
         table.add_row(str(i), Text(c.title, style="bold" if i == 1 else ""), c.klass.value, format_bytes(c.bytes),
-                      f"{c.share:.0%}", format_rate(c.slope))
+                      format_share(c.share), format_rate(c.slope))
     if not attribution.culprits:
         table.add_row("", Text("no culprit", style="dim"), "", "", "", "")
     return table
@@ -177,7 +177,7 @@ def render_result(result: InvestigationResult) -> Group:
                    border_style="red" if v.leak else "green")]
     if a.growth > 0:
         parts.append(culprit_table(a))
-        parts.append(Text(f"explained {a.explained_fraction:.0%} of {format_bytes(a.growth)} native growth"
+        parts.append(Text(f"explained {format_share(a.explained_fraction)} of {format_bytes(a.growth)} native growth"
                           + (f"; {format_bytes(a.unexplained)} unexplained (growth in memory mapped before tracing "
                              "began, or by calls no tracer saw)" if a.unexplained else ""), style="dim"))
         for c in a.culprits[:3]:
