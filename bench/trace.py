@@ -8,7 +8,9 @@ Workloads:
   loss      leakhunt with --all-events (every call to user space) at --loss-rate events/s: lost
             events, counted exactly (ring buffer reservations that failed; bpftrace's "Lost N").
   refserver the reference server (fixtures/refserver, --leak mmap-hook) under closed-loop load:
-            requests/s while traced over requests/s untraced. Skipped when refserver is missing.
+            requests/s untraced (before and after) over requests/s traced, one fresh server per
+            contender. Its libc is hooked by libucm: a uprobe peer may kill it (and says so).
+            Skipped when refserver is missing.
 
 Contenders, each attached to the running target before the timed part starts:
   leakhunt/bcc        leakhunt trace-mmap --backend bcc (kernel ledger: plain pairs never leave the kernel)
@@ -18,7 +20,7 @@ Contenders, each attached to the running target before the timed part starts:
                       (its kernel mode needs kprobes, which this kernel lacks; user mode works)
 Goal: leakhunt at most 1.3x at 100k mmap/s and below every peer; no lost events at 50k events/s.
 
-    sudo .venv/bin/python bench/trace.py [--rate 100000] [--count 300000] [--skip-refserver]
+    sudo .venv/bin/python bench/trace.py [--rate 100000] [--count 300000] [--rounds 3] [--skip-refserver]
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# bench/ holds scripts named like packages (trace, refserver): off the path, or they shadow them.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 ATTACH_TIMEOUT_S = 90
 
@@ -97,8 +101,10 @@ def attach(c: Contender, pid: int) -> Attached:
 
 def detach(att: Attached) -> float:
     """Stop a contender the way a user does (Ctrl-C); its CPU seconds, children included."""
-    if att.proc.poll() is None:
-        att.proc.send_signal(signal.SIGINT)
+    try:
+        os.kill(att.proc.pid, signal.SIGINT)   # not poll(): that would reap it before wait4 can
+    except ProcessLookupError:
+        pass
     try:
         _, _, usage = os.wait4(att.proc.pid, 0)
         att.proc.returncode = 0
@@ -138,7 +144,10 @@ def churn(exe: str, contender: Contender | None, count: int, rate: float) -> Chu
     run = ChurnRun(contender.name if contender else "untraced", float(fields["cpu_s"]), float(fields["wall_s"]),
                    float(fields["rate"]), tracer_cpu)
     if att and contender.name.startswith("leakhunt"):
-        doc = json.loads("".join(att.out))
+        try:
+            doc = json.loads("".join(att.out))
+        except ValueError:
+            raise RuntimeError(f"{contender.name} printed no summary: {''.join(att.err[-3:]).strip()}") from None
         run.lost, run.events = doc["lost_events"], doc["events"]
     return run
 
@@ -149,35 +158,48 @@ def build_churn(directory: str) -> str:
     return exe
 
 
-def churn_table(title: str, runs: list[ChurnRun], base: ChurnRun, by: str) -> None:
+def churn_table(title: str, runs: dict[str, list[ChurnRun]], by: str) -> dict[str, float]:
+    """Medians over the rounds; the slowdown of each round is against that round's untraced run."""
+    base = runs["untraced"]
     print(f"\n{title}")
-    print(f"{'contender':<20} {'target cpu s':>12} {'wall s':>8} {'mmap/s':>9} {'slowdown':>9} {'tracer cpu s':>13}"
-          f" {'events':>9} {'lost':>6}")
-    for r in runs:
-        ratio = r.cpu_s / base.cpu_s if by == "cpu" else base.rate / r.rate
-        print(f"{r.name:<20} {r.cpu_s:>12.3f} {r.wall_s:>8.2f} {r.rate:>9.0f} {ratio:>8.2f}x {r.tracer_cpu_s:>13.2f}"
-              f" {'' if r.events is None else r.events:>9} {'' if r.lost is None else r.lost:>6}")
+    print(f"{'contender':<20} {'target cpu s':>12} {'wall s':>8} {'mmap/s':>9} {'slowdown':>9} {'rounds':>18}"
+          f" {'tracer cpu s':>13} {'events':>9} {'lost':>6}")
+    out = {}
+    for name, rs in runs.items():
+        ratios = [(r.cpu_s / b.cpu_s if by == "cpu" else b.rate / r.rate) for r, b in zip(rs, base)]
+        med = statistics.median(ratios)
+        out[name] = med
+        pick = rs[ratios.index(sorted(ratios)[len(ratios) // 2])]
+        print(f"{name:<20} {statistics.median(r.cpu_s for r in rs):>12.3f} {statistics.median(r.wall_s for r in rs):>8.2f}"
+              f" {statistics.median(r.rate for r in rs):>9.0f} {med:>8.2f}x {' '.join(f'{x:.2f}' for x in ratios):>18}"
+              f" {statistics.median(r.tracer_cpu_s for r in rs):>13.2f} {'' if pick.events is None else pick.events:>9}"
+              f" {'' if pick.lost is None else max(r.lost for r in rs):>6}")
+    del out["untraced"]
+    return out
 
 
-def bench_churn(exe: str, count: int, rate: float, by: str) -> dict[str, float]:
-    title = (f"churn paced at {rate:,.0f} mmap/s ({count:,} mmap+munmap): slowdown = target CPU / untraced"
-             if by == "cpu" else f"churn unpaced ({count:,} mmap+munmap): slowdown = untraced mmap/s / traced")
+def bench_churn(exe: str, count: int, rate: float, by: str, rounds: int) -> dict[str, float]:
+    title = (f"churn paced at {rate:,.0f} mmap/s ({count:,} mmap+munmap), median of {rounds} rounds: "
+             "slowdown = target CPU / untraced CPU" if by == "cpu" else
+             f"churn unpaced ({count:,} mmap+munmap), median of {rounds} rounds: slowdown = untraced mmap/s / traced")
     pace = rate if by == "cpu" else 0
-    before = churn(exe, None, count, pace)
-    runs = []
+    usable = []
     for c in contenders():
         if c.available:
             print(f"  {c.name}: skipped, {c.available}")
-            continue
-        try:
-            runs.append(churn(exe, c, count, pace))
-        except RuntimeError as e:
-            print(f"  {c.name}: {e}")
-    after = churn(exe, None, count, pace)
-    base = ChurnRun("untraced (mean)", statistics.mean([before.cpu_s, after.cpu_s]),
-                    statistics.mean([before.wall_s, after.wall_s]), statistics.mean([before.rate, after.rate]))
-    churn_table(title, [before, after, *runs], base, by)
-    return {r.name: (r.cpu_s / base.cpu_s if by == "cpu" else base.rate / r.rate) for r in runs}
+        else:
+            usable.append(c)
+    runs: dict[str, list[ChurnRun]] = {"untraced": []}
+    for _ in range(rounds):
+        # Interleaved, so the load other processes put on the machine falls on every contender alike.
+        runs["untraced"].append(churn(exe, None, count, pace))
+        for c in usable:
+            try:
+                runs.setdefault(c.name, []).append(churn(exe, c, count, pace))
+            except RuntimeError as e:
+                print(f"  {c.name}: {e}")
+    runs = {k: v for k, v in runs.items() if len(v) == rounds}
+    return churn_table(title, runs, by)
 
 
 def bench_loss(exe: str, events_per_s: float, seconds: float) -> dict[str, int]:
@@ -185,13 +207,18 @@ def bench_loss(exe: str, events_per_s: float, seconds: float) -> dict[str, int]:
     print(f"\nloss: --all-events at {events_per_s:,.0f} events/s for {seconds:.0f}s (every call sent to user space)")
     out = {}
     for c in contenders(all_events=True)[:2]:
-        r = churn(exe, c, int(pairs * seconds), pairs)
+        try:
+            r = churn(exe, c, int(pairs * seconds), pairs)
+        except RuntimeError as e:
+            print(f"  {c.name}: {e}")
+            continue
         out[c.name] = r.lost
         print(f"  {c.name:<20} events {r.events:>9}  lost {r.lost:>6}  target slowdown n/a  tracer cpu {r.tracer_cpu_s:.2f}s")
     return out
 
 
 def bench_refserver(seconds: float) -> dict[str, float] | None:
+    """Each contender gets a fresh server: requests/s untraced, then traced, on the same instance."""
     try:
         from refserver import loadgen
         from refserver.launch import launch
@@ -200,37 +227,40 @@ def bench_refserver(seconds: float) -> dict[str, float] | None:
         return None
 
     def drive(url: str, duration: float | None, requests: int | None = None) -> float:
-        cfg = loadgen.LoadConfig(url=url, duration=duration, requests=requests, concurrency=4,
+        cfg = loadgen.LoadConfig(url=url, duration=duration, requests=requests, concurrency=4, timeout=30,
                                  prompt_len=loadgen.LengthDist.parse("16-48"), max_tokens=loadgen.LengthDist.parse("8"))
         report = loadgen.run(cfg)
         return report.completed / report.duration_s
 
-    print(f"\nrefserver --leak mmap-hook, closed-loop load (concurrency 4) for {seconds:.0f}s each: "
-          "slowdown = untraced requests/s / traced")
+    print(f"\nrefserver --leak mmap-hook (libucm hooks libc), closed-loop load (concurrency 4), {seconds:.0f}s "
+          "untraced, traced, untraced on one server per contender: slowdown = untraced requests/s / traced")
+    print(f"{'contender':<20} {'untraced req/s':>15} {'traced req/s':>13} {'slowdown':>9}")
     out = {}
-    with launch(leak="mmap-hook", leak_rate=1.0, args=["--kv-cache-mb", "8"]) as server:
-        drive(server.url, None, 30)
-        before = drive(server.url, seconds)
-        rows = []
-        for c in contenders():
-            if c.available:
-                continue
+    for c in contenders():
+        if c.available:
+            continue
+        with launch(leak="mmap-hook", leak_rate=1.0, args=["--kv-cache-mb", "8"]) as server:
+            drive(server.url, None, 60)        # warm: allocator, prefix cache, torch's first calls
+            before = drive(server.url, seconds)
             try:
                 att = attach(c, server.pid)
             except RuntimeError as e:
-                print(f"  {c.name}: {e}")
+                print(f"{c.name:<20} {before:>15.1f} {'':>13} {'':>9}  {e}")
                 continue
             try:
-                rows.append((c.name, drive(server.url, seconds)))
+                traced = drive(server.url, seconds)
             finally:
                 detach(att)
-        after = drive(server.url, seconds)
-    base = statistics.mean([before, after])
-    print(f"{'contender':<20} {'requests/s':>11} {'slowdown':>9}")
-    print(f"{'untraced (before)':<20} {before:>11.1f}\n{'untraced (after)':<20} {after:>11.1f}")
-    for name, rps in rows:
-        out[name] = base / rps
-        print(f"{name:<20} {rps:>11.1f} {base / rps:>8.2f}x")
+            if not server.alive():
+                code = server.process.poll()
+                why = f"signal {-code} ({signal.Signals(-code).name})" if code and code < 0 else f"exit {code}"
+                print(f"{c.name:<20} {before:>15.1f} {traced:>13.1f} {'':>9}  killed the server: {why}")
+                out[c.name] = float("inf")
+                continue
+            after = drive(server.url, seconds)   # untraced on both sides: drift cancels out
+        untraced = (before + after) / 2
+        out[c.name] = untraced / traced if traced else float("inf")
+        print(f"{c.name:<20} {untraced:>15.1f} {traced:>13.1f} {out[c.name]:>8.2f}x")
     return out
 
 
@@ -238,16 +268,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate", type=float, default=100_000, help="mmap/s of the paced churn")
     ap.add_argument("--count", type=int, default=300_000)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     ap.add_argument("--loss-rate", type=float, default=50_000, help="events/s of the loss measurement")
-    ap.add_argument("--refserver-seconds", type=float, default=8)
+    ap.add_argument("--refserver-seconds", type=float, default=12)
     ap.add_argument("--skip-refserver", action="store_true")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)   # progress shows while the long parts run
     if os.geteuid() != 0:
         sys.exit("bench/trace.py needs root (BPF)")
     with tempfile.TemporaryDirectory() as d:
         exe = build_churn(d)
-        paced = bench_churn(exe, args.count, args.rate, "cpu")
-        bench_churn(exe, args.count, 0, "rate")
+        paced = bench_churn(exe, args.count, args.rate, "cpu", args.rounds)
+        bench_churn(exe, args.count, 0, "rate", args.rounds)
         lost = bench_loss(exe, args.loss_rate, 5)
     server = None if args.skip_refserver else bench_refserver(args.refserver_seconds)
     print("\nverdict")
@@ -260,7 +292,8 @@ def main() -> None:
     print(f"  lost events at {args.loss_rate:,.0f} events/s with --all-events: "
           + ", ".join(f"{n} {v}" for n, v in lost.items()))
     if server:
-        print("  refserver: " + ", ".join(f"{n} {v:.2f}x" for n, v in server.items()))
+        print("  refserver: " + ", ".join(f"{n} {v:.2f}x" if v != float("inf") else f"{n} killed it"
+                                          for n, v in server.items()))
 
 
 if __name__ == "__main__":

@@ -80,9 +80,12 @@ def test_recording_holds_events_and_the_ledger_over_time(spawn, leakers, tmp_pat
 
 
 @pytest.mark.bpf
-def test_min_size_filters_in_the_kernel(spawn, leakers):
+def test_auto_picks_bcc_says_why_not_the_others_and_min_size_filters(spawn, leakers):
     proc = spawn([leakers / "pool_leaker", "--rate", "4M", "--chunk", "1M", "--churn", "50"])
-    doc = leakhunt_json("trace-mmap", "--pid", proc.pid, "--duration", "2s", "--min-size", "2M")
+    cp = run_leakhunt("trace-mmap", "--pid", proc.pid, "--duration", "2s", "--min-size", "2M", "--json")
+    doc = json.loads(cp.stdout)
+    assert doc["backend"] == "bcc" and "not provided" in doc["backends_unavailable"]["perf"]
+    assert cp.stderr.splitlines()[0].startswith("backend bcc (not available: perf: ")
     assert doc["outstanding_bytes"] == 0 and doc["filtered_events"] > 0
 
 

@@ -71,7 +71,7 @@ def test_functions_of_a_live_process_resolve_to_their_names(spawn, leakers):
     proc = spawn([leakers / "pool_leaker", "--rate", "1M"])
     resolver = CallerResolver()
     pm = resolver.modules(proc.pid)
-    lib = next(m for m in pm._mappings if m.path.endswith("libleakpool.so") and m.executable)
+    lib = next(m for m in pm.mappings if m.path.endswith("libleakpool.so") and m.executable)
     module = pm.module(lib)
     for name in ("lkpool_grow", "lkpool_mpool_get"):   # exported, and static (from .symtab)
         start, size = module.function(name)
@@ -80,7 +80,7 @@ def test_functions_of_a_live_process_resolve_to_their_names(spawn, leakers):
         assert (frame.library, frame.symbol, frame.offset) == ("libleakpool.so", name, 4)
         # A return address just past the end of a function belongs to that function (call at the end).
         assert pm.frame(address + size, is_return=True).symbol == name
-    libc = next(m for m in pm._mappings if is_wrapper_module(m.path) and m.executable)
+    libc = next(m for m in pm.mappings if is_wrapper_module(m.path) and m.executable)
     versioned = pm.module(libc).symbolize(pm.module(libc).function("__libc_start_main")[0])
     assert versioned is not None and "@" not in versioned[0]
 
@@ -92,7 +92,7 @@ def test_modules_are_read_once_per_build_id(spawn, leakers):
     mods = []
     for pid in (a.pid, b.pid):
         pm = resolver.modules(pid)
-        m = next(m for m in pm._mappings if m.path.endswith("libleakpool.so") and m.executable)
+        m = next(m for m in pm.mappings if m.path.endswith("libleakpool.so") and m.executable)
         mods.append(pm.module(m))
     assert mods[0] is mods[1] is not None
 

@@ -2,9 +2,10 @@
 
 BCC comes from the distribution (never the unrelated PyPI package named ``bcc``);
 ``ensure_bcc_importable`` links it into the running environment with a .pth file and is what
-``leakhunt doctor --install`` calls. The ring buffer is read without wake-ups (each poll drains
-it), and the kernel maps are read in batches into numpy arrays: a ledger of 100k live mappings
-costs milliseconds per snapshot. ``python -m leakhunt.trace.bcc PID`` prints the cflags.
+``leakhunt doctor --install`` calls. The kernel never wakes us: a thread drains the ring buffer
+from its memory mapping (trace.ringbuf), and the kernel maps are read in batches into numpy
+arrays, so a ledger of 100k live mappings costs milliseconds per snapshot.
+``python -m leakhunt.trace.bcc PID`` prints the cflags.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from leakhunt.trace.kernel_backend import (KernelLedgerBackend, RawCall, RawDump
                                            root_problem)
 from leakhunt.trace.ledger import SiteCounts
 from leakhunt.trace.ringbuf import RingBufferReader
-from leakhunt.trace.unwind import is_wrapper_module
+from leakhunt.trace.unwind import libc_functions
 
 OS_BCC = Path("/usr/lib/python3/dist-packages/bcc")
 PTH_NAME = "leakhunt-os-bcc.pth"
@@ -115,16 +116,24 @@ def _headers_problem() -> str | None:
     return f"no kernel headers for {release} (/lib/modules/{release}/build)"
 
 
-def ring_pages(stream_all: bool) -> int:
-    return RINGBUF_PAGES_ALL_EVENTS if stream_all else RINGBUF_PAGES
+def live_max(options: TraceOptions) -> int:
+    """Mappings the kernel holds at most (preallocated: ~100 bytes each); the rest go to user space."""
+    return int(options.extra.get("max_mappings", 65536))
 
 
-def cflags(pid: int, follow: bool = False, min_len: int = 0, live_max: int = 262144,
-           stream_all: bool = False) -> list[str]:
+def ring_pages(options: TraceOptions) -> int:
+    """Ring buffer pages: TraceOptions.extra['ring_pages'] (a power of two), else by mode."""
+    if options.extra.get("ring_pages"):
+        return int(options.extra["ring_pages"])
+    return RINGBUF_PAGES_ALL_EVENTS if options.extra.get("stream_all") else RINGBUF_PAGES
+
+
+def cflags(pid: int, options: TraceOptions | None = None) -> list[str]:
     """The -D definitions probes/mmap_ledger.c expects: the facts live in leakhunt.trace.events."""
-    defines = {"TARGET": pid, "FOLLOW": int(follow), "MIN_LEN": min_len, "STREAM_ALL": int(stream_all),
-               "LIVE_MAX": live_max,
-               "SITES_MAX": 16384, "RINGBUF_PAGES": ring_pages(stream_all), "STACK_BYTES": STACK_BYTES,
+    options = options or TraceOptions()
+    defines = {"TARGET": pid, "FOLLOW": int(options.follow), "MIN_LEN": options.min_length,
+               "STREAM_ALL": int(bool(options.extra.get("stream_all"))), "LIVE_MAX": live_max(options),
+               "SITES_MAX": 16384, "RINGBUF_PAGES": ring_pages(options), "STACK_BYTES": STACK_BYTES,
                "MAP_FIXED": MAP_FIXED, "MAP_FIXED_NOREPLACE": MAP_FIXED_NOREPLACE,
                "MREMAP_DONTUNMAP": MREMAP_DONTUNMAP}
     defines.update({f"NR_{kind.name}": nr for kind, nr in SYSCALL_NUMBERS.items()})
@@ -146,7 +155,7 @@ class BccBackend(KernelLedgerBackend):
         self._interval = DUMP_S
         self._installed: dict[int, int] = {}   # ip -> return-address slot the kernel reads at
         self._counters = [0] * 16
-        self._live_max = int(options.extra.get("max_mappings", 65536))
+        self._live_max = live_max(options)
 
     def start(self) -> None:
         reason = self.unavailable_reason()
@@ -155,16 +164,14 @@ class BccBackend(KernelLedgerBackend):
         from bcc import BPF   # noqa: PLC0415 - loads libbcc: only when this backend is used
 
         source = resources.probe(PROBE).read_text()
-        flags = cflags(self.target.pid, self.options.follow, self.options.min_length, self._live_max,
-                       bool(self.options.extra.get("stream_all")))
+        flags = cflags(self.target.pid, self.options)
         try:
             self.bpf = BPF(text=source.encode(), cflags=flags)
         except Exception as e:   # BCC raises bare Exception for compile and load errors
             raise BackendUnavailable(self.name, f"cannot load the BPF program: {str(e).splitlines()[0]}") from None
         self.bpf[b"traced"][ct.c_uint32(self.target.pid)] = ct.c_uint8(1)
         self._install_slots(self.target.pid)
-        pages = ring_pages(bool(self.options.extra.get("stream_all")))
-        self._ring = RingBufferReader(self.bpf[b"events"].map_fd, pages * mmap.PAGESIZE)
+        self._ring = RingBufferReader(self.bpf[b"events"].map_fd, ring_pages(self.options) * mmap.PAGESIZE)
         self._ring.start()
         self._started = True
         self._next_dump = time.monotonic()
@@ -173,32 +180,19 @@ class BccBackend(KernelLedgerBackend):
     def _install_slots(self, pid: int) -> None:
         """Tell the kernel where each libc wrapper keeps its return address (CFI), so the site key
         it builds holds the true caller even in non-leaf wrappers such as mremap."""
-        pm = self.resolver.modules(pid)
         table = self.bpf[b"ra_slot"]
-        seen_modules = set()
-        for m in pm._mappings:
-            if not m.executable or not is_wrapper_module(m.path) or m.path in seen_modules:
-                continue
-            seen_modules.add(m.path)
-            module = pm.module(m)
-            if module is None:
-                continue
-            for name in WRAPPER_FUNCTIONS:
-                fn = module.function(name)
-                code = module.read(fn[0], fn[1]) if fn and fn[1] else None
-                if not code:
-                    continue
-                at = code.find(b"\x0f\x05")
-                while at >= 0:
-                    ip_vaddr = fn[0] + at + 2
-                    rule = module.rule_at(ip_vaddr)
-                    slot = rule.return_slot() if rule is not None else None
-                    foff = module.file_offset(ip_vaddr)
-                    if slot is not None and foff is not None and 0 <= slot < 4096:
-                        ip = m.start - m.offset + foff
-                        table[ct.c_uint64(ip)] = ct.c_uint32(slot)
-                        self._installed[ip] = slot
-                    at = code.find(b"\x0f\x05", at + 1)
+        for fn in libc_functions(self.resolver.modules(pid), WRAPPER_FUNCTIONS):
+            code = fn.module.read(fn.vaddr, fn.size) if fn.size else None
+            at = code.find(b"\x0f\x05") if code else -1
+            while at >= 0:
+                # The ip the kernel sees is the instruction after `syscall`.
+                rule = fn.module.rule_at(fn.vaddr + at + 2)
+                slot = rule.return_slot() if rule is not None else None
+                if slot is not None and 0 <= slot < 4096:
+                    ip = fn.address + at + 2
+                    table[ct.c_uint64(ip)] = ct.c_uint32(slot)
+                    self._installed[ip] = slot
+                at = code.find(b"\x0f\x05", at + 1)
 
     def _slot_installed(self, ip: int, slot: int) -> bool:
         return self._installed.get(ip) == slot

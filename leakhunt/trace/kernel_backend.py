@@ -14,7 +14,7 @@ import time
 from abc import abstractmethod
 from typing import NamedTuple
 
-from leakhunt.errors import AccessDenied, BackendUnavailable
+from leakhunt.errors import AccessDenied
 from leakhunt.proc.target import PROC
 from leakhunt.trace.backend import Backend, TraceOptions
 from leakhunt.trace.events import SYSCALL_KINDS, EventKind, Frame, MmapEvent, Stack
@@ -92,7 +92,6 @@ class KernelLedgerBackend(Backend):
         self._state: KernelState | None = None
         # Kernel timestamps are CLOCK_MONOTONIC; records carry wall-clock time.
         self._wall_offset_ns = time.time_ns() - time.monotonic_ns()
-        self._pids = {target.pid}
         self._exited = False
         self._started = False
         self._stopped = False
@@ -189,9 +188,7 @@ class KernelLedgerBackend(Backend):
 
     def _on_lifecycle(self, r: RawLifecycle) -> None:
         if r.kind == "fork":
-            if _is_process(r.child):
-                self._pids.add(r.child)
-            return
+            return   # the kernel side follows it already; its address space starts as a copy
         if r.kind == "exec":
             self.resolver.forget(r.pid)
         if r.kind == "exit" and r.pid == self.target.pid:
@@ -201,7 +198,7 @@ class KernelLedgerBackend(Backend):
 
     def _event(self, r: RawCall) -> MmapEvent | None:
         kind = SYSCALL_KINDS.get(r.nr)
-        if kind is None:
+        if kind is None or kind not in self.options.kinds:
             return None
         a0, a1, a2, a3, a4 = r.args
         caller, stack = self.describe(r.pid, r.ip, r.ra, UserContext(r.ip, r.sp, 0, r.words))
@@ -257,7 +254,7 @@ class KernelLedgerBackend(Backend):
         ra = self._caller_ra(pid, ip, key_ra, exemplar or ctx)
         try:
             site = self.resolver.site(pid, ip, ra)
-            stack = self.resolver.stack_for(pid, site, exemplar or ctx)
+            stack = self.resolver.stack_for(pid, site, exemplar or ctx, self.options.stack_depth)
         except (OSError, ValueError, AccessDenied):
             return Frame(ra), Stack((Frame(ip), Frame(ra)), True, "bpf")
         info = (site.caller, stack)
@@ -294,17 +291,6 @@ def _s32(v: int) -> int:
     return v - (1 << 32) if v & 0x80000000 else v
 
 
-def _is_process(pid: int) -> bool:
-    """A fork tracepoint fires for threads too; a new process is its own thread group leader."""
-    try:
-        for line in (PROC / str(pid) / "status").read_text().splitlines():
-            if line.startswith("Tgid:"):
-                return int(line.split()[1]) == pid
-    except (OSError, ValueError):
-        pass
-    return False
-
-
 def _shm_length(pid: int, addr: int, shmid: int) -> int:
     """Size of a System V segment just attached: its mapping in the target, else /proc/sysvipc."""
     try:
@@ -322,7 +308,3 @@ def _shm_length(pid: int, addr: int, shmid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
-
-
-def unavailable(backend: str, reason: str) -> BackendUnavailable:
-    return BackendUnavailable(backend, reason)

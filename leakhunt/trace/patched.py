@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from leakhunt.proc.target import PROC
 from leakhunt.trace.events import Frame
-from leakhunt.trace.unwind import CallerResolver, is_wrapper_module
+from leakhunt.trace.unwind import CallerResolver, libc_functions
 
 #: Functions memory hooks patch (libucm's bistro list, plus the syscall wrapper itself).
 HOOKABLE = ("mmap", "mmap64", "munmap", "mremap", "brk", "sbrk", "shmat", "shmdt", "madvise", "syscall")
@@ -67,34 +67,16 @@ def jump_target(code: bytes, address: int) -> int | None:
 def find_patched(pid: int, resolver: CallerResolver | None = None,
                  names: tuple[str, ...] = HOOKABLE) -> list[PatchedFunction]:
     """Functions of the target's libc (and loader) whose code differs from the file."""
-    resolver = resolver or CallerResolver()
-    pm = resolver.modules(pid)
+    pm = (resolver or CallerResolver()).modules(pid)
     out = []
-    done: set = set()
-    addresses: set[int] = set()
-    for m in list(pm._mappings):
-        if not m.executable or not is_wrapper_module(m.path) or m.path in done:
+    for fn in libc_functions(pm, names):
+        want = fn.module.read(fn.vaddr, COMPARE_BYTES)
+        got = read_memory(pid, fn.address, COMPARE_BYTES)
+        if want is None or got is None or got == want:
             continue
-        done.add(m.path)
-        module = pm.module(m)
-        if module is None:
-            continue
-        for name in names:
-            fn = module.function(name)
-            foff = module.file_offset(fn[0]) if fn else None
-            if foff is None:
-                continue
-            address = m.start - m.offset + foff
-            if address in addresses:
-                continue   # an alias (mmap64 is mmap)
-            addresses.add(address)
-            want = module.read(fn[0], COMPARE_BYTES)
-            got = read_memory(pid, address, COMPARE_BYTES)
-            if want is None or got is None or got == want:
-                continue
-            dest = jump_target(got, address)
-            out.append(PatchedFunction(m.path, name, address, want, got,
-                                       pm.frame(dest, is_return=False) if dest else None))
+        dest = jump_target(got, fn.address)
+        out.append(PatchedFunction(fn.mapping.path, fn.name, fn.address, want, got,
+                                   pm.frame(dest, is_return=False) if dest else None))
     return out
 
 

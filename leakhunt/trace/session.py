@@ -22,8 +22,11 @@ Recording (``--record DIR``, through leakhunt.record.SessionWriter), streams:
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from leakhunt.errors import BackendUnavailable
@@ -83,6 +86,8 @@ def _reason(name: str) -> str | None:
 
 
 def _fix(reason: str) -> str:
+    if "not provided" in reason:
+        return "use --backend bcc or bpftrace"
     return ROOT_FIX if "root" in reason else "run `leakhunt doctor --install`"
 
 
@@ -179,6 +184,9 @@ class TraceSession:
         self.backend.stop()
         self._absorb(self.backend.poll(0))
         self._snapshot(time.monotonic())
+        if self.ledger.dropped:
+            self.backend.stats.notes.append(
+                f"{self.ledger.dropped} mappings were not kept: the ledger's range limit was reached")
         if self.writer:
             self.writer.append_many(OUTSTANDING, self._outstanding_records())
 
@@ -213,5 +221,22 @@ class TraceSession:
             self.stopped_because = "interrupted"
         finally:
             self.traced_s = self.elapsed
-            self.stop()
+            with _interrupts_deferred():
+                self.stop()
         return self.stopped_because
+
+
+@contextmanager
+def _interrupts_deferred():
+    """While detaching, a second Ctrl-C (or the SIGTERM a supervisor sends after the first) must not
+    cut the stop short: the target's probes would be left in place and the summary lost. Stopping
+    is bounded by the backends' own timeouts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

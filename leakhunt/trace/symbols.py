@@ -310,6 +310,10 @@ class ProcessModules:
         self._starts = [m.start for m in self._mappings]
         return True
 
+    @property
+    def mappings(self) -> list[FileMapping]:
+        return list(self._mappings)
+
     def mapping(self, address: int) -> FileMapping | None:
         m = self._find(address)
         if m is None and time.monotonic() - self._refreshed >= REFRESH_MIN_S:

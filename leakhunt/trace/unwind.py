@@ -10,11 +10,12 @@ copies a window of the stack); everything here runs in user space on those bytes
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from leakhunt.trace.cfi import RBP, RSP
 from leakhunt.trace.events import Frame, Stack
-from leakhunt.trace.symbols import ModuleCache, ProcessModules
+from leakhunt.trace.symbols import FileMapping, Module, ModuleCache, ProcessModules
 
 #: Modules whose functions are syscall wrappers rather than callers: the C library and loader.
 WRAPPER_MODULES = ("libc.so", "libc-", "ld-linux", "ld-musl", "libc.musl", "libpthread.so")
@@ -23,6 +24,40 @@ WRAPPER_MODULES = ("libc.so", "libc-", "ld-linux", "ld-musl", "libc.musl", "libp
 def is_wrapper_module(path: str | None) -> bool:
     name = (path or "").rsplit("/", 1)[-1]
     return name.startswith(WRAPPER_MODULES)
+
+
+@dataclass(frozen=True, slots=True)
+class LibcFunction:
+    """A function of the C library (or loader) as one process has it mapped."""
+
+    name: str
+    mapping: FileMapping
+    module: Module
+    vaddr: int        # in the ELF file
+    size: int
+    address: int      # in the process
+
+
+def libc_functions(pm: ProcessModules, names: tuple[str, ...]) -> Iterator[LibcFunction]:
+    """The named functions of every C library and loader the process maps (aliases once)."""
+    done: set[str] = set()
+    addresses: set[int] = set()
+    for m in pm.mappings:
+        if not m.executable or not is_wrapper_module(m.path) or m.path in done:
+            continue
+        done.add(m.path)
+        module = pm.module(m)
+        if module is None:
+            continue
+        for name in names:
+            fn = module.function(name)
+            foff = module.file_offset(fn[0]) if fn else None
+            if foff is None:
+                continue
+            address = m.start - m.offset + foff
+            if address not in addresses:
+                addresses.add(address)
+                yield LibcFunction(name, m, module, fn[0], fn[1], address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,11 +173,11 @@ class CallerResolver:
             pc, sp = ra, cfa
         return Stack(tuple(frames), partial, "bpf+dwarf")
 
-    def stack_for(self, pid: int, site: Site, ctx: UserContext | None) -> Stack:
+    def stack_for(self, pid: int, site: Site, ctx: UserContext | None, max_depth: int = 32) -> Stack:
         """A stack for a site: DWARF-unwound from a copied stack when we have one, else the
         wrapper and its caller (always partial)."""
         if ctx is not None and ctx.stack:
-            stack = self.unwind(pid, ctx)
+            stack = self.unwind(pid, ctx, max_depth)
             if len(stack.frames) >= 2:
                 return stack
         frames = tuple(f for f in (site.wrapper, site.caller) if f is not None)
