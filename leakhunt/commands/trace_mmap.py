@@ -1,4 +1,7 @@
-"""`leakhunt trace-mmap --pid PID`: who maps memory and does not give it back, live, by caller."""
+"""`leakhunt trace-mmap --pid PID`: who maps memory and does not give it back, live, by caller.
+
+The work is leakhunt.trace.session.TraceSession's; what --record writes is described there.
+"""
 
 from __future__ import annotations
 
@@ -105,6 +108,7 @@ def trace_document(session: TraceSession, choice: BackendChoice, record_dir: str
         "streamed_events": session.streamed,
         "lost_events": stats.lost_events,
         "filtered_events": stats.filtered,
+        "untracked_unmaps": session.ledger.unmatched_unmaps,   # of memory mapped before the trace
         "outstanding_bytes": sum(c.totals.outstanding_bytes for c in callers),
         "outstanding_mappings": sum(c.totals.mappings for c in callers),
         "by_caller": [caller_json(c) for c in callers],
