@@ -75,6 +75,8 @@ def test_seed_makes_sampling_repeatable(server):
     other = post(server, "/v1/completions", {**request, "seed": 4321}).json()["choices"][0]["text"]
     assert first == again
     assert first != other
+    extreme = post(server, "/v1/completions", {"prompt": "x", "n": 2, "max_tokens": 2, "seed": -(2 ** 63)})
+    assert extreme.status_code == 200          # any int64 seed, forks included
 
 
 def test_streamed_completion_matches_the_whole_one(server):
