@@ -230,3 +230,16 @@ def test_loadgen_rejects_unbounded_load():
     cp = subprocess.run([sys.executable, "-m", "refserver.loadgen", "--duration", "0"],
                         capture_output=True, text=True, timeout=60)
     assert cp.returncode == 2 and "bounded" in cp.stderr
+
+
+def test_loadgen_stopped_by_sigterm_still_reports(server):
+    proc = subprocess.Popen([sys.executable, "-m", "refserver.loadgen", "--url", server.url, "--duration", "120",
+                             "--concurrency", "2", "--max-tokens", "8", "--json"], stdout=subprocess.PIPE, text=True)
+    wait_for(lambda: server.metrics().get(
+        'vllm:request_success_total{finished_reason="length",model_name="refserver-tiny"}', 0) > 0)
+    time.sleep(1)
+    proc.terminate()
+    out, _ = proc.communicate(timeout=30)
+    report = json.loads(out)
+    assert proc.returncode == 0 and report["completed"] > 0 and report["duration_s"] < 60
+    wait_for(lambda: server.health()["kv_cache"]["usage"] == 0.0)   # its abandoned requests were aborted
