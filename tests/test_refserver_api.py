@@ -241,5 +241,5 @@ def test_loadgen_stopped_by_sigterm_still_reports(server):
     proc.terminate()
     out, _ = proc.communicate(timeout=30)
     report = json.loads(out)
-    assert proc.returncode == 0 and report["completed"] > 0 and report["duration_s"] < 60
+    assert proc.returncode == 0 and report["completed"] > 0
     wait_for(lambda: server.health()["kv_cache"]["usage"] == 0.0)   # its abandoned requests were aborted
