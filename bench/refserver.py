@@ -124,9 +124,14 @@ def held_and_used(engine: Engine) -> tuple[int, int]:
     return (engine.bm.num_blocks - engine.bm.num_free) * bs, used
 
 
-def serve(engine: Engine, work: Workload, params: dict | None = None) -> RunStats:
+def submit(engine: Engine, work: Workload, params: dict | None = None) -> None:
+    """Queue the whole workload at once (offline serving, as in the paper's throughput runs)."""
     for i, (prompt, out) in enumerate(zip(work.prompts, work.outputs)):
         engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=out, ignore_eos=True, seed=i, **(params or {})))
+
+
+def serve(engine: Engine, work: Workload) -> RunStats:
+    submit(engine, work)
     reserved = used = steps = batch = 0
     start = time.perf_counter()
     while engine.has_work():
@@ -151,8 +156,7 @@ def make_engine(cfg: EngineConfig, contiguous: bool) -> Engine:
 def cow_saving(cfg: EngineConfig, work: Workload, params: dict) -> float:
     """1 - blocks held / blocks the sequences' tables would hold unshared, summed over steps."""
     engine = Engine(cfg)
-    for i, (prompt, out) in enumerate(zip(work.prompts, work.outputs)):
-        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=out, ignore_eos=True, seed=i, **params))
+    submit(engine, work, params)
     held = unshared = 0
     while engine.has_work():
         engine.step()
