@@ -74,16 +74,12 @@ class _Reader:
         return v
 
     def uleb(self) -> int:
-        result = shift = 0
-        while True:
-            b = self.data[self.pos]
-            self.pos += 1
-            result |= (b & 0x7F) << shift
-            shift += 7
-            if b < 0x80:
-                return result
+        return self._leb(False)
 
     def sleb(self) -> int:
+        return self._leb(True)
+
+    def _leb(self, signed: bool) -> int:
         result = shift = 0
         while True:
             b = self.data[self.pos]
@@ -91,9 +87,7 @@ class _Reader:
             result |= (b & 0x7F) << shift
             shift += 7
             if b < 0x80:
-                if b & 0x40:
-                    result -= 1 << shift
-                return result
+                return result - (1 << shift) if signed and b & 0x40 else result
 
     def cstring(self) -> bytes:
         end = bytes(self.data[self.pos:self.pos + 64]).index(b"\0")

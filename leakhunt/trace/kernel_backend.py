@@ -5,6 +5,9 @@ A backend subclass only launches its program, reads raw records and reads the ke
 Order matters (an unmap applied before its map would leave a false leak) and per-CPU buffers do
 not keep it, so streamed records are held back until a kernel snapshot newer than them exists,
 then released sorted by time, together with that snapshot.
+
+TraceOptions.extra keys both read: ``stream_all`` (every call to user space: --all-events) and
+``max_mappings`` (mappings the kernel holds); bcc also ``ring_pages``, bpftrace ``perf_pages``.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from leakhunt.proc.target import PROC
 from leakhunt.trace.backend import Backend, TraceOptions
 from leakhunt.trace.events import SYSCALL_KINDS, EventKind, Frame, MmapEvent, Stack
 from leakhunt.trace.ledger import KernelMapping, KernelState, Lifecycle, SiteCounts, SiteKey
+from leakhunt.trace.patched import find_patched, patched_note
+from leakhunt.trace.unwind import CallerResolver, UserContext
 
 #: A fork/exec/exit record as the kernel sends it (kernel monotonic ns until converted).
 RawLifecycle = Lifecycle
-from leakhunt.trace.patched import find_patched, patched_note
-from leakhunt.trace.unwind import CallerResolver, UserContext
 
 #: Streamed records are released once a snapshot is this much newer than them: per-CPU buffers
 #: are read within microseconds, this leaves room for a reader descheduled on a busy machine.

@@ -95,9 +95,16 @@ class Module:
 
     def vaddr(self, file_offset: int) -> int | None:
         """The ELF virtual address of a file offset (what symbols and CFI are written in)."""
-        for off, vaddr, size in self.segments:
-            if off <= file_offset < off + size:
-                return vaddr + file_offset - off
+        return self._translate(file_offset, 0, 1)
+
+    def file_offset(self, vaddr: int) -> int | None:
+        """The inverse of vaddr(): where an ELF virtual address lies in the file."""
+        return self._translate(vaddr, 1, 0)
+
+    def _translate(self, x: int, src: int, dst: int) -> int | None:
+        for segment in self.segments:   # (file offset, vaddr, size in the file)
+            if segment[src] <= x < segment[src] + segment[2]:
+                return segment[dst] + x - segment[src]
         return None
 
     # -- symbols -------------------------------------------------------------------------------
@@ -143,13 +150,6 @@ class Module:
         for i, ref in enumerate(names):
             if self._name(ref) == name:
                 return values_list[i], int(sizes[i])
-        return None
-
-    def file_offset(self, vaddr: int) -> int | None:
-        """The inverse of vaddr(): where an ELF virtual address lies in the file."""
-        for off, base, filesz in self.segments:
-            if base <= vaddr < base + filesz:
-                return off + vaddr - base
         return None
 
     def symbolize(self, vaddr: int) -> tuple[str, int] | None:
