@@ -8,12 +8,14 @@ budget. Printed:
 
   KV waste         reserved-but-unused token slots / reserved slots, averaged over steps
                    (paper: prior systems used 20-38% of KV memory for tokens; paged wastes < 4%)
-  throughput       generated tokens/s, paged / contiguous (paper: 2-4x; goal here >= 2x)
+  throughput       generated tokens/s, paged / contiguous (paper: 2-4x; goal here >= 2x), by the
+                   wall clock and per CPU second of this (single-threaded) process, which other
+                   tenants of a shared machine cannot inflate; best of --rounds interleaved rounds
   batch            mean sequences per decode step: where the throughput comes from
   copy-on-write    blocks held / blocks the same sequences would hold unshared, for n=4 parallel
                    sampling and beam width 4 (paper: 6-10% and 38-55% saved on ShareGPT)
 
-    python bench/refserver.py [--requests 64] [--kv-cache-mb 8] [--max-model-len 2048] [--json]
+    python bench/refserver.py [--requests 64] [--kv-cache-mb 8] [--max-model-len 2048] [--rounds 2] [--json]
 """
 
 from __future__ import annotations
@@ -38,33 +40,40 @@ from refserver.sequence import SamplingParams, Sequence  # noqa: E402
 
 
 class ContiguousBlockManager(BlockManager):
-    """The baseline: each sequence gets one fixed, contiguous region of max_model_len slots when
-    admitted and keeps it to the end (no sharing, no prefix cache, no growth, no preemption)."""
+    """The baseline: each sequence reserves one contiguous region of max_model_len slots when
+    admitted and keeps it to the end (no sharing, no prefix cache, no preemption). Its block table
+    covers only the slots in use, so attention costs what it costs the paged engine: the baseline
+    loses capacity, not compute."""
 
     def __init__(self, num_blocks: int, block_size: int, max_model_len: int) -> None:
         super().__init__(num_blocks, block_size, enable_prefix_caching=False)
         self.per_seq = -(-max_model_len // block_size)
         self.free_regions = list(range(num_blocks // self.per_seq))
-        self.held = 0
+        self.region: dict[int, int] = {}          # seq id -> its region
 
     @property
     def num_free(self) -> int:
         return len(self.free_regions) * self.per_seq
 
+    @property
+    def held(self) -> int:
+        return len(self.region) * self.per_seq
+
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        return 0 if seq.block_table else self.per_seq
+        return 0 if seq.seq_id in self.region else self.per_seq
 
     def blocks_to_admit(self, seq: Sequence, cached: list[int], num_new_tokens: int) -> int:
         return self.per_seq
 
     def admit(self, seq: Sequence, cached: list[int]) -> int:
-        region = self.free_regions.pop()
-        seq.block_table = list(range(region * self.per_seq, (region + 1) * self.per_seq))
-        seq.num_computed_tokens = 0
-        self.held += self.per_seq
+        self.region[seq.seq_id] = self.free_regions.pop()
+        seq.block_table, seq.num_computed_tokens = [], 0
         return 0
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:
+        first = self.region[seq.seq_id] * self.per_seq
+        while len(seq.block_table) * self.block_size < seq.num_computed_tokens + num_new_tokens:
+            seq.block_table.append(first + len(seq.block_table))
         return []
 
     def commit(self, seq: Sequence) -> None:
@@ -74,11 +83,9 @@ class ContiguousBlockManager(BlockManager):
         raise NotImplementedError("the baseline runs n=1 only")
 
     def free(self, seq: Sequence) -> None:
-        if seq.block_table:
-            self.free_regions.append(seq.block_table[0] // self.per_seq)
-            self.held -= self.per_seq
-        seq.block_table = []
-        seq.num_computed_tokens = 0
+        if seq.seq_id in self.region:
+            self.free_regions.append(self.region.pop(seq.seq_id))
+        seq.block_table, seq.num_computed_tokens = [], 0
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,8 @@ def sharegpt_like(n: int, max_model_len: int, seed: int = 0) -> Workload:
 
 @dataclass
 class RunStats:
-    seconds: float
+    seconds: float           # wall clock
+    cpu_seconds: float       # this process's CPU time: what other tenants of the machine cannot inflate
     generated: int
     steps: int
     mean_batch: float
@@ -112,6 +120,10 @@ class RunStats:
     @property
     def throughput(self) -> float:
         return self.generated / self.seconds
+
+    @property
+    def cpu_throughput(self) -> float:
+        return self.generated / self.cpu_seconds
 
 
 def held_and_used(engine: Engine) -> tuple[int, int]:
@@ -133,15 +145,15 @@ def submit(engine: Engine, work: Workload, params: dict | None = None) -> None:
 def serve(engine: Engine, work: Workload) -> RunStats:
     submit(engine, work)
     reserved = used = steps = batch = 0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     while engine.has_work():
         engine.step()
         held, filled = held_and_used(engine)
         reserved, used = reserved + held, used + filled
         batch += sum(len(r.seqs) for r in engine.scheduler.running)
         steps += 1
-    seconds = time.perf_counter() - start
-    return RunStats(seconds, engine.stats.generation_tokens, steps, batch / max(steps, 1),
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return RunStats(seconds, cpu, engine.stats.generation_tokens, steps, batch / max(steps, 1),
                     1 - used / reserved if reserved else 0.0, engine.scheduler.num_preemptions)
 
 
@@ -150,6 +162,7 @@ def make_engine(cfg: EngineConfig, contiguous: bool) -> Engine:
     if contiguous:
         engine.bm = engine.scheduler.bm = ContiguousBlockManager(engine.bm.num_blocks, cfg.block_size,
                                                                   cfg.max_model_len)
+        engine.scheduler.watermark_blocks = 0     # its sequences never grow past their region
     return engine
 
 
@@ -171,6 +184,7 @@ def main() -> int:
     ap.add_argument("--kv-cache-mb", type=float, default=8.0, help="the KV budget both engines get")
     ap.add_argument("--max-model-len", type=int, default=2048, help="what the baseline reserves per sequence")
     ap.add_argument("--cow-requests", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of both engines; the best counts")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -178,8 +192,13 @@ def main() -> int:
     cfg = EngineConfig(kv_cache_mb=a.kv_cache_mb, max_model_len=a.max_model_len, max_num_seqs=256,
                        max_num_batched_tokens=1024)
     work = sharegpt_like(a.requests, a.max_model_len)
-    paged = serve(make_engine(cfg, contiguous=False), work)
-    contiguous = serve(make_engine(cfg, contiguous=True), work)
+    # Interleaved rounds, best of each: the first run in a process pays oneDNN's and the
+    # allocator's warm-up, and the machine is shared; the better round is the engine's own speed.
+    runs: dict[bool, list[RunStats]] = {False: [], True: []}
+    for _ in range(a.rounds):
+        for contiguous_alloc in (False, True):
+            runs[contiguous_alloc].append(serve(make_engine(cfg, contiguous_alloc), work))
+    paged, contiguous = (max(runs[c], key=lambda r: r.throughput) for c in (False, True))
     cow_work = sharegpt_like(a.cow_requests, a.max_model_len // 2, seed=1)
     roomy = EngineConfig(kv_cache_mb=64, max_model_len=a.max_model_len, max_num_seqs=256)
     parallel = cow_saving(roomy, cow_work, {"n": 4})
@@ -188,9 +207,12 @@ def main() -> int:
         "requests": a.requests, "kv_cache_mb": a.kv_cache_mb, "max_model_len": a.max_model_len,
         "prompt_tokens_mean": sum(map(len, work.prompts)) / a.requests,
         "output_tokens_mean": sum(work.outputs) / a.requests,
-        "paged": vars(paged) | {"throughput": paged.throughput},
-        "contiguous": vars(contiguous) | {"throughput": contiguous.throughput},
+        "paged": vars(paged) | {"throughput": paged.throughput, "cpu_throughput": paged.cpu_throughput},
+        "contiguous": vars(contiguous) | {"throughput": contiguous.throughput,
+                                          "cpu_throughput": contiguous.cpu_throughput},
         "throughput_ratio": paged.throughput / contiguous.throughput,
+        "cpu_throughput_ratio": paged.cpu_throughput / contiguous.cpu_throughput,
+        "batch_ratio": paged.mean_batch / contiguous.mean_batch,
         "cow_saved_parallel_n4": parallel, "cow_saved_beam4": beam,
     }
     if a.json:
@@ -199,12 +221,16 @@ def main() -> int:
     print(f"workload: {a.requests} ShareGPT-like requests (mean prompt {result['prompt_tokens_mean']:.0f}, "
           f"mean output {result['output_tokens_mean']:.0f} tokens), KV budget {a.kv_cache_mb:g} MiB, "
           f"max_model_len {a.max_model_len}")
-    print(f"{'':12}{'tok/s':>9}{'batch':>8}{'KV waste':>10}{'preempt':>9}")
+    print(f"{'':12}{'tok/s':>9}{'tok/cpu-s':>11}{'batch':>8}{'KV waste':>10}{'preempt':>9}")
     for name, r in (("paged", paged), ("contiguous", contiguous)):
-        print(f"{name:12}{r.throughput:9.0f}{r.mean_batch:8.1f}{r.waste:9.1%}{r.preemptions:9d}")
+        print(f"{name:12}{r.throughput:9.0f}{r.cpu_throughput:11.0f}{r.mean_batch:8.1f}{r.waste:9.1%}"
+              f"{r.preemptions:9d}")
     ok = "ok" if paged.waste < 0.04 and result["throughput_ratio"] >= 2 else "BELOW GOAL"
-    print(f"throughput ratio paged/contiguous: {result['throughput_ratio']:.2f}x (goal >= 2x); "
+    print(f"throughput ratio paged/contiguous: {result['throughput_ratio']:.2f}x wall clock, "
+          f"{result['cpu_throughput_ratio']:.2f}x per CPU second (goal >= 2x); "
           f"KV waste {paged.waste:.1%} vs {contiguous.waste:.1%} (goal < 4%): {ok}")
+    print(f"the same KV memory holds {result['batch_ratio']:.1f}x the sequences; on a CPU the decoder is "
+          f"compute-bound, so a bigger batch buys less than on a GPU, where decode is memory-bound")
     print(f"copy-on-write saves {parallel:.1%} of KV blocks with n=4 parallel sampling, "
           f"{beam:.1%} with beam width 4")
     return 0

@@ -46,10 +46,11 @@ def scattered_tables(lengths, num_blocks, gen):
     ([33, 16, 70], [33, 16, 70]),              # whole prefill
     ([50, 20, 90], [18, 20, 5]),               # prefill after a cached prefix / chunked prefill
     ([17, 40, 70, 5], [1, 1, 30, 5]),          # a step that mixes decodes and prefill chunks
+    ([5, 300, 20, 700, 33], [1, 1, 1, 1, 1]),  # decodes of far apart lengths: several groups
 ])
 def test_paged_attention_equals_dense(lengths, query_lens):
     gen = torch.Generator().manual_seed(0)
-    num_blocks = 64
+    num_blocks = 128
     k_cache = torch.zeros(num_blocks, BLOCK, KVH, D)
     v_cache = torch.zeros(num_blocks, BLOCK, KVH, D)
     tables = scattered_tables(lengths, num_blocks, gen)
@@ -96,7 +97,7 @@ TRITON_CHECK = textwrap.dedent("""
     from refserver import triton_attention
     gen = torch.Generator().manual_seed(0)
     kc, vc = torch.randn(64, 16, 2, 32, generator=gen), torch.randn(64, 16, 2, 32, generator=gen)
-    lengths = [1, 5, 16, 17, 37, 100]
+    lengths = [1, 5, 16, 17, 37, 100]          # block tables of 1 to 7 blocks: one decode group
     order = torch.randperm(64, generator=gen).tolist()
     tables = []
     for n in lengths:
@@ -104,7 +105,8 @@ TRITON_CHECK = textwrap.dedent("""
     meta = build_metadata(tables, lengths, [1] * len(lengths), 16)
     q = torch.randn(len(lengths), 8, 32, generator=gen)
     ref = paged_attention(q, kc, vc, meta, 32 ** -0.5)
-    out = triton_attention.paged_decode(q, kc, vc, meta.block_tables, meta.context_lens, 32 ** -0.5)
+    (group,) = meta.decodes
+    out = triton_attention.paged_decode(q, kc, vc, group.block_tables, group.context_lens, 32 ** -0.5)
     print("max_abs_diff", (ref - out).abs().max().item())
 """)
 
