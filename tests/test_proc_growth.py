@@ -68,3 +68,27 @@ def test_groups_sum_to_the_total():
     assert sum(s.rss for s in g.values()) == snap.total_rss
     assert sum(s.regions for s in g.values()) == len(snap)
     assert (RegionClass.HEAP, "[heap]") in g or any(k[0] is RegionClass.ANON for k in g)
+
+
+def test_shm_segments_of_one_kind_are_one_group(tmp_path):
+    import os as _os
+    paths, maps = [], []
+    try:
+        for i in range(5):
+            path = f"/dev/shm/lk_test_{_os.getpid()}_{i}"
+            with open(path, "wb") as f:
+                f.truncate(MiB)
+            fd = _os.open(path, _os.O_RDWR)
+            m = mmap.mmap(fd, MiB)
+            _os.close(fd)
+            m.write(b"s" * MiB)
+            paths.append(path)
+            maps.append(m)
+        g = groups(read_smaps(_os.getpid()))
+        key = (RegionClass.SHM, f"/dev/shm/lk_test_*_*")
+        assert key in g and g[key].regions == 5 and g[key].rss == 5 * MiB
+    finally:
+        for m in maps:
+            m.close()
+        for p in paths:
+            _os.unlink(p)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from leakhunt.proc.classes import CLASSES, RegionClass
-from leakhunt.proc.growth import GroupKey, groups, range_growth
+from leakhunt.proc.growth import GroupKey, group_path, groups, range_growth
 from leakhunt.proc.smaps import Snapshot
 
 FILE_CLASSES = (RegionClass.LIB, RegionClass.FILE)
@@ -90,7 +90,7 @@ def diff(before: Snapshot, after: Snapshot, top_ranges: int = 20) -> SnapshotDif
     growth = range_growth(before, after)
     new_by_group: dict[GroupKey, int] = {}
     for i in np.flatnonzero(growth.new):
-        key = (CLASSES[after.classes[i]], after.path[i])
+        key = (CLASSES[after.classes[i]], group_path(int(after.classes[i]), after.path[i]))
         new_by_group[key] = new_by_group.get(key, 0) + 1
     rows = []
     for key in set(ga) | set(gb):

@@ -10,6 +10,7 @@ all of its RSS as growth.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,13 +29,32 @@ class GroupStat:
     pss: int
 
 
+_DIGITS = re.compile(r"\d+")
+_SHM_CODE = CLASSES.index(RegionClass.SHM)
+
+
+def shm_pattern(path: str) -> str:
+    """'/dev/shm/sgl_shm_mm_8812_3' -> '/dev/shm/sgl_shm_mm_*_*': segments of one kind, one name.
+
+    A server that leaks a segment per request has thousands of them; each its own group would
+    rank below any single anonymous group however much they hold together.
+    """
+    return _DIGITS.sub("*", path)
+
+
+def group_path(code: int, path: str) -> str:
+    return shm_pattern(path) if code == _SHM_CODE else path
+
+
 def groups(snapshot: Snapshot) -> dict[GroupKey, GroupStat]:
-    """RSS, region count, virtual size and PSS by (class, path)."""
+    """RSS, region count, virtual size and PSS by (class, path); /dev/shm segments by name pattern."""
     sums: dict[tuple[int, str], list[int]] = {}
     rss = snapshot.rss.tolist()
     pss = snapshot.column("Pss").tolist()
     size = (snapshot.end - snapshot.start).tolist()
     for code, path, r, p, s in zip(snapshot.classes.tolist(), snapshot.path, rss, pss, size):
+        if code == _SHM_CODE:
+            path = shm_pattern(path)
         acc = sums.get((code, path))
         if acc is None:
             sums[(code, path)] = [r, 1, s, p]

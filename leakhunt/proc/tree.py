@@ -21,7 +21,7 @@ import psutil
 from leakhunt.errors import AccessDenied, TargetGone
 from leakhunt.gpu import NvmlReader
 from leakhunt.proc.classes import CLASSES, RegionClass
-from leakhunt.proc.growth import GroupKey
+from leakhunt.proc.growth import GroupKey, group_path
 from leakhunt.proc.sampler import STOP_INTERRUPTED, History, Pace, Sample, Sampler
 from leakhunt.proc.smaps import Snapshot
 from leakhunt.proc.target import Target, open_target
@@ -62,7 +62,7 @@ def tree_totals(snapshots: list[Snapshot]) -> TreeTotals:
         pss += snap.total("Pss")
         uss += int(private.sum())
         for i in np.flatnonzero(private):
-            key = (CLASSES[snap.classes[i]], snap.path[i])
+            key = (CLASSES[snap.classes[i]], group_path(int(snap.classes[i]), snap.path[i]))
             classes[key[0]] += int(private[i])
             groups[key] = groups.get(key, 0) + int(private[i])
         for i in np.flatnonzero(shared_now):
@@ -70,9 +70,9 @@ def tree_totals(snapshots: list[Snapshot]) -> TreeTotals:
                 ("anon", int(snap.start[i]))
             size = int(shared_now[i])
             if obj not in shared or shared[obj][0] < size:
-                shared[obj] = (size, CLASSES[snap.classes[i]], snap.path[i])
+                shared[obj] = (size, CLASSES[snap.classes[i]], group_path(int(snap.classes[i]), snap.path[i]))
         for code, path in zip(snap.classes.tolist(), snap.path):
-            key = (CLASSES[code], path)
+            key = (CLASSES[code], group_path(code, path))
             regions[key] = regions.get(key, 0) + 1
     for size, klass, path in shared.values():
         classes[klass] += size
