@@ -301,7 +301,8 @@ class TreeRecorder:
         if tree is not None and len(tree):
             self.writer.append(TREE, {"t": tree.t[-1], "ts": tree.ts[-1], "rss": tree.rss[-1],
                                       "classes": {c.value: v[-1] for c, v in tree.classes.items() if v[-1]},
-                                      "pids": [s.pid for s in samples]})
+                                      "pids": [s.pid for s in samples],
+                                      **({"gpu_bytes": tree.gpu[-1]} if len(tree.gpu) == len(tree) else {})})
 
     def flush_last(self) -> None:
         for recorder in self._recorders.values():

@@ -10,7 +10,8 @@ import math
 import os
 from collections.abc import Callable
 
-from leakhunt.report import context_sections, evidence_sections, memory_sections
+from leakhunt.analysis.device import device_finding, device_json, device_leak_only
+from leakhunt.report import context_sections, device_sections, evidence_sections, memory_sections
 from leakhunt.report.blocks import Callout, Headline, Report, Section, sentence
 from leakhunt.report.recorded import ReportData
 from leakhunt.units import format_bytes, format_duration, format_rate
@@ -18,6 +19,7 @@ from leakhunt.units import format_bytes, format_duration, format_rate
 SECTIONS: list[Callable[[ReportData], Section | None]] = [
     memory_sections.recording_state,
     memory_sections.where_memory_is,
+    device_sections.device_memory,
     evidence_sections.who_mapped_it,
     evidence_sections.outstanding_by_caller,
     evidence_sections.heap_versus_rss,
@@ -77,6 +79,8 @@ def headline(data: ReportData) -> Headline:
     v = m.rss.verdict
     if v.leak:
         tone, badge = "bad", "LEAK"
+    elif device_leak_only(m):
+        tone, badge = "bad", "DEVICE LEAK"
     elif v.plateau:
         tone, badge = "warn", "PLATEAU"
     elif v.reason.startswith("not enough data") or "noise" in v.reason:
@@ -84,6 +88,10 @@ def headline(data: ReportData) -> Headline:
     else:
         tone, badge = "good", "NO LEAK"
     answer = sentence(v.reason)
+    finding = device_finding(m)
+    if finding:
+        # A GPU leak leaves host RSS alone: its sentence leads when RSS has nothing to say.
+        answer = f"{sentence(finding)} Host RSS: {v.reason.rstrip('.')}." if not v.leak else f"{answer} {sentence(finding)}"
     top = m.top_class()
     if v.leak and top is not None:
         answer += f" Most of it is {top.value} memory ({format_bytes(m.classes[top].growth, signed=True)})."
@@ -95,6 +103,8 @@ def headline(data: ReportData) -> Headline:
                ("slope", format_rate(v.trend.slope))]
     if top is not None:
         numbers.append((f"{top.value} growth", format_bytes(m.classes[top].growth, signed=True)))
+    if m.device is not None:
+        numbers.append(("device memory growth", format_bytes(m.device.growth, signed=True)))
     numbers.append(("observed", format_duration(m.duration_s)))
     return Headline(title, subtitle, tone, badge, answer, tuple(numbers))
 
@@ -111,6 +121,7 @@ def report_json(data: ReportData, report: Report) -> dict:
         "plots": [f.name for f in report.figures()],
         "problems": list(data.problems),
         "summary": data.memory.to_json() if data.memory else None,
+        "device_memory": device_json(data.memory, device_sections.device_unavailable(data)),
         "tracer_data": data.has_tracer_data,
         "heap_data": data.heap is not None,
     }

@@ -10,6 +10,7 @@ import matplotlib
 
 from leakhunt import __version__
 from leakhunt.report.blocks import Code, Facts, Section
+from leakhunt.report.device_sections import device_unavailable
 from leakhunt.report.recorded import ReportData
 from leakhunt.units import format_duration
 
@@ -35,6 +36,9 @@ def environment(data: ReportData) -> Section:
     for key, value in s.items():
         if key not in _KNOWN and value not in (None, "", [], {}):
             rows.append((key.replace("_", " "), value if isinstance(value, str) else str(value)))
+    no_device = device_unavailable(data)
+    if no_device:
+        rows.append(("device memory (NVML)", no_device))
     streams = ", ".join(f"{name} ({sum(1 for _ in data.recording.records(name))})"
                         for name in data.recording.streams())
     rows += [("streams", streams or "none"), ("recording", str(data.recording.dir)),

@@ -188,6 +188,29 @@ def heap_vs_rss(t: np.ndarray, rss_growth: np.ndarray, heap_growth: np.ndarray) 
     return _png(fig)
 
 
+def device_vs_rss(t: np.ndarray, device: np.ndarray, rss: np.ndarray, trend: Trend, warmup_s: float,
+                  leak: bool) -> bytes:
+    """Growth of device memory (NVML) and of host RSS from the same start, with the device
+    series' Theil–Sen fit: a GPU leak is the line that climbs while RSS stays flat."""
+    fig, ax = plt.subplots(figsize=(WIDTH, HEIGHT))
+    color = "#d62728" if leak else "#2ca02c"
+    ax.plot(t, device - device[0], color=CLASS_COLORS[RegionClass.GPU], lw=2,
+            label=f"device memory (NVML) {format_bytes(device[-1] - device[0], signed=True)}")
+    ax.plot(t, rss - rss[0], color=INK, lw=1.6, label=f"host RSS {format_bytes(rss[-1] - rss[0], signed=True)}")
+    kept = t >= t[0] + warmup_s
+    if math.isfinite(trend.slope) and kept.sum() >= 2:
+        tk = t[kept]
+        ax.plot(tk, trend.intercept + trend.slope * tk - device[0], color=color, lw=1.4, ls="--",
+                label=f"device fit {format_rate(trend.slope)}")
+    _shade_warmup(ax, t[0], warmup_s)
+    ax.axhline(0, color=MUTED, lw=0.8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title("Device memory versus host RSS: growth since the first sample")
+    _bytes_axis(ax, signed=True)
+    _time_axis(ax, t)
+    return _png(fig)
+
+
 def attribution(labels: list[str], values: list[float], unexplained: float | None) -> bytes:
     """Bytes each culprit explains, and what nothing explains."""
     names = [_shorten(label, 60) for label in labels] + (["unexplained"] if unexplained else [])

@@ -94,7 +94,7 @@ def _tree_history(rec: Recording, records: list[dict]) -> History:
     pid = rec.session.get("pid", 0)
     for i, r in enumerate(records):
         classes = {RegionClass(k): int(v) for k, v in r.get("classes", {}).items() if k in _CLASS_NAMES}
-        history.add(Sample(i, r["ts"], r["t"], pid, empty, {}, 0.0, classes, {}))
+        history.add(Sample(i, r["ts"], r["t"], pid, empty, {}, 0.0, classes, {}, gpu_bytes=_gpu_bytes(r)))
     return history
 
 
@@ -159,4 +159,10 @@ def _sample(r: dict, empty: Snapshot, unknown: set[str]) -> Sample:
         except ValueError:
             unknown.add(klass)
     return Sample(r["seq"], r["ts"], r["t"], r.get("pid", 0), empty, r.get("status", {}),
-                  r.get("cost_s", 0.0), classes, groups)
+                  r.get("cost_s", 0.0), classes, groups, gpu_bytes=_gpu_bytes(r))
+
+
+def _gpu_bytes(r: dict) -> int | None:
+    """Device memory of a sample record (NVML), None when it was not sampled."""
+    value = r.get("gpu_bytes")
+    return int(value) if isinstance(value, (int, float)) else None
