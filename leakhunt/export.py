@@ -1,5 +1,6 @@
 """Prometheus metrics for a fleet: every watched process's RSS by class, its slopes over a rolling
-window, its verdict and its top growing groups, served over HTTP for Prometheus to scrape.
+window, its verdict and its top growing groups, and its device memory (NVML) with its own slope
+and verdict where there is a GPU, served over HTTP for Prometheus to scrape.
 
 One exporter runs per node; Prometheus does the scale. Targets are explicit pids and/or every
 process whose command line matches a pattern, re-discovered each interval, so processes that
@@ -22,8 +23,10 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from leakhunt.analysis.device import open_nvml
 from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.errors import AccessDenied, TargetGone
+from leakhunt.gpu import NvmlReader
 from leakhunt.proc.sampler import History, Sample, Sampler
 from leakhunt.proc.smaps import parse_smaps
 from leakhunt.proc.target import PROC, Target, open_target
@@ -52,11 +55,29 @@ class FleetView:
     discovered_total: int
 
 
+class TickDevice:
+    """NVML read once per exporter tick for every watched pid (one sweep of the GPUs' process
+    lists, not one per process); each Sampler then reads its own pid from it."""
+
+    def __init__(self, reader: NvmlReader) -> None:
+        self.reader = reader
+        self._used: dict[int, int] = {}
+
+    def refresh(self, pids: Iterable[int]) -> None:
+        self._used = self.reader.used_by(set(pids))
+
+    def used_by(self, pids: set[int]) -> dict[int, int]:
+        return {pid: self._used.get(pid, 0) for pid in pids}
+
+    def close(self) -> None:
+        self.reader.close()
+
+
 class Fleet:
     """The processes an exporter follows, each with a rolling window of light samples."""
 
     def __init__(self, pids: Iterable[int] = (), match: str | None = None, interval: float = 5.0,
-                 window_s: float = 900.0, culprits: CulpritSource | None = None) -> None:
+                 window_s: float = 900.0, culprits: CulpritSource | None = None, device: bool = True) -> None:
         self.interval = interval
         self.window_s = window_s
         self.match = re.compile(match) if match else None
@@ -69,6 +90,8 @@ class Fleet:
         self._lost = 0
         self._discovered = 0
         self._empty = parse_smaps(b"")
+        reader, self.device_unavailable = open_nvml() if device else (None, "not sampled (--no-device)")
+        self.device = TickDevice(reader) if reader else None
 
     # -- discovery ---------------------------------------------------------------------------
 
@@ -96,13 +119,15 @@ class Fleet:
         for target in self._candidates():
             key = (target.pid, target.start_time)
             if key not in self._watched:
-                self._watched[key] = Watched(target, Sampler(target, self.interval))
+                self._watched[key] = Watched(target, Sampler(target, self.interval, gpu=self.device))
                 self._discovered += 1
 
     # -- sampling ----------------------------------------------------------------------------
 
     def sample_once(self) -> None:
         self.discover()
+        if self.device is not None:
+            self.device.refresh(pid for pid, _ in self._watched)
         for key, w in list(self._watched.items()):
             try:
                 if not w.target.alive():   # exited, or its pid was reused by another process
@@ -143,6 +168,10 @@ class Fleet:
                 break
             stop.wait(next_at - time.monotonic())
 
+    def close(self) -> None:
+        if self.device is not None:
+            self.device.close()
+
 
 def _ancestors(pid: int) -> set[int]:
     seen = {pid}
@@ -182,6 +211,7 @@ class FleetCollector(Collector):
                                     "caller (when a tracer runs beside the exporter)", labels=proc + ["caller"])
         window = GaugeMetricFamily(f"{PREFIX}_window_seconds", "Span of the samples the slopes are fitted on", labels=proc)
         cost = GaugeMetricFamily(f"{PREFIX}_sample_duration_seconds", "Time the last smaps sample took", labels=proc)
+        device = DeviceFamilies(proc)
         for target, summary, last, span, sample_cost in view.targets:
             who = [str(target.pid), target.comm]
             total.add_metric(who, last.rss)
@@ -197,7 +227,12 @@ class FleetCollector(Collector):
             if self.fleet.culprits is not None:
                 for caller, n in self.fleet.culprits(target.pid):
                     culprit.add_metric(who + [caller], n)
+            device.add(who, last, summary)
         yield from (rss, total, slope, leak, plateau, group_rss, group_growth, culprit, window, cost)
+        yield from device.families()
+        yield GaugeMetricFamily(f"{PREFIX}_device_memory_sampled", "1 when NVML works here and device memory is "
+                                "sampled; 0 without an NVIDIA driver, GPU or nvidia-ml-py",
+                                value=float(self.fleet.device is not None))
         yield GaugeMetricFamily(f"{PREFIX}_targets", "Processes being watched", value=len(view.targets))
         yield CounterMetricFamily(f"{PREFIX}_targets_lost", "Watched processes that exited", value=view.lost_total)
         yield CounterMetricFamily(f"{PREFIX}_targets_discovered", "Processes ever watched", value=view.discovered_total)
@@ -212,6 +247,39 @@ def _judged(summary: MemorySummary, who: list[str], slope, leak, plateau) -> Non
                 slope.add_metric(who + [name, bound], value)
         leak.add_metric(who + [name], float(v.leak))
         plateau.add_metric(who + [name], float(v.plateau))
+
+
+class DeviceFamilies:
+    """Device memory (NVML) per process: its bytes, its slope over the window with the 95% bounds,
+    and its verdict. A series beside the region classes, not one of them: a GPU leak leaves RSS
+    flat, so it has families of its own (absent for processes NVML was not asked about)."""
+
+    def __init__(self, proc: list[str]) -> None:
+        self.bytes = GaugeMetricFamily(f"{PREFIX}_device_memory_bytes", "GPU memory the process uses (NVML, "
+                                       "summed over its GPUs)", labels=proc)
+        self.slope = GaugeMetricFamily(f"{PREFIX}_device_memory_slope_bytes_per_second", "Theil-Sen slope of "
+                                       "device memory over the window, with its 95% interval bounds",
+                                       labels=proc + ["bound"])
+        self.leak = GaugeMetricFamily(f"{PREFIX}_device_memory_leak", "1 when device memory is judged a leak "
+                                      "(significant, still growing), else 0", labels=proc)
+        self.plateau = GaugeMetricFamily(f"{PREFIX}_device_memory_plateau", "1 when device memory grew and "
+                                         "levelled off", labels=proc)
+
+    def add(self, who: list[str], last: Sample, summary: MemorySummary | None) -> None:
+        if last.gpu_bytes is None:
+            return
+        self.bytes.add_metric(who, last.gpu_bytes)
+        if summary is None or summary.device is None:
+            return
+        v = summary.device.verdict
+        for bound, value in (("estimate", v.trend.slope), ("lower", v.trend.lo), ("upper", v.trend.hi)):
+            if value == value:   # NaN: not enough samples yet
+                self.slope.add_metric(who + [bound], value)
+        self.leak.add_metric(who, float(v.leak))
+        self.plateau.add_metric(who, float(v.plateau))
+
+    def families(self) -> tuple:
+        return (self.bytes, self.slope, self.leak, self.plateau)
 
 
 class LedgerFeed:

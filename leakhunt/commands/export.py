@@ -35,8 +35,8 @@ def command(pids: tuple[int, ...], match: str | None, port: int, host: str, inte
     """Serve Prometheus metrics of the processes given by --pid and/or --match.
 
     Per process: RSS by region class, slopes over --window with their 95% bounds, leak and
-    plateau verdicts, the top growing groups. See docs/prometheus-alerts.yml and
-    docs/grafana-dashboard.json.
+    plateau verdicts, the top growing groups, and device memory (NVML) with its slope and
+    verdict where there is a GPU. See docs/prometheus-alerts.yml and docs/grafana-dashboard.json.
     """
     if not pids and not match:
         raise BadInput("give --pid PID (repeatable) and/or --match REGEX")
@@ -55,6 +55,8 @@ def command(pids: tuple[int, ...], match: str | None, port: int, host: str, inte
     console = ui.console_for(True)   # stdout is kept for --json; progress goes to stderr
     console.print(f"serving http://{host}:{bound}/metrics — {len(fleet.view().targets)} process(es), "
                   f"every {format_duration(interval)}", highlight=False)
+    console.print(f"device memory (NVML): {'sampled' if fleet.device else fleet.device_unavailable}",
+                  style="dim", highlight=False)
     stop = threading.Event()
     began = time.monotonic()
     try:
@@ -63,10 +65,14 @@ def command(pids: tuple[int, ...], match: str | None, port: int, host: str, inte
         pass
     finally:
         server.shutdown()
+        fleet.close()
     view = fleet.view()
     if as_json:
         ui.emit_json(ui.clean_json({
             "url": f"http://{host}:{bound}/metrics", "ran_s": time.monotonic() - began,
-            "targets": [{"pid": t.pid, "comm": t.comm, "rss_bytes": last.rss,
-                         "leak": bool(s and s.leak)} for t, s, last, _, _ in view.targets],
+            "targets": [{"pid": t.pid, "comm": t.comm, "rss_bytes": last.rss, "leak": bool(s and s.leak),
+                         "device_memory_bytes": last.gpu_bytes,
+                         "device_memory_leak": bool(s and s.device and s.device.verdict.leak)}
+                        for t, s, last, _, _ in view.targets],
+            "device_memory": {"available": fleet.device is not None, "reason": fleet.device_unavailable},
             "targets_discovered": view.discovered_total, "targets_lost": view.lost_total}))
