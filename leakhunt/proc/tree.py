@@ -103,6 +103,9 @@ class TreeSampler:
         self.root = ProcessTrack(root, Sampler(root, interval, keep_raw, t0=self.t0, gpu=gpu))
         self.tracks: dict[int, ProcessTrack] = {root.pid: self.root}
         self.skipped: dict[int, str] = {}   # children we could not read, and why
+        self.tree = History()               # the deduplicated totals, one entry per tick
+        self.pss: list[int] = []
+        self.uss: list[int] = []
 
     def discover(self) -> list[ProcessTrack]:
         """Start tracking children that appeared since the last call; returns the new tracks."""
@@ -128,44 +131,55 @@ class TreeSampler:
     def live_tracks(self) -> list[ProcessTrack]:
         return [t for t in self.tracks.values() if t.ended is None]
 
+    def tick(self) -> list[Sample]:
+        """One look at the whole tree: new children picked up, every live process sampled, the
+        deduplicated totals appended to ``self.tree``; returns the samples. Children that are gone
+        are marked ended; the root gone raises TargetGone (its first sample's errors propagate)."""
+        self.discover()
+        began = time.monotonic()
+        samples = []
+        for track in self.live_tracks():
+            try:
+                sample = track.sampler.take()
+            except (TargetGone, AccessDenied) as e:
+                if track is self.root and not len(self.tree):
+                    raise
+                track.ended = "exited" if isinstance(e, TargetGone) else "permission lost"
+                track.ended_at = began - self.t0
+                continue
+            track.history.add(sample)
+            samples.append(sample)
+        if self.root.ended is not None:
+            raise TargetGone(self.root.target.pid, f"process {self.root.target.pid} exited")
+        totals = tree_totals([s.snapshot for s in samples])
+        device = sum(s.gpu_bytes for s in samples if s.gpu_bytes) if self.gpu is not None else None
+        self.tree.append(began - self.t0, time.time(), totals.rss, totals.classes, totals.groups,
+                         totals.group_regions, time.monotonic() - began, device)
+        self.pss.append(totals.pss)
+        self.uss.append(totals.uss)
+        return samples
+
     def run(self, duration: float | None,
             on_tick: Callable[[list[Sample], TreeSampler, History], None] | None = None,
             stop: threading.Event | None = None) -> TreeResult:
-        tree, pss, uss = History(), [], []
         pace = Pace(self.interval, duration, stop)
         error = None
         reason = None
         try:
             for _ in pace:
-                self.discover()
-                began = time.monotonic()
-                samples = []
-                for track in self.live_tracks():
-                    try:
-                        sample = track.sampler.take()
-                    except (TargetGone, AccessDenied) as e:
-                        if track is self.root and not len(tree):
-                            raise
-                        track.ended = "exited" if isinstance(e, TargetGone) else "permission lost"
-                        track.ended_at = began - self.t0
-                        continue
-                    track.history.add(sample)
-                    samples.append(sample)
-                if self.root.ended is not None:
-                    error = TargetGone(self.root.target.pid, f"process {self.root.target.pid} exited")
-                    reason = str(error)
+                try:
+                    samples = self.tick()
+                except TargetGone as e:
+                    if not len(self.tree):
+                        raise
+                    error, reason = e, str(e)
                     break
-                totals = tree_totals([s.snapshot for s in samples])
-                device = sum(s.gpu_bytes for s in samples if s.gpu_bytes) if self.gpu is not None else None
-                tree.append(began - self.t0, time.time(), totals.rss, totals.classes, totals.groups,
-                            totals.group_regions, time.monotonic() - began, device)
-                pss.append(totals.pss)
-                uss.append(totals.uss)
                 if on_tick is not None:
-                    on_tick(samples, self, tree)
+                    on_tick(samples, self, self.tree)
         except KeyboardInterrupt:
             reason = STOP_INTERRUPTED
-        return TreeResult(self.root, list(self.tracks.values()), tree, pss, uss, reason or pace.reason, error)
+        return TreeResult(self.root, list(self.tracks.values()), self.tree, self.pss, self.uss,
+                          reason or pace.reason, error)
 
 
 def children_hint(pid: int) -> str | None:
