@@ -16,9 +16,9 @@
  * A failed ring buffer reservation is counted in `counters`: losses are exact. With STREAM_ALL=1
  * every call is streamed and the kernel keeps no ledger (--all-events).
  *
- * Arguments (-D): TARGET, FOLLOW, MIN_LEN, STREAM_ALL, LIVE_MAX, SITES_MAX, RINGBUF_PAGES, STACK_BYTES, the
- * NR_* syscall numbers, MAP_FIXED, MAP_FIXED_NOREPLACE, MREMAP_DONTUNMAP, all supplied by
- * leakhunt.trace.bcc.cflags(). Read by leakhunt.trace.bcc; by hand:
+ * Arguments (-D): TARGET, FOLLOW, MIN_LEN, STREAM_ALL, LIVE_MAX, SITES_MAX, RINGBUF_PAGES,
+ * STACK_BYTES, the NR_* syscall numbers, MAP_FIXED, MAP_FIXED_NOREPLACE, MREMAP_DONTUNMAP and the
+ * record/counter numbering, all supplied by leakhunt.trace.bcc.cflags(). Read by leakhunt.trace.bcc; by hand:
  *     python -m leakhunt.trace.bcc PID      # prints the cflags
  *
  * Example (pool_leaker, as leakhunt.trace.bcc reads it):
@@ -30,11 +30,8 @@
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
 
-enum { REC_CALL = 1, REC_EXEMPLAR = 2, REC_PROC = 3 };
-enum { PROC_FORK = 1, PROC_EXEC = 2, PROC_EXIT = 3 };
-/* counters: 0..6 one per traced syscall (see kind_index), then these */
-enum { C_FILTERED = 8, C_FAILED = 9, C_FULL = 10, C_LOST_CALL = 11, C_LOST_EXEMPLAR = 12,
-       C_LOST_PROC = 13, C_COUNT = 16 };
+/* Record types (REC_*), lifecycle kinds (PROC_*), the per-CPU counters' indexes (C_*: one per
+ * syscall, IDX_*, then the others) come from leakhunt.trace.bcc as -D: it reads them back. */
 
 struct call_t { u64 nr; u64 a[5]; u64 ip; u64 sp; u64 ra; u64 bp; };
 struct live_key_t { u32 pid; u32 pad; u64 addr; };
@@ -62,13 +59,13 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
 static __always_inline int kind_index(u64 nr) {
     switch (nr) {
-    case NR_MMAP: return 0;
-    case NR_MUNMAP: return 1;
-    case NR_MREMAP: return 2;
-    case NR_BRK: return 3;
-    case NR_SHMAT: return 4;
-    case NR_SHMDT: return 5;
-    case NR_MEMFD_CREATE: return 6;
+    case NR_MMAP: return IDX_MMAP;
+    case NR_MUNMAP: return IDX_MUNMAP;
+    case NR_MREMAP: return IDX_MREMAP;
+    case NR_BRK: return IDX_BRK;
+    case NR_SHMAT: return IDX_SHMAT;
+    case NR_SHMDT: return IDX_SHMDT;
+    case NR_MEMFD_CREATE: return IDX_MEMFD_CREATE;
     }
     return -1;
 }

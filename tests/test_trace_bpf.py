@@ -181,6 +181,9 @@ def test_every_shape_of_mapping_is_accounted(spawn, shapes, backend, all_events)
     assert any(f.symbol == "shape_brk" for f in brk.stack.frames)
     balanced = next(c.totals for c in session.callers() if c.totals.symbol == "shape_balanced")
     assert (balanced.count, balanced.mapped_bytes, balanced.unmapped_bytes) == (100, 1600 * P, 1600 * P)
+    by_kind = session.ledger.kernel_syscalls
+    assert (by_kind["mremap"], by_kind["shmat"], by_kind["shmdt"]) == (1, 2, 1), by_kind
+    assert by_kind["brk"] >= 1 and by_kind["munmap"] >= 103 and by_kind["mmap"] >= 105
     assert session.backend.stats.lost_events == 0
     if all_events:
         assert session.streamed >= 100

@@ -48,13 +48,22 @@ STACK_BYTES = 4096
 #: Functions of libc and the loader whose syscall instructions get a return-address slot from CFI.
 WRAPPER_FUNCTIONS = ("syscall", "mmap", "mmap64", "__mmap", "munmap", "__munmap", "mremap", "__mremap",
                      "brk", "__brk", "shmat", "shmdt", "memfd_create")
-_KINDS = list(SYSCALL_NUMBERS)          # counter index -> kind, in the order of kind_index()
-_C_FILTERED, _C_FAILED, _C_FULL, _C_LOST_CALL, _C_LOST_EXEMPLAR, _C_LOST_PROC = 8, 9, 10, 11, 12, 13
+#: The program's numbering, handed to it as -D: record types, lifecycle kinds, and the indexes of
+#: its per-CPU counters (one per syscall first, in SYSCALL_NUMBERS order, then the others).
+RECORDS = {"REC_CALL": 1, "REC_EXEMPLAR": 2, "REC_PROC": 3}
+PROC_KINDS = {"PROC_FORK": 1, "PROC_EXEC": 2, "PROC_EXIT": 3}
+_KINDS = list(SYSCALL_NUMBERS)
+COUNTERS = {**{f"IDX_{kind.name}": i for i, kind in enumerate(_KINDS)},
+            "C_FILTERED": 8, "C_FAILED": 9, "C_FULL": 10, "C_LOST_CALL": 11, "C_LOST_EXEMPLAR": 12,
+            "C_LOST_PROC": 13, "C_COUNT": 16}
+_C_FILTERED, _C_FAILED, _C_FULL = COUNTERS["C_FILTERED"], COUNTERS["C_FAILED"], COUNTERS["C_FULL"]
+_C_LOST_CALL, _C_LOST_EXEMPLAR, _C_LOST_PROC = (COUNTERS["C_LOST_CALL"], COUNTERS["C_LOST_EXEMPLAR"],
+                                                COUNTERS["C_LOST_PROC"])
 
 _CALL = struct.Struct("<IIIIQ5QqQQQQ")
 _EXEMPLAR = struct.Struct("<IIQQQQQII")
 _PROC = struct.Struct("<IIIIQ")
-_PROC_KINDS = {1: "fork", 2: "exec", 3: "exit"}
+_PROC_NAMES = {n: name.split("_")[1].lower() for name, n in PROC_KINDS.items()}
 _LIVE_KEY = np.dtype([("pid", "<u4"), ("pad", "<u4"), ("addr", "<u8")])
 _LIVE_VAL = np.dtype([("len", "<u8"), ("ip", "<u8"), ("ra", "<u8"), ("ts", "<u8"), ("flags", "<u4"),
                       ("fd", "<i4")])
@@ -137,6 +146,7 @@ def cflags(pid: int, options: TraceOptions | None = None) -> list[str]:
                "MAP_FIXED": MAP_FIXED, "MAP_FIXED_NOREPLACE": MAP_FIXED_NOREPLACE,
                "MREMAP_DONTUNMAP": MREMAP_DONTUNMAP}
     defines.update({f"NR_{kind.name}": nr for kind, nr in SYSCALL_NUMBERS.items()})
+    defines.update(RECORDS | PROC_KINDS | COUNTERS)
     return [f"-D{k}={v}" for k, v in defines.items()]
 
 
@@ -154,7 +164,7 @@ class BccBackend(KernelLedgerBackend):
         self._next_dump = 0.0
         self._interval = DUMP_S
         self._installed: dict[int, int] = {}   # ip -> return-address slot the kernel reads at
-        self._counters = [0] * 16
+        self._counters = [0] * COUNTERS["C_COUNT"]
         self._live_max = live_max(options)
 
     def start(self) -> None:
@@ -202,16 +212,16 @@ class BccBackend(KernelLedgerBackend):
     @staticmethod
     def _decode(raw: bytes):
         kind = raw[0]
-        if kind == 1:
+        if kind == RECORDS["REC_CALL"]:
             _, pid, tid, nr, ts, a0, a1, a2, a3, a4, ret, ip, sp, ra, nwords = _CALL.unpack_from(raw)
             return RawCall(nr, pid, tid, ts, (a0, a1, a2, a3, a4), ret, ip, sp, ra,
                            raw[_CALL.size:_CALL.size + 8 * nwords])
-        if kind == 2:
+        if kind == RECORDS["REC_EXEMPLAR"]:
             _, pid, ts, ip, ra, sp, bp, nbytes, _ = _EXEMPLAR.unpack_from(raw)
             return RawExemplar(pid, ts, ip, ra, sp, bp, raw[_EXEMPLAR.size:_EXEMPLAR.size + nbytes])
-        if kind == 3:
+        if kind == RECORDS["REC_PROC"]:
             _, pid, what, child, ts = _PROC.unpack_from(raw)
-            return RawLifecycle(_PROC_KINDS.get(what, "?"), pid, ts, child)
+            return RawLifecycle(_PROC_NAMES.get(what, "?"), pid, ts, child)
         return None
 
     def _read(self, timeout: float) -> tuple[list, RawDump | None]:
@@ -239,7 +249,7 @@ class BccBackend(KernelLedgerBackend):
                                                                         int(v["unmapped"]))
                  for k, v in zip(skeys, svals)}
         counters = self.bpf[b"counters"]
-        self._counters = [sum(counters[ct.c_int(i)]) for i in range(16)]
+        self._counters = [sum(counters[ct.c_int(i)]) for i in range(COUNTERS["C_COUNT"])]
         syscalls = {kind.value: self._counters[i] for i, kind in enumerate(_KINDS) if self._counters[i]}
         if self._counters[_C_FULL]:
             self.note_once("the kernel map of live mappings filled up: later mappings are tracked in user "

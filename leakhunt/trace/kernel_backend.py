@@ -99,6 +99,7 @@ class KernelLedgerBackend(Backend):
         self._started = False
         self._stopped = False
         self._final_dump: RawDump | None = None
+        self._last_dump: RawDump | None = None
         self._ip_checked = False
 
     # -- what subclasses provide ---------------------------------------------------------------
@@ -139,6 +140,15 @@ class KernelLedgerBackend(Backend):
     def kernel_state(self) -> KernelState | None:
         return self._state
 
+    def details(self) -> dict:
+        dump = self._last_dump
+        return {"mode": "all-events" if self.options.extra.get("stream_all") else "kernel-ledger",
+                "kernel_held_mappings": len(self._state.mappings) if self._state else 0,
+                "sites": len(self._state.sites) if self._state else 0,
+                "failed_calls": dump.failed if dump else 0,
+                "kernel_map_full": dump.full if dump else 0,
+                "exemplars": len(self._exemplars)}
+
     @property
     def target_exited(self) -> bool:
         return self._exited or not self.target.alive()
@@ -165,6 +175,7 @@ class KernelLedgerBackend(Backend):
         ready.sort(key=lambda r: r.ts)
         events = [ev for ev in (self._event(r) for r in ready) if ev is not None]
         if dump is not None:
+            self._last_dump = dump
             self._state = self._kernel_state(dump)
             self.stats.events = sum(dump.syscalls.values())
             self.stats.filtered = dump.filtered

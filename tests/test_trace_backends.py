@@ -1,0 +1,77 @@
+"""The backends' set-up, without tracing: probes get every constant they use from
+leakhunt.trace.events, BCC is the OS's, the kernel-stack arithmetic, backend choice."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from leakhunt import resources
+from leakhunt.errors import BackendUnavailable
+from leakhunt.trace.backend import BACKENDS, TraceOptions
+from leakhunt.trace.bcc import OS_BCC, _bcc_origin, cflags, ensure_bcc_importable
+from leakhunt.trace.bpftrace import perf_pages, pt_regs_offset, script_text
+from leakhunt.trace.events import SYSCALL_NUMBERS
+from leakhunt.trace.session import choose_backend
+
+# Upper-case names a probe uses that are its own (enums, kernel macros, bpftrace builtins).
+OWN = {"BPF_RB_NO_WAKEUP", "BPF_F_NO_PREALLOC", "BPF_HASH", "BPF_F_TABLE", "BPF_PERCPU_ARRAY",
+       "BPF_RINGBUF_OUTPUT", "RAW_TRACEPOINT_PROBE", "TRACEPOINT_PROBE", "BEGIN", "END"}
+
+
+def _constants(text: str) -> set[str]:
+    body = re.sub(r"/\*.*?\*/", "", text, flags=re.S)   # not the header comment
+    return {w for w in re.findall(r"\b[A-Z][A-Z0-9_]{2,}\b", body) if w not in OWN}
+
+
+def test_the_bpftrace_probe_gets_every_constant_it_uses():
+    text = script_text(1234, follow=True, min_len=4096)
+    defined = set(re.findall(r"^#define (\w+) ", text, flags=re.M))
+    assert _constants(resources.probe("mmap_ledger.bt").read_text()) <= defined
+    for kind, nr in SYSCALL_NUMBERS.items():
+        assert f"#define NR_{kind.name} {nr}\n" in text
+
+
+def test_the_bcc_program_gets_every_constant_it_uses():
+    flags = cflags(1234, TraceOptions(follow=True, extra={"stream_all": True}))
+    defined = {f[2:].split("=")[0] for f in flags}
+    assert _constants(resources.probe("mmap_ledger.c").read_text()) <= defined
+    assert "-DSTREAM_ALL=1" in flags and "-DFOLLOW=1" in flags
+
+
+def test_bcc_comes_from_the_os_package():
+    problem = ensure_bcc_importable()
+    if not (OS_BCC / "__init__.py").is_file():
+        assert problem is not None and "python3-bpfcc" in problem
+        return
+    assert problem is None
+    assert str(OS_BCC.resolve()) in str(__import__("pathlib").Path(_bcc_origin()).resolve())
+
+
+@pytest.mark.parametrize("config, offset", [
+    ({}, 16384 - 168),
+    ({"CONFIG_KASAN": "y"}, 32768 - 168),
+    ({"CONFIG_X86_FRED": "y"}, 16384 - 16 - 168),
+])
+def test_user_registers_sit_at_the_top_of_the_kernel_stack(config, offset):
+    assert pt_regs_offset(config) == offset
+
+
+def test_perf_buffers_stay_bounded_and_powers_of_two():
+    pages = perf_pages()
+    assert 64 <= pages <= 4096 and pages & (pages - 1) == 0
+
+
+def test_perf_backend_says_in_one_line_why_not():
+    with pytest.raises(BackendUnavailable) as e:
+        choose_backend("perf")
+    assert "\n" not in str(e.value) and "bcc or bpftrace" in str(e.value)
+
+
+def test_auto_prefers_the_registry_order():
+    choice = choose_backend("auto")
+    assert choice.name in BACKENDS
+    assert list(BACKENDS).index(choice.name) <= min(list(BACKENDS).index(n) for n in BACKENDS
+                                                    if n not in choice.unavailable)
+    assert choice.explain().startswith(f"backend {choice.name}")
