@@ -34,6 +34,7 @@ PROBE = "mmap_ledger.bt"
 DUMP_MS = 250
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
+QUEUE_LINES = 200_000
 #: sizeof(struct pt_regs) on x86_64: the user registers sit at the top of the task's kernel stack.
 PT_REGS_SIZE = 168
 
@@ -106,7 +107,9 @@ class BpftraceBackend(KernelLedgerBackend):
     def __init__(self, target, options: TraceOptions) -> None:
         super().__init__(target, options)
         self._proc: subprocess.Popen | None = None
-        self._lines: queue.Queue[bytes | None] = queue.Queue()
+        # Bounded: if parsing falls behind, bpftrace blocks on its stdout, its perf buffers fill and
+        # the kernel counts what it drops (bpftrace prints "Lost N events"): memory stays bounded.
+        self._lines: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_LINES)
         self._stderr: list[str] = []
         self._lost_count = 0
         self._dump: RawDump | None = None      # being parsed
