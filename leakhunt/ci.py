@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from leakhunt.analysis.device import device_json, open_nvml
 from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.errors import BadInput, LeakhuntError, TargetGone
 from leakhunt.heap import HeapRun
@@ -58,6 +59,7 @@ class GateResult:
     notes: tuple[str, ...] = ()
     elapsed_s: float = 0.0
     heap_growth: float | None = None   # Python heap growth memray saw (--heap), bytes
+    device_unavailable: str | None = None   # why device memory (NVML) was not sampled
 
     @property
     def status(self) -> str:
@@ -71,6 +73,7 @@ class GateResult:
                "notes": list(self.notes), "elapsed_s": self.elapsed_s, "heap_growth_bytes": self.heap_growth}
         if self.summary is not None:
             doc["summary"] = self.summary.to_json()
+        doc["device_memory"] = device_json(self.summary, self.device_unavailable)
         return doc
 
 
@@ -196,17 +199,20 @@ class Gate:
     def _measure(self, target: Target, label: str, load: Sequence[str] | None,
                  command: Launched | None) -> GateResult:
         began = time.monotonic()
+        gpu, no_gpu = open_nvml()
         loader = Launched(load, "load generator", self.command_output) if load else None
         try:
             if self.subprocesses:
-                result = TreeSampler(target, self.config.interval, self.keep_raw).run(self.config.duration,
-                                                                                      self.on_tick)
+                result = TreeSampler(target, self.config.interval, self.keep_raw, gpu).run(self.config.duration,
+                                                                                           self.on_tick)
                 history = result.tree
             else:
-                result = Sampler(target, self.config.interval, self.keep_raw).run(self.config.duration,
-                                                                                  self.on_sample)
+                result = Sampler(target, self.config.interval, self.keep_raw, gpu=gpu).run(self.config.duration,
+                                                                                           self.on_sample)
                 history = result.history
         finally:
+            if gpu is not None:
+                gpu.close()
             if loader is not None:
                 if loader.returncode is not None:
                     self.notes.append(f"the load generator {loader.describe_exit()} before the end")
@@ -219,7 +225,7 @@ class Gate:
         elif result.stopped_because == STOP_INTERRUPTED:
             self.notes.append(f"interrupted after {format_duration(history.duration_s)}")
         return GateResult(self.config, label, target.pid, summary, code, reason, result.stopped_because,
-                          tuple(self.notes), elapsed)
+                          tuple(self.notes), elapsed, device_unavailable=no_gpu)
 
     def _target_lost(self, command: Launched | None, error: Exception, history: History, code: int,
                      reason: str) -> tuple[int, str]:

@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from leakhunt import ui
+from leakhunt.analysis.device import device_status_line
 from leakhunt.ci import ERROR, FAIL, Gate, GateConfig, GateResult, error_result
 from leakhunt.commands.options import (RATE, duration_option, interval_option, json_option, record_option,
                                        subprocesses_option, warmup_option)
@@ -122,6 +123,11 @@ def render(result: GateResult) -> Group | Text:
                       ui.rate_text(c.verdict.trend.slope, c.verdict.trend.lo, c.verdict.trend.hi))
     if result.heap_growth is not None:
         table.add_row("python heap", "", ui.growth_text(result.heap_growth), Text("(memray)", style="dim"))
+    if s.device is not None:
+        d = s.device.verdict
+        table.add_row("device (NVML)", format_bytes(s.device.end), ui.growth_text(s.device.growth),
+                      ui.rate_text(d.trend.slope, d.trend.lo, d.trend.hi, d.leak))
     for note in result.notes:
         table.add_row(Text(f"note: {note}", style="dim"), "", "", "")
-    return Group(head, table)
+    no_device = device_status_line(s, result.device_unavailable)
+    return Group(head, table, *([Text(no_device, style="dim")] if no_device else []))

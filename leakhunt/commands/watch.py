@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from leakhunt import ui
+from leakhunt.analysis.device import device_finding, device_json, device_status_line
 from leakhunt.analysis.summary import MemorySummary, SeriesSummary, summarize
 from leakhunt.commands.options import (duration_option, interval_option, json_option, pid_option,
                                        record_option, subprocesses_option, warmup_option)
@@ -70,8 +71,8 @@ def command(pid: int, interval: float, duration: float | None, warmup: float | N
             heap_run.finish()
         if gpu:
             gpu.close()
-    if document.get("device_memory") is None:
-        document["device_memory"] = {"available": False, "reason": getattr(nvml, "reason", "not sampled")}
+    no_gpu = getattr(nvml, "reason", None)
+    document["device_memory"] = device_json(summary, no_gpu)
     document.update(interval_s=interval, record=record_dir)
     if heap_run:
         document.update(heap_growth_bytes=heap_run.growth)
@@ -85,6 +86,10 @@ def command(pid: int, interval: float, duration: float | None, warmup: float | N
         ui.emit_json(ui.clean_json(document))
     else:
         console.print(live.final)
+        finding = device_finding(summary)
+        device_line = finding or device_status_line(summary, no_gpu)
+        if device_line:
+            console.print(Text(device_line, style="bold red" if finding else "dim"))
         if record_dir:
             console.print(f"[dim]recorded in {record_dir} — render it with: leakhunt report {record_dir}[/]")
     if lost:
