@@ -1,6 +1,8 @@
 """`investigate`: the sampler and the best tracer together, the correlator over both, and gdb for
 a full stack of the top caller when the BPF stack is shallow. Stops as soon as the verdict is
-confident, or at the duration.
+confident, or at the duration. With ``subprocesses`` the target is the whole tree under the pid
+(investigate_tree.py): every process attributed on its own, the tree judged with shared memory
+counted once.
 
 The loop is single-threaded: between two smaps samples it polls the tracer, so events flow into
 the ledger while the sampler keeps its pace. Tracing starts before the first sample, so every
@@ -14,16 +16,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from leakhunt.analysis.correlate import Attribution, Outstanding, correlate
+from leakhunt.analysis.correlate import Attribution, correlate
+from leakhunt.analysis.correlate_tree import correlate_tree
 from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.errors import AccessDenied, BackendUnavailable, LeakhuntError, TargetGone
 from leakhunt.gpu import NvmlReader
 from leakhunt.proc.sampler import STOP_DURATION, STOP_INTERRUPTED, History, Sample, Sampler
-from leakhunt.proc.target import Target
+from leakhunt.investigate_tree import TreeMemory
+from leakhunt.proc.target import Target, open_target
 from leakhunt.record import SampleRecorder, SessionWriter
-from leakhunt.trace.backend import TraceOptions, backend_class
+from leakhunt.trace.backend import TraceOptions, TraceStats, backend_class
 from leakhunt.trace.events import EventKind, Frame, Stack
-from leakhunt.trace.session import BackendChoice, TraceSession, choose_backend
+from leakhunt.trace.session import BackendChoice, choose_backend
+from leakhunt.trace.tree_trace import TreeTrace
 
 STOP_CONFIDENT = "verdict confident"
 VERDICT = "verdict"
@@ -49,7 +54,7 @@ class InvestigateOptions:
     backend: str = "auto"
     gdb_stacks: bool = True
     min_decide_s: float = MIN_DECIDE_S
-    follow: bool = False
+    subprocesses: bool = False        # the whole tree under the pid, children that come later too
 
 
 @dataclass(frozen=True)
@@ -80,9 +85,15 @@ class InvestigationResult:
     evaluations: list[Evaluation]
     stopped_because: str
     error: Exception | None = None         # the target was lost mid-run
-    session: TraceSession | None = None
+    tracer: TreeTrace | None = None
     gdb: dict | None = None                # the deep-stack pass: what it found and cost
     notes: list[str] = field(default_factory=list)
+    processes: list[dict] | None = None    # with subprocesses: one document per process of the tree
+    tree: dict | None = None               # with subprocesses: how the tree's totals count
+
+    @property
+    def stats(self) -> TraceStats | None:
+        return self.tracer.stats if self.tracer else None
 
     @property
     def leak(self) -> bool:
@@ -92,11 +103,24 @@ class InvestigationResult:
         v = self.summary.rss.verdict
         if not v.leak:
             return f"no leak: {v.reason}"
+        top = self.attribution.culprits[0] if self.attribution.culprits else None
+        if self.processes is not None and top is not None and top.pid is not None:
+            return f"{self.where(top.pid)}: {self.attribution.sentence()}"
         return self.attribution.sentence()
+
+    def where(self, pid: int) -> str:
+        """'pid 124 (python -m engine), a child of pid 123': a process of the tree, for people."""
+        doc = next((p for p in self.processes or () if p["pid"] == pid), None)
+        text = f"pid {pid}" + (f" ({doc['cmdline'][:60]})" if doc and doc["cmdline"] else "")
+        if pid != self.target.pid:
+            parent = doc.get("ppid") if doc else None
+            text += f", a child of pid {self.target.pid}" if parent == self.target.pid else f", under pid {self.target.pid}"
+        return text
 
     def to_json(self) -> dict:
         v = self.summary.rss.verdict
-        stats = self.session.backend.stats if self.session else None
+        stats = self.stats
+        tree = {"subprocesses": True, "processes": self.processes, "tree": self.tree} if self.processes is not None else {}
         return {
             "command": "investigate",
             "pid": self.target.pid,
@@ -122,16 +146,8 @@ class InvestigationResult:
             "gdb": self.gdb,
             "memory": self.summary.to_json(),
             "notes": self.notes + (list(stats.notes) if stats else []),
+            **tree,
         }
-
-
-def outstanding_of(session: TraceSession) -> list[Outstanding]:
-    info = session.ledger.site_info
-    out = []
-    for o in session.ledger.outstanding():
-        caller, stack = info.get(o.site, (None, None))
-        out.append(Outstanding(o.pid, o.start, o.end - o.start, caller, stack, o.ts / 1e9))
-    return out
 
 
 class Investigation:
@@ -145,14 +161,21 @@ class Investigation:
         self.on_update = on_update
         self.history = History()
         self.evaluations: list[Evaluation] = []
-        self.session: TraceSession | None = None
+        self.tracer: TreeTrace | None = None
         self.choice: BackendChoice | None = None
         self.no_tracer: str | None = None
         self.notes: list[str] = []
         nvml = NvmlReader.open()
         self._gpu = nvml if isinstance(nvml, NvmlReader) else None
-        self.sampler = Sampler(target, options.interval, keep_raw=writer is not None, gpu=self._gpu)
-        self.recorder = SampleRecorder(writer) if writer else None
+        self.tree: TreeMemory | None = None
+        self.sampler: Sampler | None = None
+        self.recorder: SampleRecorder | None = None
+        if options.subprocesses:
+            self.tree = TreeMemory(target, options.interval, writer is not None, self._gpu, writer)
+            self.history = self.tree.history
+        else:
+            self.sampler = Sampler(target, options.interval, keep_raw=writer is not None, gpu=self._gpu)
+            self.recorder = SampleRecorder(writer) if writer else None
         self.started = 0.0
 
     @property
@@ -173,23 +196,37 @@ class Investigation:
                 f"{n}: {r}" for n, r in self.choice.unavailable.items()) + ")"
             self.choice = None
             return
-        backend = self.choice.cls(self.target, TraceOptions(follow=self.options.follow))
-        self.session = TraceSession(self.target, backend, self.writer)
-        self.session.start()
+        follow = self.options.subprocesses
+        if self.choice.name == "gdb" and follow:
+            follow = False   # one gdb per process would stop every process of the tree at each mmap
+            self.notes.append("the gdb backend traces the root process only, not its children")
+        self.tracer = TreeTrace(self.target, self.choice, TraceOptions(follow=follow), self.writer)
+        # Started before the children are listed: one forked in between is followed by the backend.
+        self.tracer.start()
+        for child in self.tree.existing() if self.tree else ():
+            self.tracer.adopt(child, existed=True)
 
-    def _sample(self) -> Sample:
-        sample = self.sampler.take()
+    def _sample(self) -> None:
+        if self.tree:
+            for child in self.tree.take():
+                if self.tracer:
+                    self.tracer.adopt(child)
+            self.notes += self.tree.ended_notes()
+            return
+        sample: Sample = self.sampler.take()
         self.history.add(sample)
         if self.recorder:
             self.recorder(sample)
-        return sample
 
     def evaluate(self) -> Evaluation:
         summary = summarize(self.history, warmup_s=self.options.warmup, pid=self.target.pid)
-        outstanding = outstanding_of(self.session) if self.session else []
-        first, last = self.history.first, self.history.last
-        attribution = correlate(first.snapshot, last.snapshot, outstanding, self.history.duration_s,
-                                pid=self.target.pid)
+        if self.tree:
+            attribution = correlate_tree(self.tree.evidence(self.tracer, self.options.warmup), self.history.duration_s)
+        else:
+            outstanding = self.tracer.outstanding(self.target.pid) if self.tracer else []
+            first, last = self.history.first, self.history.last
+            attribution = correlate(first.snapshot, last.snapshot, outstanding, self.history.duration_s,
+                                    pid=self.target.pid)
         ev = Evaluation(self.history.duration_s, summary, attribution)
         self.evaluations.append(ev)
         if self.writer:
@@ -202,7 +239,7 @@ class Investigation:
         recent = self.evaluations[-CONFIDENT_REPEATS:]
         if not all(e.summary.leak for e in recent):
             return False
-        if self.session is None:  # no tracer: the RSS verdict is all there is to be sure of
+        if self.tracer is None:  # no tracer: the RSS verdict is all there is to be sure of
             return True
         return (len({e.top for e in recent}) == 1 and recent[-1].top is not None
                 and recent[-1].attribution.explained_fraction >= CONFIDENT_EXPLAINED)
@@ -217,8 +254,8 @@ class Investigation:
             last_eval = 0.0
             while True:
                 while (now := time.monotonic()) < next_sample:
-                    if self.session:
-                        self.session.step(min(0.25, next_sample - now))
+                    if self.tracer:
+                        self.tracer.step(min(0.25, next_sample - now))
                     else:
                         time.sleep(next_sample - now)
                 next_sample += self.options.interval
@@ -241,10 +278,12 @@ class Investigation:
         except KeyboardInterrupt:
             reason = STOP_INTERRUPTED
         finally:
-            if self.session:
-                self.session.traced_s = self.session.elapsed
-                self.session.stopped_because = reason
-                self.session.stop()
+            if self.tracer:
+                self.tracer.stop(reason)
+            if self.tree:
+                self.tree.finish()
+            elif self.recorder:
+                self.recorder.flush_last()
         if len(self.history) < 2:
             raise LeakhuntError(f"{self.target.describe()}: {reason} before a second sample; nothing to judge")
         final = self.evaluate()
@@ -257,9 +296,13 @@ class Investigation:
                     self.writer.append(VERDICT, final.to_record())
         if self._gpu:
             self._gpu.close()
-        return InvestigationResult(self.target, self.choice, self.no_tracer, self.history, final.summary,
-                                   final.attribution, self.evaluations, reason, error, self.session, gdb,
-                                   self.notes)
+        result = InvestigationResult(self.target, self.choice, self.no_tracer, self.history, final.summary,
+                                     final.attribution, self.evaluations, reason, error, self.tracer, gdb,
+                                     self.notes)
+        if self.tree:
+            result.processes = self.tree.documents(self.options.warmup, final.attribution, final.summary.leak)
+            result.tree = self.tree.tree_document()
+        return result
 
     def _deepen(self, ev: Evaluation) -> dict | None:
         """Full stacks for the top traced caller from a short, budgeted gdb session."""
@@ -279,7 +322,12 @@ class Investigation:
         from leakhunt.trace.gdb_backend import gdb_extra
 
         extra = gdb_extra(max_hits=GDB_HITS, time_budget=GDB_SECONDS)
-        backend = gdb_cls(self.target, TraceOptions(kinds=frozenset({EventKind.MMAP}), extra=extra))
+        try:   # the culprit's own process: in a tree, a child of the target maybe
+            target = self.target if top.pid in (None, self.target.pid) else open_target(top.pid)
+        except (TargetGone, AccessDenied) as e:
+            self.notes.append(f"no gdb stack for {top.title}: {e}")
+            return None
+        backend = gdb_cls(target, TraceOptions(kinds=frozenset({EventKind.MMAP}), extra=extra))
         stacks: list[Stack] = []
         began = time.monotonic()
         try:

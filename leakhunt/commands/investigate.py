@@ -1,4 +1,5 @@
-"""`leakhunt investigate --pid PID`: which library leaks, how fast, with which stack, and what to do."""
+"""`leakhunt investigate --pid PID [--subprocesses]`: which library leaks, in which process, how
+fast, with which stack, and what to do."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from leakhunt.commands.options import DURATION, interval_option, json_option, pi
 from leakhunt.errors import LeakhuntError
 from leakhunt.investigate import Evaluation, InvestigateOptions, Investigation, InvestigationResult
 from leakhunt.proc.target import open_target
+from leakhunt.proc.tree import children_hint
 from leakhunt.record import SessionWriter
 from leakhunt.trace.backend import BACKENDS
 from leakhunt.units import format_bytes, format_duration, format_rate, format_share
@@ -34,11 +36,13 @@ REFRESH_S = 1.0
               help="mmap tracer")
 @click.option("--gdb-stacks/--no-gdb-stacks", default=True, show_default=True,
               help="when the BPF stack of the top caller is shallow, take a few full stacks with gdb")
-@click.option("--follow", is_flag=True, help="also trace children the process forks")
+@click.option("--subprocesses", "--follow", "subprocesses", is_flag=True,
+              help="the whole tree under PID: every process sampled and traced (children that come later "
+                   "too), culprits named with their pid, shared memory counted once")
 @record_option
 @json_option
 def command(pid: int, duration: float, interval: float, warmup: float | None, backend: str, gdb_stacks: bool,
-            follow: bool, record_dir: str | None, as_json: bool) -> None:
+            subprocesses: bool, record_dir: str | None, as_json: bool) -> None:
     """Sample PID's memory and trace its mmaps together, then name the caller that holds the growth.
 
     Prints the RSS slope with its interval, the culprits ranked by the growth they explain (with
@@ -46,10 +50,12 @@ def command(pid: int, duration: float, interval: float, warmup: float | None, ba
     """
     target = open_target(pid)
     console = ui.console_for(as_json)
-    writer = SessionWriter(record_dir, "investigate", {"pid": pid, "cmdline": target.cmdline,
-                                                       "interval_s": interval}) if record_dir else None
+    if not subprocesses and (hint := children_hint(pid)):
+        ui.err.print(f"[yellow]hint:[/] {hint}")
+    writer = SessionWriter(record_dir, "investigate", {"pid": pid, "cmdline": target.cmdline, "interval_s": interval,
+                                                       "subprocesses": subprocesses}) if record_dir else None
     options = InvestigateOptions(duration=duration, interval=interval, warmup=warmup, backend=backend,
-                                 gdb_stacks=gdb_stacks, follow=follow)
+                                 gdb_stacks=gdb_stacks, subprocesses=subprocesses)
     live = Live(console=console, auto_refresh=False, transient=True, redirect_stdout=False)
     show_live = console.is_terminal
     last = [0.0]
@@ -88,9 +94,10 @@ def render_progress(inv: Investigation) -> Group:
     text.append("leakhunt investigate ", style="bold")
     text.append(f"{inv.target.describe()}\n", style="cyan")
     tracer = inv.choice.name if inv.choice else f"no tracer ({inv.no_tracer})"
-    events = inv.session.backend.stats.events if inv.session else 0
+    events = inv.tracer.stats.events if inv.tracer else 0
+    tree = f" · {len(inv.tree.sampler.live_tracks())} processes" if inv.tree else ""
     text.append(f"{format_duration(inv.elapsed)} / {format_duration(inv.options.duration)} · "
-                f"{len(inv.history)} samples · {tracer} · {events} mmap calls", style="dim")
+                f"{len(inv.history)} samples{tree} · {tracer} · {events} mmap calls", style="dim")
     parts = [text]
     if inv.evaluations:
         ev = inv.evaluations[-1]
@@ -101,22 +108,40 @@ def render_progress(inv: Investigation) -> Group:
         line.append_text(ui.rate_text(v.trend.slope, v.trend.lo, v.trend.hi, v.leak))
         line.append("  ")
         line.append_text(ui.verdict_badge(v.leak, v.plateau))
-        parts += [line, culprit_table(ev.attribution, brief=True)]
+        parts += [line, culprit_table(ev.attribution, brief=True, pids=inv.tree is not None)]
     return Group(*parts)
 
 
-def culprit_table(attribution: Attribution, brief: bool = False) -> Table:
+def culprit_table(attribution: Attribution, brief: bool = False, pids: bool = False) -> Table:
+    """Culprits ranked by the growth they explain; with ``pids`` (a tree) the process of each."""
     table = Table(title=None if brief else "culprits (ranked by the growth they explain)", title_justify="left",
                   box=None, pad_edge=False)
-    for col, justify in (("#", "right"), ("culprit", "left"), ("class", "left"), ("growth", "right"),
-                         ("share", "right"), ("rate", "right")):
+    columns = (("#", "right"), *((("pid", "right"),) if pids else ()), ("culprit", "left"), ("class", "left"),
+               ("growth", "right"), ("share", "right"), ("rate", "right"))
+    for col, justify in columns:
         table.add_column(col, justify=justify, overflow="fold" if col == "culprit" else "ellipsis",
                          no_wrap=col != "culprit")
     for i, c in enumerate(attribution.culprits, 1):
-        table.add_row(str(i), Text(c.title, style="bold" if i == 1 else ""), c.klass.value, format_bytes(c.bytes),
-                      format_share(c.share), format_rate(c.slope))
+        table.add_row(str(i), *((str(c.pid or "?"),) if pids else ()), Text(c.title, style="bold" if i == 1 else ""),
+                      c.klass.value, format_bytes(c.bytes), format_share(c.share), format_rate(c.slope))
     if not attribution.culprits:
-        table.add_row("", Text("no culprit", style="dim"), "", "", "", "")
+        table.add_row("", *(("",) if pids else ()), Text("no culprit", style="dim"), "", "", "", "")
+    return table
+
+
+def process_table(processes: list[dict]) -> Table:
+    """The tree, one row per process: its memory, its own verdict, the culprits living in it."""
+    table = Table(title="processes (each judged on its own; the tree above counts shared memory once)",
+                  title_justify="left", box=None, pad_edge=False)
+    for col, justify in (("pid", "right"), ("command", "left"), ("RSS", "right"), ("growth", "right"),
+                         ("slope /min", "right"), ("", "left"), ("culprits", "left")):
+        table.add_column(col, justify=justify, overflow="ellipsis", no_wrap=True,
+                         max_width=36 if col in ("command", "culprits") else None)
+    for p in processes:
+        state = Text(p["ended"], style="dim") if p["ended"] else ui.verdict_badge(p["leak"], False)
+        table.add_row(str(p["pid"]), Text(p["cmdline"]), format_bytes(p["rss_bytes_end"]),
+                      ui.growth_text(p["rss_bytes_end"] - p["rss_bytes_start"]),
+                      ui.rate_text(p["rss_slope_bytes_per_s"], leak=p["leak"]), state, Text(", ".join(p["culprits"])))
     return table
 
 
@@ -173,17 +198,20 @@ def render_result(result: InvestigationResult) -> Group:
     head.append(f"RSS {format_bytes(s.rss.start)} → {format_bytes(s.rss.end)}  slope ")
     head.append_text(ui.rate_text(v.trend.slope, v.trend.lo, v.trend.hi, v.leak))
     head.append(f"\n{v.reason}", style="dim")
-    parts = [Panel(head, title=f"leakhunt investigate · {result.target.describe()}", title_align="left",
-                   border_style="red" if v.leak else "green")]
+    tree = result.processes is not None
+    title = f"leakhunt investigate · {result.target.describe()}" + (" and its subprocesses" if tree else "")
+    parts = [Panel(head, title=title, title_align="left", border_style="red" if v.leak else "green")]
+    if tree:
+        parts.append(process_table(result.processes))
     if a.growth > 0:
-        parts.append(culprit_table(a))
+        parts.append(culprit_table(a, pids=tree))
         parts.append(Text(f"explained {format_share(a.explained_fraction)} of {format_bytes(a.growth)} native growth"
                           + (f"; {format_bytes(a.unexplained)} unexplained (growth in memory mapped before tracing "
                              "began, or by calls no tracer saw)" if a.unexplained else ""), style="dim"))
         for c in a.culprits[:3]:
             source = "gdb" if result.gdb and result.gdb.get("culprit") == c.title and result.gdb.get("stack") else "bpf"
             parts.append(_culprit_detail(c, source))
-    stats = result.session.backend.stats if result.session else None
+    stats = result.stats
     evidence = (f"{s.samples} samples over {format_duration(s.duration_s)} (stopped: {result.stopped_because}); "
                 + (f"backend {result.choice.name}: {stats.events} mmap calls, {stats.lost_events} lost"
                    if stats else f"no tracer: {result.no_tracer}"))
@@ -191,6 +219,6 @@ def render_result(result: InvestigationResult) -> Group:
         evidence += (f"; gdb: {result.gdb['stacks']} full stacks of {result.gdb.get('culprit')}" if result.gdb.get("stacks")
                      else f"; gdb caught no call of {result.gdb.get('culprit')} within its budget")
     parts.append(Text(evidence, style="dim"))
-    for note in result.notes:
+    for note in result.notes + (stats.notes if stats else []):
         parts.append(Text(f"note: {note}", style="yellow"))
     return Group(*parts)

@@ -1,0 +1,149 @@
+"""One tracer over a process tree (or a tree of one): what `investigate` runs.
+
+Children forked after the start are followed by the backend itself (TraceOptions.follow: the
+kernel side adds them at fork). Processes that already exist are added to it: the BCC program
+reads its set of traced pids from a map, so they go straight in; bpftrace's set is fixed when its
+script starts, so each existing child gets a session of its own (which follows that child's later
+children). Outstanding mappings keep the pid they live in; the correlator never mixes address spaces.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+from collections.abc import Iterable
+
+from leakhunt.analysis.correlate import Outstanding
+from leakhunt.errors import AccessDenied, BackendUnavailable, TargetGone
+from leakhunt.proc.target import PROC, Target
+from leakhunt.record import SessionWriter
+from leakhunt.trace.backend import Backend, TraceOptions, TraceStats
+from leakhunt.trace.patched import find_patched, patched_note
+from leakhunt.trace.session import BackendChoice, TraceSession
+
+
+def add_traced_pid(backend: Backend, pid: int) -> bool:
+    """Add an existing process to a started BCC backend's set of traced pids (its program must
+    have been built with follow). False for a backend whose set cannot change while it runs."""
+    bpf = getattr(backend, "bpf", None)
+    if bpf is None or not backend.options.follow:
+        return False
+    bpf[b"traced"][ct.c_uint32(pid)] = ct.c_uint8(1)
+    install = getattr(backend, "_install_slots", None)
+    if install is not None:
+        try:
+            install(pid)   # an exec'd child's libc sits elsewhere: its wrappers' return-address slots
+        except (OSError, ValueError, AccessDenied):
+            pass           # without them the caller is still found in user space, from the CFI
+    return True
+
+
+def heap_end(pid: int) -> int | None:
+    """The program break now (the end of [heap]): brk growth is counted from it."""
+    try:
+        for line in (PROC / str(pid) / "maps").read_text().splitlines():
+            if line.endswith("[heap]"):
+                return int(line.split("-")[1].split()[0], 16)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class TreeTrace:
+    """Trace sessions over a root and the processes under it, read as one."""
+
+    def __init__(self, root: Target, choice: BackendChoice, options: TraceOptions,
+                 writer: SessionWriter | None = None) -> None:
+        self.root = root
+        self.choice = choice
+        self.options = options
+        self.writer = writer
+        self.sessions: list[TraceSession] = []
+        self.own_session: dict[int, TraceSession] = {}   # existing children bpftrace traces apart
+        self.notes: list[str] = []
+
+    @property
+    def main(self) -> TraceSession:
+        return self.sessions[0]
+
+    def start(self, existing: Iterable[Target] = ()) -> None:
+        """Attach to the root (following its future children when options.follow), then add the
+        processes of the tree that exist already. Errors attaching to the root propagate."""
+        session = TraceSession(self.root, self.choice.cls(self.root, self.options), self.writer)
+        session.start()
+        self.sessions.append(session)
+        for target in existing:
+            self.adopt(target, existed=True)
+
+    def adopt(self, target: Target, existed: bool = False) -> None:
+        """Trace one more process of the tree. One that ``existed`` before the start is added to
+        the backend, or given its own session; one found later was forked by a traced process and
+        is followed already (BCC still learns where its libc lies, for exact call-site keys)."""
+        if not self.options.follow or target.pid == self.root.pid or target.pid in self.own_session:
+            return
+        if add_traced_pid(self.main.backend, target.pid):
+            self._seed(self.main, target.pid)
+            return
+        if not existed:
+            return
+        try:
+            session = TraceSession(target, self.choice.cls(target, self.options))   # recorded by the main one only
+            session.start()
+        except (BackendUnavailable, TargetGone, AccessDenied) as e:
+            self.notes.append(f"pid {target.pid} is not traced: {e}")
+            return
+        self.sessions.append(session)
+        self.own_session[target.pid] = session
+
+    def _seed(self, session: TraceSession, pid: int) -> None:
+        end = heap_end(pid)
+        if end is not None:
+            session.ledger.set_brk(pid, end)
+        resolver = getattr(session.backend, "resolver", None)
+        try:
+            note = patched_note(find_patched(pid, resolver))
+        except (OSError, ValueError):
+            note = None
+        if note and (text := f"pid {pid}: {note}") not in self.notes:
+            self.notes.append(text)
+
+    def step(self, timeout: float) -> None:
+        share = timeout / len(self.sessions)
+        for session in self.sessions:
+            session.step(share)
+
+    def stop(self, reason: str) -> None:
+        """Detach every session; the ledgers are final after this."""
+        for session in self.sessions:
+            session.traced_s = session.elapsed
+            session.stopped_because = reason
+            session.stop()
+
+    def outstanding(self, pid: int | None = None) -> list[Outstanding]:
+        """Traced mappings still held, each with its caller and stack; of one pid if given. A child
+        forked while its own session started is seen by two sessions: its mappings count once."""
+        out, seen = [], set()
+        for session in self.sessions:
+            info = session.ledger.site_info
+            for o in session.ledger.outstanding():
+                if (pid is not None and o.pid != pid) or (o.pid, o.start) in seen:
+                    continue
+                seen.add((o.pid, o.start))
+                caller, stack = info.get(o.site, (None, None))
+                out.append(Outstanding(o.pid, o.start, o.end - o.start, caller, stack, o.ts / 1e9))
+        return out
+
+    @property
+    def stats(self) -> TraceStats:
+        """Events and losses of every session together, and every note once."""
+        total = TraceStats(notes=list(self.notes))
+        for session in self.sessions:
+            s = session.backend.stats
+            total.events += s.events
+            total.lost_events += s.lost_events
+            total.filtered += s.filtered
+            total.notes += [n for n in s.notes if n not in total.notes]
+        return total
+
+    @property
+    def elapsed(self) -> float:
+        return self.main.elapsed if self.sessions else 0.0
