@@ -105,9 +105,14 @@ def test_sigterm_ends_with_a_summary_and_the_target_untouched(spawn, leakers):
     proc = spawn([leakers / "pool_leaker", "--rate", "2M"])
     tracer = subprocess.Popen([sys.executable, "-m", "leakhunt", "trace-mmap", "--pid", str(proc.pid)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(5)
+    deadline = time.monotonic() + 120
+    while "tracing pid" not in tracer.stdout.readline():   # attached: from here on it is tracing
+        assert tracer.poll() is None and time.monotonic() < deadline
+    time.sleep(3)
     tracer.send_signal(signal.SIGTERM)
     out, err = tracer.communicate(timeout=60)
     assert tracer.returncode == 0, err
-    assert "stopped: interrupted" in out and "lkpool_grow" in out
+    assert "stopped: interrupted" in out
+    table = out[out.index("outstanding by caller"):]
+    assert table.splitlines()[2].startswith("libleakpool.so!lkpool_grow")
     assert proc.alive()

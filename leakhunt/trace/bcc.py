@@ -179,9 +179,14 @@ class BccBackend(KernelLedgerBackend):
             self.bpf = BPF(text=source.encode(), cflags=flags)
         except Exception as e:   # BCC raises bare Exception for compile and load errors
             raise BackendUnavailable(self.name, f"cannot load the BPF program: {str(e).splitlines()[0]}") from None
-        self.bpf[b"traced"][ct.c_uint32(self.target.pid)] = ct.c_uint8(1)
-        self._install_slots(self.target.pid)
-        self._ring = RingBufferReader(self.bpf[b"events"].map_fd, ring_pages(self.options) * mmap.PAGESIZE)
+        try:
+            self.bpf[b"traced"][ct.c_uint32(self.target.pid)] = ct.c_uint8(1)
+            self._install_slots(self.target.pid)
+            self._ring = RingBufferReader(self.bpf[b"events"].map_fd, ring_pages(self.options) * mmap.PAGESIZE)
+        except BaseException:
+            self.bpf.cleanup()   # Ctrl-C or a failure while setting up: detach at once
+            self.bpf = None
+            raise
         self._ring.start()
         self._started = True
         self._next_dump = time.monotonic()

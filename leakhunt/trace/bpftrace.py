@@ -133,16 +133,23 @@ class BpftraceBackend(KernelLedgerBackend):
                                       stderr=subprocess.PIPE, env=env, start_new_session=True)
         threading.Thread(target=self._pump, args=(self._proc.stdout, self._lines), daemon=True).start()
         threading.Thread(target=self._pump_stderr, daemon=True).start()
+        try:
+            self._wait_attached()
+        except BaseException:
+            self._shutdown()   # an error, a timeout or Ctrl-C while attaching: no bpftrace left behind
+            raise
+        self._started = True
+        self._check_patched()
+
+    def _wait_attached(self) -> None:
+        """Until the first dump: by then every probe is attached."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while self._dump_ready is None:
             if self._proc.poll() is not None and self._lines.empty():
                 raise BackendUnavailable(self.name, self._failure() or f"bpftrace exited with {self._proc.returncode}")
             if time.monotonic() > deadline:
-                self._shutdown()
                 raise BackendUnavailable(self.name, f"bpftrace did not start within {START_TIMEOUT_S:.0f}s")
             self._ready_records += self._drain(0.1)
-        self._started = True
-        self._check_patched()
 
     @property
     def finished(self) -> str | None:
