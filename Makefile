@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean leakers
+.PHONY: setup demo test bench clean leakers gpu-wheels gpu-check
 
 # What the tests and benchmarks need from the OS besides leakhunt's own backends: a real libucm
 # (UCX) to test against, strace and perf as benchmark peers.
@@ -38,3 +38,15 @@ bench: setup leakers
 
 clean:
 	rm -rf $(VENV) fixtures/leakers/build build *.egg-info
+
+# The GPU checks (docs/gpu.md). gpu-wheels runs here, with network: the wheels the GPU machine's
+# Python 3.12 lacks, into $(GPU_WHEELS)/ (git-ignored; carry it). gpu-check runs there, offline,
+# with that machine's own python3 (its torch and CUDA): nothing else is needed.
+GPU_WHEELS ?= gpu-wheels
+GPU_PYTHON ?= python3
+
+gpu-wheels:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/gpu_wheels.py --dest $(GPU_WHEELS)
+
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py --wheels $(GPU_WHEELS)

@@ -62,7 +62,9 @@ def leakhunt(setup: Setup, *args, timeout: float) -> dict:
 
 
 def _server_args(setup: Setup, extra: tuple[str, ...] = ()) -> list[str]:
-    return ["--device", setup.device, "--max-num-seqs", "64", *extra]
+    # No prefix cache: its map of block hashes grows until the pool has cycled once, a plateau that a
+    # short window would take for a leak. The leaks under test are per request, whatever the cache.
+    return ["--device", setup.device, "--max-num-seqs", "64", "--no-prefix-caching", *extra]
 
 
 class Load:
@@ -95,6 +97,7 @@ class Observation:
     load: dict
     metrics_after: dict      # the server's /metrics once the load stopped
     recording: Path
+    settled_s: float | None  # how long the load ran before RSS was steady (None: not waited for)
 
 
 def _leaked(server, mode: str | None) -> float:
@@ -103,18 +106,46 @@ def _leaked(server, mode: str | None) -> float:
     return server.metrics().get(f'refserver_leak_bytes_total{{mode="{mode}"}}', 0.0)
 
 
+#: A server under load settles when its RSS stayed within SETTLE_BAND for SETTLE_SPAN seconds: the
+#: allocator's thread arenas and Python's pools fill in steps for the first half minute or so.
+SETTLE_BAND, SETTLE_SPAN, SETTLE_MAX = 256 << 10, 15.0, 90.0
+
+
+def _vm_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+
+
+def settle(pid: int, at_least: float, at_most: float) -> float:
+    """Wait at least ``at_least`` seconds, then until RSS is steady (or ``at_most`` passed): a
+    verdict of no leak must not rest on a window that caught the start-up's last steps."""
+    began = time.monotonic()
+    seen: list[tuple[float, int]] = []
+    while (now := time.monotonic() - began) < at_most:
+        seen = [(t, r) for t, r in seen if t >= now - SETTLE_SPAN] + [(now, _vm_rss(pid))]
+        if now >= at_least and seen[-1][0] - seen[0][0] >= SETTLE_SPAN - 1.5:
+            if max(r for _, r in seen) - min(r for _, r in seen) <= SETTLE_BAND:
+                break
+        time.sleep(1.0)
+    return time.monotonic() - began
+
+
 def observe(setup: Setup, name: str, mode: str | None, rate: float | None, load_args: tuple[str, ...],
-            server_extra: tuple[str, ...] = ()) -> Observation:
-    """Start the server with a leak mode, put it under load, watch it, stop everything."""
+            server_extra: tuple[str, ...] = (), steady_rss: bool = False) -> Observation:
+    """Start the server with a leak mode, put it under load, watch it, stop everything.
+    ``steady_rss``: the leak does not grow RSS, so the watch starts once RSS has settled."""
     from refserver.launch import launch
 
     recording = setup.out / f"watch-{name}"
     shutil.rmtree(recording, ignore_errors=True)
     with launch(leak=mode, leak_rate=rate, args=_server_args(setup, server_extra), env=setup.env,
                 python=setup.python, timeout=300) as server:
-        load = Load(setup, server.url, setup.warmup + setup.duration + 30, load_args)
+        load = Load(setup, server.url, setup.warmup + SETTLE_MAX + setup.duration + 30, load_args)
         try:
-            time.sleep(setup.warmup)   # the first requests compile kernels and fill allocator caches
+            # The first requests compile kernels and fill allocator caches.
+            waited = settle(server.pid, setup.warmup, setup.warmup + SETTLE_MAX) if steady_rss else None
+            if not steady_rss:
+                time.sleep(setup.warmup)
             before, t0 = _leaked(server, mode), time.monotonic()
             watch = leakhunt(setup, "watch", "--pid", server.pid, "--interval", "1s", "--duration",
                              f"{setup.duration}s", "--warmup", "3s", "--record", recording,
@@ -125,7 +156,7 @@ def observe(setup: Setup, name: str, mode: str | None, rate: float | None, load_
         time.sleep(1.0)               # aborted streams reach the engine
         metrics = server.metrics()
     (setup.out / f"watch-{name}.json").write_text(json.dumps(watch, indent=1))
-    return Observation(watch, (after - before) / (t1 - t0), report, metrics, recording)
+    return Observation(watch, (after - before) / (t1 - t0), report, metrics, recording, waited)
 
 
 def _top_class(watch: dict) -> str | None:
@@ -181,14 +212,16 @@ def check_api(setup: Setup) -> Outcome:
 
 
 def check_none(setup: Setup) -> Outcome:
-    obs = observe(setup, "none", None, None, ("--rate", "10", "--concurrency", "32", "--max-tokens", "16"))
+    obs = observe(setup, "none", None, None, ("--rate", "10", "--concurrency", "32", "--max-tokens", "16"),
+                  steady_rss=True)
     if problem := _load_problem(obs):
         return outcome("leak none", True, False, problem)
     w = obs.watch
     device = w.get("device_memory", {})
     ok = not w["leak"] and not device.get("leak", False)
     return outcome("leak none", True, ok, f"leak {str(w['leak']).lower()} ({w['verdict']}); device memory "
-                   f"leak {str(device.get('leak', 'n/a')).lower()}; {obs.load['completed']} requests",
+                   f"leak {str(device.get('leak', 'n/a')).lower()}; {obs.load['completed']} requests, RSS steady "
+                   f"after {obs.settled_s:.0f}s of load",
                    watch_leak=w["leak"], device_leak=device.get("leak"))
 
 
@@ -215,7 +248,8 @@ def check_device(setup: Setup) -> Outcome:
     """Tensors kept per request on the GPU: NVML's series says leak, smaps' RSS does not."""
     if setup.device != "cuda":
         return skipped("leak device", True, "needs CUDA and NVML")
-    obs = observe(setup, "device", "device", DEVICE_RATE, ("--rate", "4", "--concurrency", "16", "--max-tokens", "16"))
+    obs = observe(setup, "device", "device", DEVICE_RATE, ("--rate", "4", "--concurrency", "16", "--max-tokens", "16"),
+                  steady_rss=True)
     if problem := _load_problem(obs):
         return outcome("leak device", True, False, problem)
     w, d = obs.watch, obs.watch.get("device_memory", {})
@@ -235,7 +269,7 @@ def check_kv_abort(setup: Setup) -> Outcome:
     memory stay flat (the pool is allocated up front)."""
     obs = observe(setup, "kv-abort", "kv-abort", 1.0,
                   ("--rate", "10", "--concurrency", "32", "--max-tokens", "64", "--abort-fraction", "0.3"),
-                  server_extra=("--kv-cache-mb", "8"))
+                  server_extra=("--kv-cache-mb", "8"), steady_rss=True)
     if problem := _load_problem(obs):
         return outcome("leak kv-abort", False, False, problem)
     usage = obs.metrics_after.get('vllm:kv_cache_usage_perc{model_name="refserver-tiny"}', 0.0)
