@@ -44,9 +44,10 @@ clean:
 # with that machine's own python3 (its torch and CUDA): nothing else is needed.
 GPU_WHEELS ?= gpu-wheels
 GPU_PYTHON ?= python3
+GPU_CHECKS ?= all
 
 gpu-wheels:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/gpu_wheels.py --dest $(GPU_WHEELS)
 
 gpu-check:
-	$(GPU_PYTHON) scripts/gpu_check.py --wheels $(GPU_WHEELS)
+	$(GPU_PYTHON) scripts/gpu_check.py --wheels $(GPU_WHEELS) --checks $(GPU_CHECKS)

@@ -108,7 +108,7 @@ def _leaked(server, mode: str | None) -> float:
 
 #: A server under load settles when its RSS stayed within SETTLE_BAND for SETTLE_SPAN seconds: the
 #: allocator's thread arenas and Python's pools fill in steps for the first half minute or so.
-SETTLE_BAND, SETTLE_SPAN, SETTLE_MAX = 256 << 10, 15.0, 90.0
+SETTLE_BAND, SETTLE_SPAN, SETTLE_MAX = 256 << 10, 15.0, 60.0
 
 
 def _vm_rss(pid: int) -> int:
