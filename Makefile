@@ -11,8 +11,8 @@ STAMP := $(VENV)/.installed
 .PHONY: setup demo test bench clean leakers gpu-wheels gpu-check
 
 # What the tests and benchmarks need from the OS besides leakhunt's own backends: a real libucm
-# (UCX) to test against, strace and perf as benchmark peers.
-TEST_PACKAGES := libucx0 libucx-dev strace linux-perf
+# (UCX) to test against; strace, perf and BCC's memleak (bpfcc-tools) as benchmark peers.
+TEST_PACKAGES := libucx0 libucx-dev strace linux-perf bpfcc-tools
 
 setup: $(STAMP)
 	$(BIN)/leakhunt doctor --install --quiet $(addprefix --with ,$(TEST_PACKAGES))

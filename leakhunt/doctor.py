@@ -297,21 +297,16 @@ def _version_key(path: str) -> list:
 
 
 def fix_bcc_import(log: InstallLog) -> None:
-    """Make the OS's BCC package importable from this (virtual) environment by linking the one
-    package directory into site-packages: the whole dist-packages on sys.path would let the OS's
-    other packages shadow or mix with the environment's."""
+    """Make the OS's BCC package importable from this (virtual) environment."""
     if check_bcc().ok or not (OS_DIST_PACKAGES / "bcc").is_dir():
         return
-    site = Path(sysconfig.get_paths()["purelib"])
-    link = site / "bcc"
-    try:
-        if link.is_symlink():
-            link.unlink()
-        link.symlink_to(OS_DIST_PACKAGES / "bcc")
-    except OSError as e:
-        log.failures.append(f"cannot link BCC into {site}: {e.strerror}")
-        return
-    log.actions.append(f"linked {link} -> {OS_DIST_PACKAGES / 'bcc'}")
+    from leakhunt.trace.bcc import ensure_bcc_importable
+
+    why = ensure_bcc_importable()
+    if why:
+        log.failures.append(why)
+    else:
+        log.actions.append(f"made the OS's python3-bpfcc importable here ({sysconfig.get_paths()['purelib']})")
 
 
 def install(extra_packages: list[str] | None = None, progress: Callable[[str], None] | None = None) -> InstallLog:

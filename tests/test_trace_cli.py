@@ -93,7 +93,7 @@ def test_auto_picks_bcc_says_why_not_the_others_and_min_size_filters(spawn, leak
 def test_the_target_exiting_mid_trace_keeps_what_was_traced(spawn, leakers):
     proc = spawn([leakers / "pool_leaker", "--rate", "4M", "--duration", "3"])
     cp = run_leakhunt("trace-mmap", "--pid", proc.pid, "--duration", "30s", "--json")
-    assert cp.returncode == 2
+    assert cp.returncode == 0  # the target's exit is a result, said on stderr, not an error
     assert "exited" in cp.stderr.strip().splitlines()[-1]
     doc = json.loads(cp.stdout)
     assert doc["stopped_because"] == "target exited"

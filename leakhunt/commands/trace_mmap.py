@@ -16,7 +16,6 @@ from rich.text import Text
 
 from leakhunt import ui
 from leakhunt.commands.options import SIZE, duration_option, json_option, pid_option, record_option
-from leakhunt.errors import LeakhuntError
 from leakhunt.gdb.cli import gdb_options
 from leakhunt.proc.target import open_target
 from leakhunt.record import SessionWriter
@@ -87,9 +86,10 @@ def command(pid: int, backend: str, duration: float | None, follow: bool, min_si
         if record_dir:
             console.print(f"[dim]recorded in {record_dir} — render it with: leakhunt report {record_dir}[/]")
     if why == "target exited":
-        raise LeakhuntError(f"pid {pid} exited after {format_duration(session.elapsed)}; "
-                            f"kept what was traced ({document['events']} calls"
-                            f"{', recorded' if record_dir else ''})")
+        # The trace is the evidence and it is complete up to the exit: a result, not an error.
+        ui.err.print(f"leakhunt: pid {pid} exited after {format_duration(session.elapsed)}; "
+                     f"kept what was traced ({document['events']} calls{', recorded' if record_dir else ''})",
+                     highlight=False, soft_wrap=True)
 
 
 def trace_document(session: TraceSession, choice: BackendChoice, record_dir: str | None) -> dict:
