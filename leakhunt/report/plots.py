@@ -77,6 +77,16 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _growth_png(fig, ax, t: Sequence[float], title: str) -> bytes:
+    """Finish a plot of growth since the first sample: the zero line, legend, signed byte axis."""
+    ax.axhline(0, color=MUTED, lw=0.8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(title)
+    _bytes_axis(ax, signed=True)
+    _time_axis(ax, t)
+    return _png(fig)
+
+
 def _shade_warmup(ax, t0: float, warmup_s: float) -> None:
     if warmup_s > 0:
         ax.axvspan(t0, t0 + warmup_s, color="#f0f2f5", zorder=0, lw=0)
@@ -111,12 +121,7 @@ def group_growth(t: np.ndarray, series: list[tuple[str, RegionClass, np.ndarray]
     for i, (label, klass, y) in enumerate(series):
         ax.plot(t, y - y[0], lw=2, color=SERIES_COLORS[i % len(SERIES_COLORS)],
                 label=f"{_shorten(label)}  ({klass.value}) {format_bytes(y[-1] - y[0], signed=True)}")
-    ax.axhline(0, color=MUTED, lw=0.8)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title("Top growing groups: growth since the first sample")
-    _bytes_axis(ax, signed=True)
-    _time_axis(ax, t)
-    return _png(fig)
+    return _growth_png(fig, ax, t, "Top growing groups: growth since the first sample")
 
 
 def slope_fit(t: np.ndarray, y: np.ndarray, trend: Trend, tail: Trend | None, warmup_s: float,
@@ -203,12 +208,7 @@ def device_vs_rss(t: np.ndarray, device: np.ndarray, rss: np.ndarray, trend: Tre
         ax.plot(tk, trend.intercept + trend.slope * tk - device[0], color=color, lw=1.4, ls="--",
                 label=f"device fit {format_rate(trend.slope)}")
     _shade_warmup(ax, t[0], warmup_s)
-    ax.axhline(0, color=MUTED, lw=0.8)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title("Device memory versus host RSS: growth since the first sample")
-    _bytes_axis(ax, signed=True)
-    _time_axis(ax, t)
-    return _png(fig)
+    return _growth_png(fig, ax, t, "Device memory versus host RSS: growth since the first sample")
 
 
 def attribution(labels: list[str], values: list[float], unexplained: float | None) -> bytes:
