@@ -74,11 +74,11 @@ def test_wheels_resolve_and_install_offline_for_cpython_312(tmp_path):
     assert check.returncode == 0, check.stderr
 
 
-def test_gpu_check_without_cuda_is_one_line_and_exit_2():
+def test_gpu_check_without_cuda_is_one_line_and_exit_2(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("CUDA is here")
-    cp = _run(SCRIPT, "--skip-install", "--out", ROOT / "build" / "gpu-check-test")
+    cp = _run(SCRIPT, "--skip-install", "--out", tmp_path)
     assert cp.returncode == 2
     assert cp.stderr.strip().count("\n") == 0 and "no CUDA device here" in cp.stderr
 
