@@ -68,8 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(names) - set(CHECKS))
     if unknown or not names:
         ap.error(f"--checks: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(CHECKS)}")
-    if a.duration < 6 or a.warmup < 0:
-        ap.error("--duration must be at least 6 s (the verdict needs 6 samples) and --warmup >= 0")
+    if a.duration < 10 or a.warmup < 0:
+        # watch ignores its first 3 s, and a verdict needs 6 samples (1 s apart) after that.
+        ap.error("--duration must be at least 10 s and --warmup >= 0")
     a.checks = names
     return a
 
