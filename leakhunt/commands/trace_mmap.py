@@ -53,8 +53,8 @@ def command(pid: int, backend: str, duration: float | None, follow: bool, min_si
     console = ui.console_for(as_json)
     console.print(Text(choice.explain(), style="dim"))
     options = TraceOptions(follow=follow, min_length=min_size, extra={"stream_all": all_events, **gdb_extra})
-    writer = SessionWriter(record_dir, "trace-mmap", {"pid": pid, "cmdline": target.cmdline,
-                                                      "backend": choice.name}) if record_dir else None
+    meta = {"pid": pid, "nspid": list(target.nspid), "cmdline": target.cmdline, "backend": choice.name}
+    writer = SessionWriter(record_dir, "trace-mmap", meta) if record_dir else None
     session = TraceSession(target, choice.cls(target, options), writer)
     session.start()
     console.print(Text(f"tracing {target.describe()} with {choice.name}; Ctrl-C stops", style="dim"))
@@ -98,6 +98,7 @@ def trace_document(session: TraceSession, choice: BackendChoice, record_dir: str
     return {
         "command": "trace-mmap",
         "pid": session.target.pid,
+        "nspid": list(session.target.nspid),
         "cmdline": session.target.cmdline,
         "backend": choice.name,
         "backends_unavailable": choice.unavailable,

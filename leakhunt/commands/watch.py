@@ -52,7 +52,8 @@ def command(pid: int, interval: float, duration: float | None, warmup: float | N
     console = ui.console_for(as_json)
     if not subprocesses and (hint := children_hint(pid)):
         ui.err.print(f"[yellow]hint:[/] {hint}")
-    writer = SessionWriter(record_dir, "watch", {"pid": pid, "cmdline": target.cmdline, "interval_s": interval,
+    writer = SessionWriter(record_dir, "watch", {"pid": pid, "nspid": list(target.nspid),
+                                                 "cmdline": target.cmdline, "interval_s": interval,
                                                  "subprocesses": subprocesses}) if record_dir else None
     live = LiveView(console)
     nvml = NvmlReader.open()
@@ -145,7 +146,7 @@ def _watch_one(target: Target, interval: float, duration: float | None, warmup: 
     summary = summarize(result.history, warmup_s=warmup)
     live.final = Group(Text(f"summary — stopped: {result.stopped_because}", style="bold"),
                        render_one(target, result.history, summary, interval, None))
-    document = {**summary.to_json(), "pid": target.pid, "cmdline": target.cmdline,
+    document = {**summary.to_json(), "pid": target.pid, "nspid": list(target.nspid), "cmdline": target.cmdline,
                 "stopped_because": result.stopped_because,
                 "sample_cost_s": sum(result.history.cost_s) / len(result.history)}
     return document, result.error, summary
@@ -250,7 +251,8 @@ def _watch_tree(target: Target, interval: float, duration: float | None, warmup:
     summary = summarize(result.tree, warmup_s=warmup, pid=target.pid)
     live.final = Group(Text(f"summary — stopped: {result.stopped_because}", style="bold"),
                        render_tree(target, tree_sampler, result.tree, warmup, interval, None))
-    document = {**summary.to_json(), "pid": target.pid, "cmdline": target.cmdline, "subprocesses": True,
+    document = {**summary.to_json(), "pid": target.pid, "nspid": list(target.nspid), "cmdline": target.cmdline,
+                "subprocesses": True,
                 "stopped_because": result.stopped_because,
                 "tree": {"rss_counting": "private pages of every process plus each shared object once",
                          "pss_bytes_start": result.pss[0] if result.pss else None,

@@ -35,8 +35,7 @@ def configure(mi: MiChannel, target: Target, space: AddressSpace, foreign_mounts
         except GdbCommandError as e:
             note(f"gdb setting skipped: {line} ({e})")
     for name, wanted in REQUIRED_SETTINGS.items():
-        value = (mi.request(f"-gdb-show {name}").payload or {}).get("value")
-        if value != wanted:
+        if setting(mi, name) != wanted:
             raise BackendUnavailable("gdb", f"this gdb cannot run with {name} {wanted}: leakhunt would have "
                                      f"to stop every thread at each hit", "")
     if foreign_mounts:
@@ -51,6 +50,21 @@ def configure(mi: MiChannel, target: Target, space: AddressSpace, foreign_mounts
     except GdbCommandError as e:
         note(f"gdb-side watchdog unavailable ({e}): gdb still detaches when leakhunt's pipe closes")
     return python_frames and python_frames_helper(mi, space, note)
+
+
+def setting(mi: MiChannel, name: str) -> str | None:
+    """The value gdb reports for one of its settings (``-gdb-show``)."""
+    return (mi.request(f"-gdb-show {name}").payload or {}).get("value")
+
+
+def unread_libraries(mi: MiChannel) -> list[str]:
+    """The target's libraries (as it names them) whose symbols gdb could not read: their frames
+    will have no function names (a sysroot that misses them, a file deleted since)."""
+    try:
+        libraries = (mi.request("-file-list-shared-libraries").payload or {}).get("shared-libraries", [])
+    except GdbCommandError:
+        return []   # an older gdb: nothing to say, not a reason to fail the session
+    return [lib.get("target-name", "?") for lib in libraries if lib.get("symbols-loaded") != "1"]
 
 
 def attach(mi: MiChannel, target: Target, timeout: float) -> None:

@@ -24,10 +24,15 @@ class Mapping:
     end: int
     offset: int
     path: str
+    perms: str = ""
 
     @property
     def is_file(self) -> bool:
         return self.path.startswith("/")
+
+    @property
+    def executable(self) -> bool:
+        return "x" in self.perms
 
 
 class AddressSpace:
@@ -41,9 +46,9 @@ class AddressSpace:
 
     def refresh(self) -> None:
         snapshot = parse_smaps(proc_read(self.target.pid, "maps"), source=f"/proc/{self.target.pid}/maps")
-        self._mappings = [Mapping(int(s), int(e), int(o), p) for s, e, o, p in
+        self._mappings = [Mapping(int(s), int(e), int(o), p, perms) for s, e, o, p, perms in
                           zip(snapshot.start.tolist(), snapshot.end.tolist(), snapshot.offset.tolist(),
-                              snapshot.path)]
+                              snapshot.path, snapshot.perms)]
         self._starts = [m.start for m in self._mappings]
 
     @property

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from leakhunt.errors import LeakhuntError
-from leakhunt.gdb.attach import attach, configure, settle
+from leakhunt.gdb.attach import attach, configure, setting, settle, unread_libraries
 from leakhunt.gdb.budget import Budget, CostMeter
 from leakhunt.gdb.frames import Symbolizer
 from leakhunt.gdb.guard import BreakpointGuard
@@ -84,6 +84,8 @@ class GdbSession:
         self.guard: BreakpointGuard | None = None
         self.registers: dict[str, int] = {}
         self.python_frames = False
+        self.sysroot: str | None = None             # where gdb reads the target's files (its own words)
+        self.unread_libraries: list[str] = []       # libraries gdb has no symbols for
         self._callbacks: dict[int, Callable[[Record], None] | None] = {}
         self._times: dict[str, int] = {}
         self._attached = False
@@ -120,6 +122,8 @@ class GdbSession:
             attach(self.mi, self.target, self.config.attach_timeout)
             self._attached = True   # from here on, every way out detaches
             self.registers = settle(self.mi, self.config.attach_timeout, self.cost, started)
+            self.sysroot = setting(self.mi, "sysroot")
+            self.unread_libraries = unread_libraries(self.mi)
             self._insert(planned)
         except BaseException:
             self.end.reason = "start failed"

@@ -160,11 +160,13 @@ def _symbols_in(elf: ELFFile, mappings: list[Mapping], names: set[str]) -> dict[
 
 
 def _runtime_address(vaddr: int, loads: list, mappings: list[Mapping]) -> int | None:
-    """Link-time address -> file offset (through its PT_LOAD) -> the mapping that holds it."""
+    """Link-time address -> file offset (through its PT_LOAD) -> the code mapping that holds it.
+    Only executable mappings: a process that maps its libc file to read it (a symbolizer, an ELF
+    parser) has a second, read-only mapping of the same offsets, where a breakpoint never fires."""
     for seg in loads:
         if seg["p_vaddr"] <= vaddr < seg["p_vaddr"] + seg["p_filesz"]:
             file_offset = vaddr - seg["p_vaddr"] + seg["p_offset"]
-            for m in mappings:
+            for m in (m for m in mappings if m.executable):
                 if m.offset <= file_offset < m.offset + (m.end - m.start):
                     return m.start + file_offset - m.offset
     return None

@@ -95,7 +95,9 @@ class Target:
             return False
 
     def describe(self) -> str:
-        return f"pid {self.pid} ({self.cmdline[:60] or self.comm})"
+        # In a container the user knows the pid inside (NSpid's last): name both.
+        inside = f"; pid {self.nspid[-1]} inside" if len(self.nspid) > 1 and self.nspid[-1] != self.pid else ""
+        return f"pid {self.pid} ({self.cmdline[:60] or self.comm}{inside})"
 
 
 def _stat_fields(pid: int) -> list[str]:

@@ -61,7 +61,7 @@ def headline(data: ReportData) -> Headline:
     s = data.session
     m = data.memory
     title = f"Memory report: {_target_name(s)}"
-    parts = [f"leakhunt {s.get('command', '?')}", f"pid {s.get('pid', '?')}", str(s.get("host", "")),
+    parts = [f"leakhunt {s.get('command', '?')}", f"pid {context_sections.pid_text(s)}", str(s.get("host", "")),
              context_sections.when(s.get("started"))]
     if m is not None:
         parts.append(f"{format_duration(m.duration_s)}, {m.samples} samples")

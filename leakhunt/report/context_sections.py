@@ -17,7 +17,21 @@ from leakhunt.units import format_duration
 #: session.json keys shown under their own labels; any other key a command adds is shown as is.
 _KNOWN = {"format": None, "argv": None, "started": None, "tool": "recorded by", "command": "command",
           "host": "host", "kernel": "kernel", "python": "Python", "pid": "target pid",
-          "cmdline": "target command line", "interval_s": "sample interval"}
+          "cmdline": "target command line", "interval_s": "sample interval", "nspid": None}
+
+
+def inner_pid(s: dict) -> int | None:
+    """The target's pid inside its own pid namespace (a container), None when it has none (NSpid)."""
+    nspid = s.get("nspid")
+    if isinstance(nspid, list) and len(nspid) > 1 and nspid[-1] != nspid[0]:
+        return nspid[-1]
+    return None
+
+
+def pid_text(s: dict) -> str:
+    """'4507', or '4507 (1 in its pid namespace)' for a target in a container."""
+    inner = inner_pid(s)
+    return f"{s.get('pid', '?')}" + (f" ({inner} in its pid namespace)" if inner is not None else "")
 
 
 def when(ts: float | None) -> str:
@@ -32,7 +46,8 @@ def environment(data: ReportData) -> Section:
     for key, label in _KNOWN.items():
         if label and s.get(key) not in (None, ""):
             value = s[key]
-            rows.append((label, format_duration(value) if key == "interval_s" else str(value)))
+            text = format_duration(value) if key == "interval_s" else pid_text(s) if key == "pid" else str(value)
+            rows.append((label, text))
     for key, value in s.items():
         if key not in _KNOWN and value not in (None, "", [], {}):
             rows.append((key.replace("_", " "), value if isinstance(value, str) else str(value)))
@@ -63,6 +78,9 @@ def reproduce(data: ReportData) -> Section:
         lines += ["", "# the command that made the recording", recorded]
     # The recorded pid is history by now: the commands below name the process to start or find.
     lines += ["", "# start the target again (PID: its new process id), then watch it"]
+    if inner_pid(s) is not None:
+        lines += ["# it ran in a container: PID is its pid on the host, e.g.",
+                  "#   docker inspect --format '{{.State.Pid}}' CONTAINER"]
     if cmdline:
         lines.append(str(cmdline))
     interval = format_duration(s.get("interval_s") or 1.0)

@@ -129,7 +129,8 @@ class GdbBackend(Backend):
                 "restored_sites": s.end.restored, "tracer_after": s.end.tracer_left,
                 "hits": state.hits, "lost": state.lost, "seen": state.seen,
                 "breakpoints": [site.describe() for site in s.sites.values()],
-                "python_frames": s.python_frames, "cost": s.cost.to_json(), "gdb": self.config.gdb_path}
+                "python_frames": s.python_frames, "cost": s.cost.to_json(), "gdb": self.config.gdb_path,
+                "sysroot": s.sysroot, "unread_libraries": s.unread_libraries}
 
     def _running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

@@ -18,6 +18,7 @@ from abc import abstractmethod
 from typing import NamedTuple
 
 from leakhunt.errors import AccessDenied
+from leakhunt.gdb.memory import shm_segment_size
 from leakhunt.proc.target import PROC
 from leakhunt.trace.backend import Backend, TraceOptions
 from leakhunt.trace.events import SYSCALL_KINDS, EventKind, Frame, MmapEvent, Stack
@@ -27,6 +28,9 @@ from leakhunt.trace.unwind import CallerResolver, UserContext
 
 #: A fork/exec/exit record as the kernel sends it (kernel monotonic ns until converted).
 RawLifecycle = Lifecycle
+
+#: The inode of the kernel's initial pid namespace (PROC_PID_INIT_INO), the one BPF's pids live in.
+INIT_PID_NS_INO = 0xEFFFFFFC
 
 #: Streamed records are released once a snapshot is this much newer than them: per-CPU buffers
 #: are read within microseconds, this leaves room for a reader descheduled on a busy machine.
@@ -75,10 +79,27 @@ class RawDump(NamedTuple):
 def root_problem() -> str | None:
     if os.geteuid() != 0:
         return "needs root (CAP_BPF and CAP_PERFMON)"
+    problem = pid_namespace_problem()
+    if problem:
+        return problem
     if not os.path.isdir("/sys/kernel/tracing/events/raw_syscalls") and \
             not os.path.isdir("/sys/kernel/debug/tracing/events/raw_syscalls"):
         return "tracefs with the raw_syscalls tracepoints is not mounted"
     return None
+
+
+def pid_namespace_problem() -> str | None:
+    """The probes compare the kernel's global pids (bpf_get_current_pid_tgid): a target's pid is
+    one of those only when our /proc is the initial pid namespace's. From a container's own /proc,
+    every pid we are given is another number to the kernel and the probes would see nothing."""
+    try:
+        ino = os.stat(PROC / "1" / "ns" / "pid").st_ino
+    except OSError:
+        return None   # cannot tell (no /proc/1/ns access): let the attach speak for itself
+    if ino == INIT_PID_NS_INO:
+        return None
+    return ("leakhunt runs in a pid namespace of its own (a container) and BPF sees the host's pids: run it "
+            "on the host, or in a container that shares the host's pid namespace (docker run --pid=host)")
 
 
 class KernelLedgerBackend(Backend):
@@ -314,11 +335,5 @@ def _shm_length(pid: int, addr: int, shmid: int) -> int:
                 return int(rest.split()[0], 16) - addr
     except (OSError, ValueError):
         pass
-    try:
-        for line in open("/proc/sysvipc/shm").read().splitlines()[1:]:
-            parts = line.split()
-            if int(parts[1]) == shmid:
-                return int(parts[3])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    # /proc/sysvipc lists our IPC namespace's segments: a container's shmid means nothing there.
+    return shm_segment_size(pid, shmid)

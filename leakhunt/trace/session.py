@@ -88,6 +88,8 @@ def _reason(name: str) -> str | None:
 def _fix(reason: str) -> str:
     if "not provided" in reason:
         return "use --backend bcc or bpftrace"
+    if "pid namespace" in reason:
+        return "--backend gdb works from inside a pid namespace"
     return ROOT_FIX if "root" in reason else "run `leakhunt doctor --install`"
 
 

@@ -211,14 +211,19 @@ class ModuleCache:
         self._modules: OrderedDict[object, Module | None] = OrderedDict()
         self._lock = threading.Lock()
 
-    def open(self, candidates: list[str], root: Path, display_path: str) -> Module | None:
-        for path in candidates:
+    def open(self, candidates: list[str], root: Path, display_path: str,
+             fallback: tuple[str, int] | None = None) -> Module | None:
+        """The first of ``candidates`` that opens, else ``fallback`` (path, inode) if it is the very
+        file mapped (same inode): our own view of a path may hold another file than the target's."""
+        tries = [(path, None) for path in candidates] + ([fallback] if fallback else [])
+        for path, inode in tries:
             try:
                 fd = os.open(path, os.O_RDONLY)
             except OSError:
                 continue
             try:
-                return self._load(fd, root, display_path)
+                if inode is None or os.fstat(fd).st_ino == inode:
+                    return self._load(fd, root, display_path)
             finally:
                 os.close(fd)
         return None
@@ -331,9 +336,10 @@ class ProcessModules:
         key = (m.inode, m.path)
         if key not in self._modules:
             root = PROC / str(self.pid) / "root"
-            candidates = [str(PROC / str(self.pid) / "map_files" / m.range_text),
-                          str(root) + m.path, m.path]
-            self._modules[key] = self.cache.open(candidates, root, m.path)
+            candidates = [str(PROC / str(self.pid) / "map_files" / m.range_text), str(root) + m.path]
+            # Our own view of m.path is the last resort (a root we may not enter): in a container it
+            # may be another build of the library (the host's libc), whose symbols name wrong code.
+            self._modules[key] = self.cache.open(candidates, root, m.path, fallback=(m.path, m.inode))
         return self._modules[key]
 
     def locate(self, address: int) -> tuple[FileMapping, Module, int] | None:
