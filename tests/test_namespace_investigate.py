@@ -101,3 +101,16 @@ def test_report_of_a_host_process_shows_one_pid(leakers, spawn, tmp_path):
     assert run_leakhunt("report", tmp_path / "rec", "--markdown", md).returncode == 0
     text = md.read_text()
     assert f"**target pid**: {proc.pid}\n" in text and "pid namespace" not in text
+
+
+def test_a_process_tree_in_a_container_is_followed_with_both_pids(leakers):
+    """Children forked inside the container are found from the host by their host pids; each
+    carries its pid inside, and the segment all three map is counted once."""
+    with contained(leakers, "tree", "--rate", "4M", "--shared", "32M", "--late", "1") as target:
+        doc = leakhunt_json("watch", "--pid", target.pid, "--subprocesses", "--duration", "10s")
+    procs = {p["pid"]: p for p in doc["processes"]}
+    assert len(procs) == 3 and procs[target.pid]["nspid"] == [target.pid, 1]
+    assert all(len(p["nspid"]) == 2 and p["nspid"][0] == pid != p["nspid"][1] for pid, p in procs.items())
+    leaking = [p for p in procs.values() if p["leak"]]
+    assert len(leaking) == 1 and leaking[0]["pid"] != target.pid
+    assert doc["classes"]["shm"]["rss_bytes"] == 32 * 2**20
