@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LEAKERS_SRC = ROOT / "fixtures" / "leakers"
 REQUIRE_BPF = os.environ.get("LEAKHUNT_REQUIRE_BPF") == "1"
-SHARED_DATA = Path(os.environ.get("LEAKHUNT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SHARED_DATA = ROOT / "tests" / "data"  # a copy of ../shared/data: CI clones the repository alone
 
 
 def need(ok: bool, reason: str) -> None:

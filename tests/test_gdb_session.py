@@ -129,7 +129,9 @@ def test_every_nth_hit_is_sampled_through_ignore_counts(spawn, leakers):
         events = collect(backend, timeout=30)
     seen = backend.details()["seen"]
     assert len(events) >= 3
-    assert 3 * len(events) - 2 <= seen <= 3 * len(events)   # gdb skipped 2 hits after each one taken
+    # gdb skipped 2 hits after each one taken; a hit that arrives as the time budget ends is
+    # counted as seen but never becomes an event.
+    assert 3 * len(events) - 2 <= seen <= 3 * len(events) + 1
     assert backend.stats.filtered == seen - len(events)
 
 

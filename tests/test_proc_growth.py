@@ -44,7 +44,9 @@ def test_a_new_region_counts_all_its_rss_as_growth():
     after = read_smaps(os.getpid())
     growth = range_growth(before, after)
     i = next(i for i in range(len(after)) if after.start[i] <= addr < after.end[i])
-    assert growth.growth[i] >= 12 * MiB and growth.new[i]
+    assert growth.growth[i] >= 12 * MiB
+    # The kernel may merge the new mapping into an anonymous neighbour; only alone is it "new".
+    assert growth.new[i] == (after.end[i] - after.start[i] == 12 * MiB)
     assert i in growth.top(3)
     del buf
 

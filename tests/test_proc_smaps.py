@@ -1,5 +1,5 @@
 """The smaps parser and the region classes, on real smaps: our own process, a process with tens
-of thousands of mappings, and a real H100 + torch process (../shared/data)."""
+of thousands of mappings, and a real H100 + torch process (tests/data, from ../shared/data)."""
 
 from __future__ import annotations
 
