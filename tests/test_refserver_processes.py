@@ -127,6 +127,8 @@ def test_every_memory_leak_lands_in_the_engine_child(server):
     assert growth(a0, a1, set(RegionClass)) < 2 * MiB    # the API process: none of it
     for mode in MEMORY_LEAKS:
         assert metrics[f'refserver_leak_bytes_total{{mode="{mode}"}}'] >= 60 * PER_REQUEST * 0.8, mode
+    # Every request's timings came back from the engine process for the latency histograms.
+    assert metrics['vllm:e2e_request_latency_seconds_count{model_name="refserver-tiny"}'] >= 60
     assert len(glob.glob(f"/dev/shm/refserver-leak-{engine}-*")) >= 60
     assert not glob.glob(f"/dev/shm/refserver-leak-{server.pid}-*")
 
