@@ -4,8 +4,10 @@ and verdict where there is a GPU, served over HTTP for Prometheus to scrape.
 
 One exporter runs per node; Prometheus does the scale. Targets are explicit pids and/or every
 process whose command line matches a pattern, re-discovered each interval, so processes that
-come and go (restarts, autoscaling) are followed. Sampling and judging happen in one background
-thread; a scrape only reads the latest figures under a lock.
+come and go (restarts, autoscaling) are followed. With ``subprocesses`` every process under an
+explicit pid is a target too, and each such tree gets its own totals (shared memory counted
+once). Sampling and judging happen in one background thread; a scrape only reads the latest
+figures under a lock.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -30,6 +33,7 @@ from leakhunt.gpu import NvmlReader
 from leakhunt.proc.sampler import History, Sample, Sampler
 from leakhunt.proc.smaps import parse_smaps
 from leakhunt.proc.target import PROC, Target, open_target
+from leakhunt.proc.tree import tree_totals
 from leakhunt.report.streams import last_ledger_callers
 
 PREFIX = "leakhunt"
@@ -44,6 +48,19 @@ class Watched:
     samples: deque[Sample] = field(default_factory=deque)
     summary: MemorySummary | None = None
     last_cost_s: float = 0.0
+    root: int | None = None          # with subprocesses: the explicit pid this process is under
+
+
+@dataclass(frozen=True)
+class TreeFigures:
+    """A process tree's memory at the last tick: every shared object counted once (RSS), and the
+    sums of PSS and USS."""
+
+    root: Target
+    rss: int
+    pss: int
+    uss: int
+    processes: int
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,8 @@ class FleetView:
     targets: tuple[tuple[Target, MemorySummary | None, Sample, float, float], ...]  # target, summary, last, window, cost
     lost_total: int
     discovered_total: int
+    trees: tuple[TreeFigures, ...] = ()
+    roots: dict[int, int] = field(default_factory=dict)    # pid -> the root of its tree (subprocesses)
 
 
 class TickDevice:
@@ -77,8 +96,11 @@ class Fleet:
     """The processes an exporter follows, each with a rolling window of light samples."""
 
     def __init__(self, pids: Iterable[int] = (), match: str | None = None, interval: float = 5.0,
-                 window_s: float = 900.0, culprits: CulpritSource | None = None, device: bool = True) -> None:
+                 window_s: float = 900.0, culprits: CulpritSource | None = None, device: bool = True,
+                 subprocesses: bool = False) -> None:
         self.interval = interval
+        self.subprocesses = subprocesses
+        self._trees: tuple[TreeFigures, ...] = ()
         self.window_s = window_s
         self.match = re.compile(match) if match else None
         self.culprits = culprits
@@ -115,11 +137,30 @@ class Fleet:
                 except (TargetGone, AccessDenied):
                     continue
 
+    def _descendants(self) -> Iterator[tuple[Target, int]]:
+        """Every process under the explicit pids, with the pid of the tree it belongs to."""
+        watched = {pid for pid, _ in self._watched}
+        for root in self._explicit:
+            try:
+                children = psutil.Process(root.pid).children(recursive=True)
+            except psutil.Error:
+                continue
+            for child in children:
+                if child.pid in watched or child.pid in self._ignored:
+                    continue
+                try:
+                    yield open_target(child.pid), root.pid
+                except (TargetGone, AccessDenied):
+                    continue
+
     def discover(self) -> None:
-        for target in self._candidates():
+        found = [(t, t.pid if self.subprocesses and t in self._explicit else None) for t in self._candidates()]
+        if self.subprocesses:
+            found += list(self._descendants())
+        for target, root in found:
             key = (target.pid, target.start_time)
             if key not in self._watched:
-                self._watched[key] = Watched(target, Sampler(target, self.interval, gpu=self.device))
+                self._watched[key] = Watched(target, Sampler(target, self.interval, gpu=self.device), root=root)
                 self._discovered += 1
 
     # -- sampling ----------------------------------------------------------------------------
@@ -128,6 +169,7 @@ class Fleet:
         self.discover()
         if self.device is not None:
             self.device.refresh(pid for pid, _ in self._watched)
+        members: dict[int, list] = {}   # root pid -> this tick's snapshots of its tree
         for key, w in list(self._watched.items()):
             try:
                 if not w.target.alive():   # exited, or its pid was reused by another process
@@ -138,6 +180,8 @@ class Fleet:
                 self._lost += 1
                 continue
             w.last_cost_s = sample.cost_s
+            if w.root is not None:
+                members.setdefault(w.root, []).append(sample.snapshot)
             # The window keeps totals and groups only: a big process's snapshot is megabytes.
             w.samples.append(replace(sample, snapshot=self._empty))
             while w.samples and sample.t - w.samples[0].t > self.window_s:
@@ -146,13 +190,16 @@ class Fleet:
             for s in w.samples:
                 history.add(s)
             w.summary = summarize(history) if len(history) >= 2 else None
+        self._trees = tuple(_tree_figures(root, members.get(root.pid, [])) for root in self._explicit
+                            if root.pid in members)
         self._publish()
 
     def _publish(self) -> None:
         rows = tuple((w.target, w.summary, w.samples[-1], w.samples[-1].t - w.samples[0].t, w.last_cost_s)
                      for w in self._watched.values() if w.samples)
+        roots = {w.target.pid: w.root for w in self._watched.values() if w.root is not None}
         with self._lock:
-            self._view = FleetView(rows, self._lost, self._discovered)
+            self._view = FleetView(rows, self._lost, self._discovered, self._trees, roots)
 
     def view(self) -> FleetView:
         with self._lock:
@@ -171,6 +218,11 @@ class Fleet:
     def close(self) -> None:
         if self.device is not None:
             self.device.close()
+
+
+def _tree_figures(root: Target, snapshots: list) -> TreeFigures:
+    totals = tree_totals(snapshots)
+    return TreeFigures(root, totals.rss, totals.pss, totals.uss, len(snapshots))
 
 
 def _ancestors(pid: int) -> set[int]:
@@ -230,12 +282,35 @@ class FleetCollector(Collector):
             device.add(who, last, summary)
         yield from (rss, total, slope, leak, plateau, group_rss, group_growth, culprit, window, cost)
         yield from device.families()
+        if self.fleet.subprocesses:
+            yield from _tree_families(view)
         yield GaugeMetricFamily(f"{PREFIX}_device_memory_sampled", "1 when NVML works here and device memory is "
                                 "sampled; 0 without an NVIDIA driver, GPU or nvidia-ml-py",
                                 value=float(self.fleet.device is not None))
         yield GaugeMetricFamily(f"{PREFIX}_targets", "Processes being watched", value=len(view.targets))
         yield CounterMetricFamily(f"{PREFIX}_targets_lost", "Watched processes that exited", value=view.lost_total)
         yield CounterMetricFamily(f"{PREFIX}_targets_discovered", "Processes ever watched", value=view.discovered_total)
+
+
+def _tree_families(view: FleetView) -> Iterator:
+    """--subprocesses: which tree each process belongs to, and each tree's own totals."""
+    member = GaugeMetricFamily(f"{PREFIX}_process_tree", "1 for each watched process of a tree: the pid it "
+                               "is under (root) and its own pid (join on pid for the per-process series)",
+                               labels=["pid", "comm", "root"])
+    for target, *_ in view.targets:
+        if target.pid in view.roots:
+            member.add_metric([str(target.pid), target.comm, str(view.roots[target.pid])], 1.0)
+    who = ["pid", "comm"]
+    rss = GaugeMetricFamily(f"{PREFIX}_tree_rss_bytes", "Resident memory of the process and every process under "
+                            "it, each shared object (a /dev/shm segment, a library) counted once", labels=who)
+    pss = GaugeMetricFamily(f"{PREFIX}_tree_pss_bytes", "Sum of the tree's proportional set sizes", labels=who)
+    uss = GaugeMetricFamily(f"{PREFIX}_tree_uss_bytes", "Sum of the tree's unique (private) set sizes", labels=who)
+    count = GaugeMetricFamily(f"{PREFIX}_tree_processes", "Processes in the tree at the last sample", labels=who)
+    for tree in view.trees:
+        labels = [str(tree.root.pid), tree.root.comm]
+        for family, value in ((rss, tree.rss), (pss, tree.pss), (uss, tree.uss), (count, tree.processes)):
+            family.add_metric(labels, value)
+    yield from (member, rss, pss, uss, count)
 
 
 def _judged(summary: MemorySummary, who: list[str], slope, leak, plateau) -> None:

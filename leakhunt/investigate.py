@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from leakhunt.analysis.correlate import Attribution, correlate
 from leakhunt.analysis.correlate_tree import correlate_tree
 from leakhunt.analysis.summary import MemorySummary, summarize
+from leakhunt.analysis.verdict import MIN_SLOPE
 from leakhunt.errors import AccessDenied, BackendUnavailable, LeakhuntError, TargetGone
 from leakhunt.gpu import NvmlReader
 from leakhunt.proc.sampler import STOP_DURATION, STOP_INTERRUPTED, History, Sample, Sampler
@@ -31,6 +32,10 @@ from leakhunt.trace.session import BackendChoice, choose_backend
 from leakhunt.trace.tree_trace import TreeTrace
 
 STOP_CONFIDENT = "verdict confident"
+#: What a no-leak verdict cannot rule out, said with it.
+BLIND_SPOT = ("memory is judged as the process maps it: a leak inside memory allocated up front (the blocks "
+              "of a preallocated KV cache, an object pool) grows nothing here; the application's own pool "
+              "metrics show it")
 VERDICT = "verdict"
 STACKS = "stacks"
 #: Never decide before this much evidence, whatever the numbers say.
@@ -134,6 +139,7 @@ class InvestigationResult:
             "unexplained_bytes": self.attribution.unexplained,
             "culprits": [c.to_json() for c in self.attribution.culprits] if v.leak else [],
             "growing_not_leaking": [c.to_json() for c in self.attribution.culprits] if not v.leak else [],
+            "blind_spot": None if v.leak else BLIND_SPOT,
             "attribution": self.attribution.to_json(),
             "duration_s": self.summary.duration_s,
             "samples": self.summary.samples,
@@ -219,7 +225,9 @@ class Investigation:
             self.recorder(sample)
 
     def evaluate(self) -> Evaluation:
-        summary = summarize(self.history, warmup_s=self.options.warmup, pid=self.target.pid)
+        # The verdict's floor is the noise of one serving process: a tree has that much per process.
+        floor = MIN_SLOPE * (len(self.tree.sampler.live_tracks()) if self.tree else 1)
+        summary = summarize(self.history, warmup_s=self.options.warmup, min_slope=floor, pid=self.target.pid)
         if self.tree:
             attribution = correlate_tree(self.tree.evidence(self.tracer, self.options.warmup), self.history.duration_s)
         else:

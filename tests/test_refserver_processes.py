@@ -25,6 +25,7 @@ from refserver.engine import Engine  # noqa: E402
 from refserver.launch import launch  # noqa: E402
 from refserver.leaks import bytes_per_request  # noqa: E402
 from refserver.sequence import SamplingParams  # noqa: E402
+from test_refserver_leaks import class_growth, drive, settle  # noqa: E402
 
 MiB = 2**20
 RATE = 0.5
@@ -41,32 +42,9 @@ def server():
         yield s
 
 
-def drive(server, requests: int, seed: int = 0, **kw) -> loadgen.LoadReport:
-    shape = {"prompt_len": loadgen.LengthDist.parse("16-48"), "max_tokens": loadgen.LengthDist.parse("8"), **kw}
-    report = loadgen.run(loadgen.LoadConfig(url=server.url, duration=None, requests=requests, concurrency=4,
-                                            seed=seed, **shape))
-    assert report.failed == 0, report.errors
-    return report
-
-
-def idle_health(server, timeout: float = 20.0) -> dict:
-    """/health once no request is left in the engine (aborts land after their clients left)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        m = server.metrics()
-        if not m['vllm:num_requests_running{model_name="refserver-tiny"}']:
-            return server.health()
-        assert time.monotonic() < deadline, "requests still in the engine"
-        time.sleep(0.1)
-
-
 def mapped_paths(pid: int) -> set[str]:
     return {line.split(None, 5)[5] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
             if len(line.split(None, 5)) == 6}
-
-
-def growth(before, after, classes) -> int:
-    return sum(after.classes.get(c, 0) - before.classes.get(c, 0) for c in classes)
 
 
 def test_the_api_process_serves_while_the_engine_child_holds_model_and_kv_cache(server):
@@ -122,9 +100,9 @@ def test_every_memory_leak_lands_in_the_engine_child(server):
     a1, e1 = api_sampler.take(), engine_sampler.take()
     metrics = server.metrics()
     assert e1.classes[RegionClass.SHM] - e0.classes[RegionClass.SHM] >= 40 * PER_REQUEST   # a segment each
-    native = growth(e0, e1, {RegionClass.ANON, RegionClass.HEAP})                          # the other four
+    native = class_growth(e0, e1, {RegionClass.ANON, RegionClass.HEAP})                          # the other four
     assert 0.8 * 4 * 40 * PER_REQUEST < native < 1.5 * 4 * 40 * PER_REQUEST, native
-    assert growth(a0, a1, set(RegionClass)) < 2 * MiB    # the API process: none of it
+    assert class_growth(a0, a1, set(RegionClass)) < 2 * MiB    # the API process: none of it
     for mode in MEMORY_LEAKS:
         assert metrics[f'refserver_leak_bytes_total{{mode="{mode}"}}'] >= 60 * PER_REQUEST * 0.8, mode
     # Every request's timings came back from the engine process for the latency histograms.
@@ -135,7 +113,7 @@ def test_every_memory_leak_lands_in_the_engine_child(server):
 
 def test_aborts_reach_the_engine_and_kv_abort_keeps_blocks_there(server):
     drive(server, 12, seed=5, abort_fraction=1.0, max_tokens=loadgen.LengthDist.parse("64"))
-    health = idle_health(server)
+    health = settle(server)
     assert health["leak"]["kv-abort"]["leaked_blocks"] > 0     # half the aborts leak (rate 0.5)...
     assert 0 < health["kv_cache"]["usage"] < 1                  # ...and their blocks stay taken
     metrics = server.metrics()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from leakhunt.analysis.culprits import KnownCulprit, match
+from leakhunt.analysis.verdict import MIN_SLOPE
 from leakhunt.proc.classes import CLASSES, RegionClass
 from leakhunt.proc.growth import held_between
 from leakhunt.proc.smaps import Snapshot
@@ -25,7 +26,8 @@ from leakhunt.units import format_bytes, format_rate, format_share
 #: Classes whose growth a mapping tracer can explain, and those we explain by other evidence.
 TRACED_CLASSES = (RegionClass.ANON, RegionClass.SHM, RegionClass.PINNED, RegionClass.HEAP)
 NATIVE_GROWTH_CLASSES = (RegionClass.ANON, RegionClass.SHM, RegionClass.PINNED, RegionClass.HEAP, RegionClass.GPU)
-#: A culprit must explain at least this share of the growth to be accused.
+#: A culprit must explain at least this share of the growth to be accused, and grow faster than
+#: the verdict's noise floor (a tiny total makes any crumb a big share).
 MIN_SHARE = 0.05
 #: glibc aligns every non-main malloc arena heap to HEAP_MAX_SIZE (2 * DEFAULT_MMAP_THRESHOLD_MAX,
 #: 64 MiB on 64-bit) and grows it in place with mprotect: an anonymous region that starts on that
@@ -271,7 +273,7 @@ def _by_class(klass: RegionClass, growth: int, duration: float, total: int, pid:
 
 
 def correlate(before: Snapshot, after: Snapshot, outstanding: Sequence[Outstanding], duration_s: float,
-              pid: int | None = None, min_share: float = MIN_SHARE) -> Attribution:
+              pid: int | None = None, min_share: float = MIN_SHARE, min_slope: float = MIN_SLOPE) -> Attribution:
     """Attribute the native growth between two snapshots of one process."""
     ca, cb = before.class_totals(), after.class_totals()
     by_class = {c: cb[c] - ca[c] for c in NATIVE_GROWTH_CLASSES}
@@ -300,7 +302,7 @@ def correlate(before: Snapshot, after: Snapshot, outstanding: Sequence[Outstandi
         rest = by_class[klass] - sum(c.bytes for c in culprits if c.klass is klass)
         if rest > 0:
             culprits.append(_by_class(klass, rest, duration_s, total, pid, label, evidence))
-    culprits = [c for c in culprits if c.share >= min_share]
+    culprits = [c for c in culprits if c.share >= min_share and c.slope >= min_slope]
     culprits.sort(key=lambda c: -c.bytes)
     return Attribution(total, by_class, duration_s, culprits)
 

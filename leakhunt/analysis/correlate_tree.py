@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from leakhunt.analysis.correlate import MIN_SHARE, NATIVE_GROWTH_CLASSES, Attribution, Culprit, Outstanding, correlate
+from leakhunt.analysis.verdict import MIN_SLOPE
 from leakhunt.proc.classes import RegionClass
 from leakhunt.proc.smaps import Snapshot
 from leakhunt.proc.tree import tree_totals
@@ -31,7 +32,7 @@ class ProcessEvidence:
 
 
 def correlate_tree(processes: Sequence[ProcessEvidence], duration_s: float,
-                   min_share: float = MIN_SHARE) -> Attribution:
+                   min_share: float = MIN_SHARE, min_slope: float = MIN_SLOPE) -> Attribution:
     """Attribute the native growth of the live processes of a tree.
 
     When some processes are judged leaking on their own, only their growth is accused: a
@@ -46,9 +47,10 @@ def correlate_tree(processes: Sequence[ProcessEvidence], duration_s: float,
     for p in processes:
         if leaking and p.pid not in leaking:
             continue
-        culprits += correlate(p.before, p.after, p.outstanding, p.duration_s, pid=p.pid, min_share=0.0).culprits
+        culprits += correlate(p.before, p.after, p.outstanding, p.duration_s, pid=p.pid, min_share=0.0,
+                              min_slope=0.0).culprits
     culprits = [replace(c, share=c.bytes / total if total > 0 else 0.0) for c in shared_once(culprits)]
-    culprits = [c for c in culprits if c.share >= min_share]
+    culprits = [c for c in culprits if c.share >= min_share and c.slope >= min_slope]
     culprits.sort(key=lambda c: -c.bytes)
     return Attribution(total, by_class, duration_s, culprits)
 

@@ -10,7 +10,7 @@ import click
 from prometheus_client import start_http_server
 
 from leakhunt import ui
-from leakhunt.commands.options import DURATION, duration_option, interval_option, json_option
+from leakhunt.commands.options import DURATION, duration_option, interval_option, json_option, subprocesses_option
 from leakhunt.errors import BadInput
 from leakhunt.export import Fleet, LedgerFeed, registry_for
 from leakhunt.units import format_duration
@@ -28,15 +28,20 @@ from leakhunt.units import format_duration
 @click.option("--ledger", "ledgers", type=click.Path(file_okay=False), multiple=True, metavar="DIR",
               help="a `trace-mmap --record DIR` recording written beside the exporter: exports its "
                    "callers' outstanding bytes for that pid (repeatable)")
+@subprocesses_option
 @duration_option(help="stop after this long (default: until Ctrl-C or SIGTERM)")
 @json_option
 def command(pids: tuple[int, ...], match: str | None, port: int, host: str, interval: float, window: float,
-            top_groups: int, ledgers: tuple[str, ...], duration: float | None, as_json: bool) -> None:
+            top_groups: int, ledgers: tuple[str, ...], subprocesses: bool, duration: float | None,
+            as_json: bool) -> None:
     """Serve Prometheus metrics of the processes given by --pid and/or --match.
 
     Per process: RSS by region class, slopes over --window with their 95% bounds, leak and
     plateau verdicts, the top growing groups, and device memory (NVML) with its slope and
-    verdict where there is a GPU. See docs/prometheus-alerts.yml and docs/grafana-dashboard.json.
+    verdict where there is a GPU. With --subprocesses, every process under each --pid too (each
+    with its own series, labelled with its tree in leakhunt_process_tree) and each tree's totals
+    with shared memory counted once (leakhunt_tree_rss_bytes). See docs/prometheus-alerts.yml and
+    docs/grafana-dashboard.json.
     """
     if not pids and not match:
         raise BadInput("give --pid PID (repeatable) and/or --match REGEX")
@@ -45,7 +50,10 @@ def command(pids: tuple[int, ...], match: str | None, port: int, host: str, inte
             re.compile(match)
         except re.error as e:
             raise BadInput(f"--match: not a regular expression: {e}") from None
-    fleet = Fleet(pids, match, interval, window, culprits=LedgerFeed(ledgers) if ledgers else None)
+    if subprocesses and not pids:
+        raise BadInput("--subprocesses follows the trees under --pid: give --pid PID")
+    fleet = Fleet(pids, match, interval, window, culprits=LedgerFeed(ledgers) if ledgers else None,
+                  subprocesses=subprocesses)
     fleet.sample_once()   # the first scrape already has figures
     try:
         server, _ = start_http_server(port, addr=host, registry=registry_for(fleet, top_groups))
@@ -72,7 +80,11 @@ def command(pids: tuple[int, ...], match: str | None, port: int, host: str, inte
             "url": f"http://{host}:{bound}/metrics", "ran_s": time.monotonic() - began,
             "targets": [{"pid": t.pid, "comm": t.comm, "rss_bytes": last.rss, "leak": bool(s and s.leak),
                          "device_memory_bytes": last.gpu_bytes,
-                         "device_memory_leak": bool(s and s.device and s.device.verdict.leak)}
+                         "device_memory_leak": bool(s and s.device and s.device.verdict.leak),
+                         **({"root": view.roots.get(t.pid)} if subprocesses else {})}
                         for t, s, last, _, _ in view.targets],
+            **({"trees": [{"root": tree.root.pid, "rss_bytes": tree.rss, "pss_bytes": tree.pss,
+                           "uss_bytes": tree.uss, "processes": tree.processes} for tree in view.trees]}
+               if subprocesses else {}),
             "device_memory": {"available": fleet.device is not None, "reason": fleet.device_unavailable},
             "targets_discovered": view.discovered_total, "targets_lost": view.lost_total}))

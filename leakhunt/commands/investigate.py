@@ -16,7 +16,7 @@ from leakhunt import ui
 from leakhunt.analysis.correlate import Attribution, Culprit
 from leakhunt.commands.options import DURATION, interval_option, json_option, pid_option, record_option, warmup_option
 from leakhunt.errors import LeakhuntError
-from leakhunt.investigate import Evaluation, InvestigateOptions, Investigation, InvestigationResult
+from leakhunt.investigate import BLIND_SPOT, Evaluation, InvestigateOptions, Investigation, InvestigationResult
 from leakhunt.proc.target import open_target
 from leakhunt.proc.tree import children_hint
 from leakhunt.record import SessionWriter
@@ -198,6 +198,8 @@ def render_result(result: InvestigationResult) -> Group:
     head.append(f"RSS {format_bytes(s.rss.start)} → {format_bytes(s.rss.end)}  slope ")
     head.append_text(ui.rate_text(v.trend.slope, v.trend.lo, v.trend.hi, v.leak))
     head.append(f"\n{v.reason}", style="dim")
+    if not v.leak:
+        head.append(f"\nnot ruled out: {BLIND_SPOT}", style="dim")
     tree = result.processes is not None
     title = f"leakhunt investigate · {result.target.describe()}" + (" and its subprocesses" if tree else "")
     parts = [Panel(head, title=title, title_align="left", border_style="red" if v.leak else "green")]
