@@ -116,8 +116,8 @@ def test_aborts_reach_the_engine_and_kv_abort_keeps_blocks_there(server):
     health = settle(server)
     assert health["leak"]["kv-abort"]["leaked_blocks"] > 0     # half the aborts leak (rate 0.5)...
     assert 0 < health["kv_cache"]["usage"] < 1                  # ...and their blocks stay taken
-    metrics = server.metrics()
-    assert metrics['vllm:request_success_total{finished_reason="abort",model_name="refserver-tiny"}'] >= 12
+    # Aborts that reached the engine before it had finished the request (it may run ahead of a client).
+    assert server.metrics()['vllm:request_success_total{finished_reason="abort",model_name="refserver-tiny"}'] > 0
 
 
 def test_a_dead_engine_process_is_reported_not_waited_for():
