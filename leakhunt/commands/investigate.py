@@ -133,10 +133,12 @@ def process_table(processes: list[dict]) -> Table:
     """The tree, one row per process: its memory, its own verdict, the culprits living in it."""
     table = Table(title="processes (each judged on its own; the tree above counts shared memory once)",
                   title_justify="left", box=None, pad_edge=False)
-    for col, justify in (("pid", "right"), ("command", "left"), ("RSS", "right"), ("growth", "right"),
-                         ("slope /min", "right"), ("", "left"), ("culprits", "left")):
-        table.add_column(col, justify=justify, overflow="ellipsis", no_wrap=True,
-                         max_width=36 if col in ("command", "culprits") else None)
+    # Numbers keep their width; the command is cut short and the culprits fold.
+    for col, justify, width in (("pid", "right", 7), ("command", "left", None), ("RSS", "right", 9),
+                                ("growth", "right", 10), ("slope /min", "right", 15), ("", "left", 8),
+                                ("culprits", "left", 16)):
+        table.add_column(col, justify=justify, overflow="fold" if col == "culprits" else "ellipsis",
+                         no_wrap=col != "culprits", min_width=width, max_width=24 if col == "command" else None)
     for p in processes:
         state = Text(p["ended"], style="dim") if p["ended"] else ui.verdict_badge(p["leak"], False)
         table.add_row(str(p["pid"]), Text(p["cmdline"]), format_bytes(p["rss_bytes_end"]),
