@@ -23,7 +23,7 @@ from leakhunt.analysis.verdict import MIN_SLOPE
 from leakhunt.errors import AccessDenied, BackendUnavailable, LeakhuntError, TargetGone
 from leakhunt.gpu import NvmlReader
 from leakhunt.proc.sampler import STOP_DURATION, STOP_INTERRUPTED, History, Sample, Sampler
-from leakhunt.investigate_tree import TreeMemory
+from leakhunt.investigate_tree import TreeMemory, short_command
 from leakhunt.proc.target import Target, open_target
 from leakhunt.record import SampleRecorder, SessionWriter
 from leakhunt.trace.backend import TraceOptions, TraceStats, backend_class
@@ -116,7 +116,7 @@ class InvestigationResult:
     def where(self, pid: int) -> str:
         """'pid 124 (python -m engine), a child of pid 123': a process of the tree, for people."""
         doc = next((p for p in self.processes or () if p["pid"] == pid), None)
-        text = f"pid {pid}" + (f" ({doc['cmdline'][:60]})" if doc and doc["cmdline"] else "")
+        text = f"pid {pid}" + (f" ({short_command(doc['cmdline'])[:60]})" if doc and doc["cmdline"] else "")
         if pid != self.target.pid:
             parent = doc.get("ppid") if doc else None
             text += f", a child of pid {self.target.pid}" if parent == self.target.pid else f", under pid {self.target.pid}"
@@ -174,6 +174,7 @@ class Investigation:
         nvml = NvmlReader.open()
         self._gpu = nvml if isinstance(nvml, NvmlReader) else None
         self.tree: TreeMemory | None = None
+        self.leaking: set[int] = set()          # with a tree: the processes that leak, at the last evaluation
         self.sampler: Sampler | None = None
         self.recorder: SampleRecorder | None = None
         if options.subprocesses:
@@ -229,7 +230,8 @@ class Investigation:
         floor = MIN_SLOPE * (len(self.tree.sampler.live_tracks()) if self.tree else 1)
         summary = summarize(self.history, warmup_s=self.options.warmup, min_slope=floor, pid=self.target.pid)
         if self.tree:
-            attribution = correlate_tree(self.tree.evidence(self.tracer, self.options.warmup), self.history.duration_s)
+            self.leaking = self.tree.leaking(summary, self.options.warmup)
+            attribution = correlate_tree(self.tree.evidence(self.tracer, self.leaking), self.history.duration_s)
         else:
             outstanding = self.tracer.outstanding(self.target.pid) if self.tracer else []
             first, last = self.history.first, self.history.last
@@ -308,7 +310,7 @@ class Investigation:
                                      final.attribution, self.evaluations, reason, error, self.tracer, gdb,
                                      self.notes)
         if self.tree:
-            result.processes = self.tree.documents(self.options.warmup, final.attribution, final.summary.leak)
+            result.processes = self.tree.documents(self.options.warmup, final.attribution, self.leaking)
             result.tree = self.tree.tree_document()
         return result
 

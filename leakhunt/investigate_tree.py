@@ -3,16 +3,18 @@ interval (children that appear later picked up, children that exit reported, not
 live process's own evidence for the correlator, and one document per process for --json.
 
 The tree's RSS series counts shared memory once (proc.tree); each process keeps its own history,
-verdict and culprits, which carry its pid.
+verdict and culprits, which carry its pid. A process is called leaking when its own verdict says so
+and the tree leaks and it makes at least MIN_SHARE of the tree's growth: a neighbour creeping by a
+fraction of a MiB a minute is not named beside the process that grows by hundreds.
 """
 
 from __future__ import annotations
 
 import psutil
 
-from leakhunt.analysis.correlate import Attribution
+from leakhunt.analysis.correlate import MIN_SHARE, Attribution
 from leakhunt.analysis.correlate_tree import ProcessEvidence
-from leakhunt.analysis.summary import summarize
+from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.gpu import NvmlReader
 from leakhunt.proc.sampler import History
 from leakhunt.proc.target import Target
@@ -71,8 +73,20 @@ class TreeMemory:
                              "its growth is left out of the attribution")
         return notes
 
-    def evidence(self, tracer: TreeTrace | None, warmup: float | None) -> list[ProcessEvidence]:
-        """Each live process with two samples or more: its window, its mappings, its own verdict."""
+    def leaking(self, tree: MemorySummary, warmup: float | None) -> set[int]:
+        """The live processes that leak, as the tree sees them (see the module's docstring)."""
+        if not tree.leak:
+            return set()
+        out = set()
+        for track in self.sampler.live_tracks():
+            if len(track.history) >= 2:
+                s = summarize(track.history, warmup_s=warmup)
+                if s.leak and s.rss.growth >= MIN_SHARE * tree.rss.growth:
+                    out.add(track.target.pid)
+        return out
+
+    def evidence(self, tracer: TreeTrace | None, leaking: set[int]) -> list[ProcessEvidence]:
+        """Each live process with two samples or more: its window, its mappings, whether it leaks."""
         out = []
         for track in self.sampler.live_tracks():
             h = track.history
@@ -80,12 +94,12 @@ class TreeMemory:
                 continue
             out.append(ProcessEvidence(track.target.pid, h.first.snapshot, h.last.snapshot,
                                        tracer.outstanding(track.target.pid) if tracer else [], h.duration_s,
-                                       summarize(h, warmup_s=warmup).leak))
+                                       track.target.pid in leaking))
         return out
 
-    def documents(self, warmup: float | None, attribution: Attribution, leak: bool) -> list[dict]:
-        """Per process: who, how its RSS went, its own verdict, its top groups, and the culprits
-        that live in it (only when the tree leaks, as for the tree's own culprit list)."""
+    def documents(self, warmup: float | None, attribution: Attribution, leaking: set[int]) -> list[dict]:
+        """Per process: who, how its RSS went, whether it leaks (and what its own verdict says), its
+        top groups, and the culprits that live in it."""
         docs = []
         for track in self.sampler.tracks.values():
             h = track.history
@@ -102,9 +116,9 @@ class TreeMemory:
                 "pss_bytes": last.total("Pss"), "uss_bytes": last.total("Private_Clean") + last.total("Private_Dirty"),
                 "rss_slope_bytes_per_s": s.rss.verdict.trend.slope,
                 "slope_interval": [s.rss.verdict.trend.lo, s.rss.verdict.trend.hi],
-                "leak": s.leak, "verdict": s.rss.verdict.reason,
+                "leak": pid in leaking, "own_verdict_leak": s.leak, "verdict": s.rss.verdict.reason,
                 "top_groups": [g.to_json() for g in s.groups[:5]],
-                "culprits": [c.title for c in attribution.culprits if c.pid == pid] if leak else [],
+                "culprits": [c.title for c in attribution.culprits if c.pid == pid] if leaking else [],
             })
         return docs
 
@@ -121,3 +135,9 @@ def _parent(pid: int) -> int | None:
         return psutil.Process(pid).ppid()
     except psutil.Error:
         return None   # exited
+
+
+def short_command(cmdline: str) -> str:
+    """'/opt/venv/bin/python3 -m engine 6' -> 'python3 -m engine 6': the program's name, not its path."""
+    program, _, rest = cmdline.partition(" ")
+    return f"{program.rsplit('/', 1)[-1]} {rest}".strip()

@@ -35,8 +35,8 @@ def correlate_tree(processes: Sequence[ProcessEvidence], duration_s: float,
                    min_share: float = MIN_SHARE, min_slope: float = MIN_SLOPE) -> Attribution:
     """Attribute the native growth of the live processes of a tree.
 
-    When some processes are judged leaking on their own, only their growth is accused: a
-    neighbour's warm-up is not a culprit because the tree as a whole leaks.
+    When some processes are judged leaking (ProcessEvidence.leak), only their growth is accused:
+    a neighbour's warm-up is not a culprit because the tree as a whole leaks.
     """
     ca = tree_totals([p.before for p in processes]).classes
     cb = tree_totals([p.after for p in processes]).classes

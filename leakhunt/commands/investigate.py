@@ -17,6 +17,7 @@ from leakhunt.analysis.correlate import Attribution, Culprit
 from leakhunt.commands.options import DURATION, interval_option, json_option, pid_option, record_option, warmup_option
 from leakhunt.errors import LeakhuntError
 from leakhunt.investigate import BLIND_SPOT, Evaluation, InvestigateOptions, Investigation, InvestigationResult
+from leakhunt.investigate_tree import short_command
 from leakhunt.proc.target import open_target
 from leakhunt.proc.tree import children_hint
 from leakhunt.record import SessionWriter
@@ -140,8 +141,13 @@ def process_table(processes: list[dict]) -> Table:
         table.add_column(col, justify=justify, overflow="fold" if col == "culprits" else "ellipsis",
                          no_wrap=col != "culprits", min_width=width, max_width=24 if col == "command" else None)
     for p in processes:
-        state = Text(p["ended"], style="dim") if p["ended"] else ui.verdict_badge(p["leak"], False)
-        table.add_row(str(p["pid"]), Text(p["cmdline"]), format_bytes(p["rss_bytes_end"]),
+        if p["ended"]:
+            state = Text(p["ended"], style="dim")
+        elif p["own_verdict_leak"] and not p["leak"]:
+            state = Text("minor", style="dim")   # growing, but a sliver of what the tree grows
+        else:
+            state = ui.verdict_badge(p["leak"], False)
+        table.add_row(str(p["pid"]), Text(short_command(p["cmdline"])), format_bytes(p["rss_bytes_end"]),
                       ui.growth_text(p["rss_bytes_end"] - p["rss_bytes_start"]),
                       ui.rate_text(p["rss_slope_bytes_per_s"], leak=p["leak"]), state, Text(", ".join(p["culprits"])))
     return table
