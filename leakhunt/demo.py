@@ -32,6 +32,8 @@ PROCESS_LAYOUTS = ("api,engine", "api")
 #: that is tens of MiB/min: decided within the minute, small enough to leave the machine alone.
 DEFAULT_LEAK_RATE = 1.0
 LOAD_CONCURRENCY = 4
+WARMUP_REQUESTS = 200
+WARMUP_TIMEOUT_S = 90.0
 #: kv-abort leaks the KV blocks of aborted requests: the load abandons this share of them.
 ABORT_FRACTION = 0.3
 KV_USAGE = 'vllm:kv_cache_usage_perc{model_name="refserver-tiny"}'
@@ -110,11 +112,16 @@ def run_demo(leak: str, out: Path, duration: float, leak_rate: float = DEFAULT_L
         progress(f"driving load ({LOAD_CONCURRENCY} concurrent clients{', some abandoning' if abort else ''}) "
                  f"at {server.url}")
         loadgen = subprocess.Popen(
-            [sys.executable, "-m", "refserver.loadgen", "--url", server.url, "--duration", str(duration + 30),
+            [sys.executable, "-m", "refserver.loadgen", "--url", server.url, "--duration", str(duration + WARMUP_TIMEOUT_S + 30),
              "--concurrency", str(LOAD_CONCURRENCY), "--json", *abort],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
-            time.sleep(2)  # let the load reach steady state before the baseline sample
+            # Past the server's start-up plateaus (allocator caches, the prefix cache filling) before
+            # the baseline sample: a number of requests served, however fast this machine is.
+            progress(f"warming up ({WARMUP_REQUESTS} requests)")
+            if not server.wait_served(WARMUP_REQUESTS, timeout=WARMUP_TIMEOUT_S):
+                raise LeakhuntError(f"the reference server served fewer than {WARMUP_REQUESTS} requests in "
+                                    f"{WARMUP_TIMEOUT_S:.0f}s: {server.log_tail(3) or 'no log'}")
             target = open_target(server.pid)
             progress(f"investigating pid {server.pid}" + (" and its subprocesses" if tree else ""))
             writer = SessionWriter(recording, "demo", {"pid": server.pid, "cmdline": target.cmdline,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -30,15 +29,6 @@ ABORTING = {"kv-abort": "0.3"}
 WARMUP_REQUESTS = 200
 
 
-def _warm_up(server, requests: int = WARMUP_REQUESTS, timeout: float = 90.0) -> None:
-    """Past the start-up plateaus (allocator caches, the prefix cache filling): a number of requests
-    served, not a time, as seven servers share two cores."""
-    deadline = time.monotonic() + timeout
-    while sum(v for k, v in server.metrics().items() if k.startswith("vllm:request_success_total")) < requests:
-        assert time.monotonic() < deadline, "the load generator does not get through"
-        time.sleep(0.5)
-
-
 def _investigate_under_load(mode: str) -> dict:
     """Start a two-process server leaking ``mode``, load it, investigate its API pid."""
     leak = None if mode == "none" else mode
@@ -50,7 +40,9 @@ def _investigate_under_load(mode: str) -> dict:
                                  "--abort-fraction", ABORTING.get(mode, "0")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            _warm_up(server)
+            # Past the start-up plateaus (allocator caches, the prefix cache filling): a number of
+            # requests served, not a time, as seven servers share two cores.
+            assert server.wait_served(WARMUP_REQUESTS, timeout=90), "the load generator does not get through"
             cp = subprocess.run([sys.executable, "-m", "leakhunt", "investigate", "--pid", str(server.pid),
                                  "--subprocesses", "--duration", "30s", "--json"],
                                 capture_output=True, text=True, timeout=300)

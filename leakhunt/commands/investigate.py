@@ -113,10 +113,11 @@ def render_progress(inv: Investigation) -> Group:
     return Group(*parts)
 
 
-def culprit_table(attribution: Attribution, brief: bool = False, pids: bool = False) -> Table:
-    """Culprits ranked by the growth they explain; with ``pids`` (a tree) the process of each."""
-    table = Table(title=None if brief else "culprits (ranked by the growth they explain)", title_justify="left",
-                  box=None, pad_edge=False)
+def culprit_table(attribution: Attribution, brief: bool = False, pids: bool = False, leak: bool = True) -> Table:
+    """Culprits ranked by the growth they explain; with ``pids`` (a tree) the process of each.
+    Without a leak the same rows are only what grew: nobody is accused."""
+    title = "culprits (ranked by the growth they explain)" if leak else "what grew (no leak: nobody is accused)"
+    table = Table(title=None if brief else title, title_justify="left", box=None, pad_edge=False)
     columns = (("#", "right"), *((("pid", "right"),) if pids else ()), ("culprit", "left"), ("class", "left"),
                ("growth", "right"), ("share", "right"), ("rate", "right"))
     for col, justify in columns:
@@ -214,7 +215,7 @@ def render_result(result: InvestigationResult) -> Group:
     if tree:
         parts.append(process_table(result.processes))
     if a.growth > 0:
-        parts.append(culprit_table(a, pids=tree))
+        parts.append(culprit_table(a, pids=tree, leak=v.leak))
         parts.append(Text(f"explained {format_share(a.explained_fraction)} of {format_bytes(a.growth)} native growth"
                           + (f"; {format_bytes(a.unexplained)} unexplained (growth in memory mapped before tracing "
                              "began, or by calls no tracer saw)" if a.unexplained else ""), style="dim"))
