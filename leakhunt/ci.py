@@ -60,6 +60,7 @@ class GateResult:
     elapsed_s: float = 0.0
     heap_growth: float | None = None   # Python heap growth memray saw (--heap), bytes
     device_unavailable: str | None = None   # why device memory (NVML) was not sampled
+    nspid: tuple[int, ...] = ()             # the pid in each pid namespace (a container's own last)
 
     @property
     def status(self) -> str:
@@ -67,8 +68,8 @@ class GateResult:
 
     def to_json(self) -> dict:
         doc = {"status": self.status, "exit_code": self.exit_code, "reason": self.reason,
-               "target": self.target, "pid": self.pid, "max_slope_bytes_per_s": self.config.max_slope,
-               "duration_s": self.config.duration, "interval_s": self.config.interval,
+               "target": self.target, "pid": self.pid, "nspid": list(self.nspid),
+               "max_slope_bytes_per_s": self.config.max_slope, "duration_s": self.config.duration, "interval_s": self.config.interval,
                "warmup_s": self.config.warmup, "stopped_because": self.stopped_because,
                "notes": list(self.notes), "elapsed_s": self.elapsed_s, "heap_growth_bytes": self.heap_growth}
         if self.summary is not None:
@@ -225,7 +226,7 @@ class Gate:
         elif result.stopped_because == STOP_INTERRUPTED:
             self.notes.append(f"interrupted after {format_duration(history.duration_s)}")
         return GateResult(self.config, label, target.pid, summary, code, reason, result.stopped_because,
-                          tuple(self.notes), elapsed, device_unavailable=no_gpu)
+                          tuple(self.notes), elapsed, device_unavailable=no_gpu, nspid=target.nspid)
 
     def _target_lost(self, command: Launched | None, error: Exception, history: History, code: int,
                      reason: str) -> tuple[int, str]:

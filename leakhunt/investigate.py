@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 from leakhunt.analysis.correlate import Attribution, correlate
 from leakhunt.analysis.correlate_tree import correlate_tree
+from leakhunt.analysis.device import device_finding, device_json, device_leak_only, open_nvml
 from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.analysis.verdict import MIN_SLOPE
 from leakhunt.errors import AccessDenied, BackendUnavailable, LeakhuntError, TargetGone
-from leakhunt.gpu import NvmlReader
 from leakhunt.proc.sampler import STOP_DURATION, STOP_INTERRUPTED, History, Sample, Sampler
 from leakhunt.investigate_tree import TreeMemory, short_command
 from leakhunt.proc.target import Target, open_target
@@ -95,6 +95,7 @@ class InvestigationResult:
     notes: list[str] = field(default_factory=list)
     processes: list[dict] | None = None    # with subprocesses: one document per process of the tree
     tree: dict | None = None               # with subprocesses: how the tree's totals count
+    device_unavailable: str | None = None  # why device memory (NVML) was not sampled
 
     @property
     def stats(self) -> TraceStats | None:
@@ -102,10 +103,13 @@ class InvestigationResult:
 
     @property
     def leak(self) -> bool:
-        return self.summary.leak
+        """Host RSS leaks, or device memory does while RSS is flat (the leak smaps cannot see)."""
+        return self.summary.leak or device_leak_only(self.summary)
 
     def verdict(self) -> str:
         v = self.summary.rss.verdict
+        if device_leak_only(self.summary):
+            return device_finding(self.summary)
         if not v.leak:
             return f"no leak: {v.reason}"
         top = self.attribution.culprits[0] if self.attribution.culprits else None
@@ -129,8 +133,9 @@ class InvestigationResult:
         return {
             "command": "investigate",
             "pid": self.target.pid,
+            "nspid": list(self.target.nspid),
             "cmdline": self.target.cmdline,
-            "leak": v.leak,
+            "leak": self.leak,
             "verdict": self.verdict(),
             "rss_verdict": v.reason,
             "rss_slope_bytes_per_s": v.trend.slope,
@@ -151,6 +156,7 @@ class InvestigationResult:
             "lost_events": stats.lost_events if stats else 0,
             "gdb": self.gdb,
             "memory": self.summary.to_json(),
+            "device_memory": device_json(self.summary, self.device_unavailable),
             "notes": self.notes + (list(stats.notes) if stats else []),
             **tree,
         }
@@ -171,8 +177,7 @@ class Investigation:
         self.choice: BackendChoice | None = None
         self.no_tracer: str | None = None
         self.notes: list[str] = []
-        nvml = NvmlReader.open()
-        self._gpu = nvml if isinstance(nvml, NvmlReader) else None
+        self._gpu, self.device_unavailable = open_nvml()
         self.tree: TreeMemory | None = None
         self.leaking: set[int] = set()          # with a tree: the processes that leak, at the last evaluation
         self.sampler: Sampler | None = None
@@ -308,7 +313,7 @@ class Investigation:
             self._gpu.close()
         result = InvestigationResult(self.target, self.choice, self.no_tracer, self.history, final.summary,
                                      final.attribution, self.evaluations, reason, error, self.tracer, gdb,
-                                     self.notes)
+                                     self.notes, device_unavailable=self.device_unavailable)
         if self.tree:
             result.processes = self.tree.documents(self.options.warmup, final.attribution, self.leaking)
             result.tree = self.tree.tree_document()

@@ -120,6 +120,9 @@ def test_json_contract(leaks):
     for key in ("library", "symbol", "stack", "bytes", "slope_bytes_per_s", "share", "known", "remedies"):
         assert key in doc["culprits"][0]
     assert doc["culprits"][0]["slope_bytes_per_s"] == pytest.approx(4 * MiB, rel=0.2)
+    assert doc["nspid"][0] == doc["pid"]
+    device = doc["device_memory"]   # NVML: a series where there is a GPU, else why not
+    assert device["available"] is True or device["reason"]
 
 
 def test_no_leak_runs_accuse_nobody(controls):

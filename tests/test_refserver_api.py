@@ -179,7 +179,7 @@ ABORTED = 'vllm:request_success_total{finished_reason="abort",model_name="refser
 def test_client_disconnect_aborts_and_frees_blocks(server):
     aborted = server.metrics().get(ABORTED, 0)
     with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as sock:
-        body = json.dumps({"prompt": "disconnect " * 5, "max_tokens": 900, "stream": True}).encode()
+        body = json.dumps({"prompt": "disconnect " * 5, "max_tokens": 900, "stream": True, "ignore_eos": True}).encode()
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
         received = b""
@@ -198,7 +198,7 @@ def test_non_streaming_client_disconnect_aborts_too(server):
     aborted = server.metrics().get(ABORTED, 0)
     with httpx.Client(timeout=0.5) as client:
         with pytest.raises(httpx.ReadTimeout):
-            client.post(server.url + "/v1/completions", json={"prompt": "gone", "max_tokens": 900, "n": 4})
+            client.post(server.url + "/v1/completions", json={"prompt": "gone", "max_tokens": 900, "n": 4, "ignore_eos": True})
     wait_for(lambda: server.metrics().get(ABORTED, 0) == aborted + 1)
     assert server.health()["kv_cache"]["usage"] == 0.0
 
@@ -206,7 +206,7 @@ def test_non_streaming_client_disconnect_aborts_too(server):
 def test_openai_client_talks_to_the_server(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
-    done = client.completions.create(model="refserver-tiny", prompt="hi", max_tokens=4)
+    done = client.completions.create(model="refserver-tiny", prompt="hi", max_tokens=4, seed=1)
     assert done.usage.completion_tokens == 4
     stream = client.chat.completions.create(model="refserver-tiny", messages=[{"role": "user", "content": "hi"}],
                                             max_tokens=4, stream=True)

@@ -9,7 +9,6 @@ never spread over the culprits. Memory classes a tracer does not see get their o
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -18,7 +17,7 @@ import numpy as np
 from leakhunt.analysis.culprits import KnownCulprit, match
 from leakhunt.analysis.verdict import MIN_SLOPE
 from leakhunt.proc.classes import CLASSES, RegionClass
-from leakhunt.proc.growth import held_between
+from leakhunt.proc.growth import held_between, shm_pattern
 from leakhunt.proc.smaps import Snapshot
 from leakhunt.trace.events import Frame, Stack
 from leakhunt.units import format_bytes, format_rate, format_share
@@ -136,7 +135,7 @@ def _traced(before: Snapshot, after: Snapshot, outstanding: Sequence[Outstanding
             continue  # unmapped again in the meantime, or not memory we attribute
         f = o.caller
         # Segments of one kind (one name pattern) mapped by one caller are one culprit.
-        pattern = shm_pattern(after.path[i]) if klass is RegionClass.SHM else ""
+        pattern = segment_pattern(after.path[i]) if klass is RegionClass.SHM else ""
         key = (o.pid, f.library if f else "?", (f.symbol or "") if f else "", klass, pattern)
         acc = by_caller.setdefault(key, [0.0, 0, o, after.path[i]])
         acc[0] += g
@@ -204,13 +203,9 @@ def _region_at(snapshot: Snapshot, addresses: np.ndarray) -> list[int | None]:
     return [i if i >= 0 and a < int(snapshot.end[i]) else None for a, i in zip(addresses.tolist(), k.tolist())]
 
 
-_DIGITS = re.compile(r"\d+")
-
-
-def shm_pattern(path: str) -> str:
+def segment_pattern(path: str) -> str:
     """'/dev/shm/sgl_shm_mm_8812_3' -> 'sgl_shm_mm_*_*': segments of one kind share a pattern."""
-    name = path.rsplit("/", 1)[-1].replace(" (deleted)", "")
-    return _DIGITS.sub("*", name)
+    return shm_pattern(path).rsplit("/", 1)[-1].replace(" (deleted)", "")
 
 
 def _shm(before: Snapshot, after: Snapshot, duration: float, total: int, covered: set[int],
@@ -229,7 +224,7 @@ def _shm(before: Snapshot, after: Snapshot, duration: float, total: int, covered
         path = after.path[i]
         if g <= 0 or not path.startswith(("/dev/shm/", "memfd:", "/SYSV")):
             continue
-        acc = by_pattern.setdefault(shm_pattern(path), [0, 0, path])
+        acc = by_pattern.setdefault(segment_pattern(path), [0, 0, path])
         acc[0] += g
         acc[1] += 1
     return [Culprit(f"/dev/shm/{pattern}", "", RegionClass.SHM, int(g), g / duration if duration > 0 else 0.0,

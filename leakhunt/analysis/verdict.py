@@ -29,6 +29,9 @@ LEVELLED_PROGRESS = 0.85
 #: Growth over the window must exceed this many times the scatter around the trend: Sen's interval
 #: assumes independent residuals, which memory series (bursty, autocorrelated) are not.
 NOISE_MULTIPLE = 3.0
+#: Growth over the window below this is allocator granularity (glibc's mmap threshold and trim
+#: threshold are 128 KiB), not evidence: a few seconds of a server's creep must not accuse it.
+MIN_GROWTH = 256 * 1024.0
 
 
 @dataclass(frozen=True)
@@ -68,13 +71,16 @@ def judge(t, y, *, warmup_s: float | None = None, min_slope: float = MIN_SLOPE,
     cut = tk[0] + (1 - TAIL_FRACTION) * (tk[-1] - tk[0])
     progress = _progress_before_tail(tk, yk, cut)
 
-    if not trend.lo > min_slope or trend.growth < NOISE_MULTIPLE * noise:
+    if not trend.lo > min_slope or trend.growth < max(NOISE_MULTIPLE * noise, MIN_GROWTH):
         # No steady growth; but growth that happened early and stopped is worth naming as such.
         grew = _median_growth(yk)
         if grew > max(NOISE_MULTIPLE * noise, min_slope * (tk[-1] - tk[0])) and progress >= LEVELLED_PROGRESS:
             return Verdict(False, trend, NO_TREND, True, warmup,
                            f"grew {format_bytes(grew, signed=True)} early, then levelled off")
-        if trend.lo > min_slope:
+        if trend.lo > min_slope and trend.growth < MIN_GROWTH:
+            why = (f"growth of {format_bytes(trend.growth, signed=True)} over {format_duration(trend.duration_s)} "
+                   f"is too little to call (under {format_bytes(MIN_GROWTH)}); watch longer")
+        elif trend.lo > min_slope:
             why = (f"growth of {format_bytes(trend.growth, signed=True)} is within the noise "
                    f"(±{format_bytes(noise)}); watch longer")
         elif trend.slope > min_slope:

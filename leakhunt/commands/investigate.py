@@ -14,6 +14,7 @@ from rich.text import Text
 
 from leakhunt import ui
 from leakhunt.analysis.correlate import Attribution, Culprit
+from leakhunt.analysis.device import device_finding, device_status_line
 from leakhunt.commands.options import DURATION, interval_option, json_option, pid_option, record_option, warmup_option
 from leakhunt.errors import LeakhuntError
 from leakhunt.investigate import BLIND_SPOT, Evaluation, InvestigateOptions, Investigation, InvestigationResult
@@ -53,7 +54,8 @@ def command(pid: int, duration: float, interval: float, warmup: float | None, ba
     console = ui.console_for(as_json)
     if not subprocesses and (hint := children_hint(pid)):
         ui.err.print(f"[yellow]hint:[/] {hint}")
-    writer = SessionWriter(record_dir, "investigate", {"pid": pid, "cmdline": target.cmdline, "interval_s": interval,
+    writer = SessionWriter(record_dir, "investigate", {"pid": pid, "nspid": list(target.nspid),
+                                                       "cmdline": target.cmdline, "interval_s": interval,
                                                        "subprocesses": subprocesses}) if record_dir else None
     options = InvestigateOptions(duration=duration, interval=interval, warmup=warmup, backend=backend,
                                  gdb_stacks=gdb_stacks, subprocesses=subprocesses)
@@ -207,11 +209,15 @@ def render_result(result: InvestigationResult) -> Group:
     head.append(f"RSS {format_bytes(s.rss.start)} → {format_bytes(s.rss.end)}  slope ")
     head.append_text(ui.rate_text(v.trend.slope, v.trend.lo, v.trend.hi, v.leak))
     head.append(f"\n{v.reason}", style="dim")
-    if not v.leak:
+    finding = device_finding(s)
+    device_line = finding or device_status_line(s, result.device_unavailable)
+    if device_line:
+        head.append(f"\n{device_line}", style="bold red" if finding else "dim")
+    if not result.leak:
         head.append(f"\nnot ruled out: {BLIND_SPOT}", style="dim")
     tree = result.processes is not None
     title = f"leakhunt investigate · {result.target.describe()}" + (" and its subprocesses" if tree else "")
-    parts = [Panel(head, title=title, title_align="left", border_style="red" if v.leak else "green")]
+    parts = [Panel(head, title=title, title_align="left", border_style="red" if result.leak else "green")]
     if tree:
         parts.append(process_table(result.processes))
     if a.growth > 0:

@@ -10,7 +10,6 @@ children). Outstanding mappings keep the pid they live in; the correlator never 
 from __future__ import annotations
 
 import ctypes as ct
-from collections.abc import Iterable
 
 from leakhunt.analysis.correlate import Outstanding
 from leakhunt.errors import AccessDenied, BackendUnavailable, TargetGone
@@ -65,14 +64,12 @@ class TreeTrace:
     def main(self) -> TraceSession:
         return self.sessions[0]
 
-    def start(self, existing: Iterable[Target] = ()) -> None:
-        """Attach to the root (following its future children when options.follow), then add the
-        processes of the tree that exist already. Errors attaching to the root propagate."""
+    def start(self) -> None:
+        """Attach to the root, following its future children when options.follow; the processes
+        of the tree that exist already are adopted next. Errors attaching to the root propagate."""
         session = TraceSession(self.root, self.choice.cls(self.root, self.options), self.writer)
         session.start()
         self.sessions.append(session)
-        for target in existing:
-            self.adopt(target, existed=True)
 
     def adopt(self, target: Target, existed: bool = False) -> None:
         """Trace one more process of the tree. One that ``existed`` before the start is added to
