@@ -34,9 +34,9 @@ class NvmlReader:
             nvml.nvmlInit()
             reader = cls(nvml)
         except nvml.NVMLError as e:
-            return GpuUnavailable(f"NVML: {e} (no NVIDIA driver or GPU here)")
+            return GpuUnavailable(f"{e} (no NVIDIA driver or GPU here)")
         if not reader._handles:
-            return GpuUnavailable("NVML: no GPU")
+            return GpuUnavailable("NVML sees no GPU")
         return reader
 
     @property
