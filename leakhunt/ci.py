@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from leakhunt.analysis.device import device_json, open_nvml
 from leakhunt.analysis.summary import MemorySummary, summarize
+from leakhunt.analysis.verdict import judge
 from leakhunt.errors import BadInput, LeakhuntError, TargetGone
 from leakhunt.heap import HeapRun
 from leakhunt.proc.sampler import STOP_INTERRUPTED, History, Sample, Sampler
@@ -38,10 +39,13 @@ class GateConfig:
     duration: float                  # seconds of sampling
     interval: float = 1.0
     warmup: float | None = None      # None: verdict.default_warmup
+    max_device_slope: float | None = None   # bytes per second of device memory (NVML); None: not gated
 
     def describe(self) -> str:
         warmup = "default warm-up" if self.warmup is None else f"{format_duration(self.warmup)} warm-up"
-        return (f"limit {format_rate(self.max_slope)}, {format_duration(self.duration)} every "
+        device = (f", device memory limit {format_rate(self.max_device_slope)}"
+                  if self.max_device_slope is not None else "")
+        return (f"limit {format_rate(self.max_slope)}{device}, {format_duration(self.duration)} every "
                 f"{format_duration(self.interval)}, {warmup}")
 
 
@@ -69,7 +73,8 @@ class GateResult:
     def to_json(self) -> dict:
         doc = {"status": self.status, "exit_code": self.exit_code, "reason": self.reason,
                "target": self.target, "pid": self.pid, "nspid": list(self.nspid),
-               "max_slope_bytes_per_s": self.config.max_slope, "duration_s": self.config.duration, "interval_s": self.config.interval,
+               "max_slope_bytes_per_s": self.config.max_slope,
+               "max_device_slope_bytes_per_s": self.config.max_device_slope, "duration_s": self.config.duration, "interval_s": self.config.interval,
                "warmup_s": self.config.warmup, "stopped_because": self.stopped_because,
                "notes": list(self.notes), "elapsed_s": self.elapsed_s, "heap_growth_bytes": self.heap_growth}
         if self.summary is not None:
@@ -78,16 +83,37 @@ class GateResult:
         return doc
 
 
+def gate_summary(history: History, config: GateConfig) -> MemorySummary:
+    """The run judged with the limits as floors: RSS (and classes, groups) at ``max_slope``, the
+    device memory series at ``max_device_slope`` when that is gated."""
+    summary = summarize(history, warmup_s=config.warmup, min_slope=config.max_slope)
+    if config.max_device_slope is None or summary.device is None:
+        return summary
+    verdict = judge(history.t, history.gpu, warmup_s=config.warmup, min_slope=config.max_device_slope)
+    return replace(summary, device=replace(summary.device, verdict=verdict))
+
+
 def decide(summary: MemorySummary, config: GateConfig) -> tuple[int, str]:
-    """PASS or FAIL with the sentence that says why (ERROR when the data cannot decide)."""
+    """PASS or FAIL with the sentence that says why (ERROR when the data cannot decide). With
+    ``max_device_slope`` the device memory series (judged at that floor) can fail the gate too."""
     v = summary.rss.verdict
     limit = format_rate(config.max_slope)
+    gated = config.max_device_slope is not None and summary.device is not None
+    d = summary.device.verdict if gated else None
+    failures = []
     if v.leak:
-        return FAIL, (f"RSS grows {format_rate(v.trend.slope)} (95% interval {format_rate(v.trend.lo)} .. "
-                      f"{format_rate(v.trend.hi)}): its lower bound exceeds the limit of {limit}")
+        failures.append(f"RSS grows {format_rate(v.trend.slope)} (95% interval {format_rate(v.trend.lo)} .. "
+                        f"{format_rate(v.trend.hi)}): its lower bound exceeds the limit of {limit}")
+    if d is not None and d.leak:
+        failures.append(f"device memory grows {format_rate(d.trend.slope)} (95% interval {format_rate(d.trend.lo)} "
+                        f".. {format_rate(d.trend.hi)}): its lower bound exceeds the device limit of "
+                        f"{format_rate(config.max_device_slope)}")
+    if failures:
+        return FAIL, "; ".join(failures)
     if v.trend.samples < 3 or v.reason.startswith("not enough data"):
         return ERROR, f"cannot decide: {v.reason}; lengthen --duration or shorten --interval"
-    return PASS, f"within the limit of {limit}: {v.reason}"
+    device = f"; device memory within {format_rate(config.max_device_slope)}: {d.reason}" if d is not None else ""
+    return PASS, f"within the limit of {limit}: {v.reason}{device}"
 
 
 class Launched:
@@ -201,6 +227,9 @@ class Gate:
                  command: Launched | None) -> GateResult:
         began = time.monotonic()
         gpu, no_gpu = open_nvml()
+        if self.config.max_device_slope is not None and gpu is None:
+            # A gate that cannot fail is no gate: say so rather than pass.
+            raise BadInput(f"--max-device-slope: device memory cannot be sampled here: {no_gpu}")
         loader = Launched(load, "load generator", self.command_output) if load else None
         try:
             if self.subprocesses:
@@ -219,7 +248,7 @@ class Gate:
                     self.notes.append(f"the load generator {loader.describe_exit()} before the end")
                 loader.stop()
         elapsed = time.monotonic() - began
-        summary = summarize(history, warmup_s=self.config.warmup, min_slope=self.config.max_slope)
+        summary = gate_summary(history, self.config)
         code, reason = decide(summary, self.config)
         if result.error is not None:
             code, reason = self._target_lost(command, result.error, history, code, reason)

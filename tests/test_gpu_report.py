@@ -100,3 +100,28 @@ def test_tree_recording_keeps_the_tree_device_total(tmp_path):
     data = load(tmp_path / "tree")
     assert data.history.gpu == [(500 + 40 * i) * MiB for i in range(12)]
     assert data.memory.device is not None and data.memory.device.verdict.leak
+
+
+def _flat_host_growing_device(device_mib_per_s: float) -> History:
+    """RSS flat, NVML's per-process bytes growing at 2 MiB granularity (the device-leak shape)."""
+    history = History()
+    for i in range(30):
+        history.append(float(i), 1e9 + i, 300 * MiB, {RegionClass.ANON: 300 * MiB}, {}, {}, 0.0,
+                       gpu_bytes=int(1200 * MiB + device_mib_per_s * MiB * i) // (2 * MiB) * (2 * MiB))
+    return history
+
+
+def test_ci_gates_device_memory_when_asked():
+    """ci --max-device-slope: a device-only leak fails the gate, which RSS alone passes; growth
+    under the device limit passes and says so."""
+    from leakhunt.ci import FAIL, PASS, GateConfig, decide, gate_summary
+
+    leaking = _flat_host_growing_device(4)     # 240 MiB/min on the device
+    rss_only = GateConfig(max_slope=5e6 / 60, duration=30)
+    assert decide(gate_summary(leaking, rss_only), rss_only)[0] == PASS
+    gated = GateConfig(max_slope=5e6 / 60, duration=30, max_device_slope=10 * MiB / 60)
+    code, reason = decide(gate_summary(leaking, gated), gated)
+    assert code == FAIL and reason.startswith("device memory grows") and "device limit of" in reason
+    roomy = GateConfig(max_slope=5e6 / 60, duration=30, max_device_slope=500 * MiB / 60)
+    code, reason = decide(gate_summary(leaking, roomy), roomy)
+    assert code == PASS and "device memory within" in reason

@@ -31,6 +31,8 @@ from leakhunt.units import format_bytes
 @click.command("ci", context_settings={"ignore_unknown_options": True})
 @click.option("--pid", "-p", type=int, help="gate a running process")
 @click.option("--max-slope", type=RATE, required=True, help="the growth limit, e.g. 5MB/min")
+@click.option("--max-device-slope", type=RATE, help="also fail when GPU memory (NVML) grows faster than this; "
+              "an error where NVML cannot sample it")
 @duration_option(default="60s", help="how long to sample")
 @interval_option()
 @warmup_option
@@ -42,7 +44,7 @@ from leakhunt.units import format_bytes
 @record_option
 @json_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def command(pid: int | None, max_slope: float, duration: float, interval: float, warmup: float | None,
+def command(pid: int | None, max_slope: float, max_device_slope: float | None, duration: float, interval: float, warmup: float | None,
             load: str | None, subprocesses: bool, heap: bool, junit_path: str | None, record_dir: str | None,
             as_json: bool, command: tuple[str, ...]) -> None:
     """Fail when memory grows faster than --max-slope.
@@ -58,11 +60,11 @@ def command(pid: int | None, max_slope: float, duration: float, interval: float,
     if (pid is None) == (not command):
         raise BadInput("give either --pid PID or a command after --, not both (nor neither)")
     console = ui.console_for(as_json)
-    config = GateConfig(max_slope, duration, interval, warmup)
+    config = GateConfig(max_slope, duration, interval, warmup, max_device_slope)
     label = shlex.join(command) if command else f"pid {pid}"
     load_argv = shlex.split(load) if load else None
     meta = {"pid": pid, "cmdline": label, "interval_s": interval, "max_slope_bytes_per_s": max_slope,
-            "subprocesses": subprocesses}
+            "max_device_slope_bytes_per_s": max_device_slope, "subprocesses": subprocesses}
     if heap:
         meta["heap_mode"] = "attach" if pid is not None else "run"
     writer = SessionWriter(record_dir, "ci", meta) if record_dir else None
