@@ -14,7 +14,7 @@ from leakhunt.analysis.device import device_finding, device_json, device_leak_on
 from leakhunt.report import context_sections, device_sections, evidence_sections, memory_sections
 from leakhunt.report.blocks import Callout, Headline, Report, Section, sentence
 from leakhunt.report.recorded import ReportData
-from leakhunt.units import format_bytes, format_duration, format_rate
+from leakhunt.units import format_bytes, format_duration, format_rate, format_share
 
 SECTIONS: list[Callable[[ReportData], Section | None]] = [
     memory_sections.recording_state,
@@ -98,7 +98,8 @@ def headline(data: ReportData) -> Headline:
     culprits = data.culprits.culprits if data.culprits else ()
     if culprits:
         share = culprits[0].explained_fraction
-        answer += f" Top culprit: {culprits[0].label}" + (f" ({share:.0%} of the growth)." if math.isfinite(share) else ".")
+        answer += f" Top culprit: {culprits[0].label}" + (
+            f" ({format_share(share)} of the growth)." if math.isfinite(share) else ".")
     numbers = [("RSS at the end", format_bytes(m.rss.end)), ("growth", format_bytes(m.rss.growth, signed=True)),
                ("slope", format_rate(v.trend.slope))]
     if top is not None:

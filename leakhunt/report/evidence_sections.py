@@ -12,7 +12,7 @@ from leakhunt.heap import aligned_growth
 from leakhunt.report import plots
 from leakhunt.report.blocks import Callout, Code, Facts, Figure, Para, Section, Table, sentence
 from leakhunt.report.recorded import ReportData
-from leakhunt.units import format_bytes, format_rate
+from leakhunt.units import format_bytes, format_rate, format_share
 
 
 def _pid(data: ReportData) -> str:
@@ -42,7 +42,7 @@ def heap_versus_rss(data: ReportData) -> Section | None:
     tone = "bad" if rss_growth[-1] > 0 and share > 0.5 else "info"
     sentence = (f"RSS grew {format_bytes(rss_growth[-1], signed=True)} while memray saw the Python heap grow "
                 f"{format_bytes(heap_growth[-1], signed=True)}: {format_bytes(max(outside, 0))}"
-                + (f" ({share:.0%}) of the growth" if math.isfinite(share) else "")
+                + (f" ({format_share(share)}) of the growth" if math.isfinite(share) else "")
                 + " is memory a heap profiler cannot see (raw mmap syscalls, shared memory, driver mappings).")
     blocks = [Figure("heap-vs-rss", plots.heap_vs_rss(t, rss_growth, heap_growth),
                      f"Growth of RSS and of the heap memray tracked ({heap.mode} mode) from the moment "
@@ -95,10 +95,11 @@ def who_mapped_it(data: ReportData) -> Section | None:
                          "Growth each caller's outstanding mappings explain (mapped, never unmapped, inside the "
                          "regions that grew), and what no traced mapping explains."))
     if math.isfinite(culprits.explained_fraction):
-        blocks.append(Para(f"The culprits below explain {culprits.explained_fraction:.0%} of the growth."))
+        explained = format_share(culprits.explained_fraction)
+        blocks.append(Para(f"The culprits below explain {explained} of the growth."))
     blocks.append(Table(("caller", "bytes", "slope", "share of growth", "evidence"),
                         tuple((c.label, format_bytes(c.bytes), format_rate(c.slope),
-                               f"{c.explained_fraction:.0%}" if math.isfinite(c.explained_fraction) else "",
+                               format_share(c.explained_fraction) if math.isfinite(c.explained_fraction) else "",
                                c.evidence) for c in cs), align="lrrrl", code_columns=(0,)))
     for c in cs:
         if c.explanation:
