@@ -59,6 +59,27 @@ def test_the_pool_library_is_named_first_past_the_syscall_wrapper(spawn, leakers
 
 
 @pytest.mark.bpf
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_subprocesses_traces_the_children_that_exist_already(spawn, leakers, backend):
+    """--subprocesses on a parent whose leaking child was forked before the trace began: the
+    child's mappings are traced (bcc adds it to its running program, bpftrace starts with it)."""
+    import psutil
+
+    proc = spawn([leakers / "tree", "--rate", "4M", "--shared", "8M", "--late", "0"])
+    deadline = time.monotonic() + 10
+    while len(psutil.Process(proc.pid).children()) < 2:
+        assert time.monotonic() < deadline, "the tree leaker did not fork its two children"
+        time.sleep(0.1)
+    doc = leakhunt_json("trace-mmap", "--pid", proc.pid, "--subprocesses", "--backend", backend, "--duration", "3s")
+    by_symbol = {c["symbol"]: c["outstanding_bytes"] for c in doc["by_caller"]}
+    assert by_symbol.get("leaking", 0) >= 4 << 20, doc["by_caller"]
+    assert not doc["notes"] or "not traced" not in " ".join(doc["notes"])
+    alone = leakhunt_json("trace-mmap", "--pid", proc.pid, "--backend", backend, "--duration", "2s")
+    assert "leaking" not in {c["symbol"] for c in alone["by_caller"]}   # the parent itself does not leak
+    assert proc.alive()
+
+
+@pytest.mark.bpf
 def test_recording_holds_events_and_the_ledger_over_time(spawn, leakers, tmp_path):
     proc = spawn([leakers / "pool_leaker", "--rate", "4M", "--churn", "50"])
     rec_dir = tmp_path / "rec"

@@ -21,6 +21,7 @@ from leakhunt.proc.target import open_target
 from leakhunt.record import SessionWriter
 from leakhunt.trace.backend import BACKENDS, TraceOptions
 from leakhunt.trace.session import BackendChoice, CallerView, TraceSession, choose_backend
+from leakhunt.trace.tree_trace import adopt_existing, descendants
 from leakhunt.units import format_bytes, format_duration
 
 REFRESH_S = 1.0
@@ -33,7 +34,7 @@ TOP = 15
               help="tracer: auto picks the first that works here (bcc, bpftrace, perf, gdb)")
 @duration_option()
 @click.option("--follow", "--subprocesses", "follow", is_flag=True,
-              help="also trace the children PID forks after the start")
+              help="trace the whole tree under PID: the processes there now and those forked later")
 @click.option("--min-size", type=SIZE, default="0", help="ignore mmap/munmap smaller than this (e.g. 64K)")
 @click.option("--all-events", is_flag=True,
               help="send every call to user space (and --record) instead of pairing mmap/munmap in the kernel; "
@@ -52,12 +53,17 @@ def command(pid: int, backend: str, duration: float | None, follow: bool, min_si
     choice = choose_backend(backend)
     console = ui.console_for(as_json)
     console.print(Text(choice.explain(), style="dim"))
-    options = TraceOptions(follow=follow, min_length=min_size, extra={"stream_all": all_events, **gdb_extra})
+    existing = tuple(descendants(pid)) if follow else ()
+    options = TraceOptions(follow=follow, existing=existing, min_length=min_size,
+                           extra={"stream_all": all_events, **gdb_extra})
     meta = {"pid": pid, "nspid": list(target.nspid), "cmdline": target.cmdline, "backend": choice.name}
     writer = SessionWriter(record_dir, "trace-mmap", meta) if record_dir else None
     session = TraceSession(target, choice.cls(target, options), writer)
     session.start()
-    console.print(Text(f"tracing {target.describe()} with {choice.name}; Ctrl-C stops", style="dim"))
+    if follow:
+        session.backend.stats.notes.extend(adopt_existing(session))
+    console.print(Text(f"tracing {target.describe()}{' and its subprocesses' if follow else ''} with "
+                       f"{choice.name}; Ctrl-C stops", style="dim"))
 
     live = Live(console=console, auto_refresh=False, transient=True, redirect_stdout=False)
     show_live = console.is_terminal

@@ -29,6 +29,7 @@ BACKENDS: dict[str, str] = {
 class TraceOptions:
     kinds: frozenset[EventKind] = frozenset(EventKind)
     follow: bool = False              # also trace children forked after the start
+    existing: tuple[int, ...] = ()    # with follow: the processes already under the target, traced from the start
     min_length: int = 0               # ignore mmap/munmap smaller than this
     stacks: bool = True               # collect user stacks (costs more)
     stack_depth: int = 16

@@ -79,15 +79,22 @@ def perf_pages(total_mib: int = 64) -> int:
     return pages
 
 
-def script_text(pid: int, follow: bool = False, min_len: int = 0, stream_all: bool = False) -> str:
-    """The probe with the #defines it expects: the facts live in leakhunt.trace.events."""
+def script_text(pid: int, follow: bool = False, min_len: int = 0, stream_all: bool = False,
+                existing: tuple[int, ...] = ()) -> str:
+    """The probe with the #defines it expects: the facts live in leakhunt.trace.events. ``existing``
+    (with follow): processes already under the target, in its set of traced pids from the start."""
     defines = {"TARGET": pid, "FOLLOW": int(follow), "MIN_LEN": min_len, "STREAM_ALL": int(stream_all),
                "PT_REGS_OFFSET": pt_regs_offset(),
                "MAP_FIXED": MAP_FIXED, "MAP_FIXED_NOREPLACE": MAP_FIXED_NOREPLACE,
                "MREMAP_DONTUNMAP": MREMAP_DONTUNMAP}
     defines.update({f"NR_{kind.name}": nr for kind, nr in SYSCALL_NUMBERS.items()})
     head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
-    return head + resources.probe(PROBE).read_text()
+    text = resources.probe(PROBE).read_text()
+    if follow and existing:   # bpftrace 0.17's #define takes no statements: the lines go in as text
+        root = "\t@traced[TARGET] = 1;"
+        assert root in text, f"{PROBE} lost the line that starts its set of traced pids"
+        text = text.replace(root, root + "".join(f"\n\t@traced[{p}] = 1;" for p in existing), 1)
+    return head + text
 
 
 class BpftraceBackend(KernelLedgerBackend):
@@ -128,7 +135,7 @@ class BpftraceBackend(KernelLedgerBackend):
         env["BPFTRACE_MAP_KEYS_MAX"] = str(self.options.extra.get("max_mappings", 65536))
         env["BPFTRACE_PERF_RB_PAGES"] = str(self.options.extra.get("perf_pages", perf_pages()))
         text = script_text(self.target.pid, self.options.follow, self.options.min_length,
-                           bool(self.options.extra.get("stream_all")))
+                           bool(self.options.extra.get("stream_all")), self.options.existing)
         self._proc = subprocess.Popen(["bpftrace", "-e", text, str(DUMP_MS)], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, env=env, start_new_session=True)
         threading.Thread(target=self._pump, args=(self._proc.stdout, self._lines), daemon=True).start()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ctypes as ct
 
+import psutil
+
 from leakhunt.analysis.correlate import Outstanding
 from leakhunt.errors import AccessDenied, BackendUnavailable, TargetGone
 from leakhunt.proc.target import PROC, Target
@@ -22,10 +24,13 @@ from leakhunt.trace.session import BackendChoice, TraceSession
 
 def add_traced_pid(backend: Backend, pid: int) -> bool:
     """Add an existing process to a started BCC backend's set of traced pids (its program must
-    have been built with follow). False for a backend whose set cannot change while it runs."""
+    have been built with follow). True for one in the set a backend started with (options.existing);
+    False for a backend whose set cannot change while it runs."""
     bpf = getattr(backend, "bpf", None)
-    if bpf is None or not backend.options.follow:
+    if not backend.options.follow:
         return False
+    if bpf is None:
+        return pid in backend.options.existing   # in the set it started with, or not to be added
     bpf[b"traced"][ct.c_uint32(pid)] = ct.c_uint8(1)
     install = getattr(backend, "_install_slots", None)
     if install is not None:
@@ -45,6 +50,43 @@ def heap_end(pid: int) -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+def seed_pid(session: TraceSession, pid: int) -> str | None:
+    """What a session needs of a process added to it while running: its program break (brk growth
+    is counted from it), and the note when its libc is patched (no uprobes there)."""
+    end = heap_end(pid)
+    if end is not None:
+        session.ledger.set_brk(pid, end)
+    resolver = getattr(session.backend, "resolver", None)
+    try:
+        note = patched_note(find_patched(pid, resolver))
+    except (OSError, ValueError):
+        return None
+    return f"pid {pid}: {note}" if note else None
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids under ``pid`` now (none if it is gone)."""
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def adopt_existing(session: TraceSession) -> list[str]:
+    """Add the processes already under a following session's target to it (the backend follows
+    the ones forked later); returns notes, including what could not be added and why."""
+    notes, missed = [], 0
+    for pid in descendants(session.target.pid):
+        if not add_traced_pid(session.backend, pid):
+            missed += 1
+        elif (note := seed_pid(session, pid)) and note not in notes:
+            notes.append(note)
+    if missed:
+        notes.append(f"{missed} process{'es' if missed > 1 else ''} already under pid {session.target.pid} "
+                     f"not traced: they came after the {session.backend.name} backend fixed its set of pids")
+    return notes
 
 
 class TreeTrace:
@@ -92,16 +134,9 @@ class TreeTrace:
         self.own_session[target.pid] = session
 
     def _seed(self, session: TraceSession, pid: int) -> None:
-        end = heap_end(pid)
-        if end is not None:
-            session.ledger.set_brk(pid, end)
-        resolver = getattr(session.backend, "resolver", None)
-        try:
-            note = patched_note(find_patched(pid, resolver))
-        except (OSError, ValueError):
-            note = None
-        if note and (text := f"pid {pid}: {note}") not in self.notes:
-            self.notes.append(text)
+        note = seed_pid(session, pid)
+        if note and note not in self.notes:
+            self.notes.append(note)
 
     def step(self, timeout: float) -> None:
         share = timeout / len(self.sessions)
