@@ -60,3 +60,17 @@ def test_a_target_with_children_gets_a_hint(leakers, spawn):
     cp = run_leakhunt("watch", "--pid", proc.pid, "--duration", "1s", "--json")
     assert cp.returncode == 0
     assert "add --subprocesses" in cp.stderr
+    followed = run_leakhunt("watch", "--pid", proc.pid, "--duration", "1s", "--json", "--subprocesses")
+    assert followed.returncode == 0 and "add --subprocesses" not in followed.stderr
+
+
+@pytest.mark.bpf
+def test_every_command_with_subprocesses_hints_at_it(leakers, spawn):
+    """trace-mmap, ci and export take --subprocesses too, and say so for a target with children."""
+    proc = spawn([leakers / "tree", "--late", "0", "--rate", "1M"])
+    for args in (("trace-mmap", "--pid", proc.pid, "--duration", "1s", "--json"),
+                 ("ci", "--pid", proc.pid, "--max-slope", "1GB/min", "--interval", "0.2s", "--duration", "3s",
+                  "--json"),
+                 ("export", "--pid", proc.pid, "--port", "0", "--duration", "1s")):
+        cp = run_leakhunt(*args)
+        assert cp.returncode == 0 and "add --subprocesses" in cp.stderr, (args[0], cp.stderr)

@@ -18,8 +18,8 @@ from rich.text import Text
 from leakhunt import ui
 from leakhunt.analysis.device import device_status_line
 from leakhunt.ci import ERROR, FAIL, Gate, GateConfig, GateResult, error_result
-from leakhunt.commands.options import (RATE, duration_option, interval_option, json_option, record_option,
-                                       subprocesses_option, warmup_option)
+from leakhunt.commands.options import (RATE, duration_option, hint_children, interval_option, json_option,
+                                       record_option, subprocesses_option, warmup_option)
 from leakhunt.errors import BadInput, LeakhuntError
 from leakhunt.heap import HeapRun
 from leakhunt.record import SampleRecorder, SessionWriter, TreeRecorder
@@ -60,6 +60,8 @@ def command(pid: int | None, max_slope: float, max_device_slope: float | None, d
     if (pid is None) == (not command):
         raise BadInput("give either --pid PID or a command after --, not both (nor neither)")
     console = ui.console_for(as_json)
+    if pid is not None:
+        hint_children(pid, subprocesses)
     config = GateConfig(max_slope, duration, interval, warmup, max_device_slope)
     label = shlex.join(command) if command else f"pid {pid}"
     load_argv = shlex.split(load) if load else None

@@ -10,7 +10,8 @@ import click
 from prometheus_client import start_http_server
 
 from leakhunt import ui
-from leakhunt.commands.options import DURATION, duration_option, interval_option, json_option, subprocesses_option
+from leakhunt.commands.options import (DURATION, duration_option, hint_children, interval_option, json_option,
+                                       subprocesses_option)
 from leakhunt.errors import BadInput
 from leakhunt.export import Fleet, LedgerFeed, registry_for
 from leakhunt.units import format_duration
@@ -54,6 +55,8 @@ def command(pids: tuple[int, ...], match: str | None, port: int, host: str, inte
         raise BadInput("--subprocesses follows the trees under --pid: give --pid PID")
     fleet = Fleet(pids, match, interval, window, culprits=LedgerFeed(ledgers) if ledgers else None,
                   subprocesses=subprocesses)
+    for pid in pids:
+        hint_children(pid, subprocesses)
     fleet.sample_once()   # the first scrape already has figures
     try:
         server, _ = start_http_server(port, addr=host, registry=registry_for(fleet, top_groups))

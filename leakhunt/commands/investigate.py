@@ -15,12 +15,12 @@ from rich.text import Text
 from leakhunt import ui
 from leakhunt.analysis.correlate import Attribution, Culprit
 from leakhunt.analysis.device import device_finding, device_status_line
-from leakhunt.commands.options import DURATION, interval_option, json_option, pid_option, record_option, warmup_option
+from leakhunt.commands.options import (DURATION, hint_children, interval_option, json_option, pid_option,
+                                       record_option, warmup_option)
 from leakhunt.errors import LeakhuntError
 from leakhunt.investigate import BLIND_SPOT, Evaluation, InvestigateOptions, Investigation, InvestigationResult
 from leakhunt.investigate_tree import short_command
 from leakhunt.proc.target import open_target
-from leakhunt.proc.tree import children_hint
 from leakhunt.record import SessionWriter
 from leakhunt.trace.backend import BACKENDS
 from leakhunt.units import format_bytes, format_duration, format_rate, format_share
@@ -52,8 +52,7 @@ def command(pid: int, duration: float, interval: float, warmup: float | None, ba
     """
     target = open_target(pid)
     console = ui.console_for(as_json)
-    if not subprocesses and (hint := children_hint(pid)):
-        ui.err.print(f"[yellow]hint:[/] {hint}")
+    hint_children(pid, subprocesses)
     writer = SessionWriter(record_dir, "investigate", {"pid": pid, "nspid": list(target.nspid),
                                                        "cmdline": target.cmdline, "interval_s": interval,
                                                        "subprocesses": subprocesses}) if record_dir else None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from leakhunt import ui
+from leakhunt.proc.tree import children_hint
 from leakhunt.units import parse_duration, parse_rate, parse_size
 
 
@@ -57,3 +59,9 @@ def warmup_option(f):
 def subprocesses_option(f):
     return click.option("--subprocesses", is_flag=True,
                         help="follow the whole process tree under --pid (children that come later too)")(f)
+
+
+def hint_children(pid: int, subprocesses: bool) -> None:
+    """One line on stderr when PID has children that the command, without --subprocesses, leaves out."""
+    if not subprocesses and (hint := children_hint(pid)):
+        ui.err.print(f"[yellow]hint:[/] {hint}")

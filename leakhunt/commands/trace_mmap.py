@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from leakhunt import ui
-from leakhunt.commands.options import SIZE, duration_option, json_option, pid_option, record_option
+from leakhunt.commands.options import SIZE, duration_option, hint_children, json_option, pid_option, record_option
 from leakhunt.gdb.cli import gdb_options
 from leakhunt.proc.target import open_target
 from leakhunt.record import SessionWriter
@@ -50,6 +50,7 @@ def command(pid: int, backend: str, duration: float | None, follow: bool, min_si
     Ctrl-C ends it with a summary.
     """
     target = open_target(pid)
+    hint_children(pid, follow)
     choice = choose_backend(backend)
     console = ui.console_for(as_json)
     console.print(Text(choice.explain(), style="dim"))

@@ -17,14 +17,14 @@ from rich.text import Text
 from leakhunt import ui
 from leakhunt.analysis.device import device_finding, device_json, device_status_line
 from leakhunt.analysis.summary import MemorySummary, SeriesSummary, summarize
-from leakhunt.commands.options import (duration_option, interval_option, json_option, pid_option,
+from leakhunt.commands.options import (duration_option, hint_children, interval_option, json_option, pid_option,
                                        record_option, subprocesses_option, warmup_option)
 from leakhunt.errors import LeakhuntError
 from leakhunt.gpu import NvmlReader
 from leakhunt.heap import HeapRun
 from leakhunt.proc.sampler import History, Sample, Sampler
 from leakhunt.proc.target import Target, open_target
-from leakhunt.proc.tree import TreeResult, TreeSampler, children_hint
+from leakhunt.proc.tree import TreeResult, TreeSampler
 from leakhunt.record import SampleRecorder, SessionWriter, TreeRecorder
 from leakhunt.units import format_bytes, format_duration
 
@@ -50,8 +50,7 @@ def command(pid: int, interval: float, duration: float | None, warmup: float | N
     """
     target = open_target(pid)
     console = ui.console_for(as_json)
-    if not subprocesses and (hint := children_hint(pid)):
-        ui.err.print(f"[yellow]hint:[/] {hint}")
+    hint_children(pid, subprocesses)
     writer = SessionWriter(record_dir, "watch", {"pid": pid, "nspid": list(target.nspid),
                                                  "cmdline": target.cmdline, "interval_s": interval,
                                                  "subprocesses": subprocesses}) if record_dir else None
