@@ -29,7 +29,7 @@ from leakhunt.record import SampleRecorder, SessionWriter
 from leakhunt.trace.backend import TraceOptions, TraceStats, backend_class
 from leakhunt.trace.events import EventKind, Frame, Stack
 from leakhunt.trace.session import BackendChoice, choose_backend
-from leakhunt.trace.tree_trace import TreeTrace
+from leakhunt.trace.tree_trace import TreeTrace, descendants
 
 STOP_CONFIDENT = "verdict confident"
 #: What a no-leak verdict cannot rule out, said with it.
@@ -212,7 +212,9 @@ class Investigation:
         if self.choice.name == "gdb" and follow:
             follow = False   # one gdb per process would stop every process of the tree at each mmap
             self.notes.append("the gdb backend traces the root process only, not its children")
-        self.tracer = TreeTrace(self.target, self.choice, TraceOptions(follow=follow), self.writer)
+        # bpftrace fixes its set of pids at the start: the processes under the root now go in it.
+        existing = tuple(descendants(self.target.pid)) if follow else ()
+        self.tracer = TreeTrace(self.target, self.choice, TraceOptions(follow=follow, existing=existing), self.writer)
         # Started before the children are listed: one forked in between is followed by the backend.
         self.tracer.start()
         for child in self.tree.existing() if self.tree else ():
