@@ -29,7 +29,7 @@ BACKENDS: dict[str, str] = {
 class TraceOptions:
     kinds: frozenset[EventKind] = frozenset(EventKind)
     follow: bool = False              # also trace children forked after the start
-    existing: tuple[int, ...] = ()    # with follow: the processes already under the target, traced from the start
+    existing: tuple[int, ...] = ()    # with follow: processes already under the target (Backend.takes_existing)
     min_length: int = 0               # ignore mmap/munmap smaller than this
     stacks: bool = True               # collect user stacks (costs more)
     stack_depth: int = 16
@@ -47,6 +47,8 @@ class TraceStats:
 
 class Backend(ABC):
     name: str = "?"
+    #: Traces options.existing (with follow) from its start: a set of pids fixed when it starts.
+    takes_existing: bool = False
 
     def __init__(self, target: Target, options: TraceOptions) -> None:
         self.target = target

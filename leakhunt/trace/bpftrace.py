@@ -99,6 +99,7 @@ def script_text(pid: int, follow: bool = False, min_len: int = 0, stream_all: bo
 
 class BpftraceBackend(KernelLedgerBackend):
     name = "bpftrace"
+    takes_existing = True
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

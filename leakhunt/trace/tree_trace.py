@@ -30,7 +30,7 @@ def add_traced_pid(backend: Backend, pid: int) -> bool:
     if not backend.options.follow:
         return False
     if bpf is None:
-        return pid in backend.options.existing   # in the set it started with, or not to be added
+        return backend.takes_existing and pid in backend.options.existing   # in the set it started with
     bpf[b"traced"][ct.c_uint32(pid)] = ct.c_uint8(1)
     install = getattr(backend, "_install_slots", None)
     if install is not None:
@@ -85,7 +85,7 @@ def adopt_existing(session: TraceSession) -> list[str]:
             notes.append(note)
     if missed:
         notes.append(f"{missed} process{'es' if missed > 1 else ''} already under pid {session.target.pid} "
-                     f"not traced: they came after the {session.backend.name} backend fixed its set of pids")
+                     f"{'are' if missed > 1 else 'is'} not traced by the {session.backend.name} backend")
     return notes
 
 
