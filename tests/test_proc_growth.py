@@ -35,7 +35,7 @@ def _isolated(size: int) -> tuple[mmap.mmap, int]:
 
 
 def test_a_region_that_splits_shows_no_growth():
-    buf, addr = _anon(16 * MiB)
+    buf, addr = _isolated(16 * MiB)
     before = read_smaps(os.getpid())
     # Protect one page in the middle: the kernel splits the mapping in three.
     assert libc.mprotect(addr + 8 * MiB, PAGE, mmap.PROT_READ) == 0
