@@ -74,7 +74,8 @@ class GateResult:
         doc = {"status": self.status, "exit_code": self.exit_code, "reason": self.reason,
                "target": self.target, "pid": self.pid, "nspid": list(self.nspid),
                "max_slope_bytes_per_s": self.config.max_slope,
-               "max_device_slope_bytes_per_s": self.config.max_device_slope, "duration_s": self.config.duration, "interval_s": self.config.interval,
+               "max_device_slope_bytes_per_s": self.config.max_device_slope,
+               "duration_s": self.config.duration, "interval_s": self.config.interval,
                "warmup_s": self.config.warmup, "stopped_because": self.stopped_because,
                "notes": list(self.notes), "elapsed_s": self.elapsed_s, "heap_growth_bytes": self.heap_growth}
         if self.summary is not None:

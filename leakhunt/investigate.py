@@ -25,11 +25,12 @@ from leakhunt.errors import AccessDenied, BackendUnavailable, LeakhuntError, Tar
 from leakhunt.proc.sampler import STOP_DURATION, STOP_INTERRUPTED, History, Sample, Sampler
 from leakhunt.investigate_tree import TreeMemory, short_command
 from leakhunt.proc.target import Target, open_target
+from leakhunt.proc.tree import descendants
 from leakhunt.record import SampleRecorder, SessionWriter
 from leakhunt.trace.backend import TraceOptions, TraceStats, backend_class
 from leakhunt.trace.events import EventKind, Frame, Stack
 from leakhunt.trace.session import BackendChoice, choose_backend
-from leakhunt.trace.tree_trace import TreeTrace, descendants
+from leakhunt.trace.tree_trace import TreeTrace
 
 STOP_CONFIDENT = "verdict confident"
 #: What a no-leak verdict cannot rule out, said with it.
@@ -213,8 +214,8 @@ class Investigation:
             follow = False   # one gdb per process would stop every process of the tree at each mmap
             self.notes.append("the gdb backend traces the root process only, not its children")
         # bpftrace fixes its set of pids at the start: the processes under the root now go in it.
-        existing = tuple(descendants(self.target.pid)) if follow else ()
-        self.tracer = TreeTrace(self.target, self.choice, TraceOptions(follow=follow, existing=existing), self.writer)
+        options = TraceOptions(follow=follow, existing=descendants(self.target.pid) if follow else ())
+        self.tracer = TreeTrace(self.target, self.choice, options, self.writer)
         # Started before the children are listed: one forked in between is followed by the backend.
         self.tracer.start()
         for child in self.tree.existing() if self.tree else ():

@@ -198,7 +198,8 @@ def test_non_streaming_client_disconnect_aborts_too(server):
     aborted = server.metrics().get(ABORTED, 0)
     with httpx.Client(timeout=0.5) as client:
         with pytest.raises(httpx.ReadTimeout):
-            client.post(server.url + "/v1/completions", json={"prompt": "gone", "max_tokens": 900, "n": 4, "ignore_eos": True})
+            client.post(server.url + "/v1/completions",
+                        json={"prompt": "gone", "max_tokens": 900, "n": 4, "ignore_eos": True})
     wait_for(lambda: server.metrics().get(ABORTED, 0) == aborted + 1)
     assert server.health()["kv_cache"]["usage"] == 0.0
 

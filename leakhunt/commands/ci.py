@@ -44,9 +44,9 @@ from leakhunt.units import format_bytes
 @record_option
 @json_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def command(pid: int | None, max_slope: float, max_device_slope: float | None, duration: float, interval: float, warmup: float | None,
-            load: str | None, subprocesses: bool, heap: bool, junit_path: str | None, record_dir: str | None,
-            as_json: bool, command: tuple[str, ...]) -> None:
+def command(pid: int | None, max_slope: float, max_device_slope: float | None, duration: float, interval: float,
+            warmup: float | None, load: str | None, subprocesses: bool, heap: bool, junit_path: str | None,
+            record_dir: str | None, as_json: bool, command: tuple[str, ...]) -> None:
     """Fail when memory grows faster than --max-slope.
 
     Either gate a running process (--pid) or start COMMAND (after --), sample it for --duration

@@ -18,10 +18,11 @@ from leakhunt import ui
 from leakhunt.commands.options import SIZE, duration_option, hint_children, json_option, pid_option, record_option
 from leakhunt.gdb.cli import gdb_options
 from leakhunt.proc.target import open_target
+from leakhunt.proc.tree import descendants
 from leakhunt.record import SessionWriter
 from leakhunt.trace.backend import BACKENDS, TraceOptions
 from leakhunt.trace.session import BackendChoice, CallerView, TraceSession, choose_backend
-from leakhunt.trace.tree_trace import adopt_existing, descendants
+from leakhunt.trace.tree_trace import adopt_existing
 from leakhunt.units import format_bytes, format_duration
 
 REFRESH_S = 1.0
@@ -54,8 +55,7 @@ def command(pid: int, backend: str, duration: float | None, follow: bool, min_si
     choice = choose_backend(backend)
     console = ui.console_for(as_json)
     console.print(Text(choice.explain(), style="dim"))
-    existing = tuple(descendants(pid)) if follow else ()
-    options = TraceOptions(follow=follow, existing=existing, min_length=min_size,
+    options = TraceOptions(follow=follow, existing=descendants(pid) if follow else (), min_length=min_size,
                            extra={"stream_all": all_events, **gdb_extra})
     meta = {"pid": pid, "nspid": list(target.nspid), "cmdline": target.cmdline, "backend": choice.name}
     writer = SessionWriter(record_dir, "trace-mmap", meta) if record_dir else None

@@ -182,12 +182,17 @@ class TreeSampler:
                           reason or pace.reason, error)
 
 
+def descendants(pid: int) -> tuple[int, ...]:
+    """The pids under ``pid`` now (none if it is gone)."""
+    try:
+        return tuple(p.pid for p in psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return ()
+
+
 def children_hint(pid: int) -> str | None:
     """One line for a target that has children but is watched alone."""
-    try:
-        n = len(psutil.Process(pid).children(recursive=True))
-    except psutil.Error:
-        return None
+    n = len(descendants(pid))
     if not n:
         return None
     return f"pid {pid} has {n} child process{'es' if n > 1 else ''}: add --subprocesses to follow the whole tree"

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import ctypes as ct
 
-import psutil
-
 from leakhunt.analysis.correlate import Outstanding
 from leakhunt.errors import AccessDenied, BackendUnavailable, TargetGone
 from leakhunt.proc.target import PROC, Target
+from leakhunt.proc.tree import descendants
 from leakhunt.record import SessionWriter
 from leakhunt.trace.backend import Backend, TraceOptions, TraceStats
 from leakhunt.trace.patched import find_patched, patched_note
@@ -64,14 +63,6 @@ def seed_pid(session: TraceSession, pid: int) -> str | None:
     except (OSError, ValueError):
         return None
     return f"pid {pid}: {note}" if note else None
-
-
-def descendants(pid: int) -> list[int]:
-    """The pids under ``pid`` now (none if it is gone)."""
-    try:
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return []
 
 
 def adopt_existing(session: TraceSession) -> list[str]:
