@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean leakers gpu-wheels gpu-check
+.PHONY: setup demo test lint bench clean leakers gpu-wheels gpu-check
 
 # What the tests and benchmarks need from the OS besides leakhunt's own backends: a real libucm
 # (UCX) to test against; strace, perf and BCC's memleak (bpfcc-tools) as benchmark peers.
@@ -30,7 +30,11 @@ leakers:
 demo: setup leakers
 	$(BIN)/leakhunt demo
 
-test: setup leakers
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup leakers lint
 	$(BIN)/pytest -q
 
 bench: setup leakers

@@ -1,5 +1,6 @@
 """Package layout that pyproject.toml cannot express: top-level probes/, gdb_scripts/ and
 fixtures/refserver ship inside the wheel under the package names leakhunt.resources resolves."""
+
 from setuptools import Extension, find_packages, setup
 
 MAPPED = {
@@ -13,7 +14,8 @@ packages += ["refserver"] + [f"refserver.{p}" for p in find_packages("fixtures/r
 
 # The smaps parser's hot path. Optional: without a compiler leakhunt falls back to its
 # line-by-line parser (correct, several times slower on big processes).
-smaps_ext = Extension("leakhunt.proc._smaps", ["leakhunt/proc/_smaps.c"], optional=True,
-                      extra_compile_args=["-O2", "-std=c99"])
+smaps_ext = Extension(
+    "leakhunt.proc._smaps", ["leakhunt/proc/_smaps.c"], optional=True, extra_compile_args=["-O2", "-std=c99"]
+)
 
 setup(packages=packages, package_dir=MAPPED, ext_modules=[smaps_ext])

@@ -28,7 +28,9 @@ from leakhunt.trace.ledger import Ledger  # noqa: E402
 
 PAGE = 4096
 BASE = 0x7F0000000000
-CALLERS = [Frame(0x7F1000001000 + i * 0x100, f"/usr/lib/libbench{i % 7}.so", f"func_{i}", 0x20) for i in range(40)]
+CALLERS = [
+    Frame(0x7F1000001000 + i * 0x100, f"/usr/lib/libbench{i % 7}.so", f"func_{i}", 0x20) for i in range(40)
+]
 
 
 def make_events(n: int, rng: np.random.Generator) -> tuple[list[MmapEvent], int]:
@@ -46,8 +48,21 @@ def make_events(n: int, rng: np.random.Generator) -> tuple[list[MmapEvent], int]
         length = PAGE * int(rng.integers(1, 4))
         addr = BASE + slot * 4 * PAGE
         slot += 1
-        events.append(MmapEvent(ts, 1, 1, EventKind.MMAP, 0, length, 3, MAP_PRIVATE | MAP_ANONYMOUS, -1, addr,
-                                caller=CALLERS[site]))
+        events.append(
+            MmapEvent(
+                ts,
+                1,
+                1,
+                EventKind.MMAP,
+                0,
+                length,
+                3,
+                MAP_PRIVATE | MAP_ANONYMOUS,
+                -1,
+                addr,
+                caller=CALLERS[site],
+            )
+        )
         if site != 0:
             live.append((addr, length))
     return events, slot
@@ -56,15 +71,19 @@ def make_events(n: int, rng: np.random.Generator) -> tuple[list[MmapEvent], int]
 def smaps_text(starts: np.ndarray, sizes: np.ndarray, rss: np.ndarray) -> bytes:
     lines = []
     for s, z, r in zip(starts.tolist(), sizes.tolist(), rss.tolist()):
-        lines.append(f"{s:x}-{s + z:x} rw-p 00000000 00:00 0 \nSize: {z // 1024} kB\nRss: {r // 1024} kB\n"
-                     f"Pss: {r // 1024} kB\nAnonymous: {r // 1024} kB\n")
+        lines.append(
+            f"{s:x}-{s + z:x} rw-p 00000000 00:00 0 \nSize: {z // 1024} kB\nRss: {r // 1024} kB\n"
+            f"Pss: {r // 1024} kB\nAnonymous: {r // 1024} kB\n"
+        )
     return "".join(lines).encode()
 
 
 def pandas_join(snapshot, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     import pandas as pd
 
-    index = pd.IntervalIndex.from_arrays(snapshot.start.astype(np.int64), snapshot.end.astype(np.int64), closed="left")
+    index = pd.IntervalIndex.from_arrays(
+        snapshot.start.astype(np.int64), snapshot.end.astype(np.int64), closed="left"
+    )
     rss = snapshot.rss.astype(np.float64)
     size = (snapshot.end - snapshot.start).astype(np.float64)
     out = np.zeros(len(lo))
@@ -80,7 +99,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--regions", type=int, default=50_000)
-    ap.add_argument("--peer-sample", type=int, default=2000, help="outstanding mappings the pandas peer joins")
+    ap.add_argument(
+        "--peer-sample", type=int, default=2000, help="outstanding mappings the pandas peer joins"
+    )
     args = ap.parse_args()
     rng = np.random.default_rng(7)
     events, slots = make_events(args.events, rng)
@@ -88,7 +109,7 @@ def main() -> None:
     def feed() -> Ledger:
         ledger = Ledger(max_ranges=2_000_000)
         for chunk in range(0, len(events), 10_000):  # as a backend's polls deliver them
-            ledger.update(events[chunk:chunk + 10_000])
+            ledger.update(events[chunk : chunk + 10_000])
         return ledger
 
     t0 = time.perf_counter()
@@ -98,8 +119,10 @@ def main() -> None:
     feed()
     _, peak_ledger = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    outstanding = [Outstanding(o.pid, o.start, o.end - o.start, ledger.site_info.get(o.site, (None, None))[0])
-                   for o in ledger.outstanding()]
+    outstanding = [
+        Outstanding(o.pid, o.start, o.end - o.start, ledger.site_info.get(o.site, (None, None))[0])
+        for o in ledger.outstanding()
+    ]
 
     # Two snapshots of `regions` anonymous regions over the same address span; the later one holds
     # the outstanding mappings' pages resident.
@@ -131,14 +154,22 @@ def main() -> None:
     assert np.allclose(ours, theirs, rtol=1e-6, atol=PAGE), "the two joins disagree"
 
     top = attribution.culprits[0] if attribution.culprits else None
-    print(f"events            {len(events):>10,}   ledger: {t_ledger:6.2f} s ({len(events) / t_ledger:,.0f} events/s)")
+    print(
+        f"events            {len(events):>10,}   ledger: {t_ledger:6.2f} s ({len(events) / t_ledger:,.0f} events/s)"
+    )
     print(f"outstanding       {len(outstanding):>10,}   regions per snapshot: {args.regions:,}")
-    print(f"correlate         {t_correlate:>10.2f} s   top culprit: {top.title if top else None} "
-          f"({attribution.explained_fraction:.0%} explained)")
-    print(f"total             {t_ledger + t_correlate:>10.2f} s   (goal < 5 s)   peak Python memory: "
-          f"ledger {peak_ledger / 2**20:.0f} MiB, correlate {peak / 2**20:.0f} MiB")
-    print(f"join of {n:,} mappings: binary search {t_ours_join * 1000:.1f} ms, pandas IntervalIndex "
-          f"{t_peer_join * 1000:.0f} ms: ratio pandas/leakhunt = {t_peer_join / max(t_ours_join, 1e-9):,.0f}x")
+    print(
+        f"correlate         {t_correlate:>10.2f} s   top culprit: {top.title if top else None} "
+        f"({attribution.explained_fraction:.0%} explained)"
+    )
+    print(
+        f"total             {t_ledger + t_correlate:>10.2f} s   (goal < 5 s)   peak Python memory: "
+        f"ledger {peak_ledger / 2**20:.0f} MiB, correlate {peak / 2**20:.0f} MiB"
+    )
+    print(
+        f"join of {n:,} mappings: binary search {t_ours_join * 1000:.1f} ms, pandas IntervalIndex "
+        f"{t_peer_join * 1000:.0f} ms: ratio pandas/leakhunt = {t_peer_join / max(t_ours_join, 1e-9):,.0f}x"
+    )
     print("goal met" if t_ledger + t_correlate < 5 else "goal NOT met")
 
 

@@ -111,18 +111,18 @@ TARGET_CPU, TRACER_CPU = 1, 0
 
 
 class Sample(NamedTuple):
-    t: float            # CLOCK_MONOTONIC, the clock of time.monotonic()
-    units: int          # work units done so far
-    calls: int          # traced calls made so far (hits when they match a breakpoint)
-    gap_us: float       # longest pause of the loop in the last 100 ms
-    in_calls_s: float   # wall time spent inside those calls so far, stops included
+    t: float  # CLOCK_MONOTONIC, the clock of time.monotonic()
+    units: int  # work units done so far
+    calls: int  # traced calls made so far (hits when they match a breakpoint)
+    gap_us: float  # longest pause of the loop in the last 100 ms
+    in_calls_s: float  # wall time spent inside those calls so far, stops included
 
 
 @dataclass
 class Window:
     work_per_s: float
     calls_per_s: float
-    call_ms: float          # mean wall time per counted call (a pair counts 2), stops included
+    call_ms: float  # mean wall time per counted call (a pair counts 2), stops included
     max_gap_ms: float
 
 
@@ -130,8 +130,12 @@ class Target:
     """The C program, its counters read from stdout as it prints them."""
 
     def __init__(self, binary: Path, rate: float, matching: bool) -> None:
-        self.proc = subprocess.Popen([str(binary), str(rate), "1" if matching else "0"], stdout=subprocess.PIPE,
-                                     text=True, preexec_fn=lambda: os.sched_setaffinity(0, {TARGET_CPU}))
+        self.proc = subprocess.Popen(
+            [str(binary), str(rate), "1" if matching else "0"],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: os.sched_setaffinity(0, {TARGET_CPU}),
+        )
         assert self.proc.stdout.readline().startswith("ready")
         self.samples: list[Sample] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -152,9 +156,12 @@ class Target:
             raise RuntimeError(f"the target printed {len(inside)} samples in {t1 - t0:.1f}s: is it stopped?")
         a, b = inside[0], inside[-1]
         calls = b.calls - a.calls
-        return Window((b.units - a.units) / (b.t - a.t), calls / (b.t - a.t),
-                      (b.in_calls_s - a.in_calls_s) / calls * 1000 if calls else 0.0,
-                      max(s.gap_us for s in inside) / 1000)
+        return Window(
+            (b.units - a.units) / (b.t - a.t),
+            calls / (b.t - a.t),
+            (b.in_calls_s - a.in_calls_s) / calls * 1000 if calls else 0.0,
+            max(s.gap_us for s in inside) / 1000,
+        )
 
     def stop(self) -> None:
         self.proc.kill()
@@ -166,16 +173,21 @@ def run_rate(binary: Path, rate: float, matching: bool, window: float) -> dict:
     target = Target(binary, rate, matching)
     try:
         before = target.measure(window)
-        backend = GdbBackend(open_target(target.proc.pid),
-                             TraceOptions(kinds=frozenset({EventKind.MMAP, EventKind.MUNMAP}),
-                                          extra=gdb_extra(max_hits=10**7, python_frames=False)))
+        backend = GdbBackend(
+            open_target(target.proc.pid),
+            TraceOptions(
+                kinds=frozenset({EventKind.MMAP, EventKind.MUNMAP}),
+                extra=gdb_extra(max_hits=10**7, python_frames=False),
+            ),
+        )
         attach_started = time.monotonic()
         backend.start()
-        time.sleep(0.3)   # the target's next prints
+        time.sleep(0.3)  # the target's next prints
         attach = target.between(attach_started, time.monotonic())
         done = threading.Event()
-        consumer = threading.Thread(target=lambda: [backend.poll(0.2) for _ in iter(done.is_set, True)],
-                                    daemon=True)
+        consumer = threading.Thread(
+            target=lambda: [backend.poll(0.2) for _ in iter(done.is_set, True)], daemon=True
+        )
         consumer.start()
         traced = target.measure(window)
         cost = backend._session.cost
@@ -190,15 +202,20 @@ def run_rate(binary: Path, rate: float, matching: bool, window: float) -> dict:
         target.stop()
     untouched_work = (before.work_per_s + after.work_per_s) / 2
     untouched_call = (before.call_ms + after.call_ms) / 2
-    per_hit = traced.call_ms - untouched_call      # the target counts each hit (or rejected trap) as a call
-    return {"rate": rate, "matching": matching, "hits_per_s": traced.calls_per_s,
-            "slowdown": untouched_work / traced.work_per_s,
-            "noise": abs(before.work_per_s - after.work_per_s) / untouched_work,
-            "cost_per_hit_ms": per_hit,
-            "stopped_fraction": min(1.0, per_hit / 1000 * traced.calls_per_s),
-            "stopped_per_hit_ms": stopped / hits * 1000 if hits else float("nan"),
-            "attach_pause_ms": attach.max_gap_ms, "untouched_pause_ms": max(before.max_gap_ms, after.max_gap_ms),
-            "traced_pause_ms": traced.max_gap_ms}
+    per_hit = traced.call_ms - untouched_call  # the target counts each hit (or rejected trap) as a call
+    return {
+        "rate": rate,
+        "matching": matching,
+        "hits_per_s": traced.calls_per_s,
+        "slowdown": untouched_work / traced.work_per_s,
+        "noise": abs(before.work_per_s - after.work_per_s) / untouched_work,
+        "cost_per_hit_ms": per_hit,
+        "stopped_fraction": min(1.0, per_hit / 1000 * traced.calls_per_s),
+        "stopped_per_hit_ms": stopped / hits * 1000 if hits else float("nan"),
+        "attach_pause_ms": attach.max_gap_ms,
+        "untouched_pause_ms": max(before.max_gap_ms, after.max_gap_ms),
+        "traced_pause_ms": traced.max_gap_ms,
+    }
 
 
 def main() -> None:
@@ -209,7 +226,7 @@ def main() -> None:
     if shutil.which("gdb") is None or shutil.which("cc") is None or (os.cpu_count() or 1) < 2:
         print("bench/gdb skipped: needs gdb, cc and two CPUs")
         return
-    os.sched_setaffinity(0, {TRACER_CPU})    # gdb inherits it
+    os.sched_setaffinity(0, {TRACER_CPU})  # gdb inherits it
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "target.c"
         source.write_text(TARGET)
@@ -217,20 +234,26 @@ def main() -> None:
         subprocess.run(["cc", "-O1", "-o", str(binary), str(source)], check=True)
         rows = [run_rate(binary, float(r), True, args.window) for r in args.rates.split(",")]
         rows.append(run_rate(binary, 1000.0, False, args.window))
-    print(f"{'offered':>15} {'slowdown':>9} {'(noise)':>8} {'hits/s':>7} {'cost/hit':>9} {'stopped':>8} "
-          f"{'leakhunt view':>14} {'attach pause':>13} {'untouched':>10}")
+    print(
+        f"{'offered':>15} {'slowdown':>9} {'(noise)':>8} {'hits/s':>7} {'cost/hit':>9} {'stopped':>8} "
+        f"{'leakhunt view':>14} {'attach pause':>13} {'untouched':>10}"
+    )
     for r in rows:
         what = f"{r['rate']:.0f} hits/s" if r["matching"] else f"{r['rate']:.0f} rejected/s"
         hits = f"{r['hits_per_s']:.0f}" if r["matching"] else "0"
         view = f"{r['stopped_per_hit_ms']:.2f} ms" if r["matching"] else "-"
-        print(f"{what:>15} {r['slowdown']:>8.2f}x {r['noise']:>7.0%} {hits:>7} {r['cost_per_hit_ms']:>6.2f} ms "
-              f"{r['stopped_fraction']:>8.1%} {view:>14} {r['attach_pause_ms']:>10.0f} ms "
-              f"{r['untouched_pause_ms']:>7.0f} ms")
+        print(
+            f"{what:>15} {r['slowdown']:>8.2f}x {r['noise']:>7.0%} {hits:>7} {r['cost_per_hit_ms']:>6.2f} ms "
+            f"{r['stopped_fraction']:>8.1%} {view:>14} {r['attach_pause_ms']:>10.0f} ms "
+            f"{r['untouched_pause_ms']:>7.0f} ms"
+        )
     print("(columns: see the docstring of bench/gdb.py)")
     hits = [r for r in rows if r["matching"]]
-    print("slowdown ratios (untouched/traced): " +
-          ", ".join(f"{r['rate']:.0f} hits/s {r['slowdown']:.2f}x" for r in hits) +
-          f"; {rows[-1]['rate']:.0f} rejected traps/s {rows[-1]['slowdown']:.2f}x")
+    print(
+        "slowdown ratios (untouched/traced): "
+        + ", ".join(f"{r['rate']:.0f} hits/s {r['slowdown']:.2f}x" for r in hits)
+        + f"; {rows[-1]['rate']:.0f} rejected traps/s {rows[-1]['slowdown']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

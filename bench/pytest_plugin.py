@@ -19,15 +19,20 @@ import time
 from pathlib import Path
 
 PLAIN = "def test_{i}():\n    assert sum(range(100)) == 4950\n"
-MARKED = ("import pytest\n\n@pytest.mark.limit_native_growth('1MB')\n"
-          "def test_marked():\n    bytearray(1 << 16)\n")
+MARKED = (
+    "import pytest\n\n@pytest.mark.limit_native_growth('1MB')\ndef test_marked():\n    bytearray(1 << 16)\n"
+)
 UNMARKED = "def test_unmarked():\n    bytearray(1 << 16)\n"
 
 
 def run(args: list[str], cwd: Path) -> float:
     began = time.perf_counter()
-    cp = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=cwd,
-                        capture_output=True, text=True)
+    cp = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
     elapsed = time.perf_counter() - began
     if cp.returncode != 0:
         raise SystemExit(f"pytest failed:\n{cp.stdout[-2000:]}{cp.stderr[-2000:]}")
@@ -42,8 +47,12 @@ def best_of(repeat: int, args: list[str], cwd: Path) -> float:
 def import_costs() -> tuple[float, float]:
     """(plugin module alone, pytest) cumulative import times in ms, from -X importtime: the
     part of the plugin's cost that scheduling noise cannot hide."""
-    cp = subprocess.run([sys.executable, "-X", "importtime", "-c", "import leakhunt.pytest_plugin"],
-                        capture_output=True, text=True, check=True)
+    cp = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import leakhunt.pytest_plugin"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     cumulative = {}
     for line in cp.stderr.splitlines():
         parts = [p.strip() for p in line.removeprefix("import time:").split("|")]
@@ -70,12 +79,18 @@ def main() -> None:
         unmarked = best_of(opts.repeat, ["test_unmarked.py"], d)
     plugin_ms, pytest_ms = min(import_costs() for _ in range(opts.repeat))
     w, wo = min(with_plugin), min(without)
-    print(f"import: leakhunt.pytest_plugin {plugin_ms:.1f} ms on top of pytest's own {pytest_ms:.1f} ms, "
-          f"ratio {plugin_ms / pytest_ms:.3f}")
-    print(f"{opts.tests} unmarked tests, best of {opts.repeat}: with plugin {w:.3f}s, without {wo:.3f}s, "
-          f"ratio {w / wo:.3f} (median ratio {statistics.median(with_plugin) / statistics.median(without):.3f})")
-    print(f"one marked test (2 warm-up + 10 measured rounds): {marked:.3f}s vs unmarked {unmarked:.3f}s, "
-          f"ratio {marked / unmarked:.3f} (whole pytest process)")
+    print(
+        f"import: leakhunt.pytest_plugin {plugin_ms:.1f} ms on top of pytest's own {pytest_ms:.1f} ms, "
+        f"ratio {plugin_ms / pytest_ms:.3f}"
+    )
+    print(
+        f"{opts.tests} unmarked tests, best of {opts.repeat}: with plugin {w:.3f}s, without {wo:.3f}s, "
+        f"ratio {w / wo:.3f} (median ratio {statistics.median(with_plugin) / statistics.median(without):.3f})"
+    )
+    print(
+        f"one marked test (2 warm-up + 10 measured rounds): {marked:.3f}s vs unmarked {unmarked:.3f}s, "
+        f"ratio {marked / unmarked:.3f} (whole pytest process)"
+    )
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ class ContiguousBlockManager(BlockManager):
         super().__init__(num_blocks, block_size, enable_prefix_caching=False)
         self.per_seq = -(-max_model_len // block_size)
         self.free_regions = list(range(num_blocks // self.per_seq))
-        self.region: dict[int, int] = {}          # seq id -> its region
+        self.region: dict[int, int] = {}  # seq id -> its region
 
     @property
     def num_free(self) -> int:
@@ -113,12 +113,12 @@ def sharegpt_like(n: int, max_model_len: int, seed: int = 0) -> Workload:
 
 @dataclass
 class RunStats:
-    seconds: float           # wall clock
-    cpu_seconds: float       # this process's CPU time: what other tenants of the machine cannot inflate
+    seconds: float  # wall clock
+    cpu_seconds: float  # this process's CPU time: what other tenants of the machine cannot inflate
     generated: int
     steps: int
     mean_batch: float
-    waste: float             # reserved-but-unused slots / reserved slots, averaged over steps
+    waste: float  # reserved-but-unused slots / reserved slots, averaged over steps
     preemptions: int
 
     @property
@@ -143,7 +143,9 @@ def held_and_used(engine: Engine) -> tuple[int, int]:
 def submit(engine: Engine, work: Workload, params: dict | None = None) -> None:
     """Queue the whole workload at once (offline serving, as in the paper's throughput runs)."""
     for i, (prompt, out) in enumerate(zip(work.prompts, work.outputs)):
-        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=out, ignore_eos=True, seed=i, **(params or {})))
+        engine.add_request(
+            f"r{i}", prompt, SamplingParams(max_tokens=out, ignore_eos=True, seed=i, **(params or {}))
+        )
 
 
 def serve(engine: Engine, work: Workload) -> RunStats:
@@ -157,16 +159,24 @@ def serve(engine: Engine, work: Workload) -> RunStats:
         batch += sum(len(r.seqs) for r in engine.scheduler.running)
         steps += 1
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return RunStats(seconds, cpu, engine.stats.generation_tokens, steps, batch / max(steps, 1),
-                    1 - used / reserved if reserved else 0.0, engine.scheduler.num_preemptions)
+    return RunStats(
+        seconds,
+        cpu,
+        engine.stats.generation_tokens,
+        steps,
+        batch / max(steps, 1),
+        1 - used / reserved if reserved else 0.0,
+        engine.scheduler.num_preemptions,
+    )
 
 
 def make_engine(cfg: EngineConfig, contiguous: bool) -> Engine:
     engine = Engine(cfg)
     if contiguous:
-        engine.bm = engine.scheduler.bm = ContiguousBlockManager(engine.bm.num_blocks, cfg.block_size,
-                                                                  cfg.max_model_len)
-        engine.scheduler.watermark_blocks = 0     # its sequences never grow past their region
+        engine.bm = engine.scheduler.bm = ContiguousBlockManager(
+            engine.bm.num_blocks, cfg.block_size, cfg.max_model_len
+        )
+        engine.scheduler.watermark_blocks = 0  # its sequences never grow past their region
     return engine
 
 
@@ -184,8 +194,9 @@ def cow_saving(cfg: EngineConfig, work: Workload, params: dict) -> float:
 
 def compare(budget_mb: float, a: argparse.Namespace, work: Workload) -> dict:
     """Both engines on ``work`` at one KV budget: interleaved rounds, the best of each."""
-    cfg = EngineConfig(kv_cache_mb=budget_mb, max_model_len=a.max_model_len, max_num_seqs=256,
-                       max_num_batched_tokens=1024)
+    cfg = EngineConfig(
+        kv_cache_mb=budget_mb, max_model_len=a.max_model_len, max_num_seqs=256, max_num_batched_tokens=1024
+    )
     # Interleaved rounds, best of each: the first run in a process pays oneDNN's and the
     # allocator's warm-up, and the machine is shared; the better round is the engine's own speed.
     runs: dict[bool, list[RunStats]] = {False: [], True: []}
@@ -197,8 +208,8 @@ def compare(budget_mb: float, a: argparse.Namespace, work: Workload) -> dict:
         "kv_cache_mb": budget_mb,
         "contiguous_capacity": _capacity(cfg),
         "paged": vars(paged) | {"throughput": paged.throughput, "cpu_throughput": paged.cpu_throughput},
-        "contiguous": vars(contiguous) | {"throughput": contiguous.throughput,
-                                          "cpu_throughput": contiguous.cpu_throughput},
+        "contiguous": vars(contiguous)
+        | {"throughput": contiguous.throughput, "cpu_throughput": contiguous.cpu_throughput},
         "throughput_ratio": paged.throughput / contiguous.throughput,
         "cpu_throughput_ratio": paged.cpu_throughput / contiguous.cpu_throughput,
         "batch_ratio": paged.mean_batch / contiguous.mean_batch,
@@ -208,11 +219,16 @@ def compare(budget_mb: float, a: argparse.Namespace, work: Workload) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--kv-cache-mb", default="4,8,16",
-                    help="the KV budgets both engines get, comma-separated (default 4,8,16)")
+    ap.add_argument(
+        "--kv-cache-mb",
+        default="4,8,16",
+        help="the KV budgets both engines get, comma-separated (default 4,8,16)",
+    )
     ap.add_argument("--max-model-len", type=int, default=2048, help="what the baseline reserves per sequence")
     ap.add_argument("--cow-requests", type=int, default=12)
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of both engines; the best counts")
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="interleaved rounds of both engines; the best counts"
+    )
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     try:
@@ -220,7 +236,7 @@ def main() -> int:
     except ValueError:
         ap.error(f"--kv-cache-mb: not a list of numbers: {a.kv_cache_mb}")
     torch.manual_seed(0)
-    torch.set_num_threads(1)     # as the server does: stable on a shared machine
+    torch.set_num_threads(1)  # as the server does: stable on a shared machine
     work = sharegpt_like(a.requests, a.max_model_len)
     sweep = [compare(mb, a, work) for mb in budgets]
     cow_work = sharegpt_like(a.cow_requests, a.max_model_len // 2, seed=1)
@@ -231,40 +247,55 @@ def main() -> int:
     # the regime PagedAttention is about (and where a GPU server runs).
     head = sweep[0]
     result = {
-        "requests": a.requests, "max_model_len": a.max_model_len,
+        "requests": a.requests,
+        "max_model_len": a.max_model_len,
         "prompt_tokens_mean": sum(map(len, work.prompts)) / a.requests,
         "output_tokens_mean": sum(work.outputs) / a.requests,
-        **head, "budgets": sweep,
+        **head,
+        "budgets": sweep,
         "kv_waste": max(r["paged"]["waste"] for r in sweep),
-        "cow_saved_parallel_n4": parallel, "cow_saved_beam4": beam,
+        "cow_saved_parallel_n4": parallel,
+        "cow_saved_beam4": beam,
     }
     if a.json:
         print(json.dumps(result))
         return 0
-    print(f"workload: {a.requests} ShareGPT-like requests (mean prompt {result['prompt_tokens_mean']:.0f}, "
-          f"mean output {result['output_tokens_mean']:.0f} tokens), max_model_len {a.max_model_len}; "
-          f"both engines at the same KV budget")
-    print(f"{'KV budget':>10}  {'':11}{'tok/s':>8}{'tok/cpu-s':>11}{'batch':>8}{'KV waste':>10}{'preempt':>9}"
-          f"{'ratio':>8}")
+    print(
+        f"workload: {a.requests} ShareGPT-like requests (mean prompt {result['prompt_tokens_mean']:.0f}, "
+        f"mean output {result['output_tokens_mean']:.0f} tokens), max_model_len {a.max_model_len}; "
+        f"both engines at the same KV budget"
+    )
+    print(
+        f"{'KV budget':>10}  {'':11}{'tok/s':>8}{'tok/cpu-s':>11}{'batch':>8}{'KV waste':>10}{'preempt':>9}"
+        f"{'ratio':>8}"
+    )
     for r in sweep:
         for name in ("paged", "contiguous"):
             x = r[name]
             ratio = f"{r['throughput_ratio']:7.2f}x" if name == "paged" else ""
             budget = f"{r['kv_cache_mb']:g} MiB" if name == "paged" else ""
-            print(f"{budget:>10}  {name:11}{x['throughput']:8.0f}{x['cpu_throughput']:11.0f}{x['mean_batch']:8.1f}"
-                  f"{x['waste']:9.1%}{x['preemptions']:9d}{ratio:>8}")
+            print(
+                f"{budget:>10}  {name:11}{x['throughput']:8.0f}{x['cpu_throughput']:11.0f}{x['mean_batch']:8.1f}"
+                f"{x['waste']:9.1%}{x['preemptions']:9d}{ratio:>8}"
+            )
     ok = "ok" if result["kv_waste"] < 0.04 and head["throughput_ratio"] >= 2 else "BELOW GOAL"
-    print(f"throughput ratio paged/contiguous where KV memory limits the batch ({head['kv_cache_mb']:g} MiB: the "
-          f"baseline holds {head['contiguous_capacity']} sequence(s)): {head['throughput_ratio']:.2f}x wall clock, "
-          f"{head['cpu_throughput_ratio']:.2f}x per CPU second (goal >= 2x); KV waste at most "
-          f"{result['kv_waste']:.1%} (goal < 4%): {ok}")
+    print(
+        f"throughput ratio paged/contiguous where KV memory limits the batch ({head['kv_cache_mb']:g} MiB: the "
+        f"baseline holds {head['contiguous_capacity']} sequence(s)): {head['throughput_ratio']:.2f}x wall clock, "
+        f"{head['cpu_throughput_ratio']:.2f}x per CPU second (goal >= 2x); KV waste at most "
+        f"{result['kv_waste']:.1%} (goal < 4%): {ok}"
+    )
     last = sweep[-1]
     if len(sweep) > 1:
-        print(f"with more KV memory both batch more and the ratio falls ({last['throughput_ratio']:.2f}x at "
-              f"{last['kv_cache_mb']:g} MiB, {last['batch_ratio']:.1f}x the sequences): on a CPU the decoder is "
-              f"compute-bound, so a bigger batch buys less than on a GPU, where decode is memory-bound")
-    print(f"copy-on-write saves {parallel:.1%} of KV blocks with n=4 parallel sampling, "
-          f"{beam:.1%} with beam width 4")
+        print(
+            f"with more KV memory both batch more and the ratio falls ({last['throughput_ratio']:.2f}x at "
+            f"{last['kv_cache_mb']:g} MiB, {last['batch_ratio']:.1f}x the sequences): on a CPU the decoder is "
+            f"compute-bound, so a bigger batch buys less than on a GPU, where decode is memory-bound"
+        )
+    print(
+        f"copy-on-write saves {parallel:.1%} of KV blocks with n=4 parallel sampling, "
+        f"{beam:.1%} with beam width 4"
+    )
     return 0
 
 

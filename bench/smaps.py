@@ -13,7 +13,6 @@ plus /proc/PID/status. Goal: at most half of pmap -X, within 2x of cat.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ def timed(fn, repeat: int) -> float:
 def shell(argv: list[str]):
     def run():
         subprocess.run(argv, stdout=subprocess.DEVNULL, check=True)
+
     return run
 
 
@@ -55,8 +55,9 @@ def main() -> None:
     print(f"{'mappings':>9} {'contender':<22} {'median':>10} {'vs leakhunt':>12}")
     verdicts = []
     for n in (int(x) for x in args.sizes.split(",")):
-        proc = subprocess.Popen([str(ROOT / "fixtures/leakers/build/manymaps"), str(n)], stdout=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen(
+            [str(ROOT / "fixtures/leakers/build/manymaps"), str(n)], stdout=subprocess.PIPE, text=True
+        )
         try:
             assert proc.stdout.readline().startswith("ready")
             pid = proc.pid
@@ -67,10 +68,14 @@ def main() -> None:
             spawn_floor = timed(shell(["true"]), args.repeat)
             results = {
                 "leakhunt sample": timed(sampler.take, args.repeat),
-                "leakhunt parse only": timed(lambda: parse_smaps(proc_read(pid, "smaps")), args.repeat),
+                "leakhunt parse only": timed(
+                    lambda pid=pid: parse_smaps(proc_read(pid, "smaps")), args.repeat
+                ),
                 "cat smaps": timed(shell(["cat", f"/proc/{pid}/smaps"]), args.repeat) - spawn_floor,
                 "pmap -X": timed(shell(["pmap", "-X", str(pid)]), args.repeat) - spawn_floor,
-                "psutil memory_maps": timed(lambda: psutil.Process(pid).memory_maps(grouped=False), args.repeat),
+                "psutil memory_maps": timed(
+                    lambda pid=pid: psutil.Process(pid).memory_maps(grouped=False), args.repeat
+                ),
             }
         finally:
             proc.terminate()
@@ -80,9 +85,11 @@ def main() -> None:
             print(f"{mappings:>9} {name:<22} {secs * 1000:>8.1f}ms {secs / ours:>11.2f}x")
         vs_pmap = ours / results["pmap -X"]
         vs_cat = ours / results["cat smaps"]
-        print(f"{mappings:>9} ratios: leakhunt/pmap -X = {vs_pmap:.2f} (goal <= 0.5), "
-              f"leakhunt/cat = {vs_cat:.2f} (goal <= 2.0), "
-              f"psutil/leakhunt = {results['psutil memory_maps'] / ours:.2f}")
+        print(
+            f"{mappings:>9} ratios: leakhunt/pmap -X = {vs_pmap:.2f} (goal <= 0.5), "
+            f"leakhunt/cat = {vs_cat:.2f} (goal <= 2.0), "
+            f"psutil/leakhunt = {results['psutil memory_maps'] / ours:.2f}"
+        )
         verdicts.append(vs_pmap <= 0.5 and vs_cat <= 2.0)
         print()
     print("goals met" if all(verdicts) else "goals NOT met")

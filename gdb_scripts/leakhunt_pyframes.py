@@ -17,9 +17,9 @@ Without debug info for the interpreter the answer is an empty list and a reason.
 import gdb
 
 EVAL_FRAMES = ("_PyEval_EvalFrameDefault", "PyEval_EvalFrameEx")
-FRAME_OWNED_BY_CSTACK = 3     # 3.12+: a shim frame marking where a C call entered the interpreter
-MAX_FRAMES = 256              # a corrupt chain must not loop forever
-_code_cache = {}              # code object address -> (name, filename, firstlineno, linetable)
+FRAME_OWNED_BY_CSTACK = 3  # 3.12+: a shim frame marking where a C call entered the interpreter
+MAX_FRAMES = 256  # a corrupt chain must not loop forever
+_code_cache = {}  # code object address -> (name, filename, firstlineno, linetable)
 
 
 class PythonUnavailable(Exception):
@@ -30,8 +30,10 @@ def _fields(type_name):
     try:
         return {f.name for f in gdb.lookup_type(type_name).fields()}
     except gdb.error:
-        raise PythonUnavailable("no debug info for CPython (%s): install the interpreter's debug "
-                                "symbols (python3-dbg) for Python frames" % type_name)
+        raise PythonUnavailable(
+            f"no debug info for CPython ({type_name}): install the interpreter's debug "
+            "symbols (python3-dbg) for Python frames"
+        ) from None
 
 
 def _thread_state(lwp):
@@ -84,8 +86,13 @@ def _code(code_ptr):
         code = code_ptr.cast(gdb.lookup_type("PyCodeObject").pointer())
         fields = _fields("PyCodeObject")
         name = _unicode(code["co_qualname" if "co_qualname" in fields else "co_name"])
-        cached = (name, _unicode(code["co_filename"]), int(code["co_firstlineno"]), _bytes(code["co_linetable"]),
-                  int(code["co_code_adaptive"].address))
+        cached = (
+            name,
+            _unicode(code["co_filename"]),
+            int(code["co_firstlineno"]),
+            _bytes(code["co_linetable"]),
+            int(code["co_code_adaptive"].address),
+        )
         _code_cache[key] = cached
     return cached
 
@@ -170,7 +177,7 @@ def python_frames():
     while int(frame) != 0 and len(out) < MAX_FRAMES:
         owner = int(frame["owner"]) if "owner" in frame_fields else 0
         if "is_entry" not in frame_fields and owner == FRAME_OWNED_BY_CSTACK:
-            index += 1          # 3.12+: the shim below a C-level entry into the interpreter
+            index += 1  # 3.12+: the shim below a C-level entry into the interpreter
             frame = frame["previous"]
             continue
         code_ptr = frame["f_executable"] if "f_executable" in frame_fields else frame["f_code"]
@@ -180,7 +187,7 @@ def python_frames():
         level = levels[min(index, len(levels) - 1)] if levels else -1
         out.append((name, filename, line_of(firstlineno, table, lasti), level))
         if "is_entry" in frame_fields and int(frame["is_entry"]):
-            index += 1          # 3.11: the first frame this C-level eval call ran
+            index += 1  # 3.11: the first frame this C-level eval call ran
         frame = frame["previous"]
     return out
 
@@ -198,8 +205,12 @@ class PythonFramesCommand(gdb.MICommand):
             return {"frames": [], "unavailable": str(e)}
         except (gdb.error, gdb.MemoryError, KeyError, ValueError, IndexError) as e:
             return {"frames": [], "error": str(e)}
-        return {"frames": [{"function": f, "filename": fn, "line": str(line), "level": str(level)}
-                           for f, fn, line, level in frames]}
+        return {
+            "frames": [
+                {"function": f, "filename": fn, "line": str(line), "level": str(level)}
+                for f, fn, line, level in frames
+            ]
+        }
 
 
 PythonFramesCommand()

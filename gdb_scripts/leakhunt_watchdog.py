@@ -51,13 +51,16 @@ def _start():
     # gdb.Thread does exactly that (gdb >= 12); older gdbs get the mask blocked around start().
     thread_class = getattr(gdb, "Thread", None)
     if thread_class is not None:
-        thread_class(target=_watch, args=(int(fd), int(parent)), name="leakhunt-watchdog", daemon=True).start()
+        thread_class(
+            target=_watch, args=(int(fd), int(parent)), name="leakhunt-watchdog", daemon=True
+        ).start()
     else:
         everything = set(signal.Signals)
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, everything)
         try:
-            threading.Thread(target=_watch, args=(int(fd), int(parent)), name="leakhunt-watchdog",
-                             daemon=True).start()
+            threading.Thread(
+                target=_watch, args=(int(fd), int(parent)), name="leakhunt-watchdog", daemon=True
+            ).start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     gdb.write("leakhunt watchdog armed\n")

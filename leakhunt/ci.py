@@ -35,18 +35,23 @@ STOP_GRACE_S = 5.0
 
 @dataclass(frozen=True)
 class GateConfig:
-    max_slope: float                 # bytes per second
-    duration: float                  # seconds of sampling
+    max_slope: float  # bytes per second
+    duration: float  # seconds of sampling
     interval: float = 1.0
-    warmup: float | None = None      # None: verdict.default_warmup
-    max_device_slope: float | None = None   # bytes per second of device memory (NVML); None: not gated
+    warmup: float | None = None  # None: verdict.default_warmup
+    max_device_slope: float | None = None  # bytes per second of device memory (NVML); None: not gated
 
     def describe(self) -> str:
         warmup = "default warm-up" if self.warmup is None else f"{format_duration(self.warmup)} warm-up"
-        device = (f", device memory limit {format_rate(self.max_device_slope)}"
-                  if self.max_device_slope is not None else "")
-        return (f"limit {format_rate(self.max_slope)}{device}, {format_duration(self.duration)} every "
-                f"{format_duration(self.interval)}, {warmup}")
+        device = (
+            f", device memory limit {format_rate(self.max_device_slope)}"
+            if self.max_device_slope is not None
+            else ""
+        )
+        return (
+            f"limit {format_rate(self.max_slope)}{device}, {format_duration(self.duration)} every "
+            f"{format_duration(self.interval)}, {warmup}"
+        )
 
 
 @dataclass(frozen=True)
@@ -54,30 +59,40 @@ class GateResult:
     """What the gate saw and decided. ``summary`` is None only when no sample was taken."""
 
     config: GateConfig
-    target: str                      # what was measured, for people: the command line or pid
+    target: str  # what was measured, for people: the command line or pid
     pid: int | None
     summary: MemorySummary | None
-    exit_code: int                   # PASS, FAIL or ERROR
-    reason: str                      # one sentence
+    exit_code: int  # PASS, FAIL or ERROR
+    reason: str  # one sentence
     stopped_because: str = ""
     notes: tuple[str, ...] = ()
     elapsed_s: float = 0.0
-    heap_growth: float | None = None   # Python heap growth memray saw (--heap), bytes
-    device_unavailable: str | None = None   # why device memory (NVML) was not sampled
-    nspid: tuple[int, ...] = ()             # the pid in each pid namespace (a container's own last)
+    heap_growth: float | None = None  # Python heap growth memray saw (--heap), bytes
+    device_unavailable: str | None = None  # why device memory (NVML) was not sampled
+    nspid: tuple[int, ...] = ()  # the pid in each pid namespace (a container's own last)
 
     @property
     def status(self) -> str:
         return {PASS: "pass", FAIL: "fail", ERROR: "error"}[self.exit_code]
 
     def to_json(self) -> dict:
-        doc = {"status": self.status, "exit_code": self.exit_code, "reason": self.reason,
-               "target": self.target, "pid": self.pid, "nspid": list(self.nspid),
-               "max_slope_bytes_per_s": self.config.max_slope,
-               "max_device_slope_bytes_per_s": self.config.max_device_slope,
-               "duration_s": self.config.duration, "interval_s": self.config.interval,
-               "warmup_s": self.config.warmup, "stopped_because": self.stopped_because,
-               "notes": list(self.notes), "elapsed_s": self.elapsed_s, "heap_growth_bytes": self.heap_growth}
+        doc = {
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "reason": self.reason,
+            "target": self.target,
+            "pid": self.pid,
+            "nspid": list(self.nspid),
+            "max_slope_bytes_per_s": self.config.max_slope,
+            "max_device_slope_bytes_per_s": self.config.max_device_slope,
+            "duration_s": self.config.duration,
+            "interval_s": self.config.interval,
+            "warmup_s": self.config.warmup,
+            "stopped_because": self.stopped_because,
+            "notes": list(self.notes),
+            "elapsed_s": self.elapsed_s,
+            "heap_growth_bytes": self.heap_growth,
+        }
         if self.summary is not None:
             doc["summary"] = self.summary.to_json()
         doc["device_memory"] = device_json(self.summary, self.device_unavailable)
@@ -103,17 +118,23 @@ def decide(summary: MemorySummary, config: GateConfig) -> tuple[int, str]:
     d = summary.device.verdict if gated else None
     failures = []
     if v.leak:
-        failures.append(f"RSS grows {format_rate(v.trend.slope)} (95% interval {format_rate(v.trend.lo)} .. "
-                        f"{format_rate(v.trend.hi)}): its lower bound exceeds the limit of {limit}")
+        failures.append(
+            f"RSS grows {format_rate(v.trend.slope)} (95% interval {format_rate(v.trend.lo)} .. "
+            f"{format_rate(v.trend.hi)}): its lower bound exceeds the limit of {limit}"
+        )
     if d is not None and d.leak:
-        failures.append(f"device memory grows {format_rate(d.trend.slope)} (95% interval {format_rate(d.trend.lo)} "
-                        f".. {format_rate(d.trend.hi)}): its lower bound exceeds the device limit of "
-                        f"{format_rate(config.max_device_slope)}")
+        failures.append(
+            f"device memory grows {format_rate(d.trend.slope)} (95% interval {format_rate(d.trend.lo)} "
+            f".. {format_rate(d.trend.hi)}): its lower bound exceeds the device limit of "
+            f"{format_rate(config.max_device_slope)}"
+        )
     if failures:
         return FAIL, "; ".join(failures)
     if v.trend.samples < 3 or v.reason.startswith("not enough data"):
         return ERROR, f"cannot decide: {v.reason}; lengthen --duration or shorten --interval"
-    device = f"; device memory within {format_rate(config.max_device_slope)}: {d.reason}" if d is not None else ""
+    device = (
+        f"; device memory within {format_rate(config.max_device_slope)}: {d.reason}" if d is not None else ""
+    )
     return PASS, f"within the limit of {limit}: {v.reason}{device}"
 
 
@@ -125,8 +146,9 @@ class Launched:
         self.argv = list(argv)
         self.role = role
         try:
-            self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=stdout,
-                                          stderr=stdout, start_new_session=True)
+            self.popen = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stdout, start_new_session=True
+            )
         except OSError as e:
             raise BadInput(f"{role} {shlex.join(self.argv)!r} failed to start: {e.strerror or e}") from None
 
@@ -142,7 +164,9 @@ class Launched:
         rc = self.popen.returncode
         if rc is None:
             return "still running"
-        return f"killed by signal {-rc} ({signal.Signals(-rc).name})" if rc < 0 else f"exited with status {rc}"
+        return (
+            f"killed by signal {-rc} ({signal.Signals(-rc).name})" if rc < 0 else f"exited with status {rc}"
+        )
 
     def stop(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
@@ -175,8 +199,9 @@ def _open_started(launched: Launched) -> Target:
         return open_target(launched.pid)
     except TargetGone:
         launched.popen.wait(STOP_GRACE_S)
-        raise BadInput(f"command {shlex.join(launched.argv)!r} {launched.describe_exit()} "
-                       "before it could be sampled") from None
+        raise BadInput(
+            f"command {shlex.join(launched.argv)!r} {launched.describe_exit()} before it could be sampled"
+        ) from None
 
 
 @dataclass
@@ -185,11 +210,11 @@ class Gate:
 
     config: GateConfig
     on_sample: Callable[[Sample, History], None] | None = None
-    subprocesses: bool = False       # gate the whole tree under the target: its deduplicated totals
+    subprocesses: bool = False  # gate the whole tree under the target: its deduplicated totals
     on_tick: Callable | None = None  # TreeSampler's callback, with subprocesses (recording)
-    keep_raw: bool = False           # keep smaps text for on_sample/on_tick (a recording's snapshots)
-    command_output: object = None    # where a started command's stdout/stderr go (None: inherit)
-    heap: HeapRun | None = None      # memray beside the run (--heap)
+    keep_raw: bool = False  # keep smaps text for on_sample/on_tick (a recording's snapshots)
+    command_output: object = None  # where a started command's stdout/stderr go (None: inherit)
+    heap: HeapRun | None = None  # memray beside the run (--heap)
     notes: list[str] = field(default_factory=list)
 
     def run_pid(self, pid: int, load: Sequence[str] | None = None) -> GateResult:
@@ -214,7 +239,7 @@ class Gate:
                 target = _open_started(launched)
                 result = self._measure(target, label, load, command=launched)
         finally:
-            if self.heap is not None:   # memray finishes its capture when the interpreter exits: now
+            if self.heap is not None:  # memray finishes its capture when the interpreter exits: now
                 self.heap.finish()
         return self._with_heap(result)
 
@@ -224,8 +249,9 @@ class Gate:
         notes = result.notes + ((self.heap.problem,) if self.heap.problem else ())
         return replace(result, heap_growth=self.heap.growth, notes=notes)
 
-    def _measure(self, target: Target, label: str, load: Sequence[str] | None,
-                 command: Launched | None) -> GateResult:
+    def _measure(
+        self, target: Target, label: str, load: Sequence[str] | None, command: Launched | None
+    ) -> GateResult:
         began = time.monotonic()
         gpu, no_gpu = open_nvml()
         if self.config.max_device_slope is not None and gpu is None:
@@ -234,12 +260,14 @@ class Gate:
         loader = Launched(load, "load generator", self.command_output) if load else None
         try:
             if self.subprocesses:
-                result = TreeSampler(target, self.config.interval, self.keep_raw, gpu).run(self.config.duration,
-                                                                                           self.on_tick)
+                result = TreeSampler(target, self.config.interval, self.keep_raw, gpu).run(
+                    self.config.duration, self.on_tick
+                )
                 history = result.tree
             else:
-                result = Sampler(target, self.config.interval, self.keep_raw, gpu=gpu).run(self.config.duration,
-                                                                                           self.on_sample)
+                result = Sampler(target, self.config.interval, self.keep_raw, gpu=gpu).run(
+                    self.config.duration, self.on_sample
+                )
                 history = result.history
         finally:
             if gpu is not None:
@@ -255,11 +283,23 @@ class Gate:
             code, reason = self._target_lost(command, result.error, history, code, reason)
         elif result.stopped_because == STOP_INTERRUPTED:
             self.notes.append(f"interrupted after {format_duration(history.duration_s)}")
-        return GateResult(self.config, label, target.pid, summary, code, reason, result.stopped_because,
-                          tuple(self.notes), elapsed, device_unavailable=no_gpu, nspid=target.nspid)
+        return GateResult(
+            self.config,
+            label,
+            target.pid,
+            summary,
+            code,
+            reason,
+            result.stopped_because,
+            tuple(self.notes),
+            elapsed,
+            device_unavailable=no_gpu,
+            nspid=target.nspid,
+        )
 
-    def _target_lost(self, command: Launched | None, error: Exception, history: History, code: int,
-                     reason: str) -> tuple[int, str]:
+    def _target_lost(
+        self, command: Launched | None, error: Exception, history: History, code: int, reason: str
+    ) -> tuple[int, str]:
         """A command that finished by itself with status 0 is a finite workload: judge what was
         seen. Anything else that ends the target early (a crash, a pid that exited) is an error."""
         after = f"after {format_duration(history.duration_s)}"

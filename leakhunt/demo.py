@@ -52,7 +52,7 @@ class DemoResult:
     server_url: str
     processes: str = "api"
     engine_pid: int | None = None
-    server_metrics: dict | None = None     # the server's own view of its KV pool, before and after
+    server_metrics: dict | None = None  # the server's own view of its KV pool, before and after
 
     @property
     def culprit_pid(self) -> int | None:
@@ -64,41 +64,62 @@ class DemoResult:
         m = self.server_metrics
         if not m:
             return None
-        return (f"the server's own metrics: KV-cache usage {m['kv_usage_before']:.0%} -> {m['kv_usage_after']:.0%} "
-                f"with no request running, {m['leaked_blocks']} KV blocks never returned, preemptions "
-                f"+{m['preemptions']:.0f}. This leak is inside a pool allocated (and resident) from the start: "
-                "no memory grows, so no memory evidence can name it; the application's own pool metrics do.")
+        return (
+            f"the server's own metrics: KV-cache usage {m['kv_usage_before']:.0%} -> {m['kv_usage_after']:.0%} "
+            f"with no request running, {m['leaked_blocks']} KV blocks never returned, preemptions "
+            f"+{m['preemptions']:.0f}. This leak is inside a pool allocated (and resident) from the start: "
+            "no memory grows, so no memory evidence can name it; the application's own pool metrics do."
+        )
 
     def to_json(self) -> dict:
-        return {"leak_mode": self.leak, "processes": self.processes, "server_pid": self.server_pid,
-                "engine_pid": self.engine_pid, "culprit_pid": self.culprit_pid,
-                "found_in_child": self.culprit_pid is not None and self.culprit_pid != self.server_pid,
-                "server_url": self.server_url, "server_metrics": self.server_metrics,
-                "pool_leak": self.pool_sentence(),
-                "record": str(self.out / "recording"), "html": str(self.html), "markdown": str(self.markdown),
-                "load": self.load, "investigation": self.investigation.to_json()}
+        return {
+            "leak_mode": self.leak,
+            "processes": self.processes,
+            "server_pid": self.server_pid,
+            "engine_pid": self.engine_pid,
+            "culprit_pid": self.culprit_pid,
+            "found_in_child": self.culprit_pid is not None and self.culprit_pid != self.server_pid,
+            "server_url": self.server_url,
+            "server_metrics": self.server_metrics,
+            "pool_leak": self.pool_sentence(),
+            "record": str(self.out / "recording"),
+            "html": str(self.html),
+            "markdown": str(self.markdown),
+            "load": self.load,
+            "investigation": self.investigation.to_json(),
+        }
 
 
 def require_refserver() -> None:
     missing = [m for m in ("refserver", "torch", "fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
-        raise BadInput(f"leakhunt demo needs the reference server's extra ({', '.join(missing)} missing): "
-                       "pip install torch==2.13.0 && pip install 'leakhunt[refserver]'")
+        raise BadInput(
+            f"leakhunt demo needs the reference server's extra ({', '.join(missing)} missing): "
+            "pip install torch==2.13.0 && pip install 'leakhunt[refserver]'"
+        )
 
 
-def run_demo(leak: str, out: Path, duration: float, leak_rate: float = DEFAULT_LEAK_RATE,
-             progress: Callable[[str], None] = lambda step: None,
-             on_update: Callable | None = None, processes: str = "api,engine") -> DemoResult:
+def run_demo(
+    leak: str,
+    out: Path,
+    duration: float,
+    leak_rate: float = DEFAULT_LEAK_RATE,
+    progress: Callable[[str], None] = lambda step: None,
+    on_update: Callable | None = None,
+    processes: str = "api,engine",
+) -> DemoResult:
     require_refserver()
-    from refserver.launch import LaunchError, launch   # the refserver extra: imported only here
+    from refserver.launch import LaunchError, launch  # the refserver extra: imported only here
 
     out.mkdir(parents=True, exist_ok=True)
     recording = out / "recording"
     if (recording / "session.json").exists():
-        shutil.rmtree(recording)   # the previous demo's: a recording is one run, not two appended
+        shutil.rmtree(recording)  # the previous demo's: a recording is one run, not two appended
     tree = processes != "api"
-    progress(f"starting the reference server ({'an API process and an engine process' if tree else 'one process'}, "
-             f"leak: {leak})")
+    progress(
+        f"starting the reference server ({'an API process and an engine process' if tree else 'one process'}, "
+        f"leak: {leak})"
+    )
     try:
         server = launch(leak=None if leak == "none" else [leak], leak_rate=leak_rate, processes=processes)
     except LaunchError as e:
@@ -109,26 +130,53 @@ def run_demo(leak: str, out: Path, duration: float, leak_rate: float = DEFAULT_L
         engine_pid = server.engine_pid
         before = server.metrics() if leak == "kv-abort" else None
         abort = ["--abort-fraction", str(ABORT_FRACTION)] if leak == "kv-abort" else []
-        progress(f"driving load ({LOAD_CONCURRENCY} concurrent clients{', some abandoning' if abort else ''}) "
-                 f"at {server.url}")
+        progress(
+            f"driving load ({LOAD_CONCURRENCY} concurrent clients{', some abandoning' if abort else ''}) "
+            f"at {server.url}"
+        )
         loadgen = subprocess.Popen(
-            [sys.executable, "-m", "refserver.loadgen", "--url", server.url, "--duration", str(duration + WARMUP_TIMEOUT_S + 30),
-             "--concurrency", str(LOAD_CONCURRENCY), "--json", *abort],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            [
+                sys.executable,
+                "-m",
+                "refserver.loadgen",
+                "--url",
+                server.url,
+                "--duration",
+                str(duration + WARMUP_TIMEOUT_S + 30),
+                "--concurrency",
+                str(LOAD_CONCURRENCY),
+                "--json",
+                *abort,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         try:
             # Past the server's start-up plateaus (allocator caches, the prefix cache filling) before
             # the baseline sample: a number of requests served, however fast this machine is.
             progress(f"warming up ({WARMUP_REQUESTS} requests)")
             if not server.wait_served(WARMUP_REQUESTS, timeout=WARMUP_TIMEOUT_S):
-                raise LeakhuntError(f"the reference server served fewer than {WARMUP_REQUESTS} requests in "
-                                    f"{WARMUP_TIMEOUT_S:.0f}s: {server.log_tail(3) or 'no log'}")
+                raise LeakhuntError(
+                    f"the reference server served fewer than {WARMUP_REQUESTS} requests in "
+                    f"{WARMUP_TIMEOUT_S:.0f}s: {server.log_tail(3) or 'no log'}"
+                )
             target = open_target(server.pid)
             progress(f"investigating pid {server.pid}" + (" and its subprocesses" if tree else ""))
-            writer = SessionWriter(recording, "demo", {"pid": server.pid, "cmdline": target.cmdline,
-                                                       "leak_mode": leak, "server_url": server.url,
-                                                       "subprocesses": tree})
-            investigation = Investigation(target, InvestigateOptions(duration=duration, subprocesses=tree),
-                                          writer, on_update)
+            writer = SessionWriter(
+                recording,
+                "demo",
+                {
+                    "pid": server.pid,
+                    "cmdline": target.cmdline,
+                    "leak_mode": leak,
+                    "server_url": server.url,
+                    "subprocesses": tree,
+                },
+            )
+            investigation = Investigation(
+                target, InvestigateOptions(duration=duration, subprocesses=tree), writer, on_update
+            )
             result = investigation.run()
         finally:
             loadgen.terminate()
@@ -149,7 +197,9 @@ def run_demo(leak: str, out: Path, duration: float, leak_rate: float = DEFAULT_L
         server.stop()
     progress("writing the report")
     html, markdown = write_report(recording, out)
-    return DemoResult(leak, out, result, load, html, markdown, server.pid, server.url, processes, engine_pid, pool)
+    return DemoResult(
+        leak, out, result, load, html, markdown, server.pid, server.url, processes, engine_pid, pool
+    )
 
 
 def _pool_evidence(server, before: dict, settle_s: float = 10.0) -> dict | None:
@@ -165,8 +215,12 @@ def _pool_evidence(server, before: dict, settle_s: float = 10.0) -> dict | None:
         leaked = server.health().get("leak", {}).get("kv-abort", {}).get("leaked_blocks", 0)
     except OSError:
         return None
-    return {"kv_usage_before": before.get(KV_USAGE, 0.0), "kv_usage_after": after.get(KV_USAGE, 0.0),
-            "leaked_blocks": leaked, "preemptions": after.get(PREEMPTIONS, 0.0) - before.get(PREEMPTIONS, 0.0)}
+    return {
+        "kv_usage_before": before.get(KV_USAGE, 0.0),
+        "kv_usage_after": after.get(KV_USAGE, 0.0),
+        "leaked_blocks": leaked,
+        "preemptions": after.get(PREEMPTIONS, 0.0) - before.get(PREEMPTIONS, 0.0),
+    }
 
 
 def write_report(recording: Path, out: Path) -> tuple[Path, Path]:

@@ -32,13 +32,19 @@ class Check:
     name: str
     ok: bool
     detail: str
-    fix: str = ""              # what a person (or --install) can do about it
-    needed_by: str = ""        # which part of leakhunt needs it
-    optional: bool = False     # nice to have: its absence is not a problem
+    fix: str = ""  # what a person (or --install) can do about it
+    needed_by: str = ""  # which part of leakhunt needs it
+    optional: bool = False  # nice to have: its absence is not a problem
 
     def to_json(self) -> dict:
-        return {"name": self.name, "ok": self.ok, "detail": self.detail, "fix": self.fix,
-                "needed_by": self.needed_by, "optional": self.optional}
+        return {
+            "name": self.name,
+            "ok": self.ok,
+            "detail": self.detail,
+            "fix": self.fix,
+            "needed_by": self.needed_by,
+            "optional": self.optional,
+        }
 
 
 @dataclass
@@ -66,33 +72,66 @@ def check_privileges() -> list[Check]:
     caps = _capabilities()
     have = {name: bool(caps >> bit & 1) for name, bit in CAPS.items()}
     root = os.geteuid() == 0
-    out = [Check("root", root, "running as root" if root else f"running as uid {os.geteuid()}",
-                 "" if root else "run leakhunt with sudo for BPF tracing", "BPF tracers")]
+    out = [
+        Check(
+            "root",
+            root,
+            "running as root" if root else f"running as uid {os.geteuid()}",
+            "" if root else "run leakhunt with sudo for BPF tracing",
+            "BPF tracers",
+        )
+    ]
     for name in ("CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE"):
         # Kernels before 5.8 have no CAP_BPF/CAP_PERFMON: CAP_SYS_ADMIN stands in for both.
         ok = have[name] or (name != "CAP_SYS_PTRACE" and have["CAP_SYS_ADMIN"])
-        out.append(Check(name, ok, "effective" if have[name] else
-                         ("via CAP_SYS_ADMIN" if ok else "missing"),
-                         "" if ok else "run as root, or grant the capability (setcap / container securityContext)",
-                         "gdb backend" if name == "CAP_SYS_PTRACE" else "BPF tracers"))
-    out.append(Check("CAP_SYS_RESOURCE", have["CAP_SYS_RESOURCE"],
-                     "effective" if have["CAP_SYS_RESOURCE"] else
-                     "missing: RLIMIT_MEMLOCK cannot be raised (bpftrace warns; modern kernels charge BPF maps to memcg)",
-                     "", "BPF tracers", optional=True))
+        out.append(
+            Check(
+                name,
+                ok,
+                "effective" if have[name] else ("via CAP_SYS_ADMIN" if ok else "missing"),
+                "" if ok else "run as root, or grant the capability (setcap / container securityContext)",
+                "gdb backend" if name == "CAP_SYS_PTRACE" else "BPF tracers",
+            )
+        )
+    out.append(
+        Check(
+            "CAP_SYS_RESOURCE",
+            have["CAP_SYS_RESOURCE"],
+            "effective"
+            if have["CAP_SYS_RESOURCE"]
+            else "missing: RLIMIT_MEMLOCK cannot be raised (bpftrace warns; modern kernels charge BPF maps to memcg)",
+            "",
+            "BPF tracers",
+            optional=True,
+        )
+    )
     return out
 
 
 def check_ptrace_scope() -> Check:
     path = Path("/proc/sys/kernel/yama/ptrace_scope")
     if not path.exists():
-        return Check("kernel.yama.ptrace_scope", True, "Yama not enabled: ptrace limited by permissions only",
-                     needed_by="gdb backend")
+        return Check(
+            "kernel.yama.ptrace_scope",
+            True,
+            "Yama not enabled: ptrace limited by permissions only",
+            needed_by="gdb backend",
+        )
     scope = int(path.read_text())
-    meaning = {0: "any process of the same user", 1: "only descendants (or CAP_SYS_PTRACE)",
-               2: "only CAP_SYS_PTRACE", 3: "ptrace disabled"}.get(scope, "unknown")
+    meaning = {
+        0: "any process of the same user",
+        1: "only descendants (or CAP_SYS_PTRACE)",
+        2: "only CAP_SYS_PTRACE",
+        3: "ptrace disabled",
+    }.get(scope, "unknown")
     ok = scope == 0 or (scope in (1, 2) and bool(_capabilities() >> CAPS["CAP_SYS_PTRACE"] & 1))
-    return Check("kernel.yama.ptrace_scope", ok, f"{scope}: {meaning}",
-                 "" if ok else "run as root, or: sysctl kernel.yama.ptrace_scope=0", "gdb backend")
+    return Check(
+        "kernel.yama.ptrace_scope",
+        ok,
+        f"{scope}: {meaning}",
+        "" if ok else "run as root, or: sysctl kernel.yama.ptrace_scope=0",
+        "gdb backend",
+    )
 
 
 def tracefs_root() -> Path | None:
@@ -104,31 +143,73 @@ def tracefs_root() -> Path | None:
 
 def check_tracing() -> list[Check]:
     root = tracefs_root()
-    out = [Check("tracefs", root is not None, f"mounted at {root}" if root else "not mounted",
-                 "" if root else "mount -t tracefs tracefs /sys/kernel/tracing", "BPF tracers")]
+    out = [
+        Check(
+            "tracefs",
+            root is not None,
+            f"mounted at {root}" if root else "not mounted",
+            "" if root else "mount -t tracefs tracefs /sys/kernel/tracing",
+            "BPF tracers",
+        )
+    ]
     tp = root / "events/syscalls/sys_enter_mmap" if root else None
-    out.append(Check("syscall tracepoints", bool(tp and tp.is_dir()),
-                     "syscalls:sys_enter_mmap present" if tp and tp.is_dir() else
-                     ("tracefs missing" if root is None else "kernel built without CONFIG_FTRACE_SYSCALLS"),
-                     "" if tp and tp.is_dir() else "mount tracefs (leakhunt doctor --install)", "BPF tracers"))
+    out.append(
+        Check(
+            "syscall tracepoints",
+            bool(tp and tp.is_dir()),
+            "syscalls:sys_enter_mmap present"
+            if tp and tp.is_dir()
+            else ("tracefs missing" if root is None else "kernel built without CONFIG_FTRACE_SYSCALLS"),
+            "" if tp and tp.is_dir() else "mount tracefs (leakhunt doctor --install)",
+            "BPF tracers",
+        )
+    )
     btf = Path("/sys/kernel/btf/vmlinux").exists()
-    out.append(Check("BTF", btf, "/sys/kernel/btf/vmlinux" if btf else "no kernel BTF",
-                     "" if btf else "needs a kernel with CONFIG_DEBUG_INFO_BTF", "bpftrace struct access",
-                     optional=True))
+    out.append(
+        Check(
+            "BTF",
+            btf,
+            "/sys/kernel/btf/vmlinux" if btf else "no kernel BTF",
+            "" if btf else "needs a kernel with CONFIG_DEBUG_INFO_BTF",
+            "bpftrace struct access",
+            optional=True,
+        )
+    )
     kprobes = bool(root and (root / "kprobe_events").exists())
-    out.append(Check("kprobes", kprobes, "available" if kprobes else "kernel has no kprobes (tracepoints are used instead)",
-                     "", "BCC memleak (peer in bench/)", optional=True))
+    out.append(
+        Check(
+            "kprobes",
+            kprobes,
+            "available" if kprobes else "kernel has no kprobes (tracepoints are used instead)",
+            "",
+            "BCC memleak (peer in bench/)",
+            optional=True,
+        )
+    )
     uprobes = bool(root and (root / "uprobe_events").exists())
-    out.append(Check("uprobes", uprobes, "available" if uprobes else "kernel has no uprobes",
-                     "", "BPF tracers (user-space probes)", optional=True))
+    out.append(
+        Check(
+            "uprobes",
+            uprobes,
+            "available" if uprobes else "kernel has no uprobes",
+            "",
+            "BPF tracers (user-space probes)",
+            optional=True,
+        )
+    )
     return out
 
 
 def check_bpftrace() -> Check:
     path = shutil.which("bpftrace")
     if not path:
-        return Check("bpftrace", False, "not installed", "apt-get install bpftrace (leakhunt doctor --install)",
-                     "bpftrace backend")
+        return Check(
+            "bpftrace",
+            False,
+            "not installed",
+            "apt-get install bpftrace (leakhunt doctor --install)",
+            "bpftrace backend",
+        )
     rc, out = _run([path, "--version"])
     return Check("bpftrace", rc == 0, out.splitlines()[0] if out else f"exit {rc}", "", "bpftrace backend")
 
@@ -139,18 +220,32 @@ def check_bcc() -> Check:
     if rc == 0:
         return Check("BCC (python3-bpfcc)", True, f"importable ({out})", "", "bcc backend")
     if (OS_DIST_PACKAGES / "bcc").is_dir():
-        return Check("BCC (python3-bpfcc)", False, "installed for the OS Python but not importable here",
-                     "leakhunt doctor --install (links it into this environment)", "bcc backend")
-    return Check("BCC (python3-bpfcc)", False, "not installed",
-                 "apt-get install python3-bpfcc (leakhunt doctor --install); never pip install 'bcc'",
-                 "bcc backend")
+        return Check(
+            "BCC (python3-bpfcc)",
+            False,
+            "installed for the OS Python but not importable here",
+            "leakhunt doctor --install (links it into this environment)",
+            "bcc backend",
+        )
+    return Check(
+        "BCC (python3-bpfcc)",
+        False,
+        "not installed",
+        "apt-get install python3-bpfcc (leakhunt doctor --install); never pip install 'bcc'",
+        "bcc backend",
+    )
 
 
 def check_kernel_headers() -> Check:
     build = Path(f"/lib/modules/{platform.release()}/build")
     ok = (build / "include").is_dir() or (build / "Makefile").exists()
-    return Check("kernel headers", ok, str(build.resolve()) if ok else f"{build} missing",
-                 "" if ok else "leakhunt doctor --install (links the installed linux-headers)", "bcc backend")
+    return Check(
+        "kernel headers",
+        ok,
+        str(build.resolve()) if ok else f"{build} missing",
+        "" if ok else "leakhunt doctor --install (links the installed linux-headers)",
+        "bcc backend",
+    )
 
 
 def _version_check(name: str, argv: list[str], needed_by: str, fix: str, optional: bool = False) -> Check:
@@ -162,18 +257,27 @@ def _version_check(name: str, argv: list[str], needed_by: str, fix: str, optiona
 
 
 def check_gdb() -> Check:
-    return _version_check("gdb", ["gdb", "--version"], "gdb backend", "apt-get install gdb (leakhunt doctor --install)")
+    return _version_check(
+        "gdb", ["gdb", "--version"], "gdb backend", "apt-get install gdb (leakhunt doctor --install)"
+    )
 
 
 def check_perf() -> Check:
-    return _version_check("perf", ["perf", "--version"], "perf backend, benchmarks",
-                          "apt-get install linux-perf", optional=True)
+    return _version_check(
+        "perf", ["perf", "--version"], "perf backend, benchmarks", "apt-get install linux-perf", optional=True
+    )
 
 
 def check_memray() -> Check:
     rc, out = _run([sys.executable, "-c", "import memray; print(memray.__version__)"])
-    return Check("memray", rc == 0, f"memray {out}" if rc == 0 else "not installed",
-                 "" if rc == 0 else "pip install memray", "heap vs RSS in reports", optional=True)
+    return Check(
+        "memray",
+        rc == 0,
+        f"memray {out}" if rc == 0 else "not installed",
+        "" if rc == 0 else "pip install memray",
+        "heap vs RSS in reports",
+        optional=True,
+    )
 
 
 def check_nvml() -> Check:
@@ -181,16 +285,22 @@ def check_nvml() -> Check:
 
     reader = NvmlReader.open()
     if isinstance(reader, GpuUnavailable):
-        return Check("NVML / GPU", False, f"{reader.reason}: device memory is not sampled (everything else works)",
-                     "", "device memory series", optional=True)
+        return Check(
+            "NVML / GPU",
+            False,
+            f"{reader.reason}: device memory is not sampled (everything else works)",
+            "",
+            "device memory series",
+            optional=True,
+        )
     detail = f"{reader.devices} GPU(s), driver {reader._nvml.nvmlSystemGetDriverVersion()}"
     reader.close()
     return Check("NVML / GPU", True, detail, "", "device memory series", optional=True)
 
 
 def check_backends() -> list[Check]:
-    from leakhunt.trace.backend import BACKENDS, backend_class
     from leakhunt.errors import BackendUnavailable
+    from leakhunt.trace.backend import BACKENDS, backend_class
 
     out = []
     for name in BACKENDS:
@@ -198,9 +308,16 @@ def check_backends() -> list[Check]:
             reason = backend_class(name).unavailable_reason()
         except BackendUnavailable as e:
             reason = e.reason
-        out.append(Check(f"backend: {name}", reason is None, "works here" if reason is None else reason,
-                         "" if reason is None else "leakhunt doctor --install", "trace-mmap, investigate",
-                         optional=name in ("perf",)))
+        out.append(
+            Check(
+                f"backend: {name}",
+                reason is None,
+                "works here" if reason is None else reason,
+                "" if reason is None else "leakhunt doctor --install",
+                "trace-mmap, investigate",
+                optional=name in ("perf",),
+            )
+        )
     return out
 
 
@@ -208,18 +325,29 @@ def run_checks() -> list[Check]:
     checks = check_privileges()
     checks.append(check_ptrace_scope())
     checks += check_tracing()
-    checks += [check_bpftrace(), check_bcc(), check_kernel_headers(), check_gdb(), check_perf(),
-               check_memray(), check_nvml()]
+    checks += [
+        check_bpftrace(),
+        check_bcc(),
+        check_kernel_headers(),
+        check_gdb(),
+        check_perf(),
+        check_memray(),
+        check_nvml(),
+    ]
     checks += check_backends()
     return checks
 
 
 # -- fixes ----------------------------------------------------------------------------------------
 
+
 def _headers_package() -> str:
     arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
-    flavour = "cloud" if "cloud" in platform.release() or not _has_apt_package(f"linux-headers-{platform.release()}") \
+    flavour = (
+        "cloud"
+        if "cloud" in platform.release() or not _has_apt_package(f"linux-headers-{platform.release()}")
         else ""
+    )
     return f"linux-headers-{platform.release()}" if not flavour else f"linux-headers-cloud-{arch}"
 
 
@@ -262,7 +390,8 @@ def fix_tracefs(log: InstallLog) -> None:
         return
     rc, out = _run(["mount", "-t", "tracefs", "tracefs", str(TRACEFS)])
     (log.actions if rc == 0 else log.failures).append(
-        f"mount -t tracefs tracefs {TRACEFS}" + ("" if rc == 0 else f": {out}"))
+        f"mount -t tracefs tracefs {TRACEFS}" + ("" if rc == 0 else f": {out}")
+    )
 
 
 def fix_kernel_headers(log: InstallLog) -> None:
@@ -306,15 +435,21 @@ def fix_bcc_import(log: InstallLog) -> None:
     if why:
         log.failures.append(why)
     else:
-        log.actions.append(f"made the OS's python3-bpfcc importable here ({sysconfig.get_paths()['purelib']})")
+        log.actions.append(
+            f"made the OS's python3-bpfcc importable here ({sysconfig.get_paths()['purelib']})"
+        )
 
 
-def install(extra_packages: list[str] | None = None, progress: Callable[[str], None] | None = None) -> InstallLog:
+def install(
+    extra_packages: list[str] | None = None, progress: Callable[[str], None] | None = None
+) -> InstallLog:
     log = InstallLog()
-    steps = [("system packages", lambda: fix_apt(apt_packages() + list(extra_packages or []), log)),
-             ("tracefs", lambda: fix_tracefs(log)),
-             ("kernel headers", lambda: fix_kernel_headers(log)),
-             ("BCC in this environment", lambda: fix_bcc_import(log))]
+    steps = [
+        ("system packages", lambda: fix_apt(apt_packages() + list(extra_packages or []), log)),
+        ("tracefs", lambda: fix_tracefs(log)),
+        ("kernel headers", lambda: fix_kernel_headers(log)),
+        ("BCC in this environment", lambda: fix_bcc_import(log)),
+    ]
     for label, step in steps:
         if progress:
             progress(label)

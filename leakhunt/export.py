@@ -48,7 +48,7 @@ class Watched:
     samples: deque[Sample] = field(default_factory=deque)
     summary: MemorySummary | None = None
     last_cost_s: float = 0.0
-    root: int | None = None          # with subprocesses: the explicit pid this process is under
+    root: int | None = None  # with subprocesses: the explicit pid this process is under
 
 
 @dataclass(frozen=True)
@@ -67,11 +67,13 @@ class TreeFigures:
 class FleetView:
     """What one scrape sees: an immutable copy of the fleet's latest figures."""
 
-    targets: tuple[tuple[Target, MemorySummary | None, Sample, float, float], ...]  # target, summary, last, window, cost
+    targets: tuple[
+        tuple[Target, MemorySummary | None, Sample, float, float], ...
+    ]  # target, summary, last, window, cost
     lost_total: int
     discovered_total: int
     trees: tuple[TreeFigures, ...] = ()
-    roots: dict[int, int] = field(default_factory=dict)    # pid -> the root of its tree (subprocesses)
+    roots: dict[int, int] = field(default_factory=dict)  # pid -> the root of its tree (subprocesses)
 
 
 class TickDevice:
@@ -95,18 +97,25 @@ class TickDevice:
 class Fleet:
     """The processes an exporter follows, each with a rolling window of light samples."""
 
-    def __init__(self, pids: Iterable[int] = (), match: str | None = None, interval: float = 5.0,
-                 window_s: float = 900.0, culprits: CulpritSource | None = None, device: bool = True,
-                 subprocesses: bool = False) -> None:
+    def __init__(
+        self,
+        pids: Iterable[int] = (),
+        match: str | None = None,
+        interval: float = 5.0,
+        window_s: float = 900.0,
+        culprits: CulpritSource | None = None,
+        device: bool = True,
+        subprocesses: bool = False,
+    ) -> None:
         self.interval = interval
         self.subprocesses = subprocesses
         self._trees: tuple[TreeFigures, ...] = ()
         self.window_s = window_s
         self.match = re.compile(match) if match else None
         self.culprits = culprits
-        self._explicit = [open_target(p) for p in pids]   # a bad --pid is an error at the start
+        self._explicit = [open_target(p) for p in pids]  # a bad --pid is an error at the start
         self._watched: dict[tuple[int, int], Watched] = {}
-        self._ignored = _ancestors(os.getpid())            # never export ourselves or our shell
+        self._ignored = _ancestors(os.getpid())  # never export ourselves or our shell
         self._lock = threading.Lock()
         self._view = FleetView((), 0, 0)
         self._lost = 0
@@ -154,13 +163,17 @@ class Fleet:
                     continue
 
     def discover(self) -> None:
-        found = [(t, t.pid if self.subprocesses and t in self._explicit else None) for t in self._candidates()]
+        found = [
+            (t, t.pid if self.subprocesses and t in self._explicit else None) for t in self._candidates()
+        ]
         if self.subprocesses:
             found += list(self._descendants())
         for target, root in found:
             key = (target.pid, target.start_time)
             if key not in self._watched:
-                self._watched[key] = Watched(target, Sampler(target, self.interval, gpu=self.device), root=root)
+                self._watched[key] = Watched(
+                    target, Sampler(target, self.interval, gpu=self.device), root=root
+                )
                 self._discovered += 1
 
     # -- sampling ----------------------------------------------------------------------------
@@ -169,10 +182,10 @@ class Fleet:
         self.discover()
         if self.device is not None:
             self.device.refresh(pid for pid, _ in self._watched)
-        members: dict[int, list] = {}   # root pid -> this tick's snapshots of its tree
+        members: dict[int, list] = {}  # root pid -> this tick's snapshots of its tree
         for key, w in list(self._watched.items()):
             try:
-                if not w.target.alive():   # exited, or its pid was reused by another process
+                if not w.target.alive():  # exited, or its pid was reused by another process
                     raise TargetGone(w.target.pid)
                 sample = w.sampler.take()
             except (TargetGone, AccessDenied):
@@ -190,13 +203,17 @@ class Fleet:
             for s in w.samples:
                 history.add(s)
             w.summary = summarize(history) if len(history) >= 2 else None
-        self._trees = tuple(_tree_figures(root, members.get(root.pid, [])) for root in self._explicit
-                            if root.pid in members)
+        self._trees = tuple(
+            _tree_figures(root, members.get(root.pid, [])) for root in self._explicit if root.pid in members
+        )
         self._publish()
 
     def _publish(self) -> None:
-        rows = tuple((w.target, w.summary, w.samples[-1], w.samples[-1].t - w.samples[0].t, w.last_cost_s)
-                     for w in self._watched.values() if w.samples)
+        rows = tuple(
+            (w.target, w.summary, w.samples[-1], w.samples[-1].t - w.samples[0].t, w.last_cost_s)
+            for w in self._watched.values()
+            if w.samples
+        )
         roots = {w.target.pid: w.root for w in self._watched.values() if w.root is not None}
         with self._lock:
             self._view = FleetView(rows, self._lost, self._discovered, self._trees, roots)
@@ -230,7 +247,7 @@ def _ancestors(pid: int) -> set[int]:
     while pid > 1:
         try:
             stat = (PROC / str(pid) / "stat").read_text()
-            pid = int(stat[stat.rindex(")") + 2:].split()[1])
+            pid = int(stat[stat.rindex(")") + 2 :].split()[1])
         except (OSError, ValueError):
             break
         seen.add(pid)
@@ -247,22 +264,47 @@ class FleetCollector(Collector):
     def collect(self) -> Iterator:
         view = self.fleet.view()
         proc = ["pid", "comm"]
-        rss = GaugeMetricFamily(f"{PREFIX}_rss_bytes", "Resident memory by region class", labels=proc + ["class"])
-        total = GaugeMetricFamily(f"{PREFIX}_process_rss_bytes", "Resident memory of the process", labels=proc)
-        slope = GaugeMetricFamily(f"{PREFIX}_rss_slope_bytes_per_second",
-                                  "Theil-Sen slope of RSS over the window ('total' or a region class), with "
-                                  "its 95% interval bounds", labels=proc + ["class", "bound"])
-        leak = GaugeMetricFamily(f"{PREFIX}_leak", "1 when the series is judged a leak (significant, still "
-                                 "growing), else 0", labels=proc + ["class"])
-        plateau = GaugeMetricFamily(f"{PREFIX}_plateau", "1 when the series grew and levelled off", labels=proc + ["class"])
-        group_rss = GaugeMetricFamily(f"{PREFIX}_group_rss_bytes", "RSS of the top growing (class, path) groups",
-                                      labels=proc + ["class", "path"])
-        group_growth = GaugeMetricFamily(f"{PREFIX}_group_growth_bytes", "Growth over the window of the top "
-                                         "growing groups", labels=proc + ["class", "path"])
-        culprit = GaugeMetricFamily(f"{PREFIX}_culprit_outstanding_bytes", "Bytes mapped and not unmapped, by "
-                                    "caller (when a tracer runs beside the exporter)", labels=proc + ["caller"])
-        window = GaugeMetricFamily(f"{PREFIX}_window_seconds", "Span of the samples the slopes are fitted on", labels=proc)
-        cost = GaugeMetricFamily(f"{PREFIX}_sample_duration_seconds", "Time the last smaps sample took", labels=proc)
+        rss = GaugeMetricFamily(
+            f"{PREFIX}_rss_bytes", "Resident memory by region class", labels=proc + ["class"]
+        )
+        total = GaugeMetricFamily(
+            f"{PREFIX}_process_rss_bytes", "Resident memory of the process", labels=proc
+        )
+        slope = GaugeMetricFamily(
+            f"{PREFIX}_rss_slope_bytes_per_second",
+            "Theil-Sen slope of RSS over the window ('total' or a region class), with "
+            "its 95% interval bounds",
+            labels=proc + ["class", "bound"],
+        )
+        leak = GaugeMetricFamily(
+            f"{PREFIX}_leak",
+            "1 when the series is judged a leak (significant, still growing), else 0",
+            labels=proc + ["class"],
+        )
+        plateau = GaugeMetricFamily(
+            f"{PREFIX}_plateau", "1 when the series grew and levelled off", labels=proc + ["class"]
+        )
+        group_rss = GaugeMetricFamily(
+            f"{PREFIX}_group_rss_bytes",
+            "RSS of the top growing (class, path) groups",
+            labels=proc + ["class", "path"],
+        )
+        group_growth = GaugeMetricFamily(
+            f"{PREFIX}_group_growth_bytes",
+            "Growth over the window of the top growing groups",
+            labels=proc + ["class", "path"],
+        )
+        culprit = GaugeMetricFamily(
+            f"{PREFIX}_culprit_outstanding_bytes",
+            "Bytes mapped and not unmapped, by caller (when a tracer runs beside the exporter)",
+            labels=proc + ["caller"],
+        )
+        window = GaugeMetricFamily(
+            f"{PREFIX}_window_seconds", "Span of the samples the slopes are fitted on", labels=proc
+        )
+        cost = GaugeMetricFamily(
+            f"{PREFIX}_sample_duration_seconds", "Time the last smaps sample took", labels=proc
+        )
         device = DeviceFamilies(proc)
         for target, summary, last, span, sample_cost in view.targets:
             who = [str(target.pid), target.comm]
@@ -273,7 +315,7 @@ class FleetCollector(Collector):
             cost.add_metric(who, sample_cost)
             if summary is not None:
                 _judged(summary, who, slope, leak, plateau)
-                for g in summary.groups[:self.top_groups]:
+                for g in summary.groups[: self.top_groups]:
                     group_rss.add_metric(who + [g.klass.value, g.label], g.end)
                     group_growth.add_metric(who + [g.klass.value, g.label], g.growth)
             if self.fleet.culprits is not None:
@@ -284,28 +326,48 @@ class FleetCollector(Collector):
         yield from device.families()
         if self.fleet.subprocesses:
             yield from _tree_families(view)
-        yield GaugeMetricFamily(f"{PREFIX}_device_memory_sampled", "1 when NVML works here and device memory is "
-                                "sampled; 0 without an NVIDIA driver, GPU or nvidia-ml-py",
-                                value=float(self.fleet.device is not None))
+        yield GaugeMetricFamily(
+            f"{PREFIX}_device_memory_sampled",
+            "1 when NVML works here and device memory is "
+            "sampled; 0 without an NVIDIA driver, GPU or nvidia-ml-py",
+            value=float(self.fleet.device is not None),
+        )
         yield GaugeMetricFamily(f"{PREFIX}_targets", "Processes being watched", value=len(view.targets))
-        yield CounterMetricFamily(f"{PREFIX}_targets_lost", "Watched processes that exited", value=view.lost_total)
-        yield CounterMetricFamily(f"{PREFIX}_targets_discovered", "Processes ever watched", value=view.discovered_total)
+        yield CounterMetricFamily(
+            f"{PREFIX}_targets_lost", "Watched processes that exited", value=view.lost_total
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_targets_discovered", "Processes ever watched", value=view.discovered_total
+        )
 
 
 def _tree_families(view: FleetView) -> Iterator:
     """--subprocesses: which tree each process belongs to, and each tree's own totals."""
-    member = GaugeMetricFamily(f"{PREFIX}_process_tree", "1 for each watched process of a tree: the pid it "
-                               "is under (root) and its own pid (join on pid for the per-process series)",
-                               labels=["pid", "comm", "root"])
+    member = GaugeMetricFamily(
+        f"{PREFIX}_process_tree",
+        "1 for each watched process of a tree: the pid it "
+        "is under (root) and its own pid (join on pid for the per-process series)",
+        labels=["pid", "comm", "root"],
+    )
     for target, *_ in view.targets:
         if target.pid in view.roots:
             member.add_metric([str(target.pid), target.comm, str(view.roots[target.pid])], 1.0)
     who = ["pid", "comm"]
-    rss = GaugeMetricFamily(f"{PREFIX}_tree_rss_bytes", "Resident memory of the process and every process under "
-                            "it, each shared object (a /dev/shm segment, a library) counted once", labels=who)
-    pss = GaugeMetricFamily(f"{PREFIX}_tree_pss_bytes", "Sum of the tree's proportional set sizes", labels=who)
-    uss = GaugeMetricFamily(f"{PREFIX}_tree_uss_bytes", "Sum of the tree's unique (private) set sizes", labels=who)
-    count = GaugeMetricFamily(f"{PREFIX}_tree_processes", "Processes in the tree at the last sample", labels=who)
+    rss = GaugeMetricFamily(
+        f"{PREFIX}_tree_rss_bytes",
+        "Resident memory of the process and every process under "
+        "it, each shared object (a /dev/shm segment, a library) counted once",
+        labels=who,
+    )
+    pss = GaugeMetricFamily(
+        f"{PREFIX}_tree_pss_bytes", "Sum of the tree's proportional set sizes", labels=who
+    )
+    uss = GaugeMetricFamily(
+        f"{PREFIX}_tree_uss_bytes", "Sum of the tree's unique (private) set sizes", labels=who
+    )
+    count = GaugeMetricFamily(
+        f"{PREFIX}_tree_processes", "Processes in the tree at the last sample", labels=who
+    )
     for tree in view.trees:
         labels = [str(tree.root.pid), tree.root.comm]
         for family, value in ((rss, tree.rss), (pss, tree.pss), (uss, tree.uss), (count, tree.processes)):
@@ -318,7 +380,7 @@ def _judged(summary: MemorySummary, who: list[str], slope, leak, plateau) -> Non
     for name, s in series:
         v = s.verdict
         for bound, value in (("estimate", v.trend.slope), ("lower", v.trend.lo), ("upper", v.trend.hi)):
-            if value == value:   # NaN: not enough samples yet; absent beats a fake zero
+            if value == value:  # NaN: not enough samples yet; absent beats a fake zero
                 slope.add_metric(who + [name, bound], value)
         leak.add_metric(who + [name], float(v.leak))
         plateau.add_metric(who + [name], float(v.plateau))
@@ -330,15 +392,24 @@ class DeviceFamilies:
     flat, so it has families of its own (absent for processes NVML was not asked about)."""
 
     def __init__(self, proc: list[str]) -> None:
-        self.bytes = GaugeMetricFamily(f"{PREFIX}_device_memory_bytes", "GPU memory the process uses (NVML, "
-                                       "summed over its GPUs)", labels=proc)
-        self.slope = GaugeMetricFamily(f"{PREFIX}_device_memory_slope_bytes_per_second", "Theil-Sen slope of "
-                                       "device memory over the window, with its 95% interval bounds",
-                                       labels=proc + ["bound"])
-        self.leak = GaugeMetricFamily(f"{PREFIX}_device_memory_leak", "1 when device memory is judged a leak "
-                                      "(significant, still growing), else 0", labels=proc)
-        self.plateau = GaugeMetricFamily(f"{PREFIX}_device_memory_plateau", "1 when device memory grew and "
-                                         "levelled off", labels=proc)
+        self.bytes = GaugeMetricFamily(
+            f"{PREFIX}_device_memory_bytes",
+            "GPU memory the process uses (NVML, summed over its GPUs)",
+            labels=proc,
+        )
+        self.slope = GaugeMetricFamily(
+            f"{PREFIX}_device_memory_slope_bytes_per_second",
+            "Theil-Sen slope of device memory over the window, with its 95% interval bounds",
+            labels=proc + ["bound"],
+        )
+        self.leak = GaugeMetricFamily(
+            f"{PREFIX}_device_memory_leak",
+            "1 when device memory is judged a leak (significant, still growing), else 0",
+            labels=proc,
+        )
+        self.plateau = GaugeMetricFamily(
+            f"{PREFIX}_device_memory_plateau", "1 when device memory grew and levelled off", labels=proc
+        )
 
     def add(self, who: list[str], last: Sample, summary: MemorySummary | None) -> None:
         if last.gpu_bytes is None:
@@ -348,7 +419,7 @@ class DeviceFamilies:
             return
         v = summary.device.verdict
         for bound, value in (("estimate", v.trend.slope), ("lower", v.trend.lo), ("upper", v.trend.hi)):
-            if value == value:   # NaN: not enough samples yet
+            if value == value:  # NaN: not enough samples yet
                 self.slope.add_metric(who + [bound], value)
         self.leak.add_metric(who, float(v.leak))
         self.plateau.add_metric(who, float(v.plateau))

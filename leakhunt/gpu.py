@@ -47,8 +47,10 @@ class NvmlReader:
         """Bytes of device memory each pid uses (0 for a pid NVML does not list)."""
         used = dict.fromkeys(pids, 0)
         for handle in self._handles:
-            for query in (self._nvml.nvmlDeviceGetComputeRunningProcesses,
-                          self._nvml.nvmlDeviceGetGraphicsRunningProcesses):
+            for query in (
+                self._nvml.nvmlDeviceGetComputeRunningProcesses,
+                self._nvml.nvmlDeviceGetGraphicsRunningProcesses,
+            ):
                 try:
                     procs = query(handle)
                 except self._nvml.NVMLError:

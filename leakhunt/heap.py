@@ -39,7 +39,7 @@ class HeapSeries:
     t: np.ndarray
     heap: np.ndarray
     rss: np.ndarray
-    mode: str          # "attach" or "run"
+    mode: str  # "attach" or "run"
 
 
 def memray_unavailable_reason() -> str | None:
@@ -65,11 +65,17 @@ def run_mode_argv(argv: list[str], capture: Path) -> list[str]:
     """``python [opts] script|-m mod|-c code args`` rewritten to run under memray."""
     _require_memray()
     if not is_python_command(argv) or len(argv) < 2:
-        raise BackendUnavailable("memray", f"--heap needs a Python command (python SCRIPT or python -m "
-                                 f"MODULE), not {argv[0] if argv else 'nothing'}", "")
+        raise BackendUnavailable(
+            "memray",
+            f"--heap needs a Python command (python SCRIPT or python -m "
+            f"MODULE), not {argv[0] if argv else 'nothing'}",
+            "",
+        )
     check = subprocess.run([argv[0], "-c", "import memray"], capture_output=True)
     if check.returncode != 0:
-        raise BackendUnavailable("memray", f"{argv[0]} cannot import memray", f"{argv[0]} -m pip install memray")
+        raise BackendUnavailable(
+            "memray", f"{argv[0]} cannot import memray", f"{argv[0]} -m pip install memray"
+        )
     return [argv[0], "-m", "memray", "run", "--quiet", "--force", "-o", str(capture), *argv[1:]]
 
 
@@ -88,8 +94,11 @@ class HeapTracker:
         cp = subprocess.run([*argv, str(pid)], capture_output=True, text=True, timeout=120)
         if cp.returncode != 0:
             why = (cp.stderr.strip() or cp.stdout.strip()).splitlines()
-            raise BackendUnavailable("memray", f"attach to pid {pid} failed: {why[-1] if why else cp.returncode}",
-                                     "needs gdb or lldb and a Python 3.7+ target")
+            raise BackendUnavailable(
+                "memray",
+                f"attach to pid {pid} failed: {why[-1] if why else cp.returncode}",
+                "needs gdb or lldb and a Python 3.7+ target",
+            )
         self._attached = True
 
     def stop(self) -> None:
@@ -98,8 +107,9 @@ class HeapTracker:
         self._attached = False
         if shutil.which("gdb") or shutil.which("lldb"):
             # Fails harmlessly when tracking already ended (--duration elapsed, target exited).
-            subprocess.run([sys.executable, "-m", "memray", "detach", str(self.pid)], capture_output=True,
-                           timeout=120)
+            subprocess.run(
+                [sys.executable, "-m", "memray", "detach", str(self.pid)], capture_output=True, timeout=120
+            )
 
     def __enter__(self) -> HeapTracker:
         return self
@@ -182,11 +192,17 @@ def read_heap(rec, t0: float | None) -> HeapSeries | None:
     if not records:
         return None
     base = t0 if t0 is not None else records[0]["ts"]
-    return HeapSeries(np.array([r["ts"] - base for r in records]), np.array([r["heap"] for r in records], float),
-                      np.array([r.get("rss", 0) for r in records], float), mode)
+    return HeapSeries(
+        np.array([r["ts"] - base for r in records]),
+        np.array([r["heap"] for r in records], float),
+        np.array([r.get("rss", 0) for r in records], float),
+        mode,
+    )
 
 
-def aligned_growth(t: np.ndarray, rss: np.ndarray, heap: HeapSeries) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def aligned_growth(
+    t: np.ndarray, rss: np.ndarray, heap: HeapSeries
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """RSS growth and heap growth from the first RSS sample taken once tracking had begun, at the
     sample times: before that sample the interpreter may still be starting (its libraries load),
     which is growth memray was not there to see."""

@@ -22,8 +22,8 @@ from leakhunt.analysis.device import device_finding, device_json, device_leak_on
 from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.analysis.verdict import MIN_SLOPE
 from leakhunt.errors import AccessDenied, BackendUnavailable, LeakhuntError, TargetGone
-from leakhunt.proc.sampler import STOP_DURATION, STOP_INTERRUPTED, History, Sample, Sampler
 from leakhunt.investigate_tree import TreeMemory, short_command
+from leakhunt.proc.sampler import STOP_DURATION, STOP_INTERRUPTED, History, Sample, Sampler
 from leakhunt.proc.target import Target, open_target
 from leakhunt.proc.tree import descendants
 from leakhunt.record import SampleRecorder, SessionWriter
@@ -34,9 +34,11 @@ from leakhunt.trace.tree_trace import TreeTrace
 
 STOP_CONFIDENT = "verdict confident"
 #: What a no-leak verdict cannot rule out, said with it.
-BLIND_SPOT = ("memory is judged as the process maps it: a leak inside memory allocated up front (the blocks "
-              "of a preallocated KV cache, an object pool) grows nothing here; the application's own pool "
-              "metrics show it")
+BLIND_SPOT = (
+    "memory is judged as the process maps it: a leak inside memory allocated up front (the blocks "
+    "of a preallocated KV cache, an object pool) grows nothing here; the application's own pool "
+    "metrics show it"
+)
 VERDICT = "verdict"
 STACKS = "stacks"
 #: Never decide before this much evidence, whatever the numbers say.
@@ -60,7 +62,7 @@ class InvestigateOptions:
     backend: str = "auto"
     gdb_stacks: bool = True
     min_decide_s: float = MIN_DECIDE_S
-    subprocesses: bool = False        # the whole tree under the pid, children that come later too
+    subprocesses: bool = False  # the whole tree under the pid, children that come later too
 
 
 @dataclass(frozen=True)
@@ -75,27 +77,32 @@ class Evaluation:
 
     def to_record(self) -> dict:
         v = self.summary.rss.verdict
-        return {"t": self.t, "leak": v.leak, "rss_slope_bytes_per_s": v.trend.slope,
-                "slope_interval": [v.trend.lo, v.trend.hi], "explained_fraction": self.attribution.explained_fraction,
-                "attribution": self.attribution.to_json()}
+        return {
+            "t": self.t,
+            "leak": v.leak,
+            "rss_slope_bytes_per_s": v.trend.slope,
+            "slope_interval": [v.trend.lo, v.trend.hi],
+            "explained_fraction": self.attribution.explained_fraction,
+            "attribution": self.attribution.to_json(),
+        }
 
 
 @dataclass
 class InvestigationResult:
     target: Target
     choice: BackendChoice | None
-    no_tracer: str | None                  # why there was no tracer, if there was none
+    no_tracer: str | None  # why there was no tracer, if there was none
     history: History
     summary: MemorySummary
     attribution: Attribution
     evaluations: list[Evaluation]
     stopped_because: str
-    error: Exception | None = None         # the target was lost mid-run
+    error: Exception | None = None  # the target was lost mid-run
     tracer: TreeTrace | None = None
-    gdb: dict | None = None                # the deep-stack pass: what it found and cost
+    gdb: dict | None = None  # the deep-stack pass: what it found and cost
     notes: list[str] = field(default_factory=list)
-    processes: list[dict] | None = None    # with subprocesses: one document per process of the tree
-    tree: dict | None = None               # with subprocesses: how the tree's totals count
+    processes: list[dict] | None = None  # with subprocesses: one document per process of the tree
+    tree: dict | None = None  # with subprocesses: how the tree's totals count
     device_unavailable: str | None = None  # why device memory (NVML) was not sampled
 
     @property
@@ -124,13 +131,21 @@ class InvestigationResult:
         text = f"pid {pid}" + (f" ({short_command(doc['cmdline'])[:60]})" if doc and doc["cmdline"] else "")
         if pid != self.target.pid:
             parent = doc.get("ppid") if doc else None
-            text += f", a child of pid {self.target.pid}" if parent == self.target.pid else f", under pid {self.target.pid}"
+            text += (
+                f", a child of pid {self.target.pid}"
+                if parent == self.target.pid
+                else f", under pid {self.target.pid}"
+            )
         return text
 
     def to_json(self) -> dict:
         v = self.summary.rss.verdict
         stats = self.stats
-        tree = {"subprocesses": True, "processes": self.processes, "tree": self.tree} if self.processes is not None else {}
+        tree = (
+            {"subprocesses": True, "processes": self.processes, "tree": self.tree}
+            if self.processes is not None
+            else {}
+        )
         return {
             "command": "investigate",
             "pid": self.target.pid,
@@ -166,8 +181,13 @@ class InvestigationResult:
 class Investigation:
     """One run of investigate over one target."""
 
-    def __init__(self, target: Target, options: InvestigateOptions, writer: SessionWriter | None = None,
-                 on_update: Callable[[Investigation, Evaluation | None], None] | None = None) -> None:
+    def __init__(
+        self,
+        target: Target,
+        options: InvestigateOptions,
+        writer: SessionWriter | None = None,
+        on_update: Callable[[Investigation, Evaluation | None], None] | None = None,
+    ) -> None:
         self.target = target
         self.options = options
         self.writer = writer
@@ -180,7 +200,7 @@ class Investigation:
         self.notes: list[str] = []
         self._gpu, self.device_unavailable = open_nvml()
         self.tree: TreeMemory | None = None
-        self.leaking: set[int] = set()          # with a tree: the processes that leak, at the last evaluation
+        self.leaking: set[int] = set()  # with a tree: the processes that leak, at the last evaluation
         self.sampler: Sampler | None = None
         self.recorder: SampleRecorder | None = None
         if options.subprocesses:
@@ -205,13 +225,16 @@ class Investigation:
             return
         if self.choice.name == "gdb" and self.options.backend == "auto":
             # gdb stops the target at every mmap: fine for a deep look, wrong as the always-on tracer.
-            self.no_tracer = "no BPF backend works here (" + "; ".join(
-                f"{n}: {r}" for n, r in self.choice.unavailable.items()) + ")"
+            self.no_tracer = (
+                "no BPF backend works here ("
+                + "; ".join(f"{n}: {r}" for n, r in self.choice.unavailable.items())
+                + ")"
+            )
             self.choice = None
             return
         follow = self.options.subprocesses
         if self.choice.name == "gdb" and follow:
-            follow = False   # one gdb per process would stop every process of the tree at each mmap
+            follow = False  # one gdb per process would stop every process of the tree at each mmap
             self.notes.append("the gdb backend traces the root process only, not its children")
         # bpftrace fixes its set of pids at the start: the processes under the root now go in it.
         options = TraceOptions(follow=follow, existing=descendants(self.target.pid) if follow else ())
@@ -239,12 +262,15 @@ class Investigation:
         summary = summarize(self.history, warmup_s=self.options.warmup, min_slope=floor, pid=self.target.pid)
         if self.tree:
             self.leaking = self.tree.leaking(summary, self.options.warmup)
-            attribution = correlate_tree(self.tree.evidence(self.tracer, self.leaking), self.history.duration_s)
+            attribution = correlate_tree(
+                self.tree.evidence(self.tracer, self.leaking), self.history.duration_s
+            )
         else:
             outstanding = self.tracer.outstanding(self.target.pid) if self.tracer else []
             first, last = self.history.first, self.history.last
-            attribution = correlate(first.snapshot, last.snapshot, outstanding, self.history.duration_s,
-                                    pid=self.target.pid)
+            attribution = correlate(
+                first.snapshot, last.snapshot, outstanding, self.history.duration_s, pid=self.target.pid
+            )
         ev = Evaluation(self.history.duration_s, summary, attribution)
         self.evaluations.append(ev)
         if self.writer:
@@ -259,8 +285,11 @@ class Investigation:
             return False
         if self.tracer is None:  # no tracer: the RSS verdict is all there is to be sure of
             return True
-        return (len({e.top for e in recent}) == 1 and recent[-1].top is not None
-                and recent[-1].attribution.explained_fraction >= CONFIDENT_EXPLAINED)
+        return (
+            len({e.top for e in recent}) == 1
+            and recent[-1].top is not None
+            and recent[-1].attribution.explained_fraction >= CONFIDENT_EXPLAINED
+        )
 
     def run(self) -> InvestigationResult:
         reason, error = STOP_DURATION, None
@@ -303,7 +332,9 @@ class Investigation:
             elif self.recorder:
                 self.recorder.flush_last()
         if len(self.history) < 2:
-            raise LeakhuntError(f"{self.target.describe()}: {reason} before a second sample; nothing to judge")
+            raise LeakhuntError(
+                f"{self.target.describe()}: {reason} before a second sample; nothing to judge"
+            )
         final = self.evaluate()
         gdb = None
         if self.options.gdb_stacks and error is None and final.summary.leak and reason != STOP_INTERRUPTED:
@@ -314,9 +345,21 @@ class Investigation:
                     self.writer.append(VERDICT, final.to_record())
         if self._gpu:
             self._gpu.close()
-        result = InvestigationResult(self.target, self.choice, self.no_tracer, self.history, final.summary,
-                                     final.attribution, self.evaluations, reason, error, self.tracer, gdb,
-                                     self.notes, device_unavailable=self.device_unavailable)
+        result = InvestigationResult(
+            self.target,
+            self.choice,
+            self.no_tracer,
+            self.history,
+            final.summary,
+            final.attribution,
+            self.evaluations,
+            reason,
+            error,
+            self.tracer,
+            gdb,
+            self.notes,
+            device_unavailable=self.device_unavailable,
+        )
         if self.tree:
             result.processes = self.tree.documents(self.options.warmup, final.attribution, self.leaking)
             result.tree = self.tree.tree_document()
@@ -340,7 +383,7 @@ class Investigation:
         from leakhunt.trace.gdb_backend import gdb_extra
 
         extra = gdb_extra(max_hits=GDB_HITS, time_budget=GDB_SECONDS)
-        try:   # the culprit's own process: in a tree, a child of the target maybe
+        try:  # the culprit's own process: in a tree, a child of the target maybe
             target = self.target if top.pid in (None, self.target.pid) else open_target(top.pid)
         except (TargetGone, AccessDenied) as e:
             self.notes.append(f"no gdb stack for {top.title}: {e}")
@@ -364,9 +407,15 @@ class Investigation:
             backend.stop()
         details = backend.details() if hasattr(backend, "details") else {}
         best = max(stacks, key=lambda s: len(s.frames), default=None)
-        return {"culprit": top.title, "stacks": len(stacks), "stack": [str(f) for f in best.frames] if best else [],
-                "stack_partial": best.partial if best else True, "hits": details.get("hits"),
-                "cost": details.get("cost"), "end": details.get("end")}
+        return {
+            "culprit": top.title,
+            "stacks": len(stacks),
+            "stack": [str(f) for f in best.frames] if best else [],
+            "stack_partial": best.partial if best else True,
+            "hits": details.get("hits"),
+            "cost": details.get("cost"),
+            "end": details.get("end"),
+        }
 
 
 def _same_caller(caller: Frame | None, stack: Stack, library: str, symbol: str) -> bool:
@@ -377,6 +426,10 @@ def _same_caller(caller: Frame | None, stack: Stack, library: str, symbol: str) 
 def _with_stack(attribution: Attribution, gdb: dict) -> Attribution:
     from dataclasses import replace
 
-    culprits = [replace(c, stack=tuple(gdb["stack"]), stack_partial=gdb["stack_partial"])
-                if c.title == gdb["culprit"] else c for c in attribution.culprits]
+    culprits = [
+        replace(c, stack=tuple(gdb["stack"]), stack_partial=gdb["stack_partial"])
+        if c.title == gdb["culprit"]
+        else c
+        for c in attribution.culprits
+    ]
     return replace(attribution, culprits=culprits)

@@ -29,8 +29,14 @@ TREE_COUNTING = "private pages of every process plus each shared object once"
 class TreeMemory:
     """A TreeSampler driven one tick at a time by the investigation loop."""
 
-    def __init__(self, root: Target, interval: float, keep_raw: bool, gpu: NvmlReader | None,
-                 writer: SessionWriter | None) -> None:
+    def __init__(
+        self,
+        root: Target,
+        interval: float,
+        keep_raw: bool,
+        gpu: NvmlReader | None,
+        writer: SessionWriter | None,
+    ) -> None:
         self.sampler = TreeSampler(root, interval, keep_raw, gpu)
         self.recorder = TreeRecorder(writer) if writer else None
         self.reported_ends: set[int] = set()
@@ -47,7 +53,7 @@ class TreeMemory:
         """The processes under the root now (call once the tracer runs: later ones it follows)."""
         tracks = self.sampler.discover()
         for track in tracks:
-            track.first_seen = 0.0   # there from the start, not picked up later
+            track.first_seen = 0.0  # there from the start, not picked up later
         return [track.target for track in tracks]
 
     def take(self) -> list[Target]:
@@ -69,8 +75,10 @@ class TreeMemory:
         for pid, track in self.sampler.tracks.items():
             if track.ended and pid not in self.reported_ends:
                 self.reported_ends.add(pid)
-                notes.append(f"{track.target.describe()} {track.ended} after {format_duration(track.ended_at or 0)}; "
-                             "its growth is left out of the attribution")
+                notes.append(
+                    f"{track.target.describe()} {track.ended} after {format_duration(track.ended_at or 0)}; "
+                    "its growth is left out of the attribution"
+                )
         return notes
 
     def leaking(self, tree: MemorySummary, warmup: float | None) -> set[int]:
@@ -92,9 +100,16 @@ class TreeMemory:
             h = track.history
             if len(h) < 2:
                 continue
-            out.append(ProcessEvidence(track.target.pid, h.first.snapshot, h.last.snapshot,
-                                       tracer.outstanding(track.target.pid) if tracer else [], h.duration_s,
-                                       track.target.pid in leaking))
+            out.append(
+                ProcessEvidence(
+                    track.target.pid,
+                    h.first.snapshot,
+                    h.last.snapshot,
+                    tracer.outstanding(track.target.pid) if tracer else [],
+                    h.duration_s,
+                    track.target.pid in leaking,
+                )
+            )
         return out
 
     def documents(self, warmup: float | None, attribution: Attribution, leaking: set[int]) -> list[dict]:
@@ -108,33 +123,49 @@ class TreeMemory:
             s = summarize(h, warmup_s=warmup)
             last = h.last.snapshot
             pid = track.target.pid
-            docs.append({
-                "pid": pid, "ppid": _parent(pid), "root": track is self.root, "cmdline": track.target.cmdline,
-                "nspid": list(track.target.nspid), "first_seen_s": track.first_seen,
-                "ended": track.ended, "ended_at_s": track.ended_at, "samples": s.samples,
-                "rss_bytes_start": s.rss.start, "rss_bytes_end": s.rss.end,
-                "pss_bytes": last.total("Pss"), "uss_bytes": last.total("Private_Clean") + last.total("Private_Dirty"),
-                "rss_slope_bytes_per_s": s.rss.verdict.trend.slope,
-                "slope_interval": [s.rss.verdict.trend.lo, s.rss.verdict.trend.hi],
-                "leak": pid in leaking, "own_verdict_leak": s.leak, "verdict": s.rss.verdict.reason,
-                "top_groups": [g.to_json() for g in s.groups[:5]],
-                "culprits": [c.title for c in attribution.culprits if c.pid == pid] if leaking else [],
-            })
+            docs.append(
+                {
+                    "pid": pid,
+                    "ppid": _parent(pid),
+                    "root": track is self.root,
+                    "cmdline": track.target.cmdline,
+                    "nspid": list(track.target.nspid),
+                    "first_seen_s": track.first_seen,
+                    "ended": track.ended,
+                    "ended_at_s": track.ended_at,
+                    "samples": s.samples,
+                    "rss_bytes_start": s.rss.start,
+                    "rss_bytes_end": s.rss.end,
+                    "pss_bytes": last.total("Pss"),
+                    "uss_bytes": last.total("Private_Clean") + last.total("Private_Dirty"),
+                    "rss_slope_bytes_per_s": s.rss.verdict.trend.slope,
+                    "slope_interval": [s.rss.verdict.trend.lo, s.rss.verdict.trend.hi],
+                    "leak": pid in leaking,
+                    "own_verdict_leak": s.leak,
+                    "verdict": s.rss.verdict.reason,
+                    "top_groups": [g.to_json() for g in s.groups[:5]],
+                    "culprits": [c.title for c in attribution.culprits if c.pid == pid] if leaking else [],
+                }
+            )
         return docs
 
     def tree_document(self) -> dict:
         pss, uss = self.sampler.pss, self.sampler.uss
-        return {"rss_counting": TREE_COUNTING, "pss_bytes_start": pss[0] if pss else None,
-                "pss_bytes_end": pss[-1] if pss else None, "uss_bytes_start": uss[0] if uss else None,
-                "uss_bytes_end": uss[-1] if uss else None,
-                "unreadable": {str(p): why for p, why in self.sampler.skipped.items()}}
+        return {
+            "rss_counting": TREE_COUNTING,
+            "pss_bytes_start": pss[0] if pss else None,
+            "pss_bytes_end": pss[-1] if pss else None,
+            "uss_bytes_start": uss[0] if uss else None,
+            "uss_bytes_end": uss[-1] if uss else None,
+            "unreadable": {str(p): why for p, why in self.sampler.skipped.items()},
+        }
 
 
 def _parent(pid: int) -> int | None:
     try:
         return psutil.Process(pid).ppid()
     except psutil.Error:
-        return None   # exited
+        return None  # exited
 
 
 def short_command(cmdline: str) -> str:

@@ -34,19 +34,20 @@ def pytest_configure(config) -> None:
     config.addinivalue_line(
         "markers",
         f"{MARKER}(limit, rounds={DEFAULT_ROUNDS}, warmup={DEFAULT_WARMUP}): run the test body repeatedly and "
-        "fail when native RSS (mmap growth included) grows faster than LIMIT (e.g. '1MB') per round (leakhunt)")
+        "fail when native RSS (mmap growth included) grows faster than LIMIT (e.g. '1MB') per round (leakhunt)",
+    )
 
 
 @dataclass(frozen=True)
 class NativeGrowth:
     """What a repeated body did to the process's RSS."""
 
-    per_round: float           # Theil–Sen slope, bytes per round
-    lower: float               # its 95% interval
+    per_round: float  # Theil–Sen slope, bytes per round
+    lower: float  # its 95% interval
     upper: float
     rounds: int
-    rss: tuple[int, ...]       # after the warm-up, then after each round
-    by_class: dict[str, int]   # growth over the measured rounds by region class
+    rss: tuple[int, ...]  # after the warm-up, then after each round
+    by_class: dict[str, int]  # growth over the measured rounds by region class
     limit: int
 
     @property
@@ -56,11 +57,16 @@ class NativeGrowth:
     def describe(self) -> str:
         from leakhunt.units import format_bytes
 
-        classes = ", ".join(f"{k} {format_bytes(v, signed=True)}" for k, v in
-                            sorted(self.by_class.items(), key=lambda kv: -kv[1]) if v)
-        return (f"native RSS grew {format_bytes(self.per_round, signed=True)} per round (95% interval "
-                f"{format_bytes(self.lower, signed=True)} .. {format_bytes(self.upper, signed=True)}) over "
-                f"{self.rounds} rounds, limit {format_bytes(self.limit)} per round; by class: {classes or 'none'}")
+        classes = ", ".join(
+            f"{k} {format_bytes(v, signed=True)}"
+            for k, v in sorted(self.by_class.items(), key=lambda kv: -kv[1])
+            if v
+        )
+        return (
+            f"native RSS grew {format_bytes(self.per_round, signed=True)} per round (95% interval "
+            f"{format_bytes(self.lower, signed=True)} .. {format_bytes(self.upper, signed=True)}) over "
+            f"{self.rounds} rounds, limit {format_bytes(self.limit)} per round; by class: {classes or 'none'}"
+        )
 
 
 def _own_rss() -> int:
@@ -85,7 +91,9 @@ def _limit_bytes(limit) -> int:
     return parse_size(str(limit))
 
 
-def measure_native_growth(body, limit, rounds: int = DEFAULT_ROUNDS, warmup: int = DEFAULT_WARMUP) -> NativeGrowth:
+def measure_native_growth(
+    body, limit, rounds: int = DEFAULT_ROUNDS, warmup: int = DEFAULT_WARMUP
+) -> NativeGrowth:
     """Call ``body()`` warmup + rounds times and fit the RSS it leaves behind per round."""
     from leakhunt.analysis.slope import fit
 
@@ -99,11 +107,13 @@ def measure_native_growth(body, limit, rounds: int = DEFAULT_ROUNDS, warmup: int
     rss = [_own_rss()]
     for _ in range(rounds):
         body()
-        gc.collect()   # garbage not yet collected is not a leak
+        gc.collect()  # garbage not yet collected is not a leak
         rss.append(_own_rss())
     classes_after = _class_totals()
     trend = fit(list(range(len(rss))), rss)
-    by_class = {k: classes_after.get(k, 0) - classes_before.get(k, 0) for k in classes_before.keys() | classes_after}
+    by_class = {
+        k: classes_after.get(k, 0) - classes_before.get(k, 0) for k in classes_before.keys() | classes_after
+    }
     return NativeGrowth(trend.slope, trend.lo, trend.hi, rounds, tuple(rss), by_class, limit_b)
 
 
@@ -127,8 +137,12 @@ def pytest_pyfunc_call(pyfuncitem):
         pytest.fail(f"@pytest.mark.{MARKER} needs a limit, e.g. @pytest.mark.{MARKER}('1MB')", pytrace=False)
     funcargs = pyfuncitem.funcargs
     testargs = {name: funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
-    _check(lambda: pyfuncitem.obj(**testargs), limit, int(marker.kwargs.get("rounds", DEFAULT_ROUNDS)),
-           int(marker.kwargs.get("warmup", DEFAULT_WARMUP)))
+    _check(
+        lambda: pyfuncitem.obj(**testargs),
+        limit,
+        int(marker.kwargs.get("rounds", DEFAULT_ROUNDS)),
+        int(marker.kwargs.get("warmup", DEFAULT_WARMUP)),
+    )
     return True
 
 

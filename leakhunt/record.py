@@ -48,13 +48,13 @@ def _dumps(record: Any) -> bytes:
 def _default(obj: Any) -> Any:
     if hasattr(obj, "to_record"):
         return obj.to_record()
-    if hasattr(obj, "item"):        # numpy scalars
+    if hasattr(obj, "item"):  # numpy scalars
         return obj.item()
     if isinstance(obj, (set, frozenset, tuple)):
         return list(obj)
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
-    if hasattr(obj, "value"):       # enums
+    if hasattr(obj, "value"):  # enums
         return obj.value
     raise TypeError(f"cannot record {type(obj).__name__}")
 
@@ -71,7 +71,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
 class SessionWriter:
     """Appends records to a session directory. Safe to use from several threads."""
 
-    def __init__(self, directory: str | os.PathLike, command: str, meta: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, directory: str | os.PathLike, command: str, meta: dict[str, Any] | None = None
+    ) -> None:
         self.dir = Path(directory)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -106,8 +108,9 @@ class SessionWriter:
             return
         fd = self._fds.get(stream)
         if fd is None:
-            fd = self._fds[stream] = os.open(self.dir / f"{stream}.jsonl",
-                                            os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fd = self._fds[stream] = os.open(
+                self.dir / f"{stream}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
+            )
         view = memoryview(data)
         while view:  # O_APPEND writes of regular files are whole, but be correct if one is not
             n = os.write(fd, view)
@@ -124,8 +127,10 @@ class SessionWriter:
         return rel
 
     def finish(self, summary: dict[str, Any]) -> None:
-        _write_atomic(self.dir / SUMMARY, json.dumps({"finished": time.time(), **summary}, indent=2,
-                                                      default=_default).encode())
+        _write_atomic(
+            self.dir / SUMMARY,
+            json.dumps({"finished": time.time(), **summary}, indent=2, default=_default).encode(),
+        )
         self.close()
 
     def close(self) -> None:
@@ -247,8 +252,9 @@ class Recording:
         """Long format: one row per (sample, group): t, class, path, rss, regions."""
         import pandas as pd
 
-        rows = [(s["seq"], s["t"], g[0], g[1], g[2], g[3])
-                for s in self.samples(pid) for g in s.get("groups", [])]
+        rows = [
+            (s["seq"], s["t"], g[0], g[1], g[2], g[3]) for s in self.samples(pid) for g in s.get("groups", [])
+        ]
         return pd.DataFrame(rows, columns=["seq", "t", "class", "path", "rss", "regions"])
 
     def frame(self, stream: str):
@@ -284,7 +290,9 @@ class SampleRecorder:
         sample, self._pending = self._pending, None
         if sample is not None and sample.raw is not None:
             rel = self.writer.snapshot(sample.seq, sample.raw, self.pid)
-            self.writer.append(SNAPSHOTS, {"seq": sample.seq, "t": sample.t, "pid": sample.pid, "snapshot": rel})
+            self.writer.append(
+                SNAPSHOTS, {"seq": sample.seq, "t": sample.t, "pid": sample.pid, "snapshot": rel}
+            )
 
 
 class TreeRecorder:
@@ -299,12 +307,18 @@ class TreeRecorder:
         for sample in samples:
             self._recorders.setdefault(sample.pid, SampleRecorder(self.writer, pid=sample.pid))(sample)
         if tree is not None and len(tree):
-            self.writer.append(TREE, {"t": tree.t[-1], "ts": tree.ts[-1], "rss": tree.rss[-1],
-                                      "classes": {c.value: v[-1] for c, v in tree.classes.items() if v[-1]},
-                                      "pids": [s.pid for s in samples],
-                                      **({"gpu_bytes": tree.gpu[-1]} if len(tree.gpu) == len(tree) else {})})
+            self.writer.append(
+                TREE,
+                {
+                    "t": tree.t[-1],
+                    "ts": tree.ts[-1],
+                    "rss": tree.rss[-1],
+                    "classes": {c.value: v[-1] for c, v in tree.classes.items() if v[-1]},
+                    "pids": [s.pid for s in samples],
+                    **({"gpu_bytes": tree.gpu[-1]} if len(tree.gpu) == len(tree) else {}),
+                },
+            )
 
     def flush_last(self) -> None:
         for recorder in self._recorders.values():
             recorder.flush_last()
-

@@ -26,19 +26,19 @@ PINNED_RATE, DEVICE_RATE = 8.0, 32.0
 
 @dataclass(frozen=True)
 class Setup:
-    python: str              # the interpreter that has torch (the GPU image's python3)
-    env: dict                # environment of every child: PYTHONPATH with the carried wheels and leakhunt
-    device: str              # cuda | cpu
-    out: Path                # recordings, logs, JSON documents
-    duration: float          # seconds each watch runs
-    warmup: float            # seconds of load before a watch starts
+    python: str  # the interpreter that has torch (the GPU image's python3)
+    env: dict  # environment of every child: PYTHONPATH with the carried wheels and leakhunt
+    device: str  # cuda | cpu
+    out: Path  # recordings, logs, JSON documents
+    duration: float  # seconds each watch runs
+    warmup: float  # seconds of load before a watch starts
 
 
 @dataclass
 class Outcome:
     name: str
-    bar: bool                # one of the issue's bars: its failure fails gpu-check
-    status: str              # pass | fail | skip
+    bar: bool  # one of the issue's bars: its failure fails gpu-check
+    status: str  # pass | fail | skip
     detail: str
     data: dict = field(default_factory=dict)
 
@@ -53,8 +53,13 @@ def skipped(name: str, bar: bool, why: str) -> Outcome:
 
 def leakhunt(setup: Setup, *args, timeout: float) -> dict:
     """The real CLI with --json; its document, or {"error": ...} with the tail of its stderr."""
-    cp = subprocess.run([setup.python, "-m", "leakhunt", *map(str, args), "--json"], capture_output=True,
-                        text=True, env=setup.env, timeout=timeout)
+    cp = subprocess.run(
+        [setup.python, "-m", "leakhunt", *map(str, args), "--json"],
+        capture_output=True,
+        text=True,
+        env=setup.env,
+        timeout=timeout,
+    )
     try:
         return json.loads(cp.stdout)
     except ValueError:
@@ -72,9 +77,23 @@ class Load:
     which it still prints its JSON report."""
 
     def __init__(self, setup: Setup, url: str, seconds: float, args: tuple[str, ...]) -> None:
-        self.popen = subprocess.Popen([setup.python, "-m", "refserver.loadgen", "--url", url, "--duration",
-                                       str(int(seconds)), "--json", *args], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, env=setup.env)
+        self.popen = subprocess.Popen(
+            [
+                setup.python,
+                "-m",
+                "refserver.loadgen",
+                "--url",
+                url,
+                "--duration",
+                str(int(seconds)),
+                "--json",
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=setup.env,
+        )
 
     def finish(self) -> dict:
         if self.popen.poll() is None:
@@ -93,9 +112,9 @@ class Load:
 @dataclass
 class Observation:
     watch: dict
-    leaked_rate: float       # bytes/s the server counted for the leak mode during the watch
+    leaked_rate: float  # bytes/s the server counted for the leak mode during the watch
     load: dict
-    metrics_after: dict      # the server's /metrics once the load stopped
+    metrics_after: dict  # the server's /metrics once the load stopped
     recording: Path
     settled_s: float | None  # how long the load ran before RSS was steady (None: not waited for)
 
@@ -130,16 +149,29 @@ def settle(pid: int, at_least: float, at_most: float) -> float:
     return time.monotonic() - began
 
 
-def observe(setup: Setup, name: str, mode: str | None, rate: float | None, load_args: tuple[str, ...],
-            server_extra: tuple[str, ...] = (), steady_rss: bool = False) -> Observation:
+def observe(
+    setup: Setup,
+    name: str,
+    mode: str | None,
+    rate: float | None,
+    load_args: tuple[str, ...],
+    server_extra: tuple[str, ...] = (),
+    steady_rss: bool = False,
+) -> Observation:
     """Start the server with a leak mode, put it under load, watch it, stop everything.
     ``steady_rss``: the leak does not grow RSS, so the watch starts once RSS has settled."""
     from refserver.launch import launch
 
     recording = setup.out / f"watch-{name}"
     shutil.rmtree(recording, ignore_errors=True)
-    with launch(leak=mode, leak_rate=rate, args=_server_args(setup, server_extra), env=setup.env,
-                python=setup.python, timeout=300) as server:
+    with launch(
+        leak=mode,
+        leak_rate=rate,
+        args=_server_args(setup, server_extra),
+        env=setup.env,
+        python=setup.python,
+        timeout=300,
+    ) as server:
         load = Load(setup, server.url, setup.warmup + SETTLE_MAX + setup.duration + 30, load_args)
         try:
             # The first requests compile kernels and fill allocator caches.
@@ -147,13 +179,25 @@ def observe(setup: Setup, name: str, mode: str | None, rate: float | None, load_
             if not steady_rss:
                 time.sleep(setup.warmup)
             before, t0 = _leaked(server, mode), time.monotonic()
-            watch = leakhunt(setup, "watch", "--pid", server.pid, "--interval", "1s", "--duration",
-                             f"{setup.duration}s", "--warmup", "3s", "--record", recording,
-                             timeout=setup.duration + 120)
+            watch = leakhunt(
+                setup,
+                "watch",
+                "--pid",
+                server.pid,
+                "--interval",
+                "1s",
+                "--duration",
+                f"{setup.duration}s",
+                "--warmup",
+                "3s",
+                "--record",
+                recording,
+                timeout=setup.duration + 120,
+            )
             after, t1 = _leaked(server, mode), time.monotonic()
         finally:
             report = load.finish()
-        time.sleep(1.0)               # aborted streams reach the engine
+        time.sleep(1.0)  # aborted streams reach the engine
         metrics = server.metrics()
     (setup.out / f"watch-{name}.json").write_text(json.dumps(watch, indent=1))
     return Observation(watch, (after - before) / (t1 - t0), report, metrics, recording, waited)
@@ -197,39 +241,62 @@ def check_api(setup: Setup) -> Outcome:
 
     with launch(args=_server_args(setup), env=setup.env, python=setup.python, timeout=300) as server:
         health = server.health()
-        cp = subprocess.run([setup.python, "-c", API_CHECK, server.url], capture_output=True, text=True,
-                            env=setup.env, timeout=120)
+        cp = subprocess.run(
+            [setup.python, "-c", API_CHECK, server.url],
+            capture_output=True,
+            text=True,
+            env=setup.env,
+            timeout=120,
+        )
     want = ("cuda", "triton") if setup.device == "cuda" else ("cpu", "torch")
     got = (str(health.get("device", "")).split(":")[0], health.get("attention"))
     if cp.returncode != 0:
         return outcome("api on the device", True, False, f"openai client failed: {cp.stderr.strip()[-600:]}")
     answer = json.loads(cp.stdout)
     ok = got == want and answer["completion_tokens"] == 8 and answer["chunks"] > 1
-    return outcome("api on the device", True, ok,
-                   f"device {health.get('device')}, attention {health.get('attention')} (want {'/'.join(want)}); "
-                   f"completion of {answer['completion_tokens']} tokens, streamed chat in {answer['chunks']} chunks",
-                   **answer)
+    return outcome(
+        "api on the device",
+        True,
+        ok,
+        f"device {health.get('device')}, attention {health.get('attention')} (want {'/'.join(want)}); "
+        f"completion of {answer['completion_tokens']} tokens, streamed chat in {answer['chunks']} chunks",
+        **answer,
+    )
 
 
 def check_none(setup: Setup) -> Outcome:
-    obs = observe(setup, "none", None, None, ("--rate", "10", "--concurrency", "32", "--max-tokens", "16"),
-                  steady_rss=True)
+    obs = observe(
+        setup,
+        "none",
+        None,
+        None,
+        ("--rate", "10", "--concurrency", "32", "--max-tokens", "16"),
+        steady_rss=True,
+    )
     if problem := _load_problem(obs):
         return outcome("leak none", True, False, problem)
     w = obs.watch
     device = w.get("device_memory", {})
     ok = not w["leak"] and not device.get("leak", False)
-    return outcome("leak none", True, ok, f"leak {str(w['leak']).lower()} ({w['verdict']}); device memory "
-                   f"leak {str(device.get('leak', 'n/a')).lower()}; {obs.load['completed']} requests, RSS steady "
-                   f"after {obs.settled_s:.0f}s of load",
-                   watch_leak=w["leak"], device_leak=device.get("leak"))
+    return outcome(
+        "leak none",
+        True,
+        ok,
+        f"leak {str(w['leak']).lower()} ({w['verdict']}); device memory "
+        f"leak {str(device.get('leak', 'n/a')).lower()}; {obs.load['completed']} requests, RSS steady "
+        f"after {obs.settled_s:.0f}s of load",
+        watch_leak=w["leak"],
+        device_leak=device.get("leak"),
+    )
 
 
 def check_pinned(setup: Setup) -> Outcome:
     """The vllm#48165 pattern: a pinned staging buffer per request. leakhunt must say leak, name the
     pinned class (mlocked anonymous memory on a CPU: the same code path, another class), and put
     its slope within 20% of what the server leaked."""
-    obs = observe(setup, "pinned", "pinned", PINNED_RATE, ("--rate", "10", "--concurrency", "32", "--max-tokens", "16"))
+    obs = observe(
+        setup, "pinned", "pinned", PINNED_RATE, ("--rate", "10", "--concurrency", "32", "--max-tokens", "16")
+    )
     if problem := _load_problem(obs):
         return outcome("leak pinned", True, False, problem)
     w, expected = obs.watch, "pinned" if setup.device == "cuda" else "anon"
@@ -237,19 +304,32 @@ def check_pinned(setup: Setup) -> Outcome:
     slope = w.get("classes", {}).get(top or expected, {}).get("slope_bytes_per_s")
     error = abs(slope / obs.leaked_rate - 1) if slope and obs.leaked_rate > 0 else float("inf")
     ok = w["leak"] and top == expected and error <= SLOPE_TOLERANCE
-    return outcome("leak pinned", True, ok,
-                   f"leak {str(w['leak']).lower()}, top class {top} (want {expected}), its slope "
-                   f"{_mib_min(slope)} vs {_mib_min(obs.leaked_rate)} leaked ({error:.0%} off, bar "
-                   f"{SLOPE_TOLERANCE:.0%}); RSS {_mib_min(w.get('rss_slope_bytes_per_s'))}",
-                   top_class=top, slope=slope, leaked_rate=obs.leaked_rate, relative_error=error)
+    return outcome(
+        "leak pinned",
+        True,
+        ok,
+        f"leak {str(w['leak']).lower()}, top class {top} (want {expected}), its slope "
+        f"{_mib_min(slope)} vs {_mib_min(obs.leaked_rate)} leaked ({error:.0%} off, bar "
+        f"{SLOPE_TOLERANCE:.0%}); RSS {_mib_min(w.get('rss_slope_bytes_per_s'))}",
+        top_class=top,
+        slope=slope,
+        leaked_rate=obs.leaked_rate,
+        relative_error=error,
+    )
 
 
 def check_device(setup: Setup) -> Outcome:
     """Tensors kept per request on the GPU: NVML's series says leak, smaps' RSS does not."""
     if setup.device != "cuda":
         return skipped("leak device", True, "needs CUDA and NVML")
-    obs = observe(setup, "device", "device", DEVICE_RATE, ("--rate", "4", "--concurrency", "16", "--max-tokens", "16"),
-                  steady_rss=True)
+    obs = observe(
+        setup,
+        "device",
+        "device",
+        DEVICE_RATE,
+        ("--rate", "4", "--concurrency", "16", "--max-tokens", "16"),
+        steady_rss=True,
+    )
     if problem := _load_problem(obs):
         return outcome("leak device", True, False, problem)
     w, d = obs.watch, obs.watch.get("device_memory", {})
@@ -257,29 +337,47 @@ def check_device(setup: Setup) -> Outcome:
         return outcome("leak device", True, False, f"no device series: {d.get('reason')}")
     ratio = d["slope_bytes_per_s"] / obs.leaked_rate if obs.leaked_rate > 0 else float("nan")
     ok = d["leak"] and not w["leak"]
-    return outcome("leak device", True, ok,
-                   f"device memory leak {str(d['leak']).lower()} {_mib_min(d['slope_bytes_per_s'])} "
-                   f"({ratio:.2f}x the {_mib_min(obs.leaked_rate)} leaked), RSS leak {str(w['leak']).lower()} "
-                   f"({w['verdict']})", device_slope=d["slope_bytes_per_s"], leaked_rate=obs.leaked_rate,
-                   rss_leak=w["leak"], recording=str(obs.recording))
+    return outcome(
+        "leak device",
+        True,
+        ok,
+        f"device memory leak {str(d['leak']).lower()} {_mib_min(d['slope_bytes_per_s'])} "
+        f"({ratio:.2f}x the {_mib_min(obs.leaked_rate)} leaked), RSS leak {str(w['leak']).lower()} "
+        f"({w['verdict']})",
+        device_slope=d["slope_bytes_per_s"],
+        leaked_rate=obs.leaked_rate,
+        rss_leak=w["leak"],
+        recording=str(obs.recording),
+    )
 
 
 def check_kv_abort(setup: Setup) -> Outcome:
     """Blocks of aborted requests never return: KV usage stays up after the load, RSS and device
     memory stay flat (the pool is allocated up front)."""
-    obs = observe(setup, "kv-abort", "kv-abort", 1.0,
-                  ("--rate", "10", "--concurrency", "32", "--max-tokens", "64", "--abort-fraction", "0.3"),
-                  server_extra=("--kv-cache-mb", "8"), steady_rss=True)
+    obs = observe(
+        setup,
+        "kv-abort",
+        "kv-abort",
+        1.0,
+        ("--rate", "10", "--concurrency", "32", "--max-tokens", "64", "--abort-fraction", "0.3"),
+        server_extra=("--kv-cache-mb", "8"),
+        steady_rss=True,
+    )
     if problem := _load_problem(obs):
         return outcome("leak kv-abort", False, False, problem)
     usage = obs.metrics_after.get('vllm:kv_cache_usage_perc{model_name="refserver-tiny"}', 0.0)
     preempt = obs.metrics_after.get('vllm:num_preemptions_total{model_name="refserver-tiny"}', 0.0)
     w = obs.watch
     ok = usage > 0.05 and not w["leak"] and not w.get("device_memory", {}).get("leak", False)
-    return outcome("leak kv-abort", False, ok,
-                   f"KV usage {usage:.0%} after the load stopped (baseline 0%), {preempt:.0f} preemptions, "
-                   f"{obs.load.get('aborted', 0)} aborts; RSS leak {str(w['leak']).lower()}",
-                   kv_usage_after=usage, preemptions=preempt)
+    return outcome(
+        "leak kv-abort",
+        False,
+        ok,
+        f"KV usage {usage:.0%} after the load stopped (baseline 0%), {preempt:.0f} preemptions, "
+        f"{obs.load.get('aborted', 0)} aborts; RSS leak {str(w['leak']).lower()}",
+        kv_usage_after=usage,
+        preemptions=preempt,
+    )
 
 
 def check_report(setup: Setup, recording: str | None) -> Outcome:
@@ -288,12 +386,18 @@ def check_report(setup: Setup, recording: str | None) -> Outcome:
         return skipped("report device section", False, "no device recording")
     doc = leakhunt(setup, "report", recording, "--html", Path(recording) / "report.html", timeout=180)
     ok = "Device memory" in doc.get("sections", []) and doc.get("verdict") == "device_leak"
-    return outcome("report device section", False, ok, f"verdict {doc.get('verdict')}; sections "
-                   f"{', '.join(doc.get('sections', [])) or doc.get('error')}")
+    return outcome(
+        "report device section",
+        False,
+        ok,
+        f"verdict {doc.get('verdict')}; sections {', '.join(doc.get('sections', [])) or doc.get('error')}",
+    )
 
 
 def _cuda_gdb() -> str | None:
-    return shutil.which("cuda-gdb") or next((p for p in ("/usr/local/cuda/bin/cuda-gdb",) if os.path.exists(p)), None)
+    return shutil.which("cuda-gdb") or next(
+        (p for p in ("/usr/local/cuda/bin/cuda-gdb",) if os.path.exists(p)), None
+    )
 
 
 def check_callers(setup: Setup) -> Outcome:
@@ -309,13 +413,35 @@ def check_callers(setup: Setup) -> Outcome:
     patterns = next(c for c in known_culprits() if c.id == "cuda-pinned-host").module
     from refserver.launch import launch
 
-    with launch(leak="pinned", leak_rate=PINNED_RATE, args=_server_args(setup), env=setup.env,
-                python=setup.python, timeout=300) as server:
-        load = Load(setup, server.url, setup.warmup + 90, ("--rate", "5", "--concurrency", "8", "--max-tokens", "8"))
+    with launch(
+        leak="pinned",
+        leak_rate=PINNED_RATE,
+        args=_server_args(setup),
+        env=setup.env,
+        python=setup.python,
+        timeout=300,
+    ) as server:
+        load = Load(
+            setup, server.url, setup.warmup + 90, ("--rate", "5", "--concurrency", "8", "--max-tokens", "8")
+        )
         try:
             time.sleep(setup.warmup)
-            doc = leakhunt(setup, "trace-mmap", "--pid", server.pid, "--backend", "gdb", "--gdb-path", gdb,
-                           "--no-gdb-python-frames", "--gdb-max-hits", "400", "--duration", "25s", timeout=240)
+            doc = leakhunt(
+                setup,
+                "trace-mmap",
+                "--pid",
+                server.pid,
+                "--backend",
+                "gdb",
+                "--gdb-path",
+                gdb,
+                "--no-gdb-python-frames",
+                "--gdb-max-hits",
+                "400",
+                "--duration",
+                "25s",
+                timeout=240,
+            )
         finally:
             load.finish()
         alive = server.alive()
@@ -323,13 +449,24 @@ def check_callers(setup: Setup) -> Outcome:
     if "error" in doc:
         return outcome("pinned callers (cuda-gdb)", False, False, doc["error"])
     callers = [c for c in doc.get("by_caller", []) if c.get("outstanding_bytes")]
-    cuda = [c for c in callers if any(fnmatchcase(lib, p) for p in patterns
-                                      for lib in [c["library"]] + [f.split("!")[0] for f in c["stack"]])]
+    cuda = [
+        c
+        for c in callers
+        if any(
+            fnmatchcase(lib, p)
+            for p in patterns
+            for lib in [c["library"]] + [f.split("!")[0] for f in c["stack"]]
+        )
+    ]
     top = callers[0]["caller"] if callers else "nothing outstanding"
     ok = bool(cuda) and cuda[0] is callers[0] and alive
-    return outcome("pinned callers (cuda-gdb)", False, ok,
-                   f"top caller {top}; {len(cuda)} of {len(callers)} outstanding callers in "
-                   f"{'/'.join(patterns)}; {doc.get('events')} calls; server alive after: {alive}")
+    return outcome(
+        "pinned callers (cuda-gdb)",
+        False,
+        ok,
+        f"top caller {top}; {len(cuda)} of {len(callers)} outstanding callers in "
+        f"{'/'.join(patterns)}; {doc.get('events')} calls; server alive after: {alive}",
+    )
 
 
 KERNEL_CHECK = """
@@ -361,10 +498,18 @@ KERNEL_TOLERANCE = 2e-2
 def check_kernel(setup: Setup) -> Outcome:
     if setup.device != "cuda":
         return skipped("triton kernel on the GPU", True, "needs CUDA (CI checks it under TRITON_INTERPRET=1)")
-    cp = subprocess.run([setup.python, "-c", KERNEL_CHECK], capture_output=True, text=True, env=setup.env,
-                        timeout=300)
+    cp = subprocess.run(
+        [setup.python, "-c", KERNEL_CHECK], capture_output=True, text=True, env=setup.env, timeout=300
+    )
     if cp.returncode != 0 or "max_abs_diff" not in cp.stdout:
-        return outcome("triton kernel on the GPU", True, False, f"exit {cp.returncode}: {cp.stderr.strip()[-600:]}")
+        return outcome(
+            "triton kernel on the GPU", True, False, f"exit {cp.returncode}: {cp.stderr.strip()[-600:]}"
+        )
     diff = float(cp.stdout.split("max_abs_diff")[1])
-    return outcome("triton kernel on the GPU", True, diff <= KERNEL_TOLERANCE,
-                   f"max |Triton - torch fp32| {diff:.1e} (tolerance {KERNEL_TOLERANCE:g}, bf16)", max_abs_diff=diff)
+    return outcome(
+        "triton kernel on the GPU",
+        True,
+        diff <= KERNEL_TOLERANCE,
+        f"max |Triton - torch fp32| {diff:.1e} (tolerance {KERNEL_TOLERANCE:g}, bf16)",
+        max_abs_diff=diff,
+    )

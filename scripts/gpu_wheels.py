@@ -23,8 +23,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 #: What the GPU machine's image already has, among what leakhunt and the reference server need
 #: (its package list, 2026-11-17): never carried, the image's own builds are kept (torch above all).
-IMAGE_HAS = frozenset({"torch", "triton", "nvidia-ml-py", "numpy", "pandas", "scipy", "matplotlib", "psutil",
-                       "click", "rich", "prometheus-client", "httpx", "pytest", "pytest-timeout", "setuptools"})
+IMAGE_HAS = frozenset(
+    {
+        "torch",
+        "triton",
+        "nvidia-ml-py",
+        "numpy",
+        "pandas",
+        "scipy",
+        "matplotlib",
+        "psutil",
+        "click",
+        "rich",
+        "prometheus-client",
+        "httpx",
+        "pytest",
+        "pytest-timeout",
+        "setuptools",
+    }
+)
 #: Wanted beyond pyproject's runtime and refserver/gpu extras: the client gpu-check talks to the
 #: server with, as users do.
 EXTRA = ("openai",)
@@ -57,21 +74,45 @@ def pinned(requirements: list[str], python: str | None) -> list[str]:
     if not python or not Path(python).exists():
         return requirements
     names = [_name(r) for r in requirements]
-    code = ("import importlib.metadata as m, sys\nfor n in sys.argv[1:]:\n"
-            "    try: print(n, m.version(n))\n    except m.PackageNotFoundError: print(n, '-')")
+    code = (
+        "import importlib.metadata as m, sys\nfor n in sys.argv[1:]:\n"
+        "    try: print(n, m.version(n))\n    except m.PackageNotFoundError: print(n, '-')"
+    )
     out = subprocess.run([python, "-c", code, *names], capture_output=True, text=True, check=True).stdout
     versions = dict(line.split() for line in out.splitlines())
-    return [f"{_name(r)}=={versions[_name(r)]}" if versions.get(_name(r), "-") != "-" else r for r in requirements]
+    return [
+        f"{_name(r)}=={versions[_name(r)]}" if versions.get(_name(r), "-") != "-" else r for r in requirements
+    ]
 
 
 def download(requirements: list[str], dest: Path) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     for old in dest.glob("*.whl"):
-        old.unlink()   # one version of each package: two would stop the install there
-    argv = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(dest), "--only-binary=:all:",
-            "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312", "--abi", "abi3",
-            "--abi", "none", *[arg for p in PLATFORMS for arg in ("--platform", p)],
-            "--platform", "any", *requirements]
+        old.unlink()  # one version of each package: two would stop the install there
+    argv = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--dest",
+        str(dest),
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        "--abi",
+        "cp312",
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+        *[arg for p in PLATFORMS for arg in ("--platform", p)],
+        "--platform",
+        "any",
+        *requirements,
+    ]
     cp = subprocess.run(argv, capture_output=True, text=True)
     if cp.returncode != 0:
         raise SystemExit(f"gpu-wheels: pip download failed:\n{cp.stderr.strip()[-3000:]}")
@@ -81,23 +122,32 @@ def download(requirements: list[str], dest: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dest", default=str(ROOT / "gpu-wheels"), help="folder for the wheels (git-ignored)")
-    ap.add_argument("--pin-from", default=str(ROOT / ".venv" / "bin" / "python"),
-                    help="interpreter whose installed versions pin the top level (default: the project venv)")
+    ap.add_argument(
+        "--pin-from",
+        default=str(ROOT / ".venv" / "bin" / "python"),
+        help="interpreter whose installed versions pin the top level (default: the project venv)",
+    )
     ap.add_argument("--list", action="store_true", help="print the requirements and download nothing")
     a = ap.parse_args(argv)
     requirements = pinned(wanted(), a.pin_from)
     if a.list:
         print("\n".join(requirements))
         return 0
-    if shutil.which("pip") is None and subprocess.run([sys.executable, "-m", "pip", "--version"],
-                                                      capture_output=True).returncode != 0:
-        raise SystemExit(f"gpu-wheels: {sys.executable} has no pip (python3 -m ensurepip, or PYTHON=.venv/bin/python)")
+    if (
+        shutil.which("pip") is None
+        and subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode != 0
+    ):
+        raise SystemExit(
+            f"gpu-wheels: {sys.executable} has no pip (python3 -m ensurepip, or PYTHON=.venv/bin/python)"
+        )
     dest = Path(a.dest)
     wheels = download(requirements, dest)
     (dest / "requirements.txt").write_text("\n".join(requirements) + "\n")
     size = sum(w.stat().st_size for w in wheels)
-    print(f"gpu-wheels: {len(wheels)} wheels for CPython 3.12 manylinux x86-64 in {dest} "
-          f"({size / 2**20:.1f} MiB; the device tool carries {CARRY_LIMIT >> 20} MiB with the tree)")
+    print(
+        f"gpu-wheels: {len(wheels)} wheels for CPython 3.12 manylinux x86-64 in {dest} "
+        f"({size / 2**20:.1f} MiB; the device tool carries {CARRY_LIMIT >> 20} MiB with the tree)"
+    )
     print("  top level: " + " ".join(requirements))
     if size > CARRY_LIMIT // 2:
         print("gpu-wheels: warning: over half of what one device call can carry")

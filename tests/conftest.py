@@ -106,8 +106,9 @@ def spawn():
     procs: list[Proc] = []
 
     def start(argv, ready: str | None = "ready", env=None, timeout: float = 30, **kw) -> Proc:
-        popen = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True, env=env, **kw)
+        popen = subprocess.Popen(
+            [str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw
+        )
         proc = Proc(popen, [str(a) for a in argv])
         procs.append(proc)
         if ready is not None:
@@ -131,8 +132,13 @@ def spawn():
 
 def run_leakhunt(*args, timeout: float = 300, check: bool = False, env=None) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess (python -m leakhunt), as a user would."""
-    cp = subprocess.run([sys.executable, "-m", "leakhunt", *map(str, args)], capture_output=True, text=True,
-                        timeout=timeout, env=env)
+    cp = subprocess.run(
+        [sys.executable, "-m", "leakhunt", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     if check and cp.returncode != 0:
         raise AssertionError(f"leakhunt {' '.join(map(str, args))} exited {cp.returncode}:\n{cp.stderr}")
     return cp

@@ -10,8 +10,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-
 from conftest import run_leakhunt
+
 from leakhunt.ci import ERROR, FAIL, PASS, GateConfig, GateResult
 from leakhunt.report import github
 
@@ -33,9 +33,26 @@ def leak_run(leakers, tmp_path_factory):
     out = tmp_path_factory.mktemp("ci_leak")
     env = {**os.environ, "GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(out / "summary.md")}
     loadpid = out / "load.pid"
-    cp = run_leakhunt("ci", *GATE, "--duration", "8s", "--junit", out / "junit.xml", "--record", out / "rec",
-                      "--load", f"sh -c 'echo $$ > {loadpid}; exec sleep 600'", "--json", "--",
-                      leakers / "pool_leaker", "--rate", "4M", "--chunk", "1M", env=env)
+    cp = run_leakhunt(
+        "ci",
+        *GATE,
+        "--duration",
+        "8s",
+        "--junit",
+        out / "junit.xml",
+        "--record",
+        out / "rec",
+        "--load",
+        f"sh -c 'echo $$ > {loadpid}; exec sleep 600'",
+        "--json",
+        "--",
+        leakers / "pool_leaker",
+        "--rate",
+        "4M",
+        "--chunk",
+        "1M",
+        env=env,
+    )
     return cp, out
 
 
@@ -70,7 +87,7 @@ def test_started_command_and_load_generator_are_stopped(leak_run):
     cp, out = leak_run
     doc = json.loads(cp.stdout)
     load_pid = int((out / "load.pid").read_text())
-    deadline = time.monotonic() + 5   # not a timing claim: reaping by init can lag a moment
+    deadline = time.monotonic() + 5  # not a timing claim: reaping by init can lag a moment
     while (_alive(doc["pid"]) or _alive(load_pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(doc["pid"]) and not _alive(load_pid)
@@ -86,8 +103,20 @@ def test_gate_run_is_recorded_for_the_report(leak_run):
 
 
 def test_plateau_passes_the_gate(leakers, tmp_path):
-    cp = run_leakhunt("ci", *GATE, "--duration", "8s", "--junit", tmp_path / "junit.xml", "--",
-                      leakers / "plateau", "--rate", "8M", "--cap", "24M")
+    cp = run_leakhunt(
+        "ci",
+        *GATE,
+        "--duration",
+        "8s",
+        "--junit",
+        tmp_path / "junit.xml",
+        "--",
+        leakers / "plateau",
+        "--rate",
+        "8M",
+        "--cap",
+        "24M",
+    )
     assert cp.returncode == PASS, cp.stdout + cp.stderr
     suite = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite")
     assert suite.get("failures") == "0" and suite.get("errors") == "0"
@@ -127,8 +156,20 @@ def test_subprocesses_gate_the_tree_and_stop_it_whole(leakers, tmp_path):
     from leakhunt.record import Recording
 
     script = f"{leakers / 'pool_leaker'} --rate 4M --chunk 1M & {leakers / 'steady'} & wait"
-    cp = run_leakhunt("ci", *GATE, "--duration", "6s", "--subprocesses", "--record", tmp_path / "rec", "--json",
-                      "--", "sh", "-c", script)
+    cp = run_leakhunt(
+        "ci",
+        *GATE,
+        "--duration",
+        "6s",
+        "--subprocesses",
+        "--record",
+        tmp_path / "rec",
+        "--json",
+        "--",
+        "sh",
+        "-c",
+        script,
+    )
     assert cp.returncode == FAIL, "the root shell does not grow, its child does"
     pids = Recording.open(tmp_path / "rec").pids()
     assert len(pids) == 3

@@ -7,14 +7,13 @@ import json
 import sys
 
 import pytest
-
 from conftest import leakhunt_json, run_leakhunt
 
 pytest.importorskip("memray", reason="memray (the dev extra) is not installed")
 
 # 1 MiB a tick through syscall(SYS_mmap), which memray's hooks never see, and 128 KiB a tick of
 # Python objects, which they do.
-LEAKER = '''
+LEAKER = """
 import ctypes, sys, time
 libc = ctypes.CDLL(None); libc.syscall.restype = ctypes.c_long
 keep = []
@@ -27,7 +26,7 @@ try:
         time.sleep(0.1)
 except KeyboardInterrupt:
     pass
-'''
+"""
 
 
 @pytest.fixture
@@ -43,8 +42,22 @@ def _gap_share(report_md: str) -> float:
 
 
 def test_run_mode_shows_the_heap_beside_rss(leaker_script, tmp_path):
-    cp = run_leakhunt("ci", "--max-slope", "1MB/min", "--duration", "4s", "--interval", "0.5s", "--heap",
-                      "--record", tmp_path / "rec", "--json", "--", sys.executable, leaker_script)
+    cp = run_leakhunt(
+        "ci",
+        "--max-slope",
+        "1MB/min",
+        "--duration",
+        "4s",
+        "--interval",
+        "0.5s",
+        "--heap",
+        "--record",
+        tmp_path / "rec",
+        "--json",
+        "--",
+        sys.executable,
+        leaker_script,
+    )
     assert cp.returncode == 1, cp.stderr
     doc = json.loads(cp.stdout)
     assert 2 << 20 < doc["heap_growth_bytes"] < doc["summary"]["rss_growth_bytes"] / 3
@@ -57,8 +70,21 @@ def test_run_mode_shows_the_heap_beside_rss(leaker_script, tmp_path):
 @pytest.mark.gdb
 def test_attach_mode_shows_the_heap_beside_rss(leaker_script, spawn, tmp_path):
     target = spawn([sys.executable, leaker_script])
-    cp = run_leakhunt("ci", "--max-slope", "1MB/min", "--duration", "4s", "--interval", "0.5s", "--heap",
-                      "--pid", target.pid, "--record", tmp_path / "rec", "--json")
+    cp = run_leakhunt(
+        "ci",
+        "--max-slope",
+        "1MB/min",
+        "--duration",
+        "4s",
+        "--interval",
+        "0.5s",
+        "--heap",
+        "--pid",
+        target.pid,
+        "--record",
+        tmp_path / "rec",
+        "--json",
+    )
     assert cp.returncode == 1, cp.stderr
     assert target.alive(), "the target survives memray's attach and detach"
     assert json.loads(cp.stdout)["heap_growth_bytes"] > 1 << 20
@@ -74,8 +100,18 @@ def test_heap_needs_a_python_command(leakers):
 @pytest.mark.gdb
 def test_watch_heap_records_the_heap_stream(leaker_script, spawn, tmp_path):
     target = spawn([sys.executable, leaker_script])
-    doc = leakhunt_json("watch", "--pid", target.pid, "--duration", "4s", "--interval", "0.5s", "--heap",
-                        "--record", tmp_path / "rec")
+    doc = leakhunt_json(
+        "watch",
+        "--pid",
+        target.pid,
+        "--duration",
+        "4s",
+        "--interval",
+        "0.5s",
+        "--heap",
+        "--record",
+        tmp_path / "rec",
+    )
     assert doc["heap_growth_bytes"] > 1 << 20 and target.alive()
     assert (tmp_path / "rec" / "heap.jsonl").read_text().count("\n") >= 5
     report = leakhunt_json("report", tmp_path / "rec", "--markdown", tmp_path / "r.md")

@@ -30,9 +30,23 @@ def test_doctor_json_lists_every_check():
     assert cp.returncode == 0, cp.stderr
     doc = json.loads(cp.stdout)
     names = {c["name"] for c in doc["checks"]}
-    for expected in ("root", "CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE", "kernel.yama.ptrace_scope", "tracefs",
-                     "syscall tracepoints", "BTF", "kprobes", "uprobes", "bpftrace", "BCC (python3-bpfcc)",
-                     "kernel headers", "gdb", "perf"):
+    for expected in (
+        "root",
+        "CAP_BPF",
+        "CAP_PERFMON",
+        "CAP_SYS_PTRACE",
+        "kernel.yama.ptrace_scope",
+        "tracefs",
+        "syscall tracepoints",
+        "BTF",
+        "kprobes",
+        "uprobes",
+        "bpftrace",
+        "BCC (python3-bpfcc)",
+        "kernel headers",
+        "gdb",
+        "perf",
+    ):
         assert expected in names
     assert all(isinstance(c["ok"], bool) and c["detail"] for c in doc["checks"])
 

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from conftest import ROOT, run_leakhunt
+
 from leakhunt.export import Fleet, FleetCollector
 
 DOCS = ROOT / "docs"
@@ -19,7 +20,8 @@ def _served_names(pid: int) -> set[str]:
     for _ in range(3):
         fleet.sample_once()
     return {s.name for family in FleetCollector(fleet).collect() for s in family.samples} | {
-        family.name for family in FleetCollector(fleet).collect()}
+        family.name for family in FleetCollector(fleet).collect()
+    }
 
 
 def test_alerts_and_dashboard_query_served_metrics(leakers, spawn):
@@ -36,7 +38,7 @@ def test_alerts_and_dashboard_query_served_metrics(leakers, spawn):
 def test_example_workflow_uses_real_ci_options():
     workflow = (DOCS / "github-actions-example.yml").read_text()
     gate = workflow.split("leakhunt ci", 1)[1].split("\n\n", 1)[0]
-    ours = re.sub(r'"[^"]*"', "", gate.split(" -- ", 1)[0])     # --load's quoted command is not ours
+    ours = re.sub(r'"[^"]*"', "", gate.split(" -- ", 1)[0])  # --load's quoted command is not ours
     options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", ours))
     help_text = run_leakhunt("ci", "--help", check=True).stdout
     assert options and all(o in help_text for o in options), options

@@ -10,9 +10,8 @@ import time
 import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import run_leakhunt
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def _free_port() -> int:
@@ -24,9 +23,22 @@ def _free_port() -> int:
 class Exporter:
     def __init__(self, *args) -> None:
         self.port = _free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "leakhunt", "export", "--port", str(self.port),
-                                      "--interval", "0.5s", *map(str, args)],
-                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "leakhunt",
+                "export",
+                "--port",
+                str(self.port),
+                "--interval",
+                "0.5s",
+                *map(str, args),
+            ],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
         line = self.proc.stderr.readline()
         assert line.startswith("serving http://127.0.0.1:"), line + self.proc.stderr.read()
 
@@ -79,10 +91,14 @@ def test_leaking_class_rises_between_two_scrapes(leakers, spawn, exporter):
     first = e.scrape()
     before = e.value(first, "leakhunt_rss_bytes", pid=leaker.pid, **{"class": "anon"})
     assert before is not None
-    second = _wait_for(e.scrape, lambda m: e.value(m, "leakhunt_leak", pid=leaker.pid, **{"class": "anon"}) == 1)
+    second = _wait_for(
+        e.scrape, lambda m: e.value(m, "leakhunt_leak", pid=leaker.pid, **{"class": "anon"}) == 1
+    )
     after = e.value(second, "leakhunt_rss_bytes", pid=leaker.pid, **{"class": "anon"})
     assert after - before >= 4 << 20
-    lower = e.value(second, "leakhunt_rss_slope_bytes_per_second", pid=leaker.pid, bound="lower", **{"class": "anon"})
+    lower = e.value(
+        second, "leakhunt_rss_slope_bytes_per_second", pid=leaker.pid, bound="lower", **{"class": "anon"}
+    )
     assert lower > 1 << 20
     assert e.value(second, "leakhunt_leak", pid=leaker.pid, **{"class": "total"}) == 1
     assert e.value(second, "leakhunt_group_rss_bytes", pid=leaker.pid, path="[anon]", **{"class": "anon"}) > 0
@@ -91,7 +107,7 @@ def test_leaking_class_rises_between_two_scrapes(leakers, spawn, exporter):
 def test_binds_loopback_by_default(leakers, spawn, exporter):
     e = exporter("--pid", spawn([leakers / "steady"]).pid)
     listening = [line.split() for line in open("/proc/net/tcp").read().splitlines()[1:]]
-    local = {row[1] for row in listening if row[3] == "0A"}    # 0A: LISTEN
+    local = {row[1] for row in listening if row[3] == "0A"}  # 0A: LISTEN
     assert f"0100007F:{e.port:04X}" in local
 
 
@@ -101,7 +117,9 @@ def test_match_follows_processes_that_come_and_go(exporter):
     assert e.value(e.scrape(), "leakhunt_targets") == 0
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", token])
     try:
-        seen = _wait_for(e.scrape, lambda m: e.value(m, "leakhunt_process_rss_bytes", pid=proc.pid) is not None)
+        seen = _wait_for(
+            e.scrape, lambda m: e.value(m, "leakhunt_process_rss_bytes", pid=proc.pid) is not None
+        )
         assert e.value(seen, "leakhunt_process_rss_bytes", pid=proc.pid) > 0
     finally:
         proc.kill()
@@ -112,11 +130,14 @@ def test_match_follows_processes_that_come_and_go(exporter):
     assert e.value(gone, "leakhunt_targets") == 0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--pid", "999999999"], "no process"),
-    (["--match", "("], "not a regular expression"),
-    ([], "give --pid"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--pid", "999999999"], "no process"),
+        (["--match", "("], "not a regular expression"),
+        ([], "give --pid"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, message):
     cp = run_leakhunt("export", *args, "--duration", "1s")
     assert cp.returncode == 2 and message in cp.stderr and "Traceback" not in cp.stderr
@@ -126,8 +147,15 @@ def test_port_in_use_is_exit_2(leakers, spawn):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        cp = run_leakhunt("export", "--pid", spawn([leakers / "steady"]).pid, "--port", s.getsockname()[1],
-                          "--duration", "1s")
+        cp = run_leakhunt(
+            "export",
+            "--pid",
+            spawn([leakers / "steady"]).pid,
+            "--port",
+            s.getsockname()[1],
+            "--duration",
+            "1s",
+        )
     assert cp.returncode == 2 and "cannot serve" in cp.stderr
 
 
@@ -136,30 +164,78 @@ def test_culprits_come_from_a_ledger_written_beside_the_exporter(leakers, spawn,
 
     target = spawn([leakers / "steady"])
     writer = SessionWriter(tmp_path / "trace", "trace-mmap", {"pid": target.pid})
-    writer.append("ledger", {"ts": time.time(), "callers": [
-        {"caller": "libucm.so!ucm_orig_mmap_syscall", "bytes": 64 << 20, "mappings": 64},
-        {"caller": "python!balanced", "bytes": 0, "mappings": 0}]})
+    writer.append(
+        "ledger",
+        {
+            "ts": time.time(),
+            "callers": [
+                {"caller": "libucm.so!ucm_orig_mmap_syscall", "bytes": 64 << 20, "mappings": 64},
+                {"caller": "python!balanced", "bytes": 0, "mappings": 0},
+            ],
+        },
+    )
     with open(tmp_path / "trace" / "ledger.jsonl", "ab") as f:
-        f.write(b'{"ts": 1, "callers": [')     # the record trace-mmap is writing right now
+        f.write(b'{"ts": 1, "callers": [')  # the record trace-mmap is writing right now
     e = exporter("--pid", target.pid, "--ledger", tmp_path / "trace")
     metrics = e.scrape()
-    assert e.value(metrics, "leakhunt_culprit_outstanding_bytes", pid=target.pid,
-                   caller="libucm.so!ucm_orig_mmap_syscall") == 64 << 20
+    assert (
+        e.value(
+            metrics,
+            "leakhunt_culprit_outstanding_bytes",
+            pid=target.pid,
+            caller="libucm.so!ucm_orig_mmap_syscall",
+        )
+        == 64 << 20
+    )
     assert e.value(metrics, "leakhunt_culprit_outstanding_bytes", caller="python!balanced") is None
 
 
 @pytest.mark.bpf
 def test_live_trace_feeds_the_exporter(leakers, spawn, exporter, tmp_path):
     leaker = spawn([leakers / "pool_leaker", "--rate", "4M", "--chunk", "1M"])
-    trace = subprocess.Popen([sys.executable, "-m", "leakhunt", "trace-mmap", "--pid", str(leaker.pid),
-                              "--duration", "20s", "--record", str(tmp_path / "trace"), "--json"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trace = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "leakhunt",
+            "trace-mmap",
+            "--pid",
+            str(leaker.pid),
+            "--duration",
+            "20s",
+            "--record",
+            str(tmp_path / "trace"),
+            "--json",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         e = exporter("--pid", leaker.pid, "--ledger", tmp_path / "trace")
-        metrics = _wait_for(e.scrape, lambda m: (e.value(m, "leakhunt_culprit_outstanding_bytes", pid=leaker.pid,
-                                                         caller="libleakpool.so!lkpool_grow") or 0) > 2 << 20)
-        assert e.value(metrics, "leakhunt_culprit_outstanding_bytes", pid=leaker.pid,
-                       caller="libleakpool.so!lkpool_grow") > 2 << 20
+        metrics = _wait_for(
+            e.scrape,
+            lambda m: (
+                (
+                    e.value(
+                        m,
+                        "leakhunt_culprit_outstanding_bytes",
+                        pid=leaker.pid,
+                        caller="libleakpool.so!lkpool_grow",
+                    )
+                    or 0
+                )
+                > 2 << 20
+            ),
+        )
+        assert (
+            e.value(
+                metrics,
+                "leakhunt_culprit_outstanding_bytes",
+                pid=leaker.pid,
+                caller="libleakpool.so!lkpool_grow",
+            )
+            > 2 << 20
+        )
     finally:
         trace.terminate()
         trace.wait(30)

@@ -13,7 +13,6 @@ import time
 
 import pytest
 from conftest import leakhunt_json, need, run_leakhunt
-
 from test_gdb_support import makes_progress, tracer, wait_untraced
 
 pytestmark = pytest.mark.gdb
@@ -27,7 +26,7 @@ def test_trace_mmap_with_gdb_names_the_pool_with_its_full_stack(spawn, leakers):
     assert doc["backend"] == "gdb" and doc["stopped_because"] == "duration"
     top = doc["by_caller"][0]
     assert (top["library"], top["symbol"]) == ("libleakpool.so", "lkpool_grow")
-    assert top["outstanding_bytes"] == doc["outstanding_bytes"] > 0          # the churn is all given back
+    assert top["outstanding_bytes"] == doc["outstanding_bytes"] > 0  # the churn is all given back
     symbols = [frame.split("!")[1].split("+")[0] for frame in top["stack"]]
     assert tuple(symbols[:5]) == POOL_CHAIN and not top["stack_partial"]
     details = doc["backend_details"]
@@ -39,8 +38,19 @@ def test_trace_mmap_with_gdb_names_the_pool_with_its_full_stack(spawn, leakers):
 
 def test_the_hit_budget_ends_the_trace_early(spawn, leakers):
     proc = spawn([leakers / "pool_leaker", "--rate", "4M", "--churn", "20"])
-    doc = leakhunt_json("trace-mmap", "--pid", proc.pid, "--backend", "gdb", "--duration", "60s",
-                        "--gdb-max-hits", "8", "--min-size", "64K")
+    doc = leakhunt_json(
+        "trace-mmap",
+        "--pid",
+        proc.pid,
+        "--backend",
+        "gdb",
+        "--duration",
+        "60s",
+        "--gdb-max-hits",
+        "8",
+        "--min-size",
+        "64K",
+    )
     assert doc["stopped_because"] == "backend finished: hit budget reached (8 hits)"
     assert doc["events"] == 8 and doc["duration_s"] < 60
     assert tracer(proc.pid) == 0 and proc.alive()
@@ -49,14 +59,18 @@ def test_the_hit_budget_ends_the_trace_early(spawn, leakers):
 @pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
 def test_sigterm_or_ctrl_c_detaches_and_prints_the_summary(spawn, leakers, how):
     proc = spawn([leakers / "pool_leaker", "--rate", "2M", "--churn", "20"])
-    cli = subprocess.Popen([sys.executable, "-m", "leakhunt", "trace-mmap", "--pid", str(proc.pid), "--backend",
-                            "gdb"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "leakhunt", "trace-mmap", "--pid", str(proc.pid), "--backend", "gdb"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     _wait_traced_for_a_while(proc.pid)
     if how == "sigterm":
         cli.send_signal(signal.SIGTERM)
     else:
-        os.killpg(cli.pid, signal.SIGINT)   # what a terminal's Ctrl-C does: the whole foreground group
+        os.killpg(cli.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
     out, err = cli.communicate(timeout=60)
     assert cli.returncode == 0, err
     assert "stopped: interrupted" in out and "lkpool_grow" in out
@@ -65,8 +79,11 @@ def test_sigterm_or_ctrl_c_detaches_and_prints_the_summary(spawn, leakers, how):
 
 def test_sigkill_of_the_cli_leaves_the_target_running_untraced(spawn, leakers):
     proc = spawn([leakers / "pool_leaker", "--rate", "4M", "--churn", "50"])
-    cli = subprocess.Popen([sys.executable, "-m", "leakhunt", "trace-mmap", "--pid", str(proc.pid), "--backend",
-                            "gdb"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "leakhunt", "trace-mmap", "--pid", str(proc.pid), "--backend", "gdb"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     _wait_traced_for_a_while(proc.pid)
     cli.kill()
     cli.wait()
@@ -89,8 +106,17 @@ def test_the_target_exiting_mid_trace_is_said_and_what_was_traced_kept(spawn, le
 
 def test_an_unusable_gdb_is_one_line(spawn, leakers):
     proc = spawn([leakers / "steady", "--rate", "1M"])
-    cp = run_leakhunt("trace-mmap", "--pid", proc.pid, "--backend", "gdb", "--gdb-path", "/nonexistent/gdb",
-                      "--duration", "1s")
+    cp = run_leakhunt(
+        "trace-mmap",
+        "--pid",
+        proc.pid,
+        "--backend",
+        "gdb",
+        "--gdb-path",
+        "/nonexistent/gdb",
+        "--duration",
+        "1s",
+    )
     assert cp.returncode == 2
     lines = cp.stderr.strip().splitlines()
     assert len(lines) == 1 and "/nonexistent/gdb not found" in lines[0], lines
@@ -115,21 +141,58 @@ DROP = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 def test_without_root_gdb_traces_the_users_own_process(spawn, leakers, tmp_path):
-    need(os.geteuid() == 0 and shutil.which("setpriv") is not None, "needs root and setpriv to drop privileges")
+    need(
+        os.geteuid() == 0 and shutil.which("setpriv") is not None, "needs root and setpriv to drop privileges"
+    )
     proc = spawn([*DROP, leakers / "pool_leaker", "--rate", "4M", "--chunk", "1M"])
-    cp = subprocess.run([*DROP, sys.executable, "-m", "leakhunt", "trace-mmap", "--pid", str(proc.pid), "--backend",
-                         "gdb", "--duration", "2s", "--json"], capture_output=True, text=True, timeout=120,
-                        cwd=tmp_path)
+    cp = subprocess.run(
+        [
+            *DROP,
+            sys.executable,
+            "-m",
+            "leakhunt",
+            "trace-mmap",
+            "--pid",
+            str(proc.pid),
+            "--backend",
+            "gdb",
+            "--duration",
+            "2s",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert cp.returncode == 0, cp.stderr
     assert json.loads(cp.stdout)["by_caller"][0]["symbol"] == "lkpool_grow"
     assert tracer(proc.pid) == 0 and proc.alive()
 
 
 def test_without_root_another_users_process_is_one_line(spawn, leakers):
-    need(os.geteuid() == 0 and shutil.which("setpriv") is not None, "needs root and setpriv to drop privileges")
-    proc = spawn([leakers / "steady", "--rate", "1M"])                 # root's
-    cp = subprocess.run([*DROP, sys.executable, "-m", "leakhunt", "trace-mmap", "--pid", str(proc.pid), "--backend",
-                         "gdb", "--duration", "1s"], capture_output=True, text=True, timeout=60)
+    need(
+        os.geteuid() == 0 and shutil.which("setpriv") is not None, "needs root and setpriv to drop privileges"
+    )
+    proc = spawn([leakers / "steady", "--rate", "1M"])  # root's
+    cp = subprocess.run(
+        [
+            *DROP,
+            sys.executable,
+            "-m",
+            "leakhunt",
+            "trace-mmap",
+            "--pid",
+            str(proc.pid),
+            "--backend",
+            "gdb",
+            "--duration",
+            "1s",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert cp.returncode == 2
     lines = cp.stderr.strip().splitlines()
     assert len(lines) == 1 and "permission denied" in lines[0] and "root" in lines[0], lines
@@ -140,4 +203,4 @@ def _wait_traced_for_a_while(pid: int, settle: float = 1.5) -> None:
     while not tracer(pid):
         assert time.monotonic() < deadline, "never traced"
         time.sleep(0.05)
-    time.sleep(settle)   # symbols read, breakpoints in, hits coming
+    time.sleep(settle)  # symbols read, breakpoints in, hits coming

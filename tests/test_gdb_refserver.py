@@ -7,11 +7,11 @@ from __future__ import annotations
 import threading
 
 import pytest
+from test_gdb_support import collect, tracer
 
 from leakhunt.proc.target import open_target
 from leakhunt.trace.backend import TraceOptions
 from leakhunt.trace.gdb_backend import GdbBackend, gdb_extra
-from test_gdb_support import collect, tracer
 
 refserver_launch = pytest.importorskip("refserver.launch", reason="needs the refserver extra")
 loadgen = pytest.importorskip("refserver.loadgen", reason="needs the refserver extra")
@@ -52,7 +52,9 @@ def test_refserver_under_load_serves_every_request_while_gdb_takes_200_stacks():
         backend = GdbBackend(open_target(server.pid), TraceOptions(extra=gdb_extra(max_hits=10**6)))
         with Load(server.url) as load:
             with backend:
-                events = collect(backend, timeout=300, until=lambda ev: sum(e.stack is not None for e in ev) >= STACKS)
+                events = collect(
+                    backend, timeout=300, until=lambda ev: sum(e.stack is not None for e in ev) >= STACKS
+                )
         stacks = [e.stack for e in events if e.stack is not None]
         assert len(stacks) >= STACKS, backend.stats.notes
         assert load.total("completed") > 0
@@ -61,7 +63,7 @@ def test_refserver_under_load_serves_every_request_while_gdb_takes_200_stacks():
 
         leak = [s for s in stacks if [f.symbol for f in s.frames[1:5]] == REFUCM_CHAIN]
         assert leak, "the pool's growth was not seen: " + str(stacks[0])
-        if not any("Python frames unavailable" in n for n in backend.stats.notes):   # debug info for CPython
+        if not any("Python frames unavailable" in n for n in backend.stats.notes):  # debug info for CPython
             python = [f.symbol for f in leak[0].frames if f.address == 0]
             assert "MmapHookLeak.on_request_done" in python and "Engine.step" in python
 

@@ -12,16 +12,16 @@ import textwrap
 import time
 
 import pytest
+from test_gdb_support import alive, collect, makes_progress, tracer, wait_untraced
 
 import leakhunt.gdb.session as session_module
 from leakhunt.errors import AccessDenied
-from leakhunt.gdb.preflight import TraceAccess
 from leakhunt.gdb.guard import INT3
 from leakhunt.gdb.memory import read_memory
+from leakhunt.gdb.preflight import TraceAccess
 from leakhunt.proc.target import open_target
 from leakhunt.trace.backend import TraceOptions
 from leakhunt.trace.gdb_backend import GdbBackend, gdb_extra
-from test_gdb_support import alive, collect, makes_progress, tracer, wait_untraced
 
 pytestmark = pytest.mark.gdb
 
@@ -46,7 +46,9 @@ DRIVER = textwrap.dedent("""\
 
 
 def _driver_with_events(pid: int, mode: str) -> tuple[subprocess.Popen, int, int]:
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(pid), mode], stdout=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(pid), mode], stdout=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         line = driver.stdout.readline()
@@ -114,15 +116,17 @@ def test_gdb_killed_mid_session_leaves_no_breakpoint_behind(spawn, leakers):
 def _wait_all_sleeping(pid: int) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        states = {open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[0]
-                  for t in os.listdir(f"/proc/{pid}/task")}
+        states = {
+            open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[0]
+            for t in os.listdir(f"/proc/{pid}/task")
+        }
         if states == {"S"}:
             return
         time.sleep(0.001)
 
 
 def test_stop_while_hits_are_in_flight_detaches_cleanly(spawn, leakers):
-    proc = spawn([leakers / "steady", "--rate", "64M", "--chunk", "64K"])   # ~1000 mmap+munmap/s offered
+    proc = spawn([leakers / "steady", "--rate", "64M", "--chunk", "64K"])  # ~1000 mmap+munmap/s offered
     backend = GdbBackend(open_target(proc.pid), TraceOptions(extra=gdb_extra(max_hits=10**6)))
     with backend:
         collect(backend, timeout=60, until=lambda ev: len(ev) >= 50)
@@ -149,7 +153,9 @@ def test_a_process_already_traced_is_refused_in_one_line(spawn, leakers):
 def test_gdb_refusing_to_attach_is_one_line_and_leaves_nothing(spawn, leakers, monkeypatch):
     """The race past our own checks: another tracer attaches between them and gdb's attach."""
     proc = spawn([leakers / "steady", "--rate", "1M"])
-    monkeypatch.setattr(session_module, "check_access", lambda target, gdb: TraceAccess(shutil.which(gdb), False))
+    monkeypatch.setattr(
+        session_module, "check_access", lambda target, gdb: TraceAccess(shutil.which(gdb), False)
+    )
     strace = subprocess.Popen(["strace", "-p", str(proc.pid), "-o", os.devnull], stderr=subprocess.DEVNULL)
     try:
         assert _wait_traced(proc.pid)
@@ -182,7 +188,9 @@ EXECER = textwrap.dedent("""\
 
 def test_an_exec_ends_the_session_and_the_new_program_runs_untraced(spawn):
     proc = spawn([sys.executable, "-c", EXECER], stdin=subprocess.PIPE)
-    backend = GdbBackend(open_target(proc.pid), TraceOptions(extra=gdb_extra(max_hits=10**6, python_frames=False)))
+    backend = GdbBackend(
+        open_target(proc.pid), TraceOptions(extra=gdb_extra(max_hits=10**6, python_frames=False))
+    )
     with backend:
         proc.popen.stdin.write("go\n")
         proc.popen.stdin.flush()
@@ -251,9 +259,9 @@ def test_threads_and_children_that_come_and_go(spawn, tmp_path):
         proc.popen.stdin.write("go\n")
         proc.popen.stdin.flush()
         events = collect(backend, timeout=120)
-        assert backend.finished == "target exited (exit status 0)"   # every forked child exited 0
+        assert backend.finished == "target exited (exit status 0)"  # every forked child exited 0
     threads = {e.tid for e in events}
-    assert len(threads) > 4 and proc.pid in threads       # short-lived worker threads were traced
+    assert len(threads) > 4 and proc.pid in threads  # short-lived worker threads were traced
     assert backend.stats.lost_events == 0
     workers = [e for e in events if e.kind.value == "mmap" and e.caller and e.caller.symbol == "worker"]
-    assert len(workers) == 15 * 4 * 3 * 2                 # every worker mapping, through syscall() and mmap()
+    assert len(workers) == 15 * 4 * 3 * 2  # every worker mapping, through syscall() and mmap()

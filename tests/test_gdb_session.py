@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import need
+from test_gdb_support import collect, makes_progress, tracer
 
 from leakhunt.proc.classes import RegionClass
 from leakhunt.proc.growth import held_between, range_growth
@@ -21,7 +22,6 @@ from leakhunt.proc.target import open_target
 from leakhunt.trace.backend import TraceOptions
 from leakhunt.trace.events import EventKind
 from leakhunt.trace.gdb_backend import GdbBackend, gdb_extra
-from test_gdb_support import collect, makes_progress, tracer
 
 pytestmark = pytest.mark.gdb
 
@@ -31,8 +31,11 @@ POOL_CHAIN = ["lkpool_grow", "lkpool_mpool_get", "lkpool_event_dispatch", "lkpoo
 @pytest.fixture(scope="module")
 def pool_session(leakers):
     """One session on pool_leaker: smaps before, 40 hits, smaps after; the target keeps running."""
-    proc = subprocess.Popen([leakers / "pool_leaker", "--rate", "8M", "--chunk", "1M", "--churn", "5"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [leakers / "pool_leaker", "--rate", "8M", "--chunk", "1M", "--churn", "5"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().startswith("ready")
         target = open_target(proc.pid)
@@ -93,12 +96,12 @@ def test_events_carry_arguments_and_results(pool_session):
     pid = pool_session["proc"].pid
     for e in maps:
         assert e.pid == pid and e.tid == pid and e.ret > 0 and e.length > 0
-        assert e.prot == 3 and e.flags & 0x20 and e.fd == -1          # RW, MAP_ANONYMOUS
+        assert e.prot == 3 and e.flags & 0x20 and e.fd == -1  # RW, MAP_ANONYMOUS
     for e in unmaps:
-        assert e.ret == 0 and e.addr and e.stack is None               # releases carry no stack
-        assert e.caller is not None and e.caller.symbol                # but name their caller
+        assert e.ret == 0 and e.addr and e.stack is None  # releases carry no stack
+        assert e.caller is not None and e.caller.symbol  # but name their caller
     unmapped = {e.addr for e in unmaps}
-    assert unmapped & {e.ret for e in maps}                            # the churn: mapped then unmapped
+    assert unmapped & {e.ret for e in maps}  # the churn: mapped then unmapped
 
 
 def test_hit_budget_ends_the_session_detached_and_the_target_runs_on(pool_session):
@@ -142,7 +145,7 @@ def test_length_threshold_keeps_small_calls_out(spawn, leakers):
     with backend:
         events = collect(backend, timeout=60)
     assert len(events) == 12
-    assert all(e.length >= 512 << 10 for e in events)   # the 64 KiB buffers never stopped the target
+    assert all(e.length >= 512 << 10 for e in events)  # the 64 KiB buffers never stopped the target
 
 
 SCRIPT = textwrap.dedent("""\
@@ -170,10 +173,13 @@ def test_python_frames_name_the_python_function_and_line(spawn, tmp_path, python
         pytest.skip(f"no {python} here")
     script = tmp_path / "pyserver.py"
     script.write_text(SCRIPT)
-    grow_line = SCRIPT.splitlines().index(next(l for l in SCRIPT.splitlines() if "GROW_LINE" in l)) + 1
+    grow_line = (
+        SCRIPT.splitlines().index(next(line for line in SCRIPT.splitlines() if "GROW_LINE" in line)) + 1
+    )
     proc = spawn([interpreter, script])
-    backend = GdbBackend(open_target(proc.pid), TraceOptions(kinds=frozenset({EventKind.MMAP}),
-                                                             extra=gdb_extra(max_hits=3)))
+    backend = GdbBackend(
+        open_target(proc.pid), TraceOptions(kinds=frozenset({EventKind.MMAP}), extra=gdb_extra(max_hits=3))
+    )
     with backend:
         events = collect(backend, timeout=60)
     if "Python frames unavailable" in " ".join(backend.stats.notes):
@@ -184,9 +190,12 @@ def test_python_frames_name_the_python_function_and_line(spawn, tmp_path, python
     assert grow[0].module == str(script) and grow[0].offset == grow_line
     assert "serve" in [f.symbol for f in python]
     frames = events[0].stack.frames
-    eval_at = max(i for i, f in enumerate(frames) if f.symbol == "_PyEval_EvalFrameDefault"
-                  and i < frames.index(grow[0]))
-    assert frames[eval_at + 1].address == 0    # Python frames follow the C frame that runs them
+    eval_at = max(
+        i
+        for i, f in enumerate(frames)
+        if f.symbol == "_PyEval_EvalFrameDefault" and i < frames.index(grow[0])
+    )
+    assert frames[eval_at + 1].address == 0  # Python frames follow the C frame that runs them
 
 
 def test_a_target_in_another_mount_namespace_is_read_through_its_root(leakers, tmp_path):
@@ -195,13 +204,18 @@ def test_a_target_in_another_mount_namespace_is_read_through_its_root(leakers, t
     need(os.geteuid() == 0 and shutil.which("unshare") is not None, "needs root and unshare")
     hidden = tmp_path / "ns"
     hidden.mkdir()
-    script = (f"mount -t tmpfs none {hidden} && cp {leakers}/pool_leaker {leakers}/libleakpool.so {hidden}/ && "
-              f"exec {hidden}/pool_leaker --rate 4M --chunk 1M")
-    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                            stdout=subprocess.PIPE, text=True)
+    script = (
+        f"mount -t tmpfs none {hidden} && cp {leakers}/pool_leaker {leakers}/libleakpool.so {hidden}/ && "
+        f"exec {hidden}/pool_leaker --rate 4M --chunk 1M"
+    )
+    proc = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().startswith("ready")
-        assert not (hidden / "pool_leaker").exists()                 # not in our namespace
+        assert not (hidden / "pool_leaker").exists()  # not in our namespace
         backend = GdbBackend(open_target(proc.pid), TraceOptions(extra=gdb_extra(max_hits=12)))
         with backend:
             events = collect(backend, timeout=60)

@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -24,13 +23,15 @@ SCRIPT = ROOT / "scripts" / "gpu_check.py"
 
 
 def _run(*args, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw
+    )
 
 
 def test_wheel_list_is_pyproject_minus_the_gpu_image():
     names = {gpu_wheels._name(r) for r in gpu_wheels.wanted()}
     assert {"fastapi", "uvicorn", "openai", "pygdbmi", "pyelftools"} <= names
-    assert not names & gpu_wheels.IMAGE_HAS     # torch above all: the image's CUDA build is kept
+    assert not names & gpu_wheels.IMAGE_HAS  # torch above all: the image's CUDA build is kept
     assert "torch" not in names and "nvidia-ml-py" not in names
 
 
@@ -44,10 +45,16 @@ def test_pins_come_from_the_interpreter_that_ran_the_tests():
 
 def _python312() -> str | None:
     """A Python 3.12 that runs (pyenv's shims exist for versions that are not activated)."""
-    candidates = [shutil.which("python3.12"), *sorted(glob.glob("/root/.pyenv/versions/3.12*/bin/python3.12"))]
+    candidates = [
+        shutil.which("python3.12"),
+        *sorted(glob.glob("/root/.pyenv/versions/3.12*/bin/python3.12")),
+    ]
     for python in filter(None, candidates):
-        cp = subprocess.run([python, "-c", "import sys; print(sys.version_info[:2] == (3, 12))"],
-                            capture_output=True, text=True)
+        cp = subprocess.run(
+            [python, "-c", "import sys; print(sys.version_info[:2] == (3, 12))"],
+            capture_output=True,
+            text=True,
+        )
         if cp.stdout.strip() == "True":
             return python
     return None
@@ -64,13 +71,23 @@ def test_wheels_resolve_and_install_offline_for_cpython_312(tmp_path):
     assert cp.returncode == 0, cp.stderr
     wheels = list((tmp_path / "wheels").glob("*.whl"))
     assert any(w.name.startswith("pydantic_core-") and "cp312" in w.name for w in wheels)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import gpu_check; from pathlib import Path;"
-            "print(gpu_check.install(Path(sys.argv[2]), Path(sys.argv[3])))")
-    cp = subprocess.run([python312, "-c", code, ROOT / "scripts", tmp_path / "wheels", tmp_path / "site"],
-                        capture_output=True, text=True, timeout=600)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import gpu_check; from pathlib import Path;"
+        "print(gpu_check.install(Path(sys.argv[2]), Path(sys.argv[3])))"
+    )
+    cp = subprocess.run(
+        [python312, "-c", code, ROOT / "scripts", tmp_path / "wheels", tmp_path / "site"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert cp.returncode == 0, cp.stderr
-    check = subprocess.run([python312, "-c", "import fastapi, uvicorn, openai, pygdbmi, elftools, pydantic_core"],
-                           capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path / "site")})
+    check = subprocess.run(
+        [python312, "-c", "import fastapi, uvicorn, openai, pygdbmi, elftools, pydantic_core"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(tmp_path / "site")},
+    )
     assert check.returncode == 0, check.stderr
 
 
@@ -100,13 +117,31 @@ def test_cpu_rehearsal_runs_the_scenarios_end_to_end(tmp_path):
     client, no leak without one, and the pinned leak (mlocked anonymous memory here) found with
     the slope the server leaked at."""
     pytest.importorskip("torch")
-    cp = _run(SCRIPT, "--device", "cpu", "--skip-install", "--checks", "api,none,pinned,device",
-              "--duration", "10", "--warmup", "3", "--out", tmp_path, "--json", timeout=600)
+    cp = _run(
+        SCRIPT,
+        "--device",
+        "cpu",
+        "--skip-install",
+        "--checks",
+        "api,none,pinned,device",
+        "--duration",
+        "10",
+        "--warmup",
+        "3",
+        "--out",
+        tmp_path,
+        "--json",
+        timeout=600,
+    )
     assert cp.returncode == 0, cp.stderr[-3000:]
     doc = json.loads(cp.stdout)
     status = {c["name"]: c["status"] for c in doc["checks"]}
-    assert status == {"api on the device": "pass", "leak none": "pass", "leak pinned": "pass",
-                      "leak device": "skip"}, doc
+    assert status == {
+        "api on the device": "pass",
+        "leak none": "pass",
+        "leak pinned": "pass",
+        "leak device": "skip",
+    }, doc
     pinned = next(c for c in doc["checks"] if c["name"] == "leak pinned")
     assert pinned["top_class"] == "anon" and pinned["relative_error"] <= 0.2
     assert json.loads((tmp_path / "summary.json").read_text())["exit_code"] == 0
@@ -125,8 +160,21 @@ def test_bench_gpu_kv_bookkeeping_on_the_cpu():
     """Paged wastes less KV and holds more sequences than contiguous at the same budget (the
     scheduler's bookkeeping: the same numbers on any device)."""
     pytest.importorskip("torch")
-    cp = _run(ROOT / "bench" / "gpu.py", "--device", "cpu", "--requests", "16", "--kv-cache-mb", "4",
-              "--max-model-len", "1024", "--rounds", "1", "--json", timeout=300)
+    cp = _run(
+        ROOT / "bench" / "gpu.py",
+        "--device",
+        "cpu",
+        "--requests",
+        "16",
+        "--kv-cache-mb",
+        "4",
+        "--max-model-len",
+        "1024",
+        "--rounds",
+        "1",
+        "--json",
+        timeout=300,
+    )
     assert cp.returncode == 0, cp.stderr
     s = json.loads(cp.stdout)["serving"]
     assert s["paged"]["waste"] < 0.04 < s["contiguous"]["waste"]

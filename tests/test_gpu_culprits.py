@@ -24,11 +24,15 @@ TORCH_CPU = "/opt/venv/lib/python3.12/site-packages/torch/lib/libtorch_cpu.so"
 
 # torch's host allocator, mangled as the dynamic symbol table has them and demangled as gdb shows them.
 SLOWPATH = "_ZN2at4cuda12_GLOBAL__N_128CUDACachingHostAllocatorImpl29allocate_host_memory_slowpathEmPPv"
-SLOWPATH_DEMANGLED = ("at::cuda::(anonymous namespace)::CUDACachingHostAllocatorImpl::"
-                      "allocate_host_memory_slowpath(unsigned long, void**)")
+SLOWPATH_DEMANGLED = (
+    "at::cuda::(anonymous namespace)::CUDACachingHostAllocatorImpl::"
+    "allocate_host_memory_slowpath(unsigned long, void**)"
+)
 REGISTER = "_ZN2at4cuda12_GLOBAL__N_128CUDACachingHostAllocatorImpl25allocWithCudaHostRegisterEPPvm"
-ALLOCATE = ("at::CachingHostAllocatorImpl<c10::cuda::CUDAStream, std::unique_ptr<at::cuda::CUDAEvent, "
-            "std::function<void (at::cuda::CUDAEvent*)> > >::allocate(unsigned long)")
+ALLOCATE = (
+    "at::CachingHostAllocatorImpl<c10::cuda::CUDAStream, std::unique_ptr<at::cuda::CUDAEvent, "
+    "std::function<void (at::cuda::CUDAEvent*)> > >::allocate(unsigned long)"
+)
 PIN_MEMORY = "at::native::_pin_memory(at::Tensor const&, std::optional<c10::Device>)"
 
 
@@ -39,7 +43,7 @@ def _id(klass: RegionClass, caller: Frame | None, *stack: Frame) -> str | None:
 
 def test_pinned_mapping_named_by_libcuda_caller_alone():
     """A BPF stack without frame pointers stops in the driver: the caller's module is enough."""
-    caller = Frame(0x7F3A1C2B4D10, LIBCUDA, None, 0x2B4D10)     # stripped driver internals
+    caller = Frame(0x7F3A1C2B4D10, LIBCUDA, None, 0x2B4D10)  # stripped driver internals
     assert _id(RegionClass.PINNED, caller) == "cuda-pinned-host"
 
 
@@ -52,13 +56,15 @@ def test_driver_under_any_soname(soname):
 @pytest.mark.parametrize("slowpath", [SLOWPATH, SLOWPATH_DEMANGLED])
 def test_torch_cudahostalloc_path_full_stack(slowpath):
     """gdb's full stack of torch.empty(n, pin_memory=True): mmap in libcuda, under cudaHostAlloc."""
-    stack = (Frame(0x7F3A20A1C6E0, LIBC, "mmap64", 0x30),
-             Frame(0x7F3A1C2B4D10, LIBCUDA, None, 0x2B4D10),
-             Frame(0x7F3A1C1A0F00, LIBCUDA, "cuMemHostAlloc", 0x1F0),
-             Frame(0x7F3A1E04C2A0, LIBCUDART, "cudaHostAlloc", 0xB0),
-             Frame(0x7F3A0B9C8E10, TORCH_CUDA, slowpath, 0x1A2),
-             Frame(0x7F3A0B9C9F00, TORCH_CUDA, ALLOCATE, 0x3C4),
-             Frame(0x7F3A0D112000, TORCH_CPU, PIN_MEMORY, 0x98))
+    stack = (
+        Frame(0x7F3A20A1C6E0, LIBC, "mmap64", 0x30),
+        Frame(0x7F3A1C2B4D10, LIBCUDA, None, 0x2B4D10),
+        Frame(0x7F3A1C1A0F00, LIBCUDA, "cuMemHostAlloc", 0x1F0),
+        Frame(0x7F3A1E04C2A0, LIBCUDART, "cudaHostAlloc", 0xB0),
+        Frame(0x7F3A0B9C8E10, TORCH_CUDA, slowpath, 0x1A2),
+        Frame(0x7F3A0B9C9F00, TORCH_CUDA, ALLOCATE, 0x3C4),
+        Frame(0x7F3A0D112000, TORCH_CPU, PIN_MEMORY, 0x98),
+    )
     assert _id(RegionClass.PINNED, stack[1], *stack) == "cuda-pinned-host"
 
 
@@ -70,8 +76,10 @@ def test_statically_linked_cudart_inside_libtorch_cuda():
 
 def test_cumemallochost_driver_entry_point():
     """cudaMallocHost goes through the driver's cuMemAllocHost_v2."""
-    stack = (Frame(0x7F3A1C2B4D10, LIBCUDA, None, 0x2B4D10),
-             Frame(0x7F3A1C1A1000, LIBCUDA, "cuMemAllocHost_v2", 0x88))
+    stack = (
+        Frame(0x7F3A1C2B4D10, LIBCUDA, None, 0x2B4D10),
+        Frame(0x7F3A1C1A1000, LIBCUDA, "cuMemAllocHost_v2", 0x88),
+    )
     assert _id(RegionClass.PINNED, None, *stack) == "cuda-pinned-host"
 
 
@@ -79,11 +87,13 @@ def test_cuda_host_register_path_named_by_the_host_allocator():
     """PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:True mallocs, touches and then
     page-locks: the mapping is ordinary anonymous memory mapped by malloc, and the allocator that
     keeps it is further up the stack."""
-    stack = (Frame(0x7F3A20A1C6E0, LIBC, "mmap64", 0x30),
-             Frame(0x7F3A20A90A10, LIBC, "sysmalloc", 0x3A0),
-             Frame(0x7F3A20A91C20, LIBC, "malloc", 0x1E0),
-             Frame(0x7F3A0B9C7A30, TORCH_CUDA, REGISTER, 0x5C),
-             Frame(0x7F3A0B9C8E10, TORCH_CUDA, SLOWPATH, 0x1A2))
+    stack = (
+        Frame(0x7F3A20A1C6E0, LIBC, "mmap64", 0x30),
+        Frame(0x7F3A20A90A10, LIBC, "sysmalloc", 0x3A0),
+        Frame(0x7F3A20A91C20, LIBC, "malloc", 0x1E0),
+        Frame(0x7F3A0B9C7A30, TORCH_CUDA, REGISTER, 0x5C),
+        Frame(0x7F3A0B9C8E10, TORCH_CUDA, SLOWPATH, 0x1A2),
+    )
     assert _id(RegionClass.ANON, stack[1], *stack) == "cuda-host-register"
 
 

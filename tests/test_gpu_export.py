@@ -12,10 +12,10 @@ import subprocess
 import time
 
 import pytest
+from conftest import leakhunt_json
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import leakhunt_json
 from leakhunt.analysis.device import open_nvml
 from leakhunt.export import Fleet, TickDevice, registry_for
 
@@ -64,7 +64,7 @@ def test_device_memory_gauge_slope_and_verdict_per_process(steady):
         time.sleep(0.05)
     metrics = _scrape(fleet)
     pid = str(steady.pid)
-    assert reader.sweeps == 12     # one NVML sweep per tick for the whole fleet
+    assert reader.sweeps == 12  # one NVML sweep per tick for the whole fleet
     (gauge,) = metrics["leakhunt_device_memory_bytes"]
     assert gauge.labels["pid"] == pid and gauge.value == (1024 + 64 * 12) * MiB
     slopes = {s.labels["bound"]: s.value for s in metrics["leakhunt_device_memory_slope_bytes_per_second"]}
@@ -87,6 +87,8 @@ def test_without_nvml_the_exporter_says_so_and_exports_the_rest(steady):
     assert metrics["leakhunt_device_memory_sampled"][0].value == 0.0
     assert "leakhunt_device_memory_bytes" not in metrics
     assert metrics["leakhunt_process_rss_bytes"][0].value > 0
-    doc = leakhunt_json("export", "--pid", steady.pid, "--port", "0", "--interval", "0.2s", "--duration", "1s")
+    doc = leakhunt_json(
+        "export", "--pid", steady.pid, "--port", "0", "--interval", "0.2s", "--duration", "1s"
+    )
     assert doc["device_memory"] == {"available": False, "reason": why}
     assert doc["targets"][0]["device_memory_bytes"] is None

@@ -15,11 +15,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import leakhunt_json, run_leakhunt
+
 from leakhunt.proc.classes import RegionClass
 from leakhunt.proc.sampler import History
-from leakhunt.record import TreeRecorder, SessionWriter
+from leakhunt.record import SessionWriter, TreeRecorder
 from leakhunt.report.recorded import load
 
 MiB = 2**20
@@ -32,8 +32,9 @@ def flat_recording(leakers, tmp_path_factory) -> Path:
     proc = subprocess.Popen([leakers / "steady", "--rate", "2M"], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().startswith("ready")
-        cp = run_leakhunt("watch", "--pid", proc.pid, "--interval", "0.25s", "--duration", "4s",
-                          "--record", out, "--json")
+        cp = run_leakhunt(
+            "watch", "--pid", proc.pid, "--interval", "0.25s", "--duration", "4s", "--record", out, "--json"
+        )
         assert cp.returncode == 0, cp.stderr
     finally:
         proc.terminate()
@@ -65,7 +66,7 @@ def test_device_leak_with_flat_rss_gets_its_own_section_and_headline(flat_record
     assert 24 * MiB < device["slope_bytes_per_s"] < 40 * MiB
     md = (tmp_path / "r.md").read_text()
     assert "## Device memory" in md and "tensors kept alive on the GPU" in md
-    assert "device memory (NVML)" not in md   # no "not sampled" row when there is a series
+    assert "device memory (NVML)" not in md  # no "not sampled" row when there is a series
 
 
 def test_flat_device_memory_is_no_leak(flat_recording, tmp_path):
@@ -82,7 +83,9 @@ def test_recording_without_gpu_says_why_where_device_memory_would_be(flat_record
     doc = leakhunt_json("report", flat_recording, "--markdown", tmp_path / "r.md")
     assert "Device memory" not in doc["sections"]
     assert doc["device_memory"] == watch_summary["device_memory"]
-    row = next(line for line in (tmp_path / "r.md").read_text().splitlines() if "device memory (NVML)" in line)
+    row = next(
+        line for line in (tmp_path / "r.md").read_text().splitlines() if "device memory (NVML)" in line
+    )
     assert watch_summary["device_memory"]["reason"] in row
 
 
@@ -93,8 +96,16 @@ def test_tree_recording_keeps_the_tree_device_total(tmp_path):
     recorder = TreeRecorder(writer)
     tree = History()
     for i in range(12):
-        tree.append(float(i), 1e9 + i, 100 * MiB, {RegionClass.ANON: 100 * MiB}, {}, {}, 0.0,
-                    gpu_bytes=(500 + 40 * i) * MiB)
+        tree.append(
+            float(i),
+            1e9 + i,
+            100 * MiB,
+            {RegionClass.ANON: 100 * MiB},
+            {},
+            {},
+            0.0,
+            gpu_bytes=(500 + 40 * i) * MiB,
+        )
         recorder([], None, tree)
     writer.finish({"command": "watch"})
     data = load(tmp_path / "tree")
@@ -106,8 +117,16 @@ def _flat_host_growing_device(device_mib_per_s: float) -> History:
     """RSS flat, NVML's per-process bytes growing at 2 MiB granularity (the device-leak shape)."""
     history = History()
     for i in range(30):
-        history.append(float(i), 1e9 + i, 300 * MiB, {RegionClass.ANON: 300 * MiB}, {}, {}, 0.0,
-                       gpu_bytes=int(1200 * MiB + device_mib_per_s * MiB * i) // (2 * MiB) * (2 * MiB))
+        history.append(
+            float(i),
+            1e9 + i,
+            300 * MiB,
+            {RegionClass.ANON: 300 * MiB},
+            {},
+            {},
+            0.0,
+            gpu_bytes=int(1200 * MiB + device_mib_per_s * MiB * i) // (2 * MiB) * (2 * MiB),
+        )
     return history
 
 
@@ -116,7 +135,7 @@ def test_ci_gates_device_memory_when_asked():
     under the device limit passes and says so."""
     from leakhunt.ci import FAIL, PASS, GateConfig, decide, gate_summary
 
-    leaking = _flat_host_growing_device(4)     # 240 MiB/min on the device
+    leaking = _flat_host_growing_device(4)  # 240 MiB/min on the device
     rss_only = GateConfig(max_slope=5e6 / 60, duration=30)
     assert decide(gate_summary(leaking, rss_only), rss_only)[0] == PASS
     gated = GateConfig(max_slope=5e6 / 60, duration=30, max_device_slope=10 * MiB / 60)

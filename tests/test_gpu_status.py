@@ -4,8 +4,8 @@ memory would be it says why there is none, in the same words doctor uses."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import leakhunt_json, run_leakhunt
+
 from leakhunt.analysis.device import open_nvml
 
 
@@ -46,8 +46,17 @@ def test_ci_gate_says_why_where_device_memory_would_be(no_gpu, steady):
 
 def test_ci_refuses_to_gate_device_memory_it_cannot_sample(no_gpu, steady):
     """--max-device-slope where NVML does not work: exit 2 with one line, never a silent pass."""
-    cp = run_leakhunt("ci", "--pid", steady.pid, "--max-slope", "50MB/min", "--max-device-slope", "10MB/min",
-                      "--duration", "3s")
+    cp = run_leakhunt(
+        "ci",
+        "--pid",
+        steady.pid,
+        "--max-slope",
+        "50MB/min",
+        "--max-device-slope",
+        "10MB/min",
+        "--duration",
+        "3s",
+    )
     assert cp.returncode == 2
     last = cp.stderr.strip().splitlines()[-1]
     assert last == f"leakhunt: error: --max-device-slope: device memory cannot be sampled here: {no_gpu}"

@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import leakhunt_json, need, run_leakhunt
+
 from leakhunt.record import Recording
 
 MiB = 2**20
@@ -23,29 +23,42 @@ LEAKERS = {
     "heap": (["malloc_leaker", "--rate", "4M", "--chunk", "1K"], "heap", None),
     "arena": (["malloc_leaker", "--rate", "4M", "--chunk", "64K", "--threads-arena"], "anon", None),
 }
-CONTROLS = {
-    f"steady-{i}": ["steady", "--rate", f"{4 * (i + 1)}M", "--chunk", "256K"] for i in range(5)
-} | {
+CONTROLS = {f"steady-{i}": ["steady", "--rate", f"{4 * (i + 1)}M", "--chunk", "256K"] for i in range(5)} | {
     f"plateau-{i}": ["plateau", "--rate", f"{4 + 2 * i}M", "--cap", f"{40 + 10 * i}M", "--chunk", "1M"]
     for i in range(5)
 }
 
 
-def _investigate_all(leakers, targets: dict[str, list[str]], duration: str, batch: int = 5) -> dict[str, dict]:
+def _investigate_all(
+    leakers, targets: dict[str, list[str]], duration: str, batch: int = 5
+) -> dict[str, dict]:
     """Start every target, investigate them `batch` at a time, return the JSON documents."""
     results = {}
     names = list(targets)
     for start in range(0, len(names), batch):
         procs, runs = {}, {}
         try:
-            for name in names[start:start + batch]:
+            for name in names[start : start + batch]:
                 argv = [str(leakers / targets[name][0]), *targets[name][1:]]
                 procs[name] = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
                 assert procs[name].stdout.readline().startswith("ready")
             for name, p in procs.items():
-                runs[name] = subprocess.Popen([sys.executable, "-m", "leakhunt", "investigate", "--pid", str(p.pid),
-                                               "--duration", duration, "--json"],
-                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                runs[name] = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "leakhunt",
+                        "investigate",
+                        "--pid",
+                        str(p.pid),
+                        "--duration",
+                        duration,
+                        "--json",
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
             for name, r in runs.items():
                 out, err = r.communicate(timeout=300)
                 assert r.returncode == 0, f"{name}: {err}"
@@ -121,7 +134,7 @@ def test_json_contract(leaks):
         assert key in doc["culprits"][0]
     assert doc["culprits"][0]["slope_bytes_per_s"] == pytest.approx(4 * MiB, rel=0.2)
     assert doc["nspid"][0] == doc["pid"]
-    device = doc["device_memory"]   # NVML: a series where there is a GPU, else why not
+    device = doc["device_memory"]  # NVML: a series where there is a GPU, else why not
     assert device["available"] is True or device["reason"]
 
 
@@ -165,8 +178,17 @@ def test_deep_stack_from_gdb_when_the_bpf_stack_is_shallow(leakers, spawn):
 
     proc = spawn([leakers / "pool_leaker", "--rate", "8M", "--chunk", "256K"])
     inv = Investigation(open_target(proc.pid), InvestigateOptions())
-    shallow = Culprit("libleakpool.so", "lkpool_grow", RegionClass.ANON, 1, 1.0, 1.0, "traced mmap",
-                      ("libleakpool.so!lkpool_grow+0x2c",), True)
+    shallow = Culprit(
+        "libleakpool.so",
+        "lkpool_grow",
+        RegionClass.ANON,
+        1,
+        1.0,
+        1.0,
+        "traced mmap",
+        ("libleakpool.so!lkpool_grow+0x2c",),
+        True,
+    )
     found = inv._deepen(Evaluation(0.0, None, Attribution(1, {}, 1.0, [shallow])))
     assert found and found["stacks"] >= 1
     text = " ".join(found["stack"])

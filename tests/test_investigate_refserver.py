@@ -35,17 +35,48 @@ def _investigate_under_load(mode: str) -> dict:
     # A small KV pool: its prefix cache fills in seconds (a 64 MiB one keeps allocating for minutes).
     with launch(leak=leak, leak_rate=1.0, processes="api,engine", args=["--kv-cache-mb", "8"]) as server:
         engine = server.engine_pid
-        load = subprocess.Popen([sys.executable, "-m", "refserver.loadgen", "--url", server.url, "--duration", "120",
-                                 "--concurrency", "4", "--prompt-len", "16-48", "--max-tokens", "8-32",
-                                 "--abort-fraction", ABORTING.get(mode, "0")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        load = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "refserver.loadgen",
+                "--url",
+                server.url,
+                "--duration",
+                "120",
+                "--concurrency",
+                "4",
+                "--prompt-len",
+                "16-48",
+                "--max-tokens",
+                "8-32",
+                "--abort-fraction",
+                ABORTING.get(mode, "0"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             # Past the start-up plateaus (allocator caches, the prefix cache filling): a number of
             # requests served, not a time, as seven servers share two cores.
             assert server.wait_served(WARMUP_REQUESTS, timeout=90), "the load generator does not get through"
-            cp = subprocess.run([sys.executable, "-m", "leakhunt", "investigate", "--pid", str(server.pid),
-                                 "--subprocesses", "--duration", "30s", "--json"],
-                                capture_output=True, text=True, timeout=300)
+            cp = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "leakhunt",
+                    "investigate",
+                    "--pid",
+                    str(server.pid),
+                    "--subprocesses",
+                    "--duration",
+                    "30s",
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
         finally:
             load.terminate()
             load.wait(30)
@@ -65,7 +96,7 @@ def _top(run: dict) -> dict:
     doc = run["doc"]
     assert doc["leak"] is True, doc["verdict"]
     top = doc["culprits"][0]
-    assert top["pid"] == run["engine"] != run["api"]          # the child of the pid it was given
+    assert top["pid"] == run["engine"] != run["api"]  # the child of the pid it was given
     assert f"pid {run['engine']} (" in doc["verdict"] and f"a child of pid {run['api']}" in doc["verdict"]
     engine = next(p for p in doc["processes"] if p["pid"] == run["engine"])
     assert engine["leak"] is True and engine["culprits"][0] == f"{top['library']}!{top['symbol']}".rstrip("!")
@@ -87,14 +118,14 @@ def test_shm_names_the_leaked_segments(runs):
 
 
 def test_pinned_buffers_are_the_engines_anonymous_mappings(runs):
-    top = _top(runs["pinned"])                 # no CUDA here: mlocked anonymous buffers
+    top = _top(runs["pinned"])  # no CUDA here: mlocked anonymous buffers
     assert top["class"] == "anon" and top["evidence"].startswith("traced")
     assert runs["pinned"]["doc"]["explained_fraction"] >= 0.95
 
 
 @pytest.mark.parametrize("mode", ["device", "pyobj"])
 def test_malloc_based_leaks_point_at_malloc(runs, mode):
-    top = _top(runs[mode])                     # device memory is host memory here; pyobj is the Python heap
+    top = _top(runs[mode])  # device memory is host memory here; pyobj is the Python heap
     assert top["class"] in ("heap", "anon") and top["known"]["id"] == "glibc-malloc"
     assert any("memray" in r for r in top["remedies"])
 
@@ -102,8 +133,8 @@ def test_malloc_based_leaks_point_at_malloc(runs, mode):
 def test_kv_abort_is_not_faked(runs):
     run = runs["kv-abort"]
     doc = run["doc"]
-    assert run["health"]["leak"]["kv-abort"]["leaked_blocks"] > 0      # the leak did happen...
-    assert doc["leak"] is False and doc["culprits"] == []               # ...and grew no memory
+    assert run["health"]["leak"]["kv-abort"]["leaked_blocks"] > 0  # the leak did happen...
+    assert doc["leak"] is False and doc["culprits"] == []  # ...and grew no memory
     assert "KV cache" in doc["blind_spot"]
 
 
@@ -115,13 +146,19 @@ def test_no_leak_accuses_nobody(runs):
 
 
 def test_demo_finds_the_leak_in_the_child_and_says_which_pid(tmp_path):
-    cp = subprocess.run([sys.executable, "-m", "leakhunt", "demo", "--duration", "40s", "--out", str(tmp_path),
-                         "--json"], capture_output=True, text=True, timeout=300)
+    cp = subprocess.run(
+        [sys.executable, "-m", "leakhunt", "demo", "--duration", "40s", "--out", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cp.returncode == 0, cp.stderr
     doc = json.loads(cp.stdout)
     assert doc["processes"] == "api,engine" and doc["found_in_child"] is True
     assert doc["culprit_pid"] == doc["engine_pid"] != doc["server_pid"]
     verdict = doc["investigation"]["verdict"]
-    assert verdict.startswith(f"pid {doc['engine_pid']} (") and f"a child of pid {doc['server_pid']}" in verdict
+    assert (
+        verdict.startswith(f"pid {doc['engine_pid']} (") and f"a child of pid {doc['server_pid']}" in verdict
+    )
     assert "refucm_mpool_grow" in verdict
     assert (tmp_path / "report.html").exists()

@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
-
 from conftest import run_leakhunt
 
 MiB = 2**20
@@ -27,15 +26,32 @@ TREES = {
 
 
 def _tree(leakers, args: list[str]) -> subprocess.Popen:
-    proc = subprocess.Popen([str(leakers / "tree"), "--rate", "4M", "--shared", "32M", *args],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(leakers / "tree"), "--rate", "4M", "--shared", "32M", *args], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().startswith("ready")
     return proc
 
 
 def _investigate(pid: int, *extra: str) -> tuple[dict, str]:
-    cp = subprocess.run([sys.executable, "-m", "leakhunt", "investigate", "--pid", str(pid), "--subprocesses",
-                         "--duration", "40s", "--json", *extra], capture_output=True, text=True, timeout=300)
+    cp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "leakhunt",
+            "investigate",
+            "--pid",
+            str(pid),
+            "--subprocesses",
+            "--duration",
+            "40s",
+            "--json",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cp.returncode == 0, cp.stderr
     return json.loads(cp.stdout), cp.stderr
 
@@ -79,13 +95,13 @@ def test_children_there_at_the_start_and_later_ones(trees):
     existing = _leaking_child(*trees["existing-bcc"])
     later = _leaking_child(*trees["later"])
     assert existing["first_seen_s"] == 0.0
-    assert later["first_seen_s"] > 0.0            # forked after tracing began: picked up, followed at fork
+    assert later["first_seen_s"] > 0.0  # forked after tracing began: picked up, followed at fork
 
 
 def test_shared_segment_is_counted_once_in_the_tree(trees):
     _, doc = trees["existing-bcc"]
     assert len(doc["processes"]) == 3
-    assert all(p["rss_bytes_end"] >= 32 * MiB for p in doc["processes"])   # resident in every process
+    assert all(p["rss_bytes_end"] >= 32 * MiB for p in doc["processes"])  # resident in every process
     assert doc["memory"]["classes"]["shm"]["rss_bytes"] == 32 * MiB
     assert doc["memory"]["rss_bytes_end"] < sum(p["rss_bytes_end"] for p in doc["processes"]) - 60 * MiB
     assert doc["tree"]["rss_counting"].startswith("private pages")
@@ -95,8 +111,19 @@ def test_json_contract_of_the_processes(trees):
     _, doc = trees["later"]
     assert doc["subprocesses"] is True
     for p in doc["processes"]:
-        for key in ("pid", "ppid", "cmdline", "rss_bytes_start", "rss_bytes_end", "rss_slope_bytes_per_s", "leak",
-                    "top_groups", "culprits", "ended", "first_seen_s"):
+        for key in (
+            "pid",
+            "ppid",
+            "cmdline",
+            "rss_bytes_start",
+            "rss_bytes_end",
+            "rss_slope_bytes_per_s",
+            "leak",
+            "top_groups",
+            "culprits",
+            "ended",
+            "first_seen_s",
+        ):
             assert key in p
 
 

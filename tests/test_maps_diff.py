@@ -8,7 +8,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import SHARED_DATA, leakhunt_json, run_leakhunt
 
 MiB = 2**20
@@ -30,7 +29,9 @@ def test_maps_of_pmap_x_output_matches_the_live_process(leakers, spawn, tmp_path
     time.sleep(1.5)
     proc.popen.send_signal(signal.SIGSTOP)  # freeze it so that both views see the same memory
     try:
-        pmap = subprocess.run(["pmap", "-X", str(proc.pid)], capture_output=True, text=True, check=True).stdout
+        pmap = subprocess.run(
+            ["pmap", "-X", str(proc.pid)], capture_output=True, text=True, check=True
+        ).stdout
         (tmp_path / "pmap.txt").write_text(pmap)
         live = leakhunt_json("maps", "--pid", proc.pid, "--top", "0")
         saved = leakhunt_json("maps", tmp_path / "pmap.txt", "--top", "0")
@@ -57,8 +58,10 @@ def test_diff_of_a_recording_agrees_with_watch(leakers, spawn, tmp_path):
 def test_diff_names_new_regions_and_their_neighbours(tmp_path):
     before = H100.read_bytes()
     # The same process later: one more pinned buffer and an anonymous range grown by 64 MiB.
-    extra = (b"7f0000000000-7f0002000000 rw-s 00000000 00:01 9999                       /dev/zero (deleted)\n"
-             b"Size:              32768 kB\nRss:               32768 kB\n")
+    extra = (
+        b"7f0000000000-7f0002000000 rw-s 00000000 00:01 9999                       /dev/zero (deleted)\n"
+        b"Size:              32768 kB\nRss:               32768 kB\n"
+    )
     (tmp_path / "a").write_bytes(before)
     (tmp_path / "b").write_bytes(before + extra)
     doc = leakhunt_json("diff", tmp_path / "a", tmp_path / "b")

@@ -15,26 +15,45 @@ import pytest
 from conftest import leakhunt_json, run_leakhunt
 from test_namespace_trace import POOL_ARGS, contained
 
-SHM_SEGMENTS = "/dev/shm/lk_shm_1_*"     # the leaker is pid 1 in its namespace
+SHM_SEGMENTS = "/dev/shm/lk_shm_1_*"  # the leaker is pid 1 in its namespace
 
 
 @pytest.fixture(scope="module")
 def investigated(leakers):
     """The pool and the shm leakers, each in a container of its own, investigated at the same time."""
     with ExitStack() as stack:
-        targets = {"pool": stack.enter_context(contained(leakers, "pool_leaker", *POOL_ARGS)),
-                   "shm": stack.enter_context(contained(leakers, "shm_leaker", "--rate", "4M", "--chunk", "256K"))}
-        runs = {name: subprocess.Popen([sys.executable, "-m", "leakhunt", "investigate", "--pid", str(t.pid),
-                                        "--duration", "40s", "--json"],
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for name, t in targets.items()}
+        targets = {
+            "pool": stack.enter_context(contained(leakers, "pool_leaker", *POOL_ARGS)),
+            "shm": stack.enter_context(contained(leakers, "shm_leaker", "--rate", "4M", "--chunk", "256K")),
+        }
+        runs = {
+            name: subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "leakhunt",
+                    "investigate",
+                    "--pid",
+                    str(t.pid),
+                    "--duration",
+                    "40s",
+                    "--json",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for name, t in targets.items()
+        }
         docs = {}
         for name, run in runs.items():
             out, err = run.communicate(timeout=300)
             assert run.returncode == 0, f"{name}: {err}"
             docs[name] = json.loads(out)
-        segments = {"inside": glob.glob(f"/proc/{targets['shm'].pid}/root{SHM_SEGMENTS}"),
-                    "host": glob.glob(SHM_SEGMENTS)}
+        segments = {
+            "inside": glob.glob(f"/proc/{targets['shm'].pid}/root{SHM_SEGMENTS}"),
+            "host": glob.glob(SHM_SEGMENTS),
+        }
         yield {"targets": targets, "docs": docs, "segments": segments}
 
 
@@ -45,7 +64,7 @@ def test_investigate_names_a_library_only_the_container_has(investigated):
     top = doc["culprits"][0]
     assert (top["library"], top["symbol"], top["class"]) == ("libleakpool.so", "lkpool_grow", "anon")
     assert "lkpool_mpool_get" in " ".join(top["stack"])
-    assert top["pid"] == target.pid                       # the host pid, as given
+    assert top["pid"] == target.pid  # the host pid, as given
     assert "libleakpool.so" in doc["verdict"] and "lkpool_grow" in doc["verdict"]
 
 
@@ -72,8 +91,17 @@ def test_shm_segments_of_the_container_are_classified_and_named(investigated):
 
 def test_watch_classifies_the_container_s_shm_and_carries_both_pids(leakers, tmp_path):
     with contained(leakers, "shm_leaker", "--rate", "4M", "--chunk", "256K") as target:
-        doc = leakhunt_json("watch", "--pid", target.pid, "--duration", "6s", "--interval", "0.5s",
-                            "--record", tmp_path / "rec")
+        doc = leakhunt_json(
+            "watch",
+            "--pid",
+            target.pid,
+            "--duration",
+            "6s",
+            "--interval",
+            "0.5s",
+            "--record",
+            tmp_path / "rec",
+        )
         inside = glob.glob(f"/proc/{target.pid}/root{SHM_SEGMENTS}")
     assert (doc["pid"], doc["nspid"]) == (target.pid, [target.pid, 1])
     assert doc["classes"]["shm"]["rss_growth_bytes"] >= 8 * 2**20
@@ -81,7 +109,7 @@ def test_watch_classifies_the_container_s_shm_and_carries_both_pids(leakers, tmp
     assert doc["top_groups"][0]["path"] == "/dev/shm/lk_shm_*_*"
     region = next(r for r in doc["top_regions"] if r["class"] == "shm")
     assert region["path"].startswith("/dev/shm/lk_shm_1_")
-    assert len(inside) >= 30 and not os.path.exists(region["path"])   # only inside the container
+    assert len(inside) >= 30 and not os.path.exists(region["path"])  # only inside the container
     # The recording keeps both pids, and the report shows them.
     session = json.loads((tmp_path / "rec" / "session.json").read_text())
     assert session["nspid"] == [target.pid, 1]
@@ -91,12 +119,14 @@ def test_watch_classifies_the_container_s_shm_and_carries_both_pids(leakers, tmp
     text = md.read_text()
     assert f"pid {target.pid} (1 in its pid namespace)" in text
     assert f"**target pid**: {target.pid} (1 in its pid namespace)" in text
-    assert "nspid" not in text                              # shown in words, not as a raw list
+    assert "nspid" not in text  # shown in words, not as a raw list
 
 
 def test_report_of_a_host_process_shows_one_pid(leakers, spawn, tmp_path):
     proc = spawn([leakers / "steady", "--rate", "1M", "--chunk", "256K"])
-    leakhunt_json("watch", "--pid", proc.pid, "--duration", "2s", "--interval", "0.5s", "--record", tmp_path / "rec")
+    leakhunt_json(
+        "watch", "--pid", proc.pid, "--duration", "2s", "--interval", "0.5s", "--record", tmp_path / "rec"
+    )
     md = tmp_path / "report.md"
     assert run_leakhunt("report", tmp_path / "rec", "--markdown", md).returncode == 0
     text = md.read_text()

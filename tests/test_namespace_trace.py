@@ -32,8 +32,8 @@ POOL_ARGS = ["--rate", "4M", "--chunk", "1M", "--churn", "20"]
 
 @dataclass(frozen=True)
 class Contained:
-    pid: int             # on the host: what leakhunt is given
-    inner_pid: int       # inside its pid namespace (what the leaker itself printed)
+    pid: int  # on the host: what leakhunt is given
+    inner_pid: int  # inside its pid namespace (what the leaker itself printed)
     unshare: subprocess.Popen
 
 
@@ -42,8 +42,12 @@ def contained(leakers: Path, program: str, *args: str):
     """Run a leaker in namespaces of its own (contained.sh); always stopped afterwards."""
     need(os.geteuid() == 0, "needs root to create mount and pid namespaces")
     need(all(shutil.which(t) for t in ("unshare", "pivot_root")), "needs util-linux's unshare and pivot_root")
-    popen = subprocess.Popen([str(CONTAINED), str(leakers), program, *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    popen = subprocess.Popen(
+        [str(CONTAINED), str(leakers), program, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     host_pid = None
     try:
         line = popen.stdout.readline()
@@ -60,7 +64,7 @@ def contained(leakers: Path, program: str, *args: str):
         try:
             popen.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            popen.kill()   # --kill-child takes the leaker with it
+            popen.kill()  # --kill-child takes the leaker with it
             popen.wait()
 
 
@@ -81,16 +85,25 @@ def test_the_target_lives_in_namespaces_of_its_own(pool):
     assert target.nspid == (pool.pid, pool.inner_pid) and pool.inner_pid == 1
     assert os.stat(f"/proc/{pool.pid}/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino
     assert APP_LIBRARY in Path(f"/proc/{pool.pid}/maps").read_text()
-    assert not os.path.exists(APP_LIBRARY)                              # not on the host...
-    assert os.path.exists(f"/proc/{pool.pid}/root{APP_LIBRARY}")        # ...only inside
+    assert not os.path.exists(APP_LIBRARY)  # not on the host...
+    assert os.path.exists(f"/proc/{pool.pid}/root{APP_LIBRARY}")  # ...only inside
     assert f"pid {pool.pid} (" in target.describe() and "pid 1 inside" in target.describe()
 
 
 @pytest.mark.bpf
 @pytest.mark.parametrize("backend", ["bcc", "bpftrace"])
 def test_bpf_backends_name_a_library_only_the_container_has(pool, backend, tmp_path):
-    doc = leakhunt_json("trace-mmap", "--pid", pool.pid, "--backend", backend, "--duration", "4s",
-                        "--record", tmp_path / "rec")
+    doc = leakhunt_json(
+        "trace-mmap",
+        "--pid",
+        pool.pid,
+        "--backend",
+        backend,
+        "--duration",
+        "4s",
+        "--record",
+        tmp_path / "rec",
+    )
     assert doc["backend"] == backend and doc["lost_events"] == 0
     assert (doc["pid"], doc["nspid"]) == (pool.pid, [pool.pid, 1])
     top = _pool_caller(doc)
@@ -112,8 +125,8 @@ def test_bpf_backends_name_a_library_only_the_container_has(pool, backend, tmp_p
 def test_gdb_reads_the_container_through_its_root_as_sysroot(pool):
     doc = leakhunt_json("trace-mmap", "--pid", pool.pid, "--backend", "gdb", "--duration", "4s")
     details = doc["backend_details"]
-    assert details["sysroot"] == f"/proc/{pool.pid}/root"     # gdb's own answer to `show sysroot`
-    assert details["unread_libraries"] == []                  # /app/libleakpool.so included
+    assert details["sysroot"] == f"/proc/{pool.pid}/root"  # gdb's own answer to `show sysroot`
+    assert details["unread_libraries"] == []  # /app/libleakpool.so included
     assert details["detached"] and details["tracer_after"] == 0
     top = _pool_caller(doc)
     # Function names come from gdb's unwinder: it read /app/libleakpool.so through the sysroot.
@@ -125,8 +138,15 @@ def test_the_host_copy_of_a_library_path_is_not_taken_for_the_target_s():
     """When a module can be read neither through map_files nor through the target's root, our own
     view of its path is used only if it is the very file mapped: in a container that path may hold
     another build of the library, whose symbols would name the wrong code."""
-    libc = next(p for p in ("/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib/x86_64-linux-gnu/libc.so.6",
-                            "/lib64/libc.so.6") if os.path.exists(p))
+    libc = next(
+        p
+        for p in (
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+            "/lib64/libc.so.6",
+        )
+        if os.path.exists(p)
+    )
     inode = os.stat(libc).st_ino
     cache = ModuleCache()
     assert cache.open([], Path("/"), libc, fallback=(libc, inode + 1)) is None
@@ -137,24 +157,30 @@ def test_system_v_sizes_are_not_read_from_another_ipc_namespace(pool):
     """/proc/sysvipc lists our IPC namespace's segments: the same shmid in a container is another
     segment, so a shmat there must not take its size from ours."""
     libc = ctypes.CDLL(None, use_errno=True)
-    shmid = libc.shmget(0, 5 * 4096, 0o1600)   # IPC_PRIVATE, IPC_CREAT | 0600
+    shmid = libc.shmget(0, 5 * 4096, 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600
     assert shmid >= 0, os.strerror(ctypes.get_errno())
     try:
-        assert _shm_length(os.getpid(), 0, shmid) == 5 * 4096    # ours: found by its id
-        assert _shm_length(pool.pid, 0, shmid) == 0              # the container's: unknown, not ours
+        assert _shm_length(os.getpid(), 0, shmid) == 5 * 4096  # ours: found by its id
+        assert _shm_length(pool.pid, 0, shmid) == 0  # the container's: unknown, not ours
     finally:
-        libc.shmctl(shmid, 0, None)                              # IPC_RMID
+        libc.shmctl(shmid, 0, None)  # IPC_RMID
 
 
 def test_bpf_backends_refuse_to_run_inside_a_pid_namespace(leakers):
     """From a container's own /proc every pid is another number to the kernel: the probes would see
     nothing. The BPF backends say so in one line; gdb (ptrace) still works from there."""
     need(os.geteuid() == 0 and shutil.which("unshare") is not None, "needs root and unshare")
-    script = (f"{leakers}/steady --rate 1M --chunk 256K >/dev/null & "
-              f"{sys.executable} -m leakhunt trace-mmap --pid $! --backend bpftrace --duration 1s; "
-              f"echo rc=$?; kill $!")
-    cp = subprocess.run(["unshare", "--pid", "--fork", "--mount", "--mount-proc", "sh", "-c", script],
-                        capture_output=True, text=True, timeout=120)
+    script = (
+        f"{leakers}/steady --rate 1M --chunk 256K >/dev/null & "
+        f"{sys.executable} -m leakhunt trace-mmap --pid $! --backend bpftrace --duration 1s; "
+        f"echo rc=$?; kill $!"
+    )
+    cp = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "rc=2" in cp.stdout, cp.stderr
     error = cp.stderr.strip().splitlines()
     assert len(error) == 1 and "pid namespace" in error[0] and "--backend gdb" in error[0], cp.stderr
@@ -164,5 +190,5 @@ def test_bpf_backends_refuse_to_run_inside_a_pid_namespace(leakers):
 def test_human_output_names_the_host_pid_and_the_pid_inside(pool):
     cp = run_leakhunt("watch", "--pid", pool.pid, "--duration", "1s", "--interval", "0.5s")
     assert cp.returncode == 0, cp.stderr
-    text = " ".join((cp.stdout + cp.stderr).split())   # rich wraps long lines
+    text = " ".join((cp.stdout + cp.stderr).split())  # rich wraps long lines
     assert f"pid {pool.pid} (/app/pool_leaker" in text and "; pid 1 inside)" in text

@@ -7,7 +7,7 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
-SUBJECTS = '''
+SUBJECTS = """
 import ctypes, mmap, pytest
 
 KEEP = []
@@ -65,7 +65,7 @@ def test_fixture_passes_balanced(native_leak_check):
 @pytest.mark.limit_native_growth()
 def test_marker_without_limit():
     pass
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +76,22 @@ def outcome(tmp_path_factory):
     import subprocess
     import sys
 
-    cp = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rf",
-                         str(pytester_dir / "test_subjects.py")], capture_output=True, text=True, timeout=300,
-                        cwd=pytester_dir)
+    cp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-v",
+            "-p",
+            "no:cacheprovider",
+            "-rf",
+            str(pytester_dir / "test_subjects.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=pytester_dir,
+    )
     return cp
 
 
@@ -89,17 +102,20 @@ def _status(cp, name: str) -> str:
     raise AssertionError(f"{name} not in the output:\n{cp.stdout}")
 
 
-@pytest.mark.parametrize("name, status", [
-    ("test_mmap_module_leak", "FAILED"),
-    ("test_raw_syscall_leak", "FAILED"),
-    ("test_balanced_mappings", "PASSED"),
-    ("test_leak_below_limit", "PASSED"),
-    ("test_body_runs_warmup_plus_rounds", "PASSED"),
-    ("test_calls_counted", "PASSED"),
-    ("test_fixture_catches_leak", "FAILED"),
-    ("test_fixture_passes_balanced", "PASSED"),
-    ("test_marker_without_limit", "FAILED"),
-])
+@pytest.mark.parametrize(
+    "name, status",
+    [
+        ("test_mmap_module_leak", "FAILED"),
+        ("test_raw_syscall_leak", "FAILED"),
+        ("test_balanced_mappings", "PASSED"),
+        ("test_leak_below_limit", "PASSED"),
+        ("test_body_runs_warmup_plus_rounds", "PASSED"),
+        ("test_calls_counted", "PASSED"),
+        ("test_fixture_catches_leak", "FAILED"),
+        ("test_fixture_passes_balanced", "PASSED"),
+        ("test_marker_without_limit", "FAILED"),
+    ],
+)
 def test_outcomes(outcome, name, status):
     assert _status(outcome, name) == status, outcome.stdout[-3000:]
 

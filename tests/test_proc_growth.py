@@ -14,7 +14,7 @@ from leakhunt.proc.smaps import read_smaps
 
 MiB = 2**20
 PAGE = mmap.PAGESIZE
-PROT_NONE = 0   # not in Python's mmap module
+PROT_NONE = 0  # not in Python's mmap module
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
@@ -84,6 +84,7 @@ def test_groups_sum_to_the_total():
 
 def test_shm_segments_of_one_kind_are_one_group(tmp_path):
     import os as _os
+
     paths, maps = [], []
     try:
         for i in range(5):
@@ -97,7 +98,7 @@ def test_shm_segments_of_one_kind_are_one_group(tmp_path):
             paths.append(path)
             maps.append(m)
         g = groups(read_smaps(_os.getpid()))
-        key = (RegionClass.SHM, f"/dev/shm/lk_test_*_*")
+        key = (RegionClass.SHM, "/dev/shm/lk_test_*_*")
         assert key in g and g[key].regions == 5 and g[key].rss == 5 * MiB
     finally:
         for m in maps:

@@ -9,8 +9,8 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATA
+
 from leakhunt.errors import BadInput
 from leakhunt.proc.classes import CLASS_CODE, RegionClass, classify
 from leakhunt.proc.smaps import _parse_fast, _parse_generic, _smaps, load_smaps, parse_smaps, read_smaps
@@ -65,8 +65,12 @@ def test_values_are_bytes_and_rss_matches_status():
     region = next(r for r in snap if r.size == 32 * MiB and r.path == "/dev/zero (deleted)")
     assert region.rss == 32 * MiB and region.anonymous == 0
     assert region.klass is RegionClass.SHM
-    status_rss = int(next(line.split()[1] for line in open(f"/proc/{os.getpid()}/status")
-                          if line.startswith("VmRSS:"))) * 1024
+    status_rss = (
+        int(
+            next(line.split()[1] for line in open(f"/proc/{os.getpid()}/status") if line.startswith("VmRSS:"))
+        )
+        * 1024
+    )
     assert abs(snap.total_rss - status_rss) < 0.05 * status_rss
     buf.close()
 
@@ -82,6 +86,7 @@ def test_private_anonymous_memory_is_anon():
 
 def _address(buf: mmap.mmap) -> int:
     import ctypes
+
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
@@ -121,28 +126,36 @@ def test_the_same_shared_zero_mapping_without_a_gpu_is_shm():
     assert snap.class_totals()[RegionClass.PINNED] == 0
 
 
-@pytest.mark.parametrize("path, perms, gpu, expected", [
-    ("", "rw-p", False, RegionClass.ANON),
-    ("[heap]", "rw-p", False, RegionClass.HEAP),
-    ("[stack]", "rw-p", False, RegionClass.STACK),
-    ("[vdso]", "r-xp", False, RegionClass.SPECIAL),
-    ("[anon:ucx-pool]", "rw-p", False, RegionClass.ANON),
-    ("/dev/shm/sgl_shm_42", "rw-s", False, RegionClass.SHM),
-    ("memfd:pytorch (deleted)", "rw-s", False, RegionClass.SHM),
-    ("/SYSV00000000 (deleted)", "rw-s", False, RegionClass.SHM),
-    ("/dev/zero (deleted)", "rw-s", True, RegionClass.PINNED),
-    ("/dev/zero (deleted)", "rw-s", False, RegionClass.SHM),
-    ("/dev/zero (deleted)", "rw-p", True, RegionClass.ANON),
-    ("/dev/nvidiactl", "rw-s", True, RegionClass.GPU),
-    ("/dev/dri/renderD128", "rw-s", True, RegionClass.GPU),
-    ("/dev/kfd", "rw-s", True, RegionClass.GPU),
-    ("/usr/lib/x86_64-linux-gnu/libucm.so.0.0.0", "r-xp", False, RegionClass.LIB),
-    ("/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", "r-xp", False, RegionClass.LIB),
-    ("/opt/venv/lib/python3.12/site-packages/torch/_C.cpython-312-x86_64-linux-gnu.so", "r--p", False, RegionClass.LIB),
-    ("/tmp/libleak.so (deleted)", "r-xp", False, RegionClass.LIB),
-    ("/usr/bin/python3.11", "r-xp", False, RegionClass.FILE),
-    ("/var/cache/model.bin", "r--s", False, RegionClass.FILE),
-])
+@pytest.mark.parametrize(
+    "path, perms, gpu, expected",
+    [
+        ("", "rw-p", False, RegionClass.ANON),
+        ("[heap]", "rw-p", False, RegionClass.HEAP),
+        ("[stack]", "rw-p", False, RegionClass.STACK),
+        ("[vdso]", "r-xp", False, RegionClass.SPECIAL),
+        ("[anon:ucx-pool]", "rw-p", False, RegionClass.ANON),
+        ("/dev/shm/sgl_shm_42", "rw-s", False, RegionClass.SHM),
+        ("memfd:pytorch (deleted)", "rw-s", False, RegionClass.SHM),
+        ("/SYSV00000000 (deleted)", "rw-s", False, RegionClass.SHM),
+        ("/dev/zero (deleted)", "rw-s", True, RegionClass.PINNED),
+        ("/dev/zero (deleted)", "rw-s", False, RegionClass.SHM),
+        ("/dev/zero (deleted)", "rw-p", True, RegionClass.ANON),
+        ("/dev/nvidiactl", "rw-s", True, RegionClass.GPU),
+        ("/dev/dri/renderD128", "rw-s", True, RegionClass.GPU),
+        ("/dev/kfd", "rw-s", True, RegionClass.GPU),
+        ("/usr/lib/x86_64-linux-gnu/libucm.so.0.0.0", "r-xp", False, RegionClass.LIB),
+        ("/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", "r-xp", False, RegionClass.LIB),
+        (
+            "/opt/venv/lib/python3.12/site-packages/torch/_C.cpython-312-x86_64-linux-gnu.so",
+            "r--p",
+            False,
+            RegionClass.LIB,
+        ),
+        ("/tmp/libleak.so (deleted)", "r-xp", False, RegionClass.LIB),
+        ("/usr/bin/python3.11", "r-xp", False, RegionClass.FILE),
+        ("/var/cache/model.bin", "r--s", False, RegionClass.FILE),
+    ],
+)
 def test_classify(path, perms, gpu, expected):
     assert classify(path, perms, gpu) is expected
 
@@ -172,9 +185,11 @@ def test_a_file_that_is_not_smaps_is_rejected(tmp_path):
 
 
 def test_entries_with_differing_fields_parse_through_the_line_parser():
-    text = (b"00400000-00401000 r-xp 00000000 08:01 42   /bin/x\nSize:  4 kB\nRss:  4 kB\n"
-            b"00600000-00700000 rw-p 00000000 00:00 0 \nSize:  1024 kB\nRss:  512 kB\nSwap: 8 kB\n"
-            b"VmFlags: rd wr mr mw me ac\n")
+    text = (
+        b"00400000-00401000 r-xp 00000000 08:01 42   /bin/x\nSize:  4 kB\nRss:  4 kB\n"
+        b"00600000-00700000 rw-p 00000000 00:00 0 \nSize:  1024 kB\nRss:  512 kB\nSwap: 8 kB\n"
+        b"VmFlags: rd wr mr mw me ac\n"
+    )
     snap = parse_smaps(text)
     assert len(snap) == 2
     assert snap[1].rss == 512 * 1024 and snap[1].swap == 8 * 1024 and snap[0].swap == 0

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 torch = pytest.importorskip("torch")
-torch.set_num_threads(1)     # as the server runs: OpenMP threads spin when the cores are shared
+torch.set_num_threads(1)  # as the server runs: OpenMP threads spin when the cores are shared
 
 from refserver.attention import build_metadata, paged_attention, write_kv  # noqa: E402
 
@@ -24,7 +24,7 @@ def dense_causal(q, k, v, start):
     """Reference: queries at positions start.. over keys 0..; GQA by repeating kv heads."""
     k = k.repeat_interleave(H // KVH, dim=1)
     v = v.repeat_interleave(H // KVH, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * D ** -0.5
+    scores = torch.einsum("qhd,khd->hqk", q, k) * D**-0.5
     qpos = torch.arange(start, start + q.shape[0])[:, None]
     scores = scores.masked_fill(torch.arange(k.shape[0])[None, :] > qpos, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
@@ -41,13 +41,16 @@ def scattered_tables(lengths, num_blocks, gen):
     return tables
 
 
-@pytest.mark.parametrize("lengths,query_lens", [
-    ([1, 17, 40, 100], [1, 1, 1, 1]),          # decode
-    ([33, 16, 70], [33, 16, 70]),              # whole prefill
-    ([50, 20, 90], [18, 20, 5]),               # prefill after a cached prefix / chunked prefill
-    ([17, 40, 70, 5], [1, 1, 30, 5]),          # a step that mixes decodes and prefill chunks
-    ([5, 300, 20, 700, 33], [1, 1, 1, 1, 1]),  # decodes of far apart lengths: several groups
-])
+@pytest.mark.parametrize(
+    "lengths,query_lens",
+    [
+        ([1, 17, 40, 100], [1, 1, 1, 1]),  # decode
+        ([33, 16, 70], [33, 16, 70]),  # whole prefill
+        ([50, 20, 90], [18, 20, 5]),  # prefill after a cached prefix / chunked prefill
+        ([17, 40, 70, 5], [1, 1, 30, 5]),  # a step that mixes decodes and prefill chunks
+        ([5, 300, 20, 700, 33], [1, 1, 1, 1, 1]),  # decodes of far apart lengths: several groups
+    ],
+)
 def test_paged_attention_equals_dense(lengths, query_lens):
     gen = torch.Generator().manual_seed(0)
     num_blocks = 128
@@ -60,13 +63,17 @@ def test_paged_attention_equals_dense(lengths, query_lens):
     for table, k, v, n, q in zip(tables, ks, vs, lengths, query_lens):
         if n > q:
             earlier = build_metadata([table], [n - q], [n - q], BLOCK)
-            write_kv(k_cache, v_cache, earlier.slot_mapping, k[:n - q], v[:n - q])
+            write_kv(k_cache, v_cache, earlier.slot_mapping, k[: n - q], v[: n - q])
     meta = build_metadata(tables, lengths, query_lens, BLOCK)
-    write_kv(k_cache, v_cache, meta.slot_mapping,
-             torch.cat([k[n - q:] for k, n, q in zip(ks, lengths, query_lens)]),
-             torch.cat([v[n - q:] for v, n, q in zip(vs, lengths, query_lens)]))
+    write_kv(
+        k_cache,
+        v_cache,
+        meta.slot_mapping,
+        torch.cat([k[n - q :] for k, n, q in zip(ks, lengths, query_lens)]),
+        torch.cat([v[n - q :] for v, n, q in zip(vs, lengths, query_lens)]),
+    )
     qs = [torch.randn(q, H, D, generator=gen) for q in query_lens]
-    out = paged_attention(torch.cat(qs), k_cache, v_cache, meta, D ** -0.5)
+    out = paged_attention(torch.cat(qs), k_cache, v_cache, meta, D**-0.5)
     expected = torch.cat([dense_causal(q, k, v, n - len(q)) for q, k, v, n in zip(qs, ks, vs, lengths)])
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
@@ -114,11 +121,16 @@ TRITON_CHECK = textwrap.dedent("""
 def test_triton_decode_kernel_matches_reference_in_interpreter():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (pip install triton): the kernel is CUDA-only otherwise")
-    cp = subprocess.run([sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, timeout=300,
-                        env={**os.environ, "TRITON_INTERPRET": "1"})
+    cp = subprocess.run(
+        [sys.executable, "-c", TRITON_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
     assert cp.returncode == 0, cp.stderr[-2000:]
     diff = float(cp.stdout.split("max_abs_diff")[1])
-    assert diff < 1e-5      # fp32 in the interpreter; on a GPU (bf16 cache) the bar is 2e-2
+    assert diff < 1e-5  # fp32 in the interpreter; on a GPU (bf16 cache) the bar is 2e-2
 
 
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-pytest.importorskip("torch").set_num_threads(1)   # as the server runs: OpenMP spins on shared cores
+pytest.importorskip("torch").set_num_threads(1)  # as the server runs: OpenMP spins on shared cores
 httpx = pytest.importorskip("httpx")
 
 from refserver import loadgen, tokenizer  # noqa: E402
@@ -35,13 +35,23 @@ def test_prefill_worker_hands_kv_blocks_to_the_decoder():
         health = server.health()
         worker = health["prefill_worker"]["pid"]
         assert health["disaggregated"] is True and worker in server.children()
-        assert not glob.glob(f"/dev/shm/{TRANSFER_PREFIX}*")          # mapped by both, unlinked
-        body = httpx.post(server.url + "/v1/completions", timeout=60,
-                          json={"prompt": prompt, "max_tokens": 20, "temperature": 0}).json()
+        assert not glob.glob(f"/dev/shm/{TRANSFER_PREFIX}*")  # mapped by both, unlinked
+        body = httpx.post(
+            server.url + "/v1/completions",
+            timeout=60,
+            json={"prompt": prompt, "max_tokens": 20, "temperature": 0},
+        ).json()
         assert body["choices"][0]["text"] == colocated_greedy(prompt, 20)
-        report = loadgen.run(loadgen.LoadConfig(url=server.url, duration=None, requests=24, concurrency=6,
-                                                abort_fraction=0.2,
-                                                prompt_len=loadgen.LengthDist.parse("20-200")))
+        report = loadgen.run(
+            loadgen.LoadConfig(
+                url=server.url,
+                duration=None,
+                requests=24,
+                concurrency=6,
+                abort_fraction=0.2,
+                prompt_len=loadgen.LengthDist.parse("20-200"),
+            )
+        )
         assert report.failed == 0 and report.completed + report.aborted == 24
         assert server.health()["prefill_worker"]["kv_transfers"] >= 1 + report.completed
-    assert not os.path.exists(f"/proc/{worker}")                        # the worker went with it
+    assert not os.path.exists(f"/proc/{worker}")  # the worker went with it

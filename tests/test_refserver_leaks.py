@@ -14,6 +14,7 @@ pytest.importorskip("torch")
 pytest.importorskip("httpx")
 
 from conftest import leakhunt_json  # noqa: E402
+
 from leakhunt.proc.classes import RegionClass  # noqa: E402
 from leakhunt.proc.sampler import Sampler  # noqa: E402
 from leakhunt.proc.target import open_target  # noqa: E402
@@ -22,14 +23,20 @@ from refserver.launch import launch  # noqa: E402
 from refserver.leaks import bytes_per_request  # noqa: E402
 from refserver.leaks.mmap_hook import build_library  # noqa: E402
 
-RATE = 1.0                       # 256 KiB per request: allocator noise stays a small fraction
+RATE = 1.0  # 256 KiB per request: allocator noise stays a small fraction
 PER_REQUEST = bytes_per_request(RATE)
 SMALL_POOL = ["--kv-cache-mb", "8"]
 
 
 def drive(server, requests: int, seed: int = 0, **kw) -> loadgen.LoadReport:
-    shape = {"prompt_len": loadgen.LengthDist.parse("16-48"), "max_tokens": loadgen.LengthDist.parse("8"), **kw}
-    cfg = loadgen.LoadConfig(url=server.url, duration=None, requests=requests, concurrency=4, seed=seed, **shape)
+    shape = {
+        "prompt_len": loadgen.LengthDist.parse("16-48"),
+        "max_tokens": loadgen.LengthDist.parse("8"),
+        **kw,
+    }
+    cfg = loadgen.LoadConfig(
+        url=server.url, duration=None, requests=requests, concurrency=4, seed=seed, **shape
+    )
     report = loadgen.run(cfg)
     assert report.failed == 0, report.errors
     return report
@@ -40,8 +47,10 @@ def settle(server, timeout: float = 20.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         m = server.metrics()
-        if not (m['vllm:num_requests_running{model_name="refserver-tiny"}']
-                or m['vllm:num_requests_waiting{model_name="refserver-tiny"}']):
+        if not (
+            m['vllm:num_requests_running{model_name="refserver-tiny"}']
+            or m['vllm:num_requests_waiting{model_name="refserver-tiny"}']
+        ):
             return server.health()
         assert time.monotonic() < deadline, "requests still in the server"
         time.sleep(0.1)
@@ -52,21 +61,24 @@ def class_growth(before, after, classes: set[RegionClass]) -> int:
 
 
 ANON = {RegionClass.ANON}
-HEAP_OR_ANON = {RegionClass.ANON, RegionClass.HEAP}   # malloc: main arena or a thread's arena
+HEAP_OR_ANON = {RegionClass.ANON, RegionClass.HEAP}  # malloc: main arena or a thread's arena
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,classes,status_field", [
-    ("mmap-hook", ANON, None),
-    ("shm", {RegionClass.SHM}, "RssShmem"),
-    ("pinned", ANON, "VmLck"),           # no CUDA here: locked anonymous memory
-    ("device", HEAP_OR_ANON, None),      # no CUDA here: the tensors live in host memory
-    ("pyobj", HEAP_OR_ANON, None),
-])
+@pytest.mark.parametrize(
+    "mode,classes,status_field",
+    [
+        ("mmap-hook", ANON, None),
+        ("shm", {RegionClass.SHM}, "RssShmem"),
+        ("pinned", ANON, "VmLck"),  # no CUDA here: locked anonymous memory
+        ("device", HEAP_OR_ANON, None),  # no CUDA here: the tensors live in host memory
+        ("pyobj", HEAP_OR_ANON, None),
+    ],
+)
 def test_leak_grows_its_class_in_step_with_requests(mode, classes, status_field):
     with launch(leak=mode, leak_rate=RATE, args=SMALL_POOL) as server:
         sampler = Sampler(open_target(server.pid))
-        drive(server, 40)                                  # warm-up: allocator caches, prefix cache
+        drive(server, 40)  # warm-up: allocator caches, prefix cache
         s0 = sampler.take()
         drive(server, 40, seed=1)
         s1 = sampler.take()
@@ -81,7 +93,7 @@ def test_leak_grows_its_class_in_step_with_requests(mode, classes, status_field)
     assert 1.5 < second / first < 2.7
     grown = {c: s2.classes.get(c, 0) - s0.classes.get(c, 0) for c in RegionClass}
     assert max(grown, key=grown.get) in classes
-    if mode == "mmap-hook":      # the events came through the real libucm's munmap hook
+    if mode == "mmap-hook":  # the events came through the real libucm's munmap hook
         assert info["hook"] == ("libucm" if ctypes.util.find_library("ucm") else "direct")
     if status_field == "VmLck" and info["kind"] != "mlocked":
         pytest.skip(f"mlock refused here ({info['mlock_error']}): the buffers are plain anonymous memory")
@@ -90,8 +102,10 @@ def test_leak_grows_its_class_in_step_with_requests(mode, classes, status_field)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fix,hook", [({"UCX_MEM_MMAP_HOOK_MODE": "none"}, "disabled"),
-                                      ({"UCX_RCACHE_MAX_UNRELEASED": "8"}, "libucm")])
+@pytest.mark.parametrize(
+    "fix,hook",
+    [({"UCX_MEM_MMAP_HOOK_MODE": "none"}, "disabled"), ({"UCX_RCACHE_MAX_UNRELEASED": "8"}, "libucm")],
+)
 def test_mmap_hook_runs_through_libucm_and_the_ucx_fixes_stop_it(fix, hook):
     if not ctypes.util.find_library("ucm"):
         pytest.skip("libucm is not installed: the library raises its own events, the UCX fixes do not apply")
@@ -103,9 +117,9 @@ def test_mmap_hook_runs_through_libucm_and_the_ucx_fixes_stop_it(fix, hook):
         s1 = sampler.take()
         info = server.health()["leak"]["mmap-hook"]
     assert info["hook"] == hook
-    assert (info["events"] == 0) is (hook == "disabled")     # capped: events arrive, the pool is reused
+    assert (info["events"] == 0) is (hook == "disabled")  # capped: events arrive, the pool is reused
     assert info["pool_bytes"] <= 12 * PER_REQUEST
-    assert class_growth(s0, s1, ANON) < 10 * PER_REQUEST      # the leak would have grown 60 x 256 KiB
+    assert class_growth(s0, s1, ANON) < 10 * PER_REQUEST  # the leak would have grown 60 x 256 KiB
 
 
 def test_native_pool_functions_are_visible_to_tracers():
@@ -113,12 +127,17 @@ def test_native_pool_functions_are_visible_to_tracers():
 
     with open(build_library(), "rb") as f:
         symbols = {s.name for s in ELFFile(f).get_section_by_name(".dynsym").iter_symbols()}
-    assert {"refucm_mpool_grow", "refucm_mpool_get", "refucm_event_dispatch", "refucm_rcache_invalidate"} <= symbols
+    assert {
+        "refucm_mpool_grow",
+        "refucm_mpool_get",
+        "refucm_event_dispatch",
+        "refucm_rcache_invalidate",
+    } <= symbols
 
 
 @pytest.mark.slow
 def test_kv_abort_keeps_blocks_until_preemptions_start():
-    args = ["--kv-cache-mb", "4", "--max-model-len", "512"]           # 128 blocks
+    args = ["--kv-cache-mb", "4", "--max-model-len", "512"]  # 128 blocks
     running = 'vllm:num_preemptions_total{model_name="refserver-tiny"}'
     burst = dict(prompt_len=loadgen.LengthDist.parse("64"), max_tokens=loadgen.LengthDist.parse("128"))
     for mode in ("none", "kv-abort"):
@@ -132,9 +151,9 @@ def test_kv_abort_keeps_blocks_until_preemptions_start():
             preemptions = server.metrics()[running] - before
             final = settle(server)
         if mode == "none":
-            assert usage == [0.0, 0.0] and preemptions == 0   # 8 x 12 blocks fit in 128
+            assert usage == [0.0, 0.0] and preemptions == 0  # 8 x 12 blocks fit in 128
         else:
-            assert 0 < usage[0] < usage[1]                       # climbs with every batch of aborts
+            assert 0 < usage[0] < usage[1]  # climbs with every batch of aborts
             assert final["kv_cache"]["usage"] >= usage[1]
             assert final["leak"]["kv-abort"]["leaked_blocks"] > 0
             assert preemptions > 0
@@ -144,21 +163,32 @@ def test_kv_abort_keeps_blocks_until_preemptions_start():
 def test_no_leak_mode_stays_flat_under_load():
     with launch(args=SMALL_POOL) as server:
         sampler = Sampler(open_target(server.pid))
-        drive(server, 200)                       # past the plateaus: prefix cache, allocator arenas
+        drive(server, 200)  # past the plateaus: prefix cache, allocator arenas
         s0 = sampler.take()
         drive(server, 400, seed=1, max_tokens=loadgen.LengthDist.parse("8-32"))
         s1 = sampler.take()
     # A leak at the tests' rate would have grown by 100 MiB here.
-    assert s1.rss - s0.rss < 4 << 20, {c.value: s1.classes.get(c, 0) - s0.classes.get(c, 0) for c in RegionClass}
+    assert s1.rss - s0.rss < 4 << 20, {
+        c.value: s1.classes.get(c, 0) - s0.classes.get(c, 0) for c in RegionClass
+    }
 
 
 @pytest.mark.slow
 def test_watch_sees_the_shm_leak_under_load():
     with launch(leak="shm", leak_rate=0.25, args=SMALL_POOL) as server:
         drive(server, 40)
-        load = threading.Thread(target=loadgen.run, args=(loadgen.LoadConfig(
-            url=server.url, duration=12, concurrency=4, prompt_len=loadgen.LengthDist.parse("16-64"),
-            max_tokens=loadgen.LengthDist.parse("8-32")),))
+        load = threading.Thread(
+            target=loadgen.run,
+            args=(
+                loadgen.LoadConfig(
+                    url=server.url,
+                    duration=12,
+                    concurrency=4,
+                    prompt_len=loadgen.LengthDist.parse("16-64"),
+                    max_tokens=loadgen.LengthDist.parse("8-32"),
+                ),
+            ),
+        )
         load.start()
         try:
             verdict = leakhunt_json("watch", "--pid", server.pid, "--duration", "10s", "--interval", "0.5s")

@@ -11,8 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import leakhunt_json, run_leakhunt
+
 from leakhunt.record import SessionWriter
 
 
@@ -20,8 +20,18 @@ def _record_watch(leakers: Path, out: Path, leaker_args: list[str], duration: st
     proc = subprocess.Popen([leakers / "pool_leaker", *leaker_args], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().startswith("ready")
-        run_leakhunt("watch", "--pid", proc.pid, "--interval", "0.5s", "--duration", duration,
-                     "--record", out, "--json")
+        run_leakhunt(
+            "watch",
+            "--pid",
+            proc.pid,
+            "--interval",
+            "0.5s",
+            "--duration",
+            duration,
+            "--record",
+            out,
+            "--json",
+        )
     finally:
         proc.terminate()
         proc.wait()
@@ -30,7 +40,9 @@ def _record_watch(leakers: Path, out: Path, leaker_args: list[str], duration: st
 
 @pytest.fixture(scope="module")
 def leak_recording(leakers, tmp_path_factory) -> Path:
-    return _record_watch(leakers, tmp_path_factory.mktemp("rep") / "pool", ["--rate", "4M", "--chunk", "1M"], "6s")
+    return _record_watch(
+        leakers, tmp_path_factory.mktemp("rep") / "pool", ["--rate", "4M", "--chunk", "1M"], "6s"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +82,7 @@ def test_killed_leakhunt_leaves_an_incomplete_recording_that_still_renders(leak_
     shutil.copytree(leak_recording, rec)
     (rec / "summary.json").unlink()
     with open(rec / "samples.jsonl", "ab") as f:
-        f.write(b'{"seq": 999, "ts": 1')    # the write a crash cut short
+        f.write(b'{"seq": 999, "ts": 1')  # the write a crash cut short
     doc = leakhunt_json("report", rec, "--markdown", tmp_path / "k.md")
     assert not doc["complete"] and doc["verdict"] == "leak"
     assert any("truncated" in p for p in doc["problems"])
@@ -78,7 +90,9 @@ def test_killed_leakhunt_leaves_an_incomplete_recording_that_still_renders(leak_
 
 
 def test_target_that_died_is_reported(leakers, tmp_path):
-    rec = _record_watch(leakers, tmp_path / "died", ["--rate", "4M", "--chunk", "1M", "--duration", "4"], "20s")
+    rec = _record_watch(
+        leakers, tmp_path / "died", ["--rate", "4M", "--chunk", "1M", "--duration", "4"], "20s"
+    )
     doc = leakhunt_json("report", rec, "--markdown", tmp_path / "d.md")
     assert "The target exited during the run" in (tmp_path / "d.md").read_text()
     assert doc["summary"]["samples"] >= 6
@@ -90,19 +104,45 @@ def test_tracer_and_correlator_streams_are_drawn(leak_recording, tmp_path):
     t0 = json.loads((rec / "samples.jsonl").read_text().splitlines()[0])["ts"]
     writer = SessionWriter(rec, "investigate")
     for i in range(10):
-        writer.append("ledger", {"ts": t0 + i, "callers": [
-            {"caller": "libleakpool.so!lkpool_grow+0x4c", "bytes": (i + 1) << 22, "mappings": i + 1},
-            {"caller": "pool_leaker!tick+0x31", "bytes": 1 << 16, "mappings": 1}]})
+        writer.append(
+            "ledger",
+            {
+                "ts": t0 + i,
+                "callers": [
+                    {"caller": "libleakpool.so!lkpool_grow+0x4c", "bytes": (i + 1) << 22, "mappings": i + 1},
+                    {"caller": "pool_leaker!tick+0x31", "bytes": 1 << 16, "mappings": 1},
+                ],
+            },
+        )
     # The shape of analysis/correlate.py's Attribution.to_json().
-    writer.append("verdict", {
-        "growth_bytes": 44 << 20, "explained_bytes": 40 << 20, "unexplained_bytes": 4 << 20,
-        "explained_fraction": 0.9, "verdict": "90% of native memory growth is anonymous memory mapped by "
-                                             "libleakpool.so's lkpool_grow", "culprits": [{
-            "library": "libleakpool.so", "symbol": "lkpool_grow", "class": "anon", "bytes": 40 << 20,
-            "slope_bytes_per_s": 4 << 20, "share": 0.9, "evidence": "traced mmap",
-            "stack": ["libleakpool.so!lkpool_grow+0x4c", "libleakpool.so!lkpool_release+0x10"],
-            "stack_partial": True, "known": {"name": "leak pool", "explanation": "an invalidation queue that grows"},
-            "remedies": ["LKPOOL_MAX_UNRELEASED=1024"], "pid": 1, "mappings": 40}]})
+    writer.append(
+        "verdict",
+        {
+            "growth_bytes": 44 << 20,
+            "explained_bytes": 40 << 20,
+            "unexplained_bytes": 4 << 20,
+            "explained_fraction": 0.9,
+            "verdict": "90% of native memory growth is anonymous memory mapped by "
+            "libleakpool.so's lkpool_grow",
+            "culprits": [
+                {
+                    "library": "libleakpool.so",
+                    "symbol": "lkpool_grow",
+                    "class": "anon",
+                    "bytes": 40 << 20,
+                    "slope_bytes_per_s": 4 << 20,
+                    "share": 0.9,
+                    "evidence": "traced mmap",
+                    "stack": ["libleakpool.so!lkpool_grow+0x4c", "libleakpool.so!lkpool_release+0x10"],
+                    "stack_partial": True,
+                    "known": {"name": "leak pool", "explanation": "an invalidation queue that grows"},
+                    "remedies": ["LKPOOL_MAX_UNRELEASED=1024"],
+                    "pid": 1,
+                    "mappings": 40,
+                }
+            ],
+        },
+    )
     writer.close()
     doc = leakhunt_json("report", rec, "--markdown", tmp_path / "t.md")
     assert {"attribution", "outstanding-by-caller"} <= set(doc["plots"]) and doc["tracer_data"]
@@ -124,9 +164,21 @@ def test_screenshot_in_headless_chromium_is_a_real_page(leak_report, tmp_path):
         pytest.skip("chromium is not installed (apt-get install chromium): the report's look is not checked")
     _, out = leak_report
     shot = tmp_path / "report.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=1200,3000", f"--screenshot={shot}", (out / "r.html").as_uri()],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1200,3000",
+            f"--screenshot={shot}",
+            (out / "r.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     from PIL import Image
 
     image = Image.open(shot).convert("RGB")
@@ -139,11 +191,25 @@ def test_process_tree_is_reported_by_its_totals_and_per_process(leakers, tmp_pat
     import os
     import signal
 
-    shell = subprocess.Popen(["sh", "-c", f"{leakers / 'pool_leaker'} --rate 4M --chunk 1M & {leakers / 'steady'} & wait"],
-                             stdout=subprocess.DEVNULL, start_new_session=True)
+    shell = subprocess.Popen(
+        ["sh", "-c", f"{leakers / 'pool_leaker'} --rate 4M --chunk 1M & {leakers / 'steady'} & wait"],
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
-        run_leakhunt("watch", "--pid", shell.pid, "--subprocesses", "--interval", "0.5s", "--duration", "5s",
-                     "--record", tmp_path / "tree", "--json")
+        run_leakhunt(
+            "watch",
+            "--pid",
+            shell.pid,
+            "--subprocesses",
+            "--interval",
+            "0.5s",
+            "--duration",
+            "5s",
+            "--record",
+            tmp_path / "tree",
+            "--json",
+        )
     finally:
         os.killpg(shell.pid, signal.SIGTERM)
         shell.wait()
@@ -157,8 +223,17 @@ def test_process_tree_is_reported_by_its_totals_and_per_process(leakers, tmp_pat
 @pytest.mark.bpf
 def test_real_trace_recording_draws_outstanding_bytes_by_caller(leakers, spawn, tmp_path):
     leaker = spawn([leakers / "pool_leaker", "--rate", "4M", "--chunk", "1M", "--churn", "50"])
-    run_leakhunt("trace-mmap", "--pid", leaker.pid, "--duration", "5s", "--record", tmp_path / "rec", "--json",
-                 check=True)
+    run_leakhunt(
+        "trace-mmap",
+        "--pid",
+        leaker.pid,
+        "--duration",
+        "5s",
+        "--record",
+        tmp_path / "rec",
+        "--json",
+        check=True,
+    )
     doc = leakhunt_json("report", tmp_path / "rec", "--markdown", tmp_path / "t.md")
     assert "outstanding-by-caller" in doc["plots"] and doc["tracer_data"]
     md = (tmp_path / "t.md").read_text()
@@ -173,8 +248,9 @@ def test_a_recording_with_almost_no_samples_renders_every_section(leak_recording
     shutil.copytree(leak_recording, rec)
     lines = (rec / "samples.jsonl").read_text().splitlines(keepends=True)
     (rec / "samples.jsonl").write_text("".join(lines[:samples]))
-    cp = run_leakhunt("report", rec, "--html", tmp_path / "r.html", "--json",
-                      env={**os.environ, "PYTHONWARNINGS": "error"})
+    cp = run_leakhunt(
+        "report", rec, "--html", tmp_path / "r.html", "--json", env={**os.environ, "PYTHONWARNINGS": "error"}
+    )
     assert cp.returncode == 0, cp.stderr
     assert json.loads(cp.stdout)["verdict"] == "inconclusive"
     assert "could not be drawn" not in (tmp_path / "r.html").read_text()

@@ -16,12 +16,22 @@ from leakhunt.trace.events import SYSCALL_NUMBERS
 from leakhunt.trace.session import choose_backend
 
 # Upper-case names a probe uses that are its own (enums, kernel macros, bpftrace builtins).
-OWN = {"BPF_RB_NO_WAKEUP", "BPF_F_NO_PREALLOC", "BPF_HASH", "BPF_F_TABLE", "BPF_PERCPU_ARRAY",
-       "BPF_RINGBUF_OUTPUT", "RAW_TRACEPOINT_PROBE", "TRACEPOINT_PROBE", "BEGIN", "END"}
+OWN = {
+    "BPF_RB_NO_WAKEUP",
+    "BPF_F_NO_PREALLOC",
+    "BPF_HASH",
+    "BPF_F_TABLE",
+    "BPF_PERCPU_ARRAY",
+    "BPF_RINGBUF_OUTPUT",
+    "RAW_TRACEPOINT_PROBE",
+    "TRACEPOINT_PROBE",
+    "BEGIN",
+    "END",
+}
 
 
 def _constants(text: str) -> set[str]:
-    body = re.sub(r"/\*.*?\*/", "", text, flags=re.S)   # not the header comment
+    body = re.sub(r"/\*.*?\*/", "", text, flags=re.S)  # not the header comment
     return {w for w in re.findall(r"\b[A-Z][A-Z0-9_]{2,}\b", body) if w not in OWN}
 
 
@@ -49,11 +59,14 @@ def test_bcc_comes_from_the_os_package():
     assert str(OS_BCC.resolve()) in str(__import__("pathlib").Path(_bcc_origin()).resolve())
 
 
-@pytest.mark.parametrize("config, offset", [
-    ({}, 16384 - 168),
-    ({"CONFIG_KASAN": "y"}, 32768 - 168),
-    ({"CONFIG_X86_FRED": "y"}, 16384 - 16 - 168),
-])
+@pytest.mark.parametrize(
+    "config, offset",
+    [
+        ({}, 16384 - 168),
+        ({"CONFIG_KASAN": "y"}, 32768 - 168),
+        ({"CONFIG_X86_FRED": "y"}, 16384 - 16 - 168),
+    ],
+)
 def test_user_registers_sit_at_the_top_of_the_kernel_stack(config, offset):
     assert pt_regs_offset(config) == offset
 
@@ -72,6 +85,7 @@ def test_perf_backend_says_in_one_line_why_not():
 def test_auto_prefers_the_registry_order():
     choice = choose_backend("auto")
     assert choice.name in BACKENDS
-    assert list(BACKENDS).index(choice.name) <= min(list(BACKENDS).index(n) for n in BACKENDS
-                                                    if n not in choice.unavailable)
+    assert list(BACKENDS).index(choice.name) <= min(
+        list(BACKENDS).index(n) for n in BACKENDS if n not in choice.unavailable
+    )
     assert choice.explain().startswith(f"backend {choice.name}")

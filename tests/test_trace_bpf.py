@@ -123,8 +123,14 @@ int main(int argc, char **argv) {
 }
 """
 
-EXPECTED = {"shape_partial": 6 * P, "shape_head_tail": 5 * P, "shape_mremap": 16 * P, "shape_reserve": 12 * P,
-            "shape_commit": 4 * P, "shape_shm": 16 * P}
+EXPECTED = {
+    "shape_partial": 6 * P,
+    "shape_head_tail": 5 * P,
+    "shape_mremap": 16 * P,
+    "shape_reserve": 12 * P,
+    "shape_commit": 4 * P,
+    "shape_shm": 16 * P,
+}
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +139,10 @@ def shapes(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("shapes")
     (d / "shapes.c").write_text(SHAPES_C)
     # No sibling calls: a shape ending in `return mmap(...)` would hand its frame to mmap.
-    subprocess.run(["cc", "-O2", "-g", "-fno-optimize-sibling-calls", "-o", str(d / "shapes"), str(d / "shapes.c")],
-                   check=True)
+    subprocess.run(
+        ["cc", "-O2", "-g", "-fno-optimize-sibling-calls", "-o", str(d / "shapes"), str(d / "shapes.c")],
+        check=True,
+    )
     return str(d / "shapes")
 
 
@@ -158,6 +166,7 @@ def go_and_wait(proc, word: str = "done"):
         proc.popen.stdin.write("go\n")
         proc.popen.stdin.flush()
         assert proc.popen.stdout.readline().startswith(word)
+
     return action
 
 
@@ -218,7 +227,7 @@ def test_libucm_target_survives_and_its_hooks_are_named(spawn, tmp_path, backend
     assert ucm and ucm[0].symbol.startswith("ucm_orig_"), [c.label for c in callers]
     assert any(f.symbol == "ucm_mmap" for f in ucm[0].stack.frames)
     proc.popen.terminate()
-    assert proc.popen.wait(10) == 0   # and it ran its hooks all along (exit 3 if no events)
+    assert proc.popen.wait(10) == 0  # and it ran its hooks all along (exit 3 if no events)
 
 
 def test_lost_events_are_counted_exactly(spawn, shapes):

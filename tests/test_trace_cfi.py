@@ -45,14 +45,14 @@ def test_a_wrapper_with_a_frame_has_its_slot_above_sp(libc):
     code = libc.read(start, size)
     ip = start + code.index(b"\x0f\x05") + 2
     rule = libc.rule_at(ip)
-    sub_rsp = code.find(b"\x48\x83\xec")   # sub $imm8, %rsp
+    sub_rsp = code.find(b"\x48\x83\xec")  # sub $imm8, %rsp
     assert sub_rsp >= 0 and sub_rsp < code.index(b"\x0f\x05")
     assert rule.return_slot() == code[sub_rsp + 3]
 
 
 def test_hdr_index_and_linear_scan_agree(libc):
     cfi = libc.cfi
-    scanned = CallFrameInfo(cfi.data, cfi.vaddr)   # no .eh_frame_hdr: one walk over the section
+    scanned = CallFrameInfo(cfi.data, cfi.vaddr)  # no .eh_frame_hdr: one walk over the section
     assert len(scanned) == len(cfi) > 1000
     assert (scanned._starts == cfi._starts).all()
 
@@ -67,10 +67,14 @@ def test_cfa_rules_match_pyelftools_on_libc(libc):
         for fde in rng.sample(entries, 400):
             try:
                 table = fde.get_decoded().table
-            except Exception:   # pyelftools does not know every GNU opcode: those are not a reference
+            except Exception:  # pyelftools does not know every GNU opcode: those are not a reference
                 continue
             for i, row in enumerate(table):
-                end = table[i + 1]["pc"] if i + 1 < len(table) else fde["initial_location"] + fde["address_range"]
+                end = (
+                    table[i + 1]["pc"]
+                    if i + 1 < len(table)
+                    else fde["initial_location"] + fde["address_range"]
+                )
                 for pc in {row["pc"], end - 1}:
                     ours = libc.rule_at(pc)
                     cfa = row["cfa"]

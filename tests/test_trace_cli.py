@@ -28,11 +28,29 @@ def test_a_pid_that_does_not_exist_is_one_line():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_without_root_the_bpf_backends_say_what_is_missing(spawn, leakers, backend):
-    need(os.geteuid() == 0 and shutil.which("setpriv") is not None, "needs root and setpriv to drop privileges")
+    need(
+        os.geteuid() == 0 and shutil.which("setpriv") is not None, "needs root and setpriv to drop privileges"
+    )
     drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     proc = spawn([*drop, leakers / "pool_leaker", "--rate", "1M"])
-    cp = subprocess.run([*drop, sys.executable, "-m", "leakhunt", "trace-mmap", "--pid", str(proc.pid),
-                         "--backend", backend, "--duration", "1s"], capture_output=True, text=True, timeout=60)
+    cp = subprocess.run(
+        [
+            *drop,
+            sys.executable,
+            "-m",
+            "leakhunt",
+            "trace-mmap",
+            "--pid",
+            str(proc.pid),
+            "--backend",
+            backend,
+            "--duration",
+            "1s",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert cp.returncode == 2, cp.stderr
     lines = cp.stderr.strip().splitlines()
     assert len(lines) == 1 and "root" in lines[0] and "leakhunt doctor --install" in lines[0], lines
@@ -70,12 +88,14 @@ def test_subprocesses_traces_the_children_that_exist_already(spawn, leakers, bac
     while len(psutil.Process(proc.pid).children()) < 2:
         assert time.monotonic() < deadline, "the tree leaker did not fork its two children"
         time.sleep(0.1)
-    doc = leakhunt_json("trace-mmap", "--pid", proc.pid, "--subprocesses", "--backend", backend, "--duration", "3s")
+    doc = leakhunt_json(
+        "trace-mmap", "--pid", proc.pid, "--subprocesses", "--backend", backend, "--duration", "3s"
+    )
     by_symbol = {c["symbol"]: c["outstanding_bytes"] for c in doc["by_caller"]}
     assert by_symbol.get("leaking", 0) >= 4 << 20, doc["by_caller"]
     assert not doc["notes"] or "not traced" not in " ".join(doc["notes"])
     alone = leakhunt_json("trace-mmap", "--pid", proc.pid, "--backend", backend, "--duration", "2s")
-    assert "leaking" not in {c["symbol"] for c in alone["by_caller"]}   # the parent itself does not leak
+    assert "leaking" not in {c["symbol"] for c in alone["by_caller"]}  # the parent itself does not leak
     assert proc.alive()
 
 
@@ -83,8 +103,18 @@ def test_subprocesses_traces_the_children_that_exist_already(spawn, leakers, bac
 def test_recording_holds_events_and_the_ledger_over_time(spawn, leakers, tmp_path):
     proc = spawn([leakers / "pool_leaker", "--rate", "4M", "--churn", "50"])
     rec_dir = tmp_path / "rec"
-    doc = leakhunt_json("trace-mmap", "--pid", proc.pid, "--duration", "3s", "--all-events", "--min-size", "64K",
-                        "--record", rec_dir)
+    doc = leakhunt_json(
+        "trace-mmap",
+        "--pid",
+        proc.pid,
+        "--duration",
+        "3s",
+        "--all-events",
+        "--min-size",
+        "64K",
+        "--record",
+        rec_dir,
+    )
     rec = Recording.open(rec_dir)
     assert rec.complete and rec.summary["by_caller"][0]["symbol"] == "lkpool_grow"
     events = list(rec.records("events"))
@@ -94,7 +124,7 @@ def test_recording_holds_events_and_the_ledger_over_time(spawn, leakers, tmp_pat
     ledger = list(rec.records("ledger"))
     assert len(ledger) >= 2 and ledger[-1]["callers"][0]["caller"] == "libleakpool.so!lkpool_grow"
     assert ledger[-1]["outstanding_bytes"] >= ledger[0]["outstanding_bytes"]
-    series = read_callers(rec, None)          # what the report's plot reads
+    series = read_callers(rec, None)  # what the report's plot reads
     assert series is not None and series.callers[0] == "libleakpool.so!lkpool_grow"
     outstanding = list(rec.records("outstanding"))
     assert sum(o["bytes"] for o in outstanding) == doc["outstanding_bytes"]
@@ -124,16 +154,20 @@ def test_the_target_exiting_mid_trace_keeps_what_was_traced(spawn, leakers):
 @pytest.mark.bpf
 def test_sigterm_ends_with_a_summary_and_the_target_untouched(spawn, leakers):
     proc = spawn([leakers / "pool_leaker", "--rate", "2M"])
-    tracer = subprocess.Popen([sys.executable, "-m", "leakhunt", "trace-mmap", "--pid", str(proc.pid)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tracer = subprocess.Popen(
+        [sys.executable, "-m", "leakhunt", "trace-mmap", "--pid", str(proc.pid)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
-    while "tracing pid" not in tracer.stdout.readline():   # attached: from here on it is tracing
+    while "tracing pid" not in tracer.stdout.readline():  # attached: from here on it is tracing
         assert tracer.poll() is None and time.monotonic() < deadline
     time.sleep(3)
     tracer.send_signal(signal.SIGTERM)
     out, err = tracer.communicate(timeout=60)
     assert tracer.returncode == 0, err
     assert "stopped: interrupted" in out
-    table = out[out.index("outstanding by caller"):]
+    table = out[out.index("outstanding by caller") :]
     assert table.splitlines()[2].startswith("libleakpool.so!lkpool_grow")
     assert proc.alive()

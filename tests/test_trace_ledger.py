@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from leakhunt.trace.callers import by_caller
-from leakhunt.trace.events import (MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE, MREMAP_DONTUNMAP, MREMAP_MAYMOVE,
-                                   EventKind, Frame, MmapEvent, Stack)
+from leakhunt.trace.events import (
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_PRIVATE,
+    MREMAP_DONTUNMAP,
+    MREMAP_MAYMOVE,
+    EventKind,
+    Frame,
+    MmapEvent,
+    Stack,
+)
 from leakhunt.trace.ledger import KernelMapping, KernelState, Ledger, Lifecycle, SiteCounts
 
 P = 4096
@@ -20,12 +29,30 @@ def caller(name: str, lib: str = "/usr/lib/libfoo.so") -> Frame:
 
 def ev(kind: EventKind, t: float, who: str = "alloc", pid: int = PID, **kw) -> MmapEvent:
     c = caller(who)
-    return MmapEvent(ts=t, pid=pid, tid=pid, kind=kind, caller=c,
-                     stack=Stack((Frame(WRAPPER_IP, "/lib/libc.so.6", "syscall", 0x19), c), True, "test"), **kw)
+    return MmapEvent(
+        ts=t,
+        pid=pid,
+        tid=pid,
+        kind=kind,
+        caller=c,
+        stack=Stack((Frame(WRAPPER_IP, "/lib/libc.so.6", "syscall", 0x19), c), True, "test"),
+        **kw,
+    )
 
 
-def mmap(t: float, addr: int, length: int, who: str = "alloc", flags: int = MAP_PRIVATE | MAP_ANONYMOUS, **kw):
-    return ev(EventKind.MMAP, t, who, addr=addr if flags & MAP_FIXED else 0, length=length, flags=flags, ret=addr, **kw)
+def mmap(
+    t: float, addr: int, length: int, who: str = "alloc", flags: int = MAP_PRIVATE | MAP_ANONYMOUS, **kw
+):
+    return ev(
+        EventKind.MMAP,
+        t,
+        who,
+        addr=addr if flags & MAP_FIXED else 0,
+        length=length,
+        flags=flags,
+        ret=addr,
+        **kw,
+    )
 
 
 def munmap(t: float, addr: int, length: int, **kw):
@@ -40,7 +67,10 @@ def test_partial_unmaps_leave_the_pieces_in_place():
     ledger = Ledger()
     ledger.update([mmap(1, A, 8 * P), munmap(2, A + 2 * P, 2 * P), munmap(3, A, P), munmap(4, A + 7 * P, P)])
     assert held(ledger) == {"alloc": 4 * P}
-    assert sorted((o.start, o.end) for o in ledger.outstanding()) == [(A + P, A + 2 * P), (A + 4 * P, A + 7 * P)]
+    assert sorted((o.start, o.end) for o in ledger.outstanding()) == [
+        (A + P, A + 2 * P),
+        (A + 4 * P, A + 7 * P),
+    ]
     totals = by_caller(ledger)[0]
     assert (totals.count, totals.mapped_bytes, totals.unmapped_bytes, totals.mappings) == (1, 8 * P, 4 * P, 2)
 
@@ -59,7 +89,9 @@ def test_events_apply_in_time_order_whatever_order_they_come_in():
 
 def test_mremap_moves_and_grows_and_the_owner_keeps_it():
     ledger = Ledger()
-    grow = ev(EventKind.MREMAP, 2, "realloc", addr=A, length=4 * P, new_length=16 * P, flags=MREMAP_MAYMOVE, ret=B)
+    grow = ev(
+        EventKind.MREMAP, 2, "realloc", addr=A, length=4 * P, new_length=16 * P, flags=MREMAP_MAYMOVE, ret=B
+    )
     ledger.update([mmap(1, A, 4 * P), grow])
     assert held(ledger) == {"alloc": 16 * P}
     assert [(o.start, o.end) for o in ledger.outstanding()] == [(B, B + 16 * P)]
@@ -70,8 +102,16 @@ def test_mremap_moves_and_grows_and_the_owner_keeps_it():
 
 def test_mremap_dontunmap_keeps_the_old_range():
     ledger = Ledger()
-    dup = ev(EventKind.MREMAP, 2, "realloc", addr=A, length=4 * P, new_length=4 * P,
-             flags=MREMAP_MAYMOVE | MREMAP_DONTUNMAP, ret=B)
+    dup = ev(
+        EventKind.MREMAP,
+        2,
+        "realloc",
+        addr=A,
+        length=4 * P,
+        new_length=4 * P,
+        flags=MREMAP_MAYMOVE | MREMAP_DONTUNMAP,
+        ret=B,
+    )
     ledger.update([mmap(1, A, 4 * P), dup])
     assert ledger.outstanding_bytes == 8 * P
 
@@ -87,8 +127,12 @@ def test_map_fixed_replaces_what_was_there():
 def test_brk_growth_counts_from_the_break_at_the_start():
     ledger = Ledger()
     ledger.set_brk(PID, 0x1000_0000)
-    ledger.update([ev(EventKind.BRK, 1, "sbrk", addr=0x1010_0000, ret=0x1010_0000),
-                   ev(EventKind.BRK, 2, "sbrk", addr=0x1008_0000, ret=0x1008_0000)])
+    ledger.update(
+        [
+            ev(EventKind.BRK, 1, "sbrk", addr=0x1010_0000, ret=0x1010_0000),
+            ev(EventKind.BRK, 2, "sbrk", addr=0x1008_0000, ret=0x1008_0000),
+        ]
+    )
     assert held(ledger) == {"sbrk": 0x8_0000}
 
 
@@ -116,13 +160,20 @@ def km(start: int, length: int, t: float, ra: int = 0xAAA) -> KernelMapping:
 
 def test_kernel_held_mappings_count_with_their_caller():
     ledger = Ledger()
-    state = kernel([km(A, 8 * P, 1), km(B, P, 2)],
-                   sites={(PID, WRAPPER_IP, 0xAAA): SiteCounts(3, 10 * P, P)},
-                   callers={(PID, WRAPPER_IP, 0xAAA): (caller("pool_grow"), None)})
+    state = kernel(
+        [km(A, 8 * P, 1), km(B, P, 2)],
+        sites={(PID, WRAPPER_IP, 0xAAA): SiteCounts(3, 10 * P, P)},
+        callers={(PID, WRAPPER_IP, 0xAAA): (caller("pool_grow"), None)},
+    )
     ledger.update([], state)
     (top,) = by_caller(ledger)
-    assert (top.symbol, top.outstanding_bytes, top.count, top.mapped_bytes, top.unmapped_bytes) == \
-        ("pool_grow", 9 * P, 3, 10 * P, P)
+    assert (top.symbol, top.outstanding_bytes, top.count, top.mapped_bytes, top.unmapped_bytes) == (
+        "pool_grow",
+        9 * P,
+        3,
+        10 * P,
+        P,
+    )
 
 
 def test_a_streamed_partial_unmap_cuts_into_a_kernel_held_mapping():
@@ -154,7 +205,10 @@ def test_callers_group_sites_by_library_and_symbol():
     ledger = Ledger()
     ledger.update([mmap(1, A, 4 * P, pid=1), mmap(1, B, 2 * P, pid=2), mmap(2, 0x3000_0000, P, "other")])
     rows = by_caller(ledger)
-    assert [(r.symbol, r.outstanding_bytes, r.mappings) for r in rows] == [("alloc", 6 * P, 2), ("other", P, 1)]
+    assert [(r.symbol, r.outstanding_bytes, r.mappings) for r in rows] == [
+        ("alloc", 6 * P, 2),
+        ("other", P, 1),
+    ]
     assert rows[0].stack is not None and rows[0].stack.frames[1].symbol == "alloc"
 
 

@@ -9,19 +9,25 @@ import pytest
 
 pytest.importorskip("refserver")
 
-from refserver import loadgen  # noqa: E402
-from refserver.launch import launch  # noqa: E402
-
 from leakhunt.proc.target import open_target  # noqa: E402
 from leakhunt.trace.backend import TraceOptions, backend_class  # noqa: E402
 from leakhunt.trace.session import TraceSession  # noqa: E402
+from refserver import loadgen  # noqa: E402
+from refserver.launch import launch  # noqa: E402
 
 pytestmark = pytest.mark.bpf
 
 
 def drive(url: str, requests: int, seed: int) -> None:
-    cfg = loadgen.LoadConfig(url=url, duration=None, requests=requests, concurrency=4, seed=seed,
-                             prompt_len=loadgen.LengthDist.parse("16-48"), max_tokens=loadgen.LengthDist.parse("8"))
+    cfg = loadgen.LoadConfig(
+        url=url,
+        duration=None,
+        requests=requests,
+        concurrency=4,
+        seed=seed,
+        prompt_len=loadgen.LengthDist.parse("16-48"),
+        max_tokens=loadgen.LengthDist.parse("8"),
+    )
     report = loadgen.run(cfg)
     assert report.failed == 0, report.errors
 
@@ -29,7 +35,7 @@ def drive(url: str, requests: int, seed: int) -> None:
 @pytest.fixture(scope="module")
 def server():
     with launch(leak="mmap-hook", leak_rate=1.0, args=["--kv-cache-mb", "8"]) as srv:
-        drive(srv.url, 20, 0)          # warm-up: allocator caches, prefix cache, the library's first chunk
+        drive(srv.url, 20, 0)  # warm-up: allocator caches, prefix cache, the library's first chunk
         yield srv
 
 
@@ -59,7 +65,9 @@ def test_the_hooked_pool_is_named_first_while_the_server_serves(server, backend)
     callers = [c.totals for c in session.callers()]
     total = sum(c.outstanding_bytes for c in callers)
     top = callers[0]
-    assert top.library.startswith("librefucm") and top.symbol == "refucm_mpool_grow", [c.label for c in callers]
+    assert top.library.startswith("librefucm") and top.symbol == "refucm_mpool_grow", [
+        c.label for c in callers
+    ]
     assert top.outstanding_bytes >= 0.95 * total > 0
     chain = [f.symbol for f in top.stack.frames]
     for frame in ("refucm_mpool_get", "refucm_rcache_invalidate", "ucm_munmap"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-import pytest
 from conftest import need
 
 from leakhunt.trace.patched import find_patched, patched_note
@@ -48,8 +47,13 @@ int main(void) {
 def build_ucm_target(directory) -> str:
     """The libucm target the trace tests share: a program whose libc is hooked by UCX."""
     need(shutil.which("cc") is not None, "needs a C compiler")
-    need(subprocess.run(["sh", "-c", "echo 'int main(){}' | cc -x c - -o /dev/null -lucm -lucs"],
-                        capture_output=True).returncode == 0, "needs libucx-dev (libucm)")
+    need(
+        subprocess.run(
+            ["sh", "-c", "echo 'int main(){}' | cc -x c - -o /dev/null -lucm -lucs"], capture_output=True
+        ).returncode
+        == 0,
+        "needs libucx-dev (libucm)",
+    )
     src = directory / "ucm_target.c"
     src.write_text(UCM_C)
     exe = directory / "ucm_target"
@@ -58,13 +62,16 @@ def build_ucm_target(directory) -> str:
 
 
 def test_maps_parser_keeps_file_mappings_with_their_map_files_name():
-    text = (b"7f00a000-7f00b000 r-xp 00001000 fe:00 123  /usr/lib/libx.so\n"
-            b"7f00b000-7f00c000 rw-p 00000000 00:00 0 \n"
-            b"7f00c000-7f00d000 r--p 00000000 fe:00 124  /usr/lib/with space.so (deleted)\n")
+    text = (
+        b"7f00a000-7f00b000 r-xp 00001000 fe:00 123  /usr/lib/libx.so\n"
+        b"7f00b000-7f00c000 rw-p 00000000 00:00 0 \n"
+        b"7f00c000-7f00d000 r--p 00000000 fe:00 124  /usr/lib/with space.so (deleted)\n"
+    )
     maps = parse_maps(text)
     assert [(m.path, m.executable, m.range_text) for m in maps] == [
         ("/usr/lib/libx.so", True, "7f00a000-7f00b000"),
-        ("/usr/lib/with space.so (deleted)", False, "7f00c000-7f00d000")]
+        ("/usr/lib/with space.so (deleted)", False, "7f00c000-7f00d000"),
+    ]
 
 
 def test_functions_of_a_live_process_resolve_to_their_names(spawn, leakers):
@@ -73,7 +80,7 @@ def test_functions_of_a_live_process_resolve_to_their_names(spawn, leakers):
     pm = resolver.modules(proc.pid)
     lib = next(m for m in pm.mappings if m.path.endswith("libleakpool.so") and m.executable)
     module = pm.module(lib)
-    for name in ("lkpool_grow", "lkpool_mpool_get"):   # exported, and static (from .symtab)
+    for name in ("lkpool_grow", "lkpool_mpool_get"):  # exported, and static (from .symtab)
         start, size = module.function(name)
         address = lib.start - lib.offset + module.file_offset(start)
         frame = pm.frame(address + 4, is_return=False)

@@ -12,8 +12,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import leakhunt_json, need, run_leakhunt
+
 from leakhunt.record import Recording
 
 MiB = 2**20
@@ -35,8 +35,21 @@ def watched(leakers):
             assert procs[name].stdout.readline().startswith("ready")
         for name, p in procs.items():
             watches[name] = subprocess.Popen(
-                [sys.executable, "-m", "leakhunt", "watch", "--pid", str(p.pid), "--duration", f"{WATCH_S}s",
-                 "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "leakhunt",
+                    "watch",
+                    "--pid",
+                    str(p.pid),
+                    "--duration",
+                    f"{WATCH_S}s",
+                    "--json",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         results = {}
         for name, w in watches.items():
             out, err = w.communicate(timeout=120)
@@ -83,8 +96,18 @@ def test_steady_control_is_not_a_leak(watched):
 
 def test_json_document_has_the_contract_fields(watched):
     doc = watched["steady"]
-    for key in ("pid", "duration_s", "samples", "rss_bytes_start", "rss_bytes_end", "rss_slope_bytes_per_s",
-                "slope_interval", "leak", "classes", "top_groups"):
+    for key in (
+        "pid",
+        "duration_s",
+        "samples",
+        "rss_bytes_start",
+        "rss_bytes_end",
+        "rss_slope_bytes_per_s",
+        "slope_interval",
+        "leak",
+        "classes",
+        "top_groups",
+    ):
         assert key in doc
     for c in doc["classes"].values():
         assert {"rss_bytes", "slope_bytes_per_s"} <= set(c)
@@ -107,11 +130,29 @@ def test_target_that_exits_mid_run_keeps_its_summary(leakers, spawn):
 
 
 def test_a_process_we_may_not_read(leakers, spawn):
-    need(os.geteuid() == 0 and shutil.which("setpriv") is not None, "needs root and setpriv to drop privileges")
+    need(
+        os.geteuid() == 0 and shutil.which("setpriv") is not None, "needs root and setpriv to drop privileges"
+    )
     proc = spawn([leakers / "steady", "--rate", "1M"])
-    cp = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
-                         "leakhunt", "watch", "--pid", str(proc.pid), "--duration", "2s"],
-                        capture_output=True, text=True, timeout=60)
+    cp = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-m",
+            "leakhunt",
+            "watch",
+            "--pid",
+            str(proc.pid),
+            "--duration",
+            "2s",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert cp.returncode == 2, cp.stderr
     assert "permission denied" in cp.stderr and len(cp.stderr.strip().splitlines()) == 1
 
@@ -119,9 +160,23 @@ def test_a_process_we_may_not_read(leakers, spawn):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_stopping_watch_prints_a_summary(leakers, spawn, sig, tmp_path):
     proc = spawn([leakers / "pool_leaker", "--rate", "2M"])
-    watch = subprocess.Popen([sys.executable, "-m", "leakhunt", "watch", "--pid", str(proc.pid), "--interval",
-                              "0.5s", "--record", str(tmp_path / "rec")],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watch = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "leakhunt",
+            "watch",
+            "--pid",
+            str(proc.pid),
+            "--interval",
+            "0.5s",
+            "--record",
+            str(tmp_path / "rec"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(4)
     watch.send_signal(sig)
     out, err = watch.communicate(timeout=30)
@@ -134,9 +189,22 @@ def test_stopping_watch_prints_a_summary(leakers, spawn, sig, tmp_path):
 
 def test_recording_survives_leakhunt_being_killed(leakers, spawn, tmp_path):
     proc = spawn([leakers / "pool_leaker", "--rate", "2M"])
-    watch = subprocess.Popen([sys.executable, "-m", "leakhunt", "watch", "--pid", str(proc.pid), "--interval",
-                              "0.25s", "--record", str(tmp_path / "rec")],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watch = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "leakhunt",
+            "watch",
+            "--pid",
+            str(proc.pid),
+            "--interval",
+            "0.25s",
+            "--record",
+            str(tmp_path / "rec"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(4)
     watch.kill()
     watch.wait()
@@ -150,8 +218,9 @@ def test_recording_survives_leakhunt_being_killed(leakers, spawn, tmp_path):
 
 def test_watch_records_a_session_that_reads_back(leakers, spawn, tmp_path):
     proc = spawn([leakers / "pool_leaker", "--rate", "4M"])
-    doc = leakhunt_json("watch", "--pid", proc.pid, "--duration", "4s", "--interval", "0.5s",
-                        "--record", tmp_path / "rec")
+    doc = leakhunt_json(
+        "watch", "--pid", proc.pid, "--duration", "4s", "--interval", "0.5s", "--record", tmp_path / "rec"
+    )
     rec = Recording.open(tmp_path / "rec")
     assert rec.complete and rec.summary["samples"] == doc["samples"]
     frame = rec.samples_frame()

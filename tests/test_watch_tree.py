@@ -4,7 +4,6 @@ the watch began), and a shared segment resident in all three that must be counte
 from __future__ import annotations
 
 import pytest
-
 from conftest import leakhunt_json, run_leakhunt
 
 MiB = 2**20
@@ -14,8 +13,11 @@ MiB = 2**20
 def tree_doc(leakers):
     import subprocess
 
-    proc = subprocess.Popen([str(leakers / "tree"), "--rate", "4M", "--shared", "32M", "--late", "2"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(leakers / "tree"), "--rate", "4M", "--shared", "32M", "--late", "2"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().startswith("ready")
         doc = leakhunt_json("watch", "--pid", proc.pid, "--subprocesses", "--duration", "12s")
@@ -50,8 +52,15 @@ def test_shared_segment_is_counted_once(tree_doc):
 def test_process_entries_have_the_contract_fields(tree_doc):
     _, doc = tree_doc
     for p in doc["processes"]:
-        for key in ("pid", "cmdline", "rss_bytes_start", "rss_bytes_end", "rss_slope_bytes_per_s", "leak",
-                    "top_groups"):
+        for key in (
+            "pid",
+            "cmdline",
+            "rss_bytes_start",
+            "rss_bytes_end",
+            "rss_slope_bytes_per_s",
+            "leak",
+            "top_groups",
+        ):
             assert key in p
 
 
@@ -68,9 +77,21 @@ def test_a_target_with_children_gets_a_hint(leakers, spawn):
 def test_every_command_with_subprocesses_hints_at_it(leakers, spawn):
     """trace-mmap, ci and export take --subprocesses too, and say so for a target with children."""
     proc = spawn([leakers / "tree", "--late", "0", "--rate", "1M"])
-    for args in (("trace-mmap", "--pid", proc.pid, "--duration", "1s", "--json"),
-                 ("ci", "--pid", proc.pid, "--max-slope", "1GB/min", "--interval", "0.2s", "--duration", "3s",
-                  "--json"),
-                 ("export", "--pid", proc.pid, "--port", "0", "--duration", "1s")):
+    for args in (
+        ("trace-mmap", "--pid", proc.pid, "--duration", "1s", "--json"),
+        (
+            "ci",
+            "--pid",
+            proc.pid,
+            "--max-slope",
+            "1GB/min",
+            "--interval",
+            "0.2s",
+            "--duration",
+            "3s",
+            "--json",
+        ),
+        ("export", "--pid", proc.pid, "--port", "0", "--duration", "1s"),
+    ):
         cp = run_leakhunt(*args)
         assert cp.returncode == 0 and "add --subprocesses" in cp.stderr, (args[0], cp.stderr)

@@ -24,7 +24,13 @@ from leakhunt.units import format_bytes, format_rate, format_share
 
 #: Classes whose growth a mapping tracer can explain, and those we explain by other evidence.
 TRACED_CLASSES = (RegionClass.ANON, RegionClass.SHM, RegionClass.PINNED, RegionClass.HEAP)
-NATIVE_GROWTH_CLASSES = (RegionClass.ANON, RegionClass.SHM, RegionClass.PINNED, RegionClass.HEAP, RegionClass.GPU)
+NATIVE_GROWTH_CLASSES = (
+    RegionClass.ANON,
+    RegionClass.SHM,
+    RegionClass.PINNED,
+    RegionClass.HEAP,
+    RegionClass.GPU,
+)
 #: A culprit must explain at least this share of the growth to be accused, and grow faster than
 #: the verdict's noise floor (a tiny total makes any crumb a big share).
 MIN_SHARE = 0.05
@@ -51,34 +57,45 @@ class Culprit:
     library: str
     symbol: str
     klass: RegionClass
-    bytes: int                      # growth this culprit explains over the window
-    slope: float                    # bytes per second
-    share: float                    # of the total native growth
-    evidence: str                   # "traced mmap", "shm segment names", "heap"
+    bytes: int  # growth this culprit explains over the window
+    slope: float  # bytes per second
+    share: float  # of the total native growth
+    evidence: str  # "traced mmap", "shm segment names", "heap"
     stack: tuple[str, ...] = ()
     stack_partial: bool = True
     known: KnownCulprit | None = None
     pid: int | None = None
-    mappings: int = 0               # outstanding mappings (or segments) behind it
-    detail: str = ""                # e.g. the /dev/shm name pattern of the segments it maps
-    origin: str = ""                # the first frame outside the C library, when the caller is in it
+    mappings: int = 0  # outstanding mappings (or segments) behind it
+    detail: str = ""  # e.g. the /dev/shm name pattern of the segments it maps
+    origin: str = ""  # the first frame outside the C library, when the caller is in it
 
     @property
     def title(self) -> str:
         return f"{self.library}!{self.symbol}" if self.symbol else self.library
 
     def to_json(self) -> dict:
-        return {"library": self.library, "symbol": self.symbol, "class": self.klass.value,
-                "stack": list(self.stack), "stack_partial": self.stack_partial, "bytes": self.bytes,
-                "slope_bytes_per_s": self.slope, "share": self.share, "evidence": self.evidence,
-                "known": self.known.to_json() if self.known else None,
-                "remedies": list(self.known.remedies) if self.known else [], "pid": self.pid,
-                "mappings": self.mappings, "detail": self.detail, "origin": self.origin}
+        return {
+            "library": self.library,
+            "symbol": self.symbol,
+            "class": self.klass.value,
+            "stack": list(self.stack),
+            "stack_partial": self.stack_partial,
+            "bytes": self.bytes,
+            "slope_bytes_per_s": self.slope,
+            "share": self.share,
+            "evidence": self.evidence,
+            "known": self.known.to_json() if self.known else None,
+            "remedies": list(self.known.remedies) if self.known else [],
+            "pid": self.pid,
+            "mappings": self.mappings,
+            "detail": self.detail,
+            "origin": self.origin,
+        }
 
 
 @dataclass(frozen=True)
 class Attribution:
-    growth: int                                 # native growth over the window (bytes)
+    growth: int  # native growth over the window (bytes)
     growth_by_class: dict[RegionClass, int]
     duration_s: float
     culprits: list[Culprit] = field(default_factory=list)
@@ -99,9 +116,13 @@ class Attribution:
         if not self.culprits:
             return "no culprit: the growth is not explained by any traced mapping or known pattern"
         top = self.culprits[0]
-        what = {RegionClass.ANON: "anonymous memory", RegionClass.SHM: "/dev/shm memory",
-                RegionClass.PINNED: "pinned host memory", RegionClass.HEAP: "heap memory",
-                RegionClass.GPU: "GPU driver mappings"}.get(top.klass, f"{top.klass.value} memory")
+        what = {
+            RegionClass.ANON: "anonymous memory",
+            RegionClass.SHM: "/dev/shm memory",
+            RegionClass.PINNED: "pinned host memory",
+            RegionClass.HEAP: "heap memory",
+            RegionClass.GPU: "GPU driver mappings",
+        }.get(top.klass, f"{top.klass.value} memory")
         if top.evidence.startswith("traced"):
             by = f"mapped by {top.library}'s {top.symbol}" if top.symbol else f"mapped by {top.library}"
             if top.origin:
@@ -114,14 +135,20 @@ class Attribution:
         return text
 
     def to_json(self) -> dict:
-        return {"growth_bytes": self.growth, "explained_bytes": self.explained,
-                "unexplained_bytes": self.unexplained, "explained_fraction": self.explained_fraction,
-                "growth_by_class": {c.value: v for c, v in self.growth_by_class.items()},
-                "culprits": [c.to_json() for c in self.culprits], "verdict": self.sentence()}
+        return {
+            "growth_bytes": self.growth,
+            "explained_bytes": self.explained,
+            "unexplained_bytes": self.unexplained,
+            "explained_fraction": self.explained_fraction,
+            "growth_by_class": {c.value: v for c, v in self.growth_by_class.items()},
+            "culprits": [c.to_json() for c in self.culprits],
+            "verdict": self.sentence(),
+        }
 
 
-def _traced(before: Snapshot, after: Snapshot, outstanding: Sequence[Outstanding], duration: float,
-            total: int) -> list[Culprit]:
+def _traced(
+    before: Snapshot, after: Snapshot, outstanding: Sequence[Outstanding], duration: float, total: int
+) -> list[Culprit]:
     if not outstanding:
         return []
     lo = np.array([o.start for o in outstanding], np.uint64)
@@ -148,11 +175,29 @@ def _traced(before: Snapshot, after: Snapshot, outstanding: Sequence[Outstanding
             continue
         stack = rep.stack.frames if rep.stack else ((rep.caller,) if rep.caller else ())
         known = match(klass, rep.caller, tuple(stack), shm_name=path if pattern else None)
-        origin = next((str(f) for f in stack if not _in_libc(f)), "") if rep.caller and _in_libc(rep.caller) else ""
-        culprits.append(Culprit(library, symbol, klass, int(g), g / duration if duration > 0 else 0.0,
-                                g / total if total > 0 else 0.0, "traced mmap", tuple(str(f) for f in stack),
-                                rep.stack.partial if rep.stack else True, known, pid, n,
-                                f"segments /dev/shm/{pattern}" if pattern else "", origin))
+        origin = (
+            next((str(f) for f in stack if not _in_libc(f)), "")
+            if rep.caller and _in_libc(rep.caller)
+            else ""
+        )
+        culprits.append(
+            Culprit(
+                library,
+                symbol,
+                klass,
+                int(g),
+                g / duration if duration > 0 else 0.0,
+                g / total if total > 0 else 0.0,
+                "traced mmap",
+                tuple(str(f) for f in stack),
+                rep.stack.partial if rep.stack else True,
+                known,
+                pid,
+                n,
+                f"segments /dev/shm/{pattern}" if pattern else "",
+                origin,
+            )
+        )
     return culprits
 
 
@@ -168,7 +213,9 @@ def _traced_growth(before: Snapshot, after: Snapshot, lo: np.ndarray, hi: np.nda
     n = len(after)
     if n == 0 or len(lo) == 0:
         return np.zeros(len(lo))
-    region_growth = np.maximum(after.rss.astype(np.float64) - held_between(before, after.start, after.end), 0.0)
+    region_growth = np.maximum(
+        after.rss.astype(np.float64) - held_between(before, after.start, after.end), 0.0
+    )
     starts, ends = after.start.astype(np.int64), after.end.astype(np.int64)
     lo_i, hi_i = lo.astype(np.int64), hi.astype(np.int64)
     first = np.searchsorted(starts, lo_i, side="right") - 1
@@ -180,7 +227,7 @@ def _traced_growth(before: Snapshot, after: Snapshot, lo: np.ndarray, hi: np.nda
     pieces_m.append(idx)
     pieces_r.append(r)
     pieces_len.append(np.clip(np.minimum(hi_i[idx], ends[r]) - np.maximum(lo_i[idx], starts[r]), 0, None))
-    for m in np.flatnonzero(~simple & (last >= 0)).tolist():   # a range split over several regions
+    for m in np.flatnonzero(~simple & (last >= 0)).tolist():  # a range split over several regions
         rs = np.arange(max(first[m], 0), last[m] + 1)
         pieces_m.append(np.full(len(rs), m))
         pieces_r.append(rs)
@@ -200,7 +247,9 @@ def _in_libc(frame: Frame) -> bool:
 def _region_at(snapshot: Snapshot, addresses: np.ndarray) -> list[int | None]:
     """Index of the region holding each address, None where nothing is mapped."""
     k = np.searchsorted(snapshot.start, addresses, side="right") - 1
-    return [i if i >= 0 and a < int(snapshot.end[i]) else None for a, i in zip(addresses.tolist(), k.tolist())]
+    return [
+        i if i >= 0 and a < int(snapshot.end[i]) else None for a, i in zip(addresses.tolist(), k.tolist())
+    ]
 
 
 def segment_pattern(path: str) -> str:
@@ -208,8 +257,9 @@ def segment_pattern(path: str) -> str:
     return shm_pattern(path).rsplit("/", 1)[-1].replace(" (deleted)", "")
 
 
-def _shm(before: Snapshot, after: Snapshot, duration: float, total: int, covered: set[int],
-         pid: int | None) -> list[Culprit]:
+def _shm(
+    before: Snapshot, after: Snapshot, duration: float, total: int, covered: set[int], pid: int | None
+) -> list[Culprit]:
     """Growth of /dev/shm segments, by name pattern, for the ranges no traced mapping explained."""
     shm_code = CLASSES.index(RegionClass.SHM)
     rows = np.flatnonzero(after.classes == shm_code)
@@ -227,14 +277,28 @@ def _shm(before: Snapshot, after: Snapshot, duration: float, total: int, covered
         acc = by_pattern.setdefault(segment_pattern(path), [0, 0, path])
         acc[0] += g
         acc[1] += 1
-    return [Culprit(f"/dev/shm/{pattern}", "", RegionClass.SHM, int(g), g / duration if duration > 0 else 0.0,
-                    g / total if total > 0 else 0.0, "shm segment names", (path,), True,
-                    match(RegionClass.SHM, shm_name=path), pid, n)
-            for pattern, (g, n, path) in by_pattern.items()]
+    return [
+        Culprit(
+            f"/dev/shm/{pattern}",
+            "",
+            RegionClass.SHM,
+            int(g),
+            g / duration if duration > 0 else 0.0,
+            g / total if total > 0 else 0.0,
+            "shm segment names",
+            (path,),
+            True,
+            match(RegionClass.SHM, shm_name=path),
+            pid,
+            n,
+        )
+        for pattern, (g, n, path) in by_pattern.items()
+    ]
 
 
-def _arenas(before: Snapshot, after: Snapshot, duration: float, total: int, covered: set[int],
-            pid: int | None) -> list[Culprit]:
+def _arenas(
+    before: Snapshot, after: Snapshot, duration: float, total: int, covered: set[int], pid: int | None
+) -> list[Culprit]:
     """Growth of glibc malloc arena heaps that no traced mapping explains (mapped before tracing
     began: arenas grow inside their 64 MiB reservation with mprotect, not with new mmaps)."""
     anon = CLASSES.index(RegionClass.ANON)
@@ -243,32 +307,68 @@ def _arenas(before: Snapshot, after: Snapshot, duration: float, total: int, cove
         if i in covered:
             continue
         end = int(after.end[i])
-        if i + 1 < len(after) and int(after.start[i + 1]) == end and after.perms[i + 1] == "---p" \
-                and after.path[i + 1] == "":
-            end = int(after.end[i + 1])   # the arena's PROT_NONE reserve follows it
+        if (
+            i + 1 < len(after)
+            and int(after.start[i + 1]) == end
+            and after.perms[i + 1] == "---p"
+            and after.path[i + 1] == ""
+        ):
+            end = int(after.end[i + 1])  # the arena's PROT_NONE reserve follows it
         if end - int(after.start[i]) > ARENA_HEAP or after.perms[i][:2] != "rw":
             continue
-        g = int(after.rss[i]) - int(held_between(before, after.start[i:i + 1], after.end[i:i + 1])[0])
+        g = int(after.rss[i]) - int(held_between(before, after.start[i : i + 1], after.end[i : i + 1])[0])
         if g > 0:
             grown += g
             n += 1
     if grown <= 0:
         return []
-    return [Culprit("glibc malloc arenas", "", RegionClass.ANON, grown, grown / duration if duration > 0 else 0.0,
-                    grown / total if total > 0 else 0.0, "arena shape", (), True,
-                    match(RegionClass.ANON, Frame(0, "libc.so.6", "new_heap")), pid, n,
-                    f"{n} arena heap{'s' if n > 1 else ''} (64 MiB-aligned anonymous regions) mapped before tracing")]
+    return [
+        Culprit(
+            "glibc malloc arenas",
+            "",
+            RegionClass.ANON,
+            grown,
+            grown / duration if duration > 0 else 0.0,
+            grown / total if total > 0 else 0.0,
+            "arena shape",
+            (),
+            True,
+            match(RegionClass.ANON, Frame(0, "libc.so.6", "new_heap")),
+            pid,
+            n,
+            f"{n} arena heap{'s' if n > 1 else ''} (64 MiB-aligned anonymous regions) mapped before tracing",
+        )
+    ]
 
 
-def _by_class(klass: RegionClass, growth: int, duration: float, total: int, pid: int | None,
-              label: str, evidence: str) -> Culprit:
+def _by_class(
+    klass: RegionClass, growth: int, duration: float, total: int, pid: int | None, label: str, evidence: str
+) -> Culprit:
     known = match(klass, Frame(0, "libc.so.6", "malloc") if klass is RegionClass.HEAP else None)
-    return Culprit(label, "", klass, growth, growth / duration if duration > 0 else 0.0,
-                   growth / total if total > 0 else 0.0, evidence, (), True, known, pid)
+    return Culprit(
+        label,
+        "",
+        klass,
+        growth,
+        growth / duration if duration > 0 else 0.0,
+        growth / total if total > 0 else 0.0,
+        evidence,
+        (),
+        True,
+        known,
+        pid,
+    )
 
 
-def correlate(before: Snapshot, after: Snapshot, outstanding: Sequence[Outstanding], duration_s: float,
-              pid: int | None = None, min_share: float = MIN_SHARE, min_slope: float = MIN_SLOPE) -> Attribution:
+def correlate(
+    before: Snapshot,
+    after: Snapshot,
+    outstanding: Sequence[Outstanding],
+    duration_s: float,
+    pid: int | None = None,
+    min_share: float = MIN_SHARE,
+    min_slope: float = MIN_SLOPE,
+) -> Attribution:
     """Attribute the native growth between two snapshots of one process."""
     ca, cb = before.class_totals(), after.class_totals()
     by_class = {c: cb[c] - ca[c] for c in NATIVE_GROWTH_CLASSES}
@@ -288,12 +388,18 @@ def correlate(before: Snapshot, after: Snapshot, outstanding: Sequence[Outstandi
             culprits.append(arena)
         else:
             culprits[culprits.index(traced)] = replace(
-                traced, bytes=traced.bytes + arena.bytes, slope=traced.slope + arena.slope,
-                share=traced.share + arena.share, evidence="traced mmap + arena shape",
-                detail=f"{traced.mappings} arena heaps traced, {arena.detail}")
+                traced,
+                bytes=traced.bytes + arena.bytes,
+                slope=traced.slope + arena.slope,
+                share=traced.share + arena.share,
+                evidence="traced mmap + arena shape",
+                detail=f"{traced.mappings} arena heaps traced, {arena.detail}",
+            )
     # Heap and GPU growth that no traced brk/mmap explains still has a name.
-    for klass, label, evidence in ((RegionClass.HEAP, "[heap] (malloc main arena)", "heap"),
-                                   (RegionClass.GPU, "GPU driver mappings", "gpu mappings")):
+    for klass, label, evidence in (
+        (RegionClass.HEAP, "[heap] (malloc main arena)", "heap"),
+        (RegionClass.GPU, "GPU driver mappings", "gpu mappings"),
+    ):
         rest = by_class[klass] - sum(c.bytes for c in culprits if c.klass is klass)
         if rest > 0:
             culprits.append(_by_class(klass, rest, duration_s, total, pid, label, evidence))
@@ -303,5 +409,7 @@ def correlate(before: Snapshot, after: Snapshot, outstanding: Sequence[Outstandi
 
 
 def describe(attribution: Attribution) -> str:
-    return (f"{format_bytes(attribution.growth)} of native growth, {format_share(attribution.explained_fraction)} explained"
-            f"{'' if not attribution.unexplained else f', {format_bytes(attribution.unexplained)} unexplained'}")
+    return (
+        f"{format_bytes(attribution.growth)} of native growth, {format_share(attribution.explained_fraction)} explained"
+        f"{'' if not attribution.unexplained else f', {format_bytes(attribution.unexplained)} unexplained'}"
+    )

@@ -11,7 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from leakhunt.analysis.correlate import MIN_SHARE, NATIVE_GROWTH_CLASSES, Attribution, Culprit, Outstanding, correlate
+from leakhunt.analysis.correlate import (
+    MIN_SHARE,
+    NATIVE_GROWTH_CLASSES,
+    Attribution,
+    Culprit,
+    Outstanding,
+    correlate,
+)
 from leakhunt.analysis.verdict import MIN_SLOPE
 from leakhunt.proc.classes import RegionClass
 from leakhunt.proc.smaps import Snapshot
@@ -31,8 +38,12 @@ class ProcessEvidence:
     leak: bool
 
 
-def correlate_tree(processes: Sequence[ProcessEvidence], duration_s: float,
-                   min_share: float = MIN_SHARE, min_slope: float = MIN_SLOPE) -> Attribution:
+def correlate_tree(
+    processes: Sequence[ProcessEvidence],
+    duration_s: float,
+    min_share: float = MIN_SHARE,
+    min_slope: float = MIN_SLOPE,
+) -> Attribution:
     """Attribute the native growth of the live processes of a tree.
 
     When some processes are judged leaking (ProcessEvidence.leak), only their growth is accused:
@@ -47,8 +58,9 @@ def correlate_tree(processes: Sequence[ProcessEvidence], duration_s: float,
     for p in processes:
         if leaking and p.pid not in leaking:
             continue
-        culprits += correlate(p.before, p.after, p.outstanding, p.duration_s, pid=p.pid, min_share=0.0,
-                              min_slope=0.0).culprits
+        culprits += correlate(
+            p.before, p.after, p.outstanding, p.duration_s, pid=p.pid, min_share=0.0, min_slope=0.0
+        ).culprits
     culprits = [replace(c, share=c.bytes / total if total > 0 else 0.0) for c in shared_once(culprits)]
     culprits = [c for c in culprits if c.share >= min_share and c.slope >= min_slope]
     culprits.sort(key=lambda c: -c.bytes)

@@ -26,19 +26,33 @@ class KnownCulprit:
     frames: bool = False
 
     def to_json(self) -> dict:
-        return {"id": self.id, "name": self.name, "explanation": self.explanation,
-                "remedies": list(self.remedies), "references": list(self.references)}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "explanation": self.explanation,
+            "remedies": list(self.remedies),
+            "references": list(self.references),
+        }
 
 
 @cache
 def known_culprits() -> tuple[KnownCulprit, ...]:
     data = tomllib.loads(resources.files("leakhunt.analysis").joinpath("culprits.toml").read_text())
     return tuple(
-        KnownCulprit(c["id"], c["name"], " ".join(c["explanation"].split()), tuple(c.get("remedies", ())),
-                     tuple(c.get("references", ())), frozenset(RegionClass(x) for x in c.get("classes", ())),
-                     tuple(c.get("module", ())), tuple(c.get("symbol", ())), tuple(c.get("shm", ())),
-                     bool(c.get("frames", False)))
-        for c in data["culprit"])
+        KnownCulprit(
+            c["id"],
+            c["name"],
+            " ".join(c["explanation"].split()),
+            tuple(c.get("remedies", ())),
+            tuple(c.get("references", ())),
+            frozenset(RegionClass(x) for x in c.get("classes", ())),
+            tuple(c.get("module", ())),
+            tuple(c.get("symbol", ())),
+            tuple(c.get("shm", ())),
+            bool(c.get("frames", False)),
+        )
+        for c in data["culprit"]
+    )
 
 
 def _any(patterns: tuple[str, ...], value: str | None) -> bool:
@@ -49,8 +63,12 @@ def _basename(path: str | None) -> str | None:
     return path.rsplit("/", 1)[-1] if path else path
 
 
-def match(klass: RegionClass | None = None, caller: Frame | None = None, stack: tuple[Frame, ...] = (),
-          shm_name: str | None = None) -> KnownCulprit | None:
+def match(
+    klass: RegionClass | None = None,
+    caller: Frame | None = None,
+    stack: tuple[Frame, ...] = (),
+    shm_name: str | None = None,
+) -> KnownCulprit | None:
     """The first known culprit that fits what we know about a growing piece of memory."""
     for c in known_culprits():
         if klass is not None and c.classes and klass not in c.classes:

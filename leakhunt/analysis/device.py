@@ -42,8 +42,13 @@ def device_json(summary: MemorySummary | None, unavailable: str | None = None) -
     there is none."""
     if summary is not None and summary.device is not None:
         v = summary.device.verdict
-        return {"available": True, **summary.device.to_json(), "plateau": v.plateau, "verdict": v.reason,
-                "finding": device_finding(summary)}
+        return {
+            "available": True,
+            **summary.device.to_json(),
+            "plateau": v.plateau,
+            "verdict": v.reason,
+            "finding": device_finding(summary),
+        }
     return {"available": False, "reason": unavailable or NOT_SAMPLED}
 
 

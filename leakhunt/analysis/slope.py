@@ -37,8 +37,12 @@ class Trend:
         return self.slope * self.duration_s
 
     def to_dict(self) -> dict:
-        return {"slope_bytes_per_s": self.slope, "slope_interval": [self.lo, self.hi],
-                "samples": self.samples, "duration_s": self.duration_s}
+        return {
+            "slope_bytes_per_s": self.slope,
+            "slope_interval": [self.lo, self.hi],
+            "samples": self.samples,
+            "duration_s": self.duration_s,
+        }
 
 
 NO_TREND = Trend(math.nan, math.nan, math.nan, math.nan, 0, 0.0, math.nan, math.nan)
@@ -48,8 +52,10 @@ def _thin(t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if len(t) <= MAX_POINTS:
         return t, y
     edges = np.linspace(0, len(t), MAX_POINTS + 1).astype(int)
-    return (np.array([np.median(t[a:b]) for a, b in zip(edges[:-1], edges[1:])]),
-            np.array([np.median(y[a:b]) for a, b in zip(edges[:-1], edges[1:])]))
+    return (
+        np.array([np.median(t[a:b]) for a, b in zip(edges[:-1], edges[1:])]),
+        np.array([np.median(y[a:b]) for a, b in zip(edges[:-1], edges[1:])]),
+    )
 
 
 def fit(t, y, confidence: float = 0.95) -> Trend:
@@ -59,11 +65,21 @@ def fit(t, y, confidence: float = 0.95) -> Trend:
     if len(t) < 3 or np.ptp(t) <= 0:
         if len(t) == 0:
             return NO_TREND
-        return Trend(math.nan, math.nan, math.nan, math.nan, len(t), float(np.ptp(t)), y[0], y[-1],
-                     confidence)
+        return Trend(
+            math.nan, math.nan, math.nan, math.nan, len(t), float(np.ptp(t)), y[0], y[-1], confidence
+        )
     tt, yy = _thin(t, y)
     if np.ptp(yy) == 0:  # a flat line: theilslopes' interval degenerates, the answer is exact
         return Trend(0.0, 0.0, 0.0, float(yy[0]), len(t), float(t[-1] - t[0]), y[0], y[-1], confidence)
     res = theilslopes(yy, tt, alpha=confidence)
-    return Trend(float(res.slope), float(res.low_slope), float(res.high_slope), float(res.intercept),
-                 len(t), float(t[-1] - t[0]), float(y[0]), float(y[-1]), confidence)
+    return Trend(
+        float(res.slope),
+        float(res.low_slope),
+        float(res.high_slope),
+        float(res.intercept),
+        len(t),
+        float(t[-1] - t[0]),
+        float(y[0]),
+        float(y[-1]),
+        confidence,
+    )

@@ -28,9 +28,14 @@ class SeriesSummary:
 
     def to_json(self) -> dict:
         v = self.verdict
-        return {"rss_bytes": self.end, "rss_bytes_start": self.start, "rss_growth_bytes": self.growth,
-                "slope_bytes_per_s": v.trend.slope, "slope_interval": [v.trend.lo, v.trend.hi],
-                "leak": v.leak}
+        return {
+            "rss_bytes": self.end,
+            "rss_bytes_start": self.start,
+            "rss_growth_bytes": self.growth,
+            "slope_bytes_per_s": v.trend.slope,
+            "slope_interval": [v.trend.lo, v.trend.hi],
+            "leak": v.leak,
+        }
 
 
 @dataclass(frozen=True)
@@ -58,9 +63,15 @@ class RegionGrowthSummary:
     new: bool
 
     def to_json(self) -> dict:
-        return {"start": hex(self.start), "end": hex(self.end), "class": self.klass.value,
-                "path": self.path, "rss_bytes": self.rss, "rss_growth_bytes": self.growth,
-                "new": self.new}
+        return {
+            "start": hex(self.start),
+            "end": hex(self.end),
+            "class": self.klass.value,
+            "path": self.path,
+            "rss_bytes": self.rss,
+            "rss_growth_bytes": self.growth,
+            "new": self.new,
+        }
 
 
 @dataclass(frozen=True)
@@ -70,9 +81,9 @@ class MemorySummary:
     duration_s: float
     rss: SeriesSummary
     classes: dict[RegionClass, SeriesSummary]
-    groups: list[GroupSummary]            # the top growing groups, most growth first
-    regions: list[RegionGrowthSummary]    # the top growing address ranges
-    device: SeriesSummary | None = None   # device memory (NVML), when it was sampled
+    groups: list[GroupSummary]  # the top growing groups, most growth first
+    regions: list[RegionGrowthSummary]  # the top growing address ranges
+    device: SeriesSummary | None = None  # device memory (NVML), when it was sampled
 
     @property
     def leak(self) -> bool:
@@ -104,40 +115,53 @@ class MemorySummary:
         }
 
 
-def summarize(history: History, warmup_s: float | None = None, min_slope: float = MIN_SLOPE,
-              top: int = TOP_GROUPS, pid: int | None = None) -> MemorySummary:
+def summarize(
+    history: History,
+    warmup_s: float | None = None,
+    min_slope: float = MIN_SLOPE,
+    top: int = TOP_GROUPS,
+    pid: int | None = None,
+) -> MemorySummary:
     if not len(history):
         raise ValueError("no samples to summarize")
     t = np.asarray(history.t)
 
     def series(values) -> SeriesSummary:
-        return SeriesSummary(int(values[0]), int(values[-1]), judge(t, values, warmup_s=warmup_s,
-                                                                    min_slope=min_slope))
+        return SeriesSummary(
+            int(values[0]), int(values[-1]), judge(t, values, warmup_s=warmup_s, min_slope=min_slope)
+        )
 
     classes = {c: series(history.classes[c]) for c in RegionClass if any(history.classes[c])}
     first, last = history.group_rss[0], history.group_rss[-1]
-    growth = sorted(((last.get(k, 0) - first.get(k, 0), k) for k in history.group_keys()),
-                    key=lambda x: (-x[0], x[1][0].value, x[1][1]))
+    growth = sorted(
+        ((last.get(k, 0) - first.get(k, 0), k) for k in history.group_keys()),
+        key=lambda x: (-x[0], x[1][0].value, x[1][1]),
+    )
     groups = []
     for g, key in growth[:top]:
         if g <= 0:
             break
         s = series(history.group_series(key))
-        groups.append(GroupSummary(s.start, s.end, s.verdict, key[0], key[1],
-                                   history.group_regions.get(key, 0)))
+        groups.append(
+            GroupSummary(s.start, s.end, s.verdict, key[0], key[1], history.group_regions.get(key, 0))
+        )
     regions: list[RegionGrowthSummary] = []
     if history.first is not None and history.last is not None and len(history) > 1:
         rg = range_growth(history.first.snapshot, history.last.snapshot)
         snap = rg.snapshot
         for i in rg.top(TOP_REGIONS):
             r = snap[i]
-            regions.append(RegionGrowthSummary(r.start, r.end, r.klass, r.path, r.rss,
-                                               int(rg.growth[i]), bool(rg.new[i])))
+            regions.append(
+                RegionGrowthSummary(
+                    r.start, r.end, r.klass, r.path, r.rss, int(rg.growth[i]), bool(rg.new[i])
+                )
+            )
     if pid is None:
         pid = history.first.pid if history.first else 0
     device = series(history.gpu) if history.gpu and len(history.gpu) == len(history) else None
-    return MemorySummary(pid, len(history), history.duration_s,
-                         series(history.rss), classes, groups, regions, device)
+    return MemorySummary(
+        pid, len(history), history.duration_s, series(history.rss), classes, groups, regions, device
+    )
 
 
 def group_key_label(key: GroupKey) -> str:

@@ -37,15 +37,20 @@ MIN_GROWTH = 256 * 1024.0
 @dataclass(frozen=True)
 class Verdict:
     leak: bool
-    trend: Trend                 # fitted after the warm-up
-    tail: Trend                  # the last TAIL_FRACTION of the window
+    trend: Trend  # fitted after the warm-up
+    tail: Trend  # the last TAIL_FRACTION of the window
     plateau: bool
     warmup_s: float
-    reason: str                  # one sentence a person can read
+    reason: str  # one sentence a person can read
 
     def to_dict(self) -> dict:
-        return {"leak": self.leak, "plateau": self.plateau, "warmup_s": self.warmup_s,
-                "reason": self.reason, **self.trend.to_dict()}
+        return {
+            "leak": self.leak,
+            "plateau": self.plateau,
+            "warmup_s": self.warmup_s,
+            "reason": self.reason,
+            **self.trend.to_dict(),
+        }
 
 
 def default_warmup(duration_s: float) -> float:
@@ -53,8 +58,9 @@ def default_warmup(duration_s: float) -> float:
     return min(0.1 * duration_s, 30.0)
 
 
-def judge(t, y, *, warmup_s: float | None = None, min_slope: float = MIN_SLOPE,
-          confidence: float = 0.95) -> Verdict:
+def judge(
+    t, y, *, warmup_s: float | None = None, min_slope: float = MIN_SLOPE, confidence: float = 0.95
+) -> Verdict:
     t = np.asarray(t, np.float64)
     y = np.asarray(y, np.float64)
     duration = float(t[-1] - t[0]) if len(t) else 0.0
@@ -63,9 +69,15 @@ def judge(t, y, *, warmup_s: float | None = None, min_slope: float = MIN_SLOPE,
     tk, yk = t[keep], y[keep]
     trend = fit(tk, yk, confidence)
     if len(tk) < MIN_SAMPLES:
-        return Verdict(False, trend, NO_TREND, False, warmup,
-                       f"not enough data: {len(tk)} samples after a {format_duration(warmup)} warm-up "
-                       f"(need {MIN_SAMPLES})")
+        return Verdict(
+            False,
+            trend,
+            NO_TREND,
+            False,
+            warmup,
+            f"not enough data: {len(tk)} samples after a {format_duration(warmup)} warm-up "
+            f"(need {MIN_SAMPLES})",
+        )
     rate = format_rate(trend.slope)
     noise = _noise(tk, yk, trend)
     cut = tk[0] + (1 - TAIL_FRACTION) * (tk[-1] - tk[0])
@@ -75,14 +87,24 @@ def judge(t, y, *, warmup_s: float | None = None, min_slope: float = MIN_SLOPE,
         # No steady growth; but growth that happened early and stopped is worth naming as such.
         grew = _median_growth(yk)
         if grew > max(NOISE_MULTIPLE * noise, min_slope * (tk[-1] - tk[0])) and progress >= LEVELLED_PROGRESS:
-            return Verdict(False, trend, NO_TREND, True, warmup,
-                           f"grew {format_bytes(grew, signed=True)} early, then levelled off")
+            return Verdict(
+                False,
+                trend,
+                NO_TREND,
+                True,
+                warmup,
+                f"grew {format_bytes(grew, signed=True)} early, then levelled off",
+            )
         if trend.lo > min_slope and trend.growth < MIN_GROWTH:
-            why = (f"growth of {format_bytes(trend.growth, signed=True)} over {format_duration(trend.duration_s)} "
-                   f"is too little to call (under {format_bytes(MIN_GROWTH)}); watch longer")
+            why = (
+                f"growth of {format_bytes(trend.growth, signed=True)} over {format_duration(trend.duration_s)} "
+                f"is too little to call (under {format_bytes(MIN_GROWTH)}); watch longer"
+            )
         elif trend.lo > min_slope:
-            why = (f"growth of {format_bytes(trend.growth, signed=True)} is within the noise "
-                   f"(±{format_bytes(noise)}); watch longer")
+            why = (
+                f"growth of {format_bytes(trend.growth, signed=True)} is within the noise "
+                f"(±{format_bytes(noise)}); watch longer"
+            )
         elif trend.slope > min_slope:
             why = f"growth of {rate} is not significant (interval {format_rate(trend.lo)} .. {format_rate(trend.hi)})"
         else:
@@ -94,15 +116,31 @@ def judge(t, y, *, warmup_s: float | None = None, min_slope: float = MIN_SLOPE,
     # Levelled off: the tail grows clearly slower than half the overall rate, or it shows no
     # significant growth of its own and its best estimate is a small fraction of the overall
     # rate, or most of the window's growth was made before the tail began.
-    levelled = tail.samples < 3 or tail.hi < 0.5 * trend.slope or (
-        tail.lo <= min_slope and tail.slope < TAIL_RATIO * trend.slope) or progress >= LEVELLED_PROGRESS
+    levelled = (
+        tail.samples < 3
+        or tail.hi < 0.5 * trend.slope
+        or (tail.lo <= min_slope and tail.slope < TAIL_RATIO * trend.slope)
+        or progress >= LEVELLED_PROGRESS
+    )
     if levelled:
-        return Verdict(False, trend, tail, True, warmup,
-                       f"grew {format_bytes(yk[-1] - yk[0], signed=True)} then levelled off "
-                       f"(last {format_duration(tk[-1] - cut)}: {format_rate(tail.slope)})")
-    return Verdict(True, trend, tail, False, warmup,
-                   f"growing {rate} (95% interval {format_rate(trend.lo)} .. {format_rate(trend.hi)}) "
-                   f"over {format_duration(trend.duration_s)}, {trend.samples} samples")
+        return Verdict(
+            False,
+            trend,
+            tail,
+            True,
+            warmup,
+            f"grew {format_bytes(yk[-1] - yk[0], signed=True)} then levelled off "
+            f"(last {format_duration(tk[-1] - cut)}: {format_rate(tail.slope)})",
+        )
+    return Verdict(
+        True,
+        trend,
+        tail,
+        False,
+        warmup,
+        f"growing {rate} (95% interval {format_rate(trend.lo)} .. {format_rate(trend.hi)}) "
+        f"over {format_duration(trend.duration_s)}, {trend.samples} samples",
+    )
 
 
 def _progress_before_tail(t: np.ndarray, y: np.ndarray, cut: float) -> float:

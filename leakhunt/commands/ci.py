@@ -18,8 +18,16 @@ from rich.text import Text
 from leakhunt import ui
 from leakhunt.analysis.device import device_status_line
 from leakhunt.ci import ERROR, FAIL, Gate, GateConfig, GateResult, error_result
-from leakhunt.commands.options import (RATE, duration_option, hint_children, interval_option, json_option,
-                                       record_option, subprocesses_option, warmup_option)
+from leakhunt.commands.options import (
+    RATE,
+    duration_option,
+    hint_children,
+    interval_option,
+    json_option,
+    record_option,
+    subprocesses_option,
+    warmup_option,
+)
 from leakhunt.errors import BadInput, LeakhuntError
 from leakhunt.heap import HeapRun
 from leakhunt.record import SampleRecorder, SessionWriter, TreeRecorder
@@ -31,22 +39,43 @@ from leakhunt.units import format_bytes
 @click.command("ci", context_settings={"ignore_unknown_options": True})
 @click.option("--pid", "-p", type=int, help="gate a running process")
 @click.option("--max-slope", type=RATE, required=True, help="the growth limit, e.g. 5MB/min")
-@click.option("--max-device-slope", type=RATE, help="also fail when GPU memory (NVML) grows faster than this; "
-              "an error where NVML cannot sample it")
+@click.option(
+    "--max-device-slope",
+    type=RATE,
+    help="also fail when GPU memory (NVML) grows faster than this; an error where NVML cannot sample it",
+)
 @duration_option(default="60s", help="how long to sample")
 @interval_option()
 @warmup_option
-@click.option("--load", "load", metavar="CMD", help="a load generator to run alongside (one quoted command line)")
+@click.option(
+    "--load", "load", metavar="CMD", help="a load generator to run alongside (one quoted command line)"
+)
 @subprocesses_option
-@click.option("--heap", is_flag=True, help="Python target: track its heap with memray (attach for --pid, "
-              "run mode for a command) so the report shows the heap beside RSS")
+@click.option(
+    "--heap",
+    is_flag=True,
+    help="Python target: track its heap with memray (attach for --pid, "
+    "run mode for a command) so the report shows the heap beside RSS",
+)
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="write JUnit XML here")
 @record_option
 @json_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def command(pid: int | None, max_slope: float, max_device_slope: float | None, duration: float, interval: float,
-            warmup: float | None, load: str | None, subprocesses: bool, heap: bool, junit_path: str | None,
-            record_dir: str | None, as_json: bool, command: tuple[str, ...]) -> None:
+def command(
+    pid: int | None,
+    max_slope: float,
+    max_device_slope: float | None,
+    duration: float,
+    interval: float,
+    warmup: float | None,
+    load: str | None,
+    subprocesses: bool,
+    heap: bool,
+    junit_path: str | None,
+    record_dir: str | None,
+    as_json: bool,
+    command: tuple[str, ...],
+) -> None:
     """Fail when memory grows faster than --max-slope.
 
     Either gate a running process (--pid) or start COMMAND (after --), sample it for --duration
@@ -65,17 +94,29 @@ def command(pid: int | None, max_slope: float, max_device_slope: float | None, d
     config = GateConfig(max_slope, duration, interval, warmup, max_device_slope)
     label = shlex.join(command) if command else f"pid {pid}"
     load_argv = shlex.split(load) if load else None
-    meta = {"pid": pid, "cmdline": label, "interval_s": interval, "max_slope_bytes_per_s": max_slope,
-            "max_device_slope_bytes_per_s": max_device_slope, "subprocesses": subprocesses}
+    meta = {
+        "pid": pid,
+        "cmdline": label,
+        "interval_s": interval,
+        "max_slope_bytes_per_s": max_slope,
+        "max_device_slope_bytes_per_s": max_device_slope,
+        "subprocesses": subprocesses,
+    }
     if heap:
         meta["heap_mode"] = "attach" if pid is not None else "run"
     writer = SessionWriter(record_dir, "ci", meta) if record_dir else None
     recorder = (TreeRecorder(writer) if subprocesses else SampleRecorder(writer)) if writer else None
     try:
         # A started command's output goes to stderr so that --json keeps stdout one document.
-        gate = Gate(config, on_sample=None if subprocesses else recorder, subprocesses=subprocesses,
-                    on_tick=recorder if subprocesses else None, keep_raw=writer is not None,
-                    command_output=sys.stderr, heap=HeapRun(writer.dir if writer else None) if heap else None)
+        gate = Gate(
+            config,
+            on_sample=None if subprocesses else recorder,
+            subprocesses=subprocesses,
+            on_tick=recorder if subprocesses else None,
+            keep_raw=writer is not None,
+            command_output=sys.stderr,
+            heap=HeapRun(writer.dir if writer else None) if heap else None,
+        )
         result = gate.run_pid(pid, load_argv) if pid is not None else gate.run_command(command, load_argv)
     except LeakhuntError as e:
         result = error_result(config, label, e)
@@ -88,8 +129,14 @@ def command(pid: int | None, max_slope: float, max_device_slope: float | None, d
         raise click.exceptions.Exit(result.exit_code)
 
 
-def _publish(result: GateResult, junit_path: str | None, writer: SessionWriter | None,
-             recorder: SampleRecorder | TreeRecorder | None, as_json: bool, console) -> None:
+def _publish(
+    result: GateResult,
+    junit_path: str | None,
+    writer: SessionWriter | None,
+    recorder: SampleRecorder | TreeRecorder | None,
+    as_json: bool,
+    console,
+) -> None:
     if junit_path:
         Path(junit_path).write_bytes(junit_xml(result))
     line = github.publish(result)
@@ -109,28 +156,48 @@ def _publish(result: GateResult, junit_path: str | None, writer: SessionWriter |
 
 
 def render(result: GateResult) -> Group | Text:
-    badge = {0: Text(" PASS ", style="black on green"), FAIL: Text(" LEAK ", style="bold white on red"),
-             ERROR: Text(" ERROR ", style="bold white on yellow")}[result.exit_code]
+    badge = {
+        0: Text(" PASS ", style="black on green"),
+        FAIL: Text(" LEAK ", style="bold white on red"),
+        ERROR: Text(" ERROR ", style="bold white on yellow"),
+    }[result.exit_code]
     head = Text.assemble("leakhunt ci ", badge, " ", (result.target, "cyan"), "\n", result.reason)
     s = result.summary
     table = Table(box=None, pad_edge=False)
-    for col, justify in (("class", "left"), ("RSS", "right"), ("growth", "right"),
-                         ("slope /min [95% interval]", "right")):
+    for col, justify in (
+        ("class", "left"),
+        ("RSS", "right"),
+        ("growth", "right"),
+        ("slope /min [95% interval]", "right"),
+    ):
         table.add_column(col, justify=justify)
     if s is None:
         return head
-    table.add_row("total", format_bytes(s.rss.end), ui.growth_text(s.rss.growth),
-                  ui.rate_text(s.rss.verdict.trend.slope, s.rss.verdict.trend.lo, s.rss.verdict.trend.hi,
-                               s.rss.verdict.leak))
+    table.add_row(
+        "total",
+        format_bytes(s.rss.end),
+        ui.growth_text(s.rss.growth),
+        ui.rate_text(
+            s.rss.verdict.trend.slope, s.rss.verdict.trend.lo, s.rss.verdict.trend.hi, s.rss.verdict.leak
+        ),
+    )
     for klass, c in sorted(s.classes.items(), key=lambda kv: -kv[1].growth):
-        table.add_row(klass.value, format_bytes(c.end), ui.growth_text(c.growth),
-                      ui.rate_text(c.verdict.trend.slope, c.verdict.trend.lo, c.verdict.trend.hi))
+        table.add_row(
+            klass.value,
+            format_bytes(c.end),
+            ui.growth_text(c.growth),
+            ui.rate_text(c.verdict.trend.slope, c.verdict.trend.lo, c.verdict.trend.hi),
+        )
     if result.heap_growth is not None:
         table.add_row("python heap", "", ui.growth_text(result.heap_growth), Text("(memray)", style="dim"))
     if s.device is not None:
         d = s.device.verdict
-        table.add_row("device (NVML)", format_bytes(s.device.end), ui.growth_text(s.device.growth),
-                      ui.rate_text(d.trend.slope, d.trend.lo, d.trend.hi, d.leak))
+        table.add_row(
+            "device (NVML)",
+            format_bytes(s.device.end),
+            ui.growth_text(s.device.growth),
+            ui.rate_text(d.trend.slope, d.trend.lo, d.trend.hi, d.leak),
+        )
     for note in result.notes:
         table.add_row(Text(f"note: {note}", style="dim"), "", "", "")
     no_device = device_status_line(s, result.device_unavailable)

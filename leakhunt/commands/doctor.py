@@ -12,9 +12,16 @@ from leakhunt.errors import LeakhuntError
 
 
 @click.command("doctor")
-@click.option("--install", is_flag=True, help="fix what can be fixed: apt packages, tracefs, kernel headers, BCC")
-@click.option("--with", "extra", multiple=True, metavar="PACKAGE",
-              help="more apt packages to install with --install (the test suite adds its own)")
+@click.option(
+    "--install", is_flag=True, help="fix what can be fixed: apt packages, tracefs, kernel headers, BCC"
+)
+@click.option(
+    "--with",
+    "extra",
+    multiple=True,
+    metavar="PACKAGE",
+    help="more apt packages to install with --install (the test suite adds its own)",
+)
 @click.option("--quiet", "-q", is_flag=True, help="print only what --install did and what is still broken")
 @json_option
 def command(install: bool, extra: tuple[str, ...], quiet: bool, as_json: bool) -> None:
@@ -27,9 +34,13 @@ def command(install: bool, extra: tuple[str, ...], quiet: bool, as_json: bool) -
             log = doctor.install(list(extra), progress=lambda step: status.update(f"installing: {step}"))
     checks = doctor.run_checks()
     if as_json:
-        ui.emit_json({"checks": [c.to_json() for c in checks],
-                      "install": {"actions": log.actions, "failures": log.failures} if log else None,
-                      "ok": all(c.ok or c.optional for c in checks)})
+        ui.emit_json(
+            {
+                "checks": [c.to_json() for c in checks],
+                "install": {"actions": log.actions, "failures": log.failures} if log else None,
+                "ok": all(c.ok or c.optional for c in checks),
+            }
+        )
     else:
         if log:
             for action in log.actions:
@@ -53,7 +64,10 @@ def render(checks: list[doctor.Check]) -> Table:
     table.add_column("needed by", style="dim")
     table.add_column("fix", overflow="fold")
     for c in checks:
-        mark = Text("✔", style="green") if c.ok else Text("–" if c.optional else "✘",
-                                                          style="yellow" if c.optional else "red")
+        mark = (
+            Text("✔", style="green")
+            if c.ok
+            else Text("–" if c.optional else "✘", style="yellow" if c.optional else "red")
+        )
         table.add_row(mark, Text(c.name), Text(c.detail), Text(c.needed_by), Text(c.fix))
     return table

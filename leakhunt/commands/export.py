@@ -10,8 +10,14 @@ import click
 from prometheus_client import start_http_server
 
 from leakhunt import ui
-from leakhunt.commands.options import (DURATION, duration_option, hint_children, interval_option, json_option,
-                                       subprocesses_option)
+from leakhunt.commands.options import (
+    DURATION,
+    duration_option,
+    hint_children,
+    interval_option,
+    json_option,
+    subprocesses_option,
+)
 from leakhunt.errors import BadInput
 from leakhunt.export import Fleet, LedgerFeed, registry_for
 from leakhunt.units import format_duration
@@ -19,22 +25,56 @@ from leakhunt.units import format_duration
 
 @click.command("export")
 @click.option("--pid", "-p", "pids", type=int, multiple=True, help="a process to export (repeatable)")
-@click.option("--match", metavar="REGEX", help="also every process whose command line matches (followed as they come and go)")
-@click.option("--port", type=click.IntRange(0, 65535), default=9464, show_default=True, help="HTTP port of /metrics")
-@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0 exposes it to the network)")
+@click.option(
+    "--match",
+    metavar="REGEX",
+    help="also every process whose command line matches (followed as they come and go)",
+)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=9464, show_default=True, help="HTTP port of /metrics"
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="address to bind (0.0.0.0 exposes it to the network)",
+)
 @interval_option(default="5s")
-@click.option("--window", type=DURATION, default="15m", show_default=True, help="span the slopes are fitted over")
-@click.option("--top-groups", type=click.IntRange(0, 50), default=5, show_default=True,
-              help="growing (class, path) groups exported per process")
-@click.option("--ledger", "ledgers", type=click.Path(file_okay=False), multiple=True, metavar="DIR",
-              help="a `trace-mmap --record DIR` recording written beside the exporter: exports its "
-                   "callers' outstanding bytes for that pid (repeatable)")
+@click.option(
+    "--window", type=DURATION, default="15m", show_default=True, help="span the slopes are fitted over"
+)
+@click.option(
+    "--top-groups",
+    type=click.IntRange(0, 50),
+    default=5,
+    show_default=True,
+    help="growing (class, path) groups exported per process",
+)
+@click.option(
+    "--ledger",
+    "ledgers",
+    type=click.Path(file_okay=False),
+    multiple=True,
+    metavar="DIR",
+    help="a `trace-mmap --record DIR` recording written beside the exporter: exports its "
+    "callers' outstanding bytes for that pid (repeatable)",
+)
 @subprocesses_option
 @duration_option(help="stop after this long (default: until Ctrl-C or SIGTERM)")
 @json_option
-def command(pids: tuple[int, ...], match: str | None, port: int, host: str, interval: float, window: float,
-            top_groups: int, ledgers: tuple[str, ...], subprocesses: bool, duration: float | None,
-            as_json: bool) -> None:
+def command(
+    pids: tuple[int, ...],
+    match: str | None,
+    port: int,
+    host: str,
+    interval: float,
+    window: float,
+    top_groups: int,
+    ledgers: tuple[str, ...],
+    subprocesses: bool,
+    duration: float | None,
+    as_json: bool,
+) -> None:
     """Serve Prometheus metrics of the processes given by --pid and/or --match.
 
     Per process: RSS by region class, slopes over --window with their 95% bounds, leak and
@@ -53,21 +93,33 @@ def command(pids: tuple[int, ...], match: str | None, port: int, host: str, inte
             raise BadInput(f"--match: not a regular expression: {e}") from None
     if subprocesses and not pids:
         raise BadInput("--subprocesses follows the trees under --pid: give --pid PID")
-    fleet = Fleet(pids, match, interval, window, culprits=LedgerFeed(ledgers) if ledgers else None,
-                  subprocesses=subprocesses)
+    fleet = Fleet(
+        pids,
+        match,
+        interval,
+        window,
+        culprits=LedgerFeed(ledgers) if ledgers else None,
+        subprocesses=subprocesses,
+    )
     for pid in pids:
         hint_children(pid, subprocesses)
-    fleet.sample_once()   # the first scrape already has figures
+    fleet.sample_once()  # the first scrape already has figures
     try:
         server, _ = start_http_server(port, addr=host, registry=registry_for(fleet, top_groups))
     except OSError as e:
         raise BadInput(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
     bound = server.server_address[1]
-    console = ui.console_for(True)   # stdout is kept for --json; progress goes to stderr
-    console.print(f"serving http://{host}:{bound}/metrics — {len(fleet.view().targets)} process(es), "
-                  f"every {format_duration(interval)}", highlight=False)
-    console.print(f"device memory (NVML): {'sampled' if fleet.device else fleet.device_unavailable}",
-                  style="dim", highlight=False)
+    console = ui.console_for(True)  # stdout is kept for --json; progress goes to stderr
+    console.print(
+        f"serving http://{host}:{bound}/metrics — {len(fleet.view().targets)} process(es), "
+        f"every {format_duration(interval)}",
+        highlight=False,
+    )
+    console.print(
+        f"device memory (NVML): {'sampled' if fleet.device else fleet.device_unavailable}",
+        style="dim",
+        highlight=False,
+    )
     stop = threading.Event()
     began = time.monotonic()
     try:
@@ -79,15 +131,45 @@ def command(pids: tuple[int, ...], match: str | None, port: int, host: str, inte
         fleet.close()
     view = fleet.view()
     if as_json:
-        ui.emit_json(ui.clean_json({
-            "url": f"http://{host}:{bound}/metrics", "ran_s": time.monotonic() - began,
-            "targets": [{"pid": t.pid, "comm": t.comm, "rss_bytes": last.rss, "leak": bool(s and s.leak),
-                         "device_memory_bytes": last.gpu_bytes,
-                         "device_memory_leak": bool(s and s.device and s.device.verdict.leak),
-                         **({"root": view.roots.get(t.pid)} if subprocesses else {})}
-                        for t, s, last, _, _ in view.targets],
-            **({"trees": [{"root": tree.root.pid, "rss_bytes": tree.rss, "pss_bytes": tree.pss,
-                           "uss_bytes": tree.uss, "processes": tree.processes} for tree in view.trees]}
-               if subprocesses else {}),
-            "device_memory": {"available": fleet.device is not None, "reason": fleet.device_unavailable},
-            "targets_discovered": view.discovered_total, "targets_lost": view.lost_total}))
+        ui.emit_json(
+            ui.clean_json(
+                {
+                    "url": f"http://{host}:{bound}/metrics",
+                    "ran_s": time.monotonic() - began,
+                    "targets": [
+                        {
+                            "pid": t.pid,
+                            "comm": t.comm,
+                            "rss_bytes": last.rss,
+                            "leak": bool(s and s.leak),
+                            "device_memory_bytes": last.gpu_bytes,
+                            "device_memory_leak": bool(s and s.device and s.device.verdict.leak),
+                            **({"root": view.roots.get(t.pid)} if subprocesses else {}),
+                        }
+                        for t, s, last, _, _ in view.targets
+                    ],
+                    **(
+                        {
+                            "trees": [
+                                {
+                                    "root": tree.root.pid,
+                                    "rss_bytes": tree.rss,
+                                    "pss_bytes": tree.pss,
+                                    "uss_bytes": tree.uss,
+                                    "processes": tree.processes,
+                                }
+                                for tree in view.trees
+                            ]
+                        }
+                        if subprocesses
+                        else {}
+                    ),
+                    "device_memory": {
+                        "available": fleet.device is not None,
+                        "reason": fleet.device_unavailable,
+                    },
+                    "targets_discovered": view.discovered_total,
+                    "targets_lost": view.lost_total,
+                }
+            )
+        )

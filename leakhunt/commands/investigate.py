@@ -15,10 +15,23 @@ from rich.text import Text
 from leakhunt import ui
 from leakhunt.analysis.correlate import Attribution, Culprit
 from leakhunt.analysis.device import device_finding, device_status_line
-from leakhunt.commands.options import (DURATION, hint_children, interval_option, json_option, pid_option,
-                                       record_option, warmup_option)
+from leakhunt.commands.options import (
+    DURATION,
+    hint_children,
+    interval_option,
+    json_option,
+    pid_option,
+    record_option,
+    warmup_option,
+)
 from leakhunt.errors import LeakhuntError
-from leakhunt.investigate import BLIND_SPOT, Evaluation, InvestigateOptions, Investigation, InvestigationResult
+from leakhunt.investigate import (
+    BLIND_SPOT,
+    Evaluation,
+    InvestigateOptions,
+    Investigation,
+    InvestigationResult,
+)
 from leakhunt.investigate_tree import short_command
 from leakhunt.proc.target import open_target
 from leakhunt.record import SessionWriter
@@ -30,21 +43,51 @@ REFRESH_S = 1.0
 
 @click.command("investigate")
 @pid_option()
-@click.option("--duration", "-d", type=DURATION, default="60s", show_default=True,
-              help="the longest it runs; it stops earlier once the verdict is confident")
+@click.option(
+    "--duration",
+    "-d",
+    type=DURATION,
+    default="60s",
+    show_default=True,
+    help="the longest it runs; it stops earlier once the verdict is confident",
+)
 @interval_option()
 @warmup_option
-@click.option("--backend", "-b", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
-              help="mmap tracer")
-@click.option("--gdb-stacks/--no-gdb-stacks", default=True, show_default=True,
-              help="when the BPF stack of the top caller is shallow, take a few full stacks with gdb")
-@click.option("--subprocesses", "--follow", "subprocesses", is_flag=True,
-              help="the whole tree under PID: every process sampled and traced (children that come later "
-                   "too), culprits named with their pid, shared memory counted once")
+@click.option(
+    "--backend",
+    "-b",
+    type=click.Choice(["auto", *BACKENDS]),
+    default="auto",
+    show_default=True,
+    help="mmap tracer",
+)
+@click.option(
+    "--gdb-stacks/--no-gdb-stacks",
+    default=True,
+    show_default=True,
+    help="when the BPF stack of the top caller is shallow, take a few full stacks with gdb",
+)
+@click.option(
+    "--subprocesses",
+    "--follow",
+    "subprocesses",
+    is_flag=True,
+    help="the whole tree under PID: every process sampled and traced (children that come later "
+    "too), culprits named with their pid, shared memory counted once",
+)
 @record_option
 @json_option
-def command(pid: int, duration: float, interval: float, warmup: float | None, backend: str, gdb_stacks: bool,
-            subprocesses: bool, record_dir: str | None, as_json: bool) -> None:
+def command(
+    pid: int,
+    duration: float,
+    interval: float,
+    warmup: float | None,
+    backend: str,
+    gdb_stacks: bool,
+    subprocesses: bool,
+    record_dir: str | None,
+    as_json: bool,
+) -> None:
     """Sample PID's memory and trace its mmaps together, then name the caller that holds the growth.
 
     Prints the RSS slope with its interval, the culprits ranked by the growth they explain (with
@@ -53,11 +96,29 @@ def command(pid: int, duration: float, interval: float, warmup: float | None, ba
     target = open_target(pid)
     console = ui.console_for(as_json)
     hint_children(pid, subprocesses)
-    writer = SessionWriter(record_dir, "investigate", {"pid": pid, "nspid": list(target.nspid),
-                                                       "cmdline": target.cmdline, "interval_s": interval,
-                                                       "subprocesses": subprocesses}) if record_dir else None
-    options = InvestigateOptions(duration=duration, interval=interval, warmup=warmup, backend=backend,
-                                 gdb_stacks=gdb_stacks, subprocesses=subprocesses)
+    writer = (
+        SessionWriter(
+            record_dir,
+            "investigate",
+            {
+                "pid": pid,
+                "nspid": list(target.nspid),
+                "cmdline": target.cmdline,
+                "interval_s": interval,
+                "subprocesses": subprocesses,
+            },
+        )
+        if record_dir
+        else None
+    )
+    options = InvestigateOptions(
+        duration=duration,
+        interval=interval,
+        warmup=warmup,
+        backend=backend,
+        gdb_stacks=gdb_stacks,
+        subprocesses=subprocesses,
+    )
     live = Live(console=console, auto_refresh=False, transient=True, redirect_stdout=False)
     show_live = console.is_terminal
     last = [0.0]
@@ -87,8 +148,10 @@ def command(pid: int, duration: float, interval: float, warmup: float | None, ba
         if record_dir:
             console.print(f"[dim]recorded in {record_dir} — the post-mortem: leakhunt report {record_dir}[/]")
     if result.error:
-        raise LeakhuntError(f"{result.error} after {format_duration(result.summary.duration_s)}; "
-                            f"the verdict above is from what was collected")
+        raise LeakhuntError(
+            f"{result.error} after {format_duration(result.summary.duration_s)}; "
+            f"the verdict above is from what was collected"
+        )
 
 
 def render_progress(inv: Investigation) -> Group:
@@ -98,8 +161,11 @@ def render_progress(inv: Investigation) -> Group:
     tracer = inv.choice.name if inv.choice else f"no tracer ({inv.no_tracer})"
     events = inv.tracer.stats.events if inv.tracer else 0
     tree = f" · {len(inv.tree.sampler.live_tracks())} processes" if inv.tree else ""
-    text.append(f"{format_duration(inv.elapsed)} / {format_duration(inv.options.duration)} · "
-                f"{len(inv.history)} samples{tree} · {tracer} · {events} mmap calls", style="dim")
+    text.append(
+        f"{format_duration(inv.elapsed)} / {format_duration(inv.options.duration)} · "
+        f"{len(inv.history)} samples{tree} · {tracer} · {events} mmap calls",
+        style="dim",
+    )
     parts = [text]
     if inv.evaluations:
         ev = inv.evaluations[-1]
@@ -114,19 +180,41 @@ def render_progress(inv: Investigation) -> Group:
     return Group(*parts)
 
 
-def culprit_table(attribution: Attribution, brief: bool = False, pids: bool = False, leak: bool = True) -> Table:
+def culprit_table(
+    attribution: Attribution, brief: bool = False, pids: bool = False, leak: bool = True
+) -> Table:
     """Culprits ranked by the growth they explain; with ``pids`` (a tree) the process of each.
     Without a leak the same rows are only what grew: nobody is accused."""
-    title = "culprits (ranked by the growth they explain)" if leak else "what grew (no leak: nobody is accused)"
+    title = (
+        "culprits (ranked by the growth they explain)" if leak else "what grew (no leak: nobody is accused)"
+    )
     table = Table(title=None if brief else title, title_justify="left", box=None, pad_edge=False)
-    columns = (("#", "right"), *((("pid", "right"),) if pids else ()), ("culprit", "left"), ("class", "left"),
-               ("growth", "right"), ("share", "right"), ("rate", "right"))
+    columns = (
+        ("#", "right"),
+        *((("pid", "right"),) if pids else ()),
+        ("culprit", "left"),
+        ("class", "left"),
+        ("growth", "right"),
+        ("share", "right"),
+        ("rate", "right"),
+    )
     for col, justify in columns:
-        table.add_column(col, justify=justify, overflow="fold" if col == "culprit" else "ellipsis",
-                         no_wrap=col != "culprit")
+        table.add_column(
+            col,
+            justify=justify,
+            overflow="fold" if col == "culprit" else "ellipsis",
+            no_wrap=col != "culprit",
+        )
     for i, c in enumerate(attribution.culprits, 1):
-        table.add_row(str(i), *((str(c.pid or "?"),) if pids else ()), Text(c.title, style="bold" if i == 1 else ""),
-                      c.klass.value, format_bytes(c.bytes), format_share(c.share), format_rate(c.slope))
+        table.add_row(
+            str(i),
+            *((str(c.pid or "?"),) if pids else ()),
+            Text(c.title, style="bold" if i == 1 else ""),
+            c.klass.value,
+            format_bytes(c.bytes),
+            format_share(c.share),
+            format_rate(c.slope),
+        )
     if not attribution.culprits:
         table.add_row("", *(("",) if pids else ()), Text("no culprit", style="dim"), "", "", "", "")
     return table
@@ -134,24 +222,46 @@ def culprit_table(attribution: Attribution, brief: bool = False, pids: bool = Fa
 
 def process_table(processes: list[dict]) -> Table:
     """The tree, one row per process: its memory, its own verdict, the culprits living in it."""
-    table = Table(title="processes (each judged on its own; the tree above counts shared memory once)",
-                  title_justify="left", box=None, pad_edge=False)
+    table = Table(
+        title="processes (each judged on its own; the tree above counts shared memory once)",
+        title_justify="left",
+        box=None,
+        pad_edge=False,
+    )
     # Numbers keep their width; the command is cut short and the culprits fold.
-    for col, justify, width in (("pid", "right", 7), ("command", "left", None), ("RSS", "right", 9),
-                                ("growth", "right", 10), ("slope /min", "right", 15), ("", "left", 8),
-                                ("culprits", "left", 16)):
-        table.add_column(col, justify=justify, overflow="fold" if col == "culprits" else "ellipsis",
-                         no_wrap=col != "culprits", min_width=width, max_width=24 if col == "command" else None)
+    for col, justify, width in (
+        ("pid", "right", 7),
+        ("command", "left", None),
+        ("RSS", "right", 9),
+        ("growth", "right", 10),
+        ("slope /min", "right", 15),
+        ("", "left", 8),
+        ("culprits", "left", 16),
+    ):
+        table.add_column(
+            col,
+            justify=justify,
+            overflow="fold" if col == "culprits" else "ellipsis",
+            no_wrap=col != "culprits",
+            min_width=width,
+            max_width=24 if col == "command" else None,
+        )
     for p in processes:
         if p["ended"]:
             state = Text(p["ended"], style="dim")
         elif p["own_verdict_leak"] and not p["leak"]:
-            state = Text("minor", style="dim")   # growing, but a sliver of what the tree grows
+            state = Text("minor", style="dim")  # growing, but a sliver of what the tree grows
         else:
             state = ui.verdict_badge(p["leak"], False)
-        table.add_row(str(p["pid"]), Text(short_command(p["cmdline"])), format_bytes(p["rss_bytes_end"]),
-                      ui.growth_text(p["rss_bytes_end"] - p["rss_bytes_start"]),
-                      ui.rate_text(p["rss_slope_bytes_per_s"], leak=p["leak"]), state, Text(", ".join(p["culprits"])))
+        table.add_row(
+            str(p["pid"]),
+            Text(short_command(p["cmdline"])),
+            format_bytes(p["rss_bytes_end"]),
+            ui.growth_text(p["rss_bytes_end"] - p["rss_bytes_start"]),
+            ui.rate_text(p["rss_slope_bytes_per_s"], leak=p["leak"]),
+            state,
+            Text(", ".join(p["culprits"])),
+        )
     return table
 
 
@@ -160,8 +270,11 @@ def _culprit_detail(c: Culprit, source: str) -> Text:
     text.append(f"{c.title}", style="bold")
     if c.origin:
         text.append(f" called from {c.origin}", style="bold")
-    text.append(f"  ({c.evidence}{', ' + str(c.mappings) + ' mappings' if c.mappings else ''}"
-                f"{', ' + c.detail if c.detail else ''})\n", style="dim")
+    text.append(
+        f"  ({c.evidence}{', ' + str(c.mappings) + ' mappings' if c.mappings else ''}"
+        f"{', ' + c.detail if c.detail else ''})\n",
+        style="dim",
+    )
     if c.stack:
         text.append(f"stack ({source}{', partial' if c.stack_partial else ''}):\n", style="dim")
         for line, dim in compact_stack(c.stack):
@@ -221,19 +334,40 @@ def render_result(result: InvestigationResult) -> Group:
         parts.append(process_table(result.processes))
     if a.growth > 0:
         parts.append(culprit_table(a, pids=tree, leak=v.leak))
-        parts.append(Text(f"explained {format_share(a.explained_fraction)} of {format_bytes(a.growth)} native growth"
-                          + (f"; {format_bytes(a.unexplained)} unexplained (growth in memory mapped before tracing "
-                             "began, or by calls no tracer saw)" if a.unexplained else ""), style="dim"))
+        parts.append(
+            Text(
+                f"explained {format_share(a.explained_fraction)} of {format_bytes(a.growth)} native growth"
+                + (
+                    f"; {format_bytes(a.unexplained)} unexplained (growth in memory mapped before tracing "
+                    "began, or by calls no tracer saw)"
+                    if a.unexplained
+                    else ""
+                ),
+                style="dim",
+            )
+        )
         for c in a.culprits[:3]:
-            source = "gdb" if result.gdb and result.gdb.get("culprit") == c.title and result.gdb.get("stack") else "bpf"
+            source = (
+                "gdb"
+                if result.gdb and result.gdb.get("culprit") == c.title and result.gdb.get("stack")
+                else "bpf"
+            )
             parts.append(_culprit_detail(c, source))
     stats = result.stats
-    evidence = (f"{s.samples} samples over {format_duration(s.duration_s)} (stopped: {result.stopped_because}); "
-                + (f"backend {result.choice.name}: {stats.events} mmap calls, {stats.lost_events} lost"
-                   if stats else f"no tracer: {result.no_tracer}"))
+    evidence = (
+        f"{s.samples} samples over {format_duration(s.duration_s)} (stopped: {result.stopped_because}); "
+        + (
+            f"backend {result.choice.name}: {stats.events} mmap calls, {stats.lost_events} lost"
+            if stats
+            else f"no tracer: {result.no_tracer}"
+        )
+    )
     if result.gdb:
-        evidence += (f"; gdb: {result.gdb['stacks']} full stacks of {result.gdb.get('culprit')}" if result.gdb.get("stacks")
-                     else f"; gdb caught no call of {result.gdb.get('culprit')} within its budget")
+        evidence += (
+            f"; gdb: {result.gdb['stacks']} full stacks of {result.gdb.get('culprit')}"
+            if result.gdb.get("stacks")
+            else f"; gdb caught no call of {result.gdb.get('culprit')} within its budget"
+        )
     parts.append(Text(evidence, style="dim"))
     for note in result.notes + (stats.notes if stats else []):
         parts.append(Text(f"note: {note}", style="yellow"))

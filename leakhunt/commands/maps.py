@@ -50,10 +50,27 @@ def maps_document(snap: Snapshot, label: str, top: int = 0) -> dict:
         "swap_bytes": snap.total("Swap"),
         "regions": len(snap),
         "gpu_process": snap.gpu_process,
-        "classes": {c.value: {"rss_bytes": rss[c], "pss_bytes": pss[c], "swap_bytes": swap[c],
-                              "regions": regions_by_class[c]} for c in CLASSES if c in regions_by_class},
-        "groups": [{"class": k[0].value, "path": k[1], "rss_bytes": s.rss, "pss_bytes": s.pss, "size_bytes": s.size,
-                    "regions": s.regions} for k, s in (g[:top] if top else g)],
+        "classes": {
+            c.value: {
+                "rss_bytes": rss[c],
+                "pss_bytes": pss[c],
+                "swap_bytes": swap[c],
+                "regions": regions_by_class[c],
+            }
+            for c in CLASSES
+            if c in regions_by_class
+        },
+        "groups": [
+            {
+                "class": k[0].value,
+                "path": k[1],
+                "rss_bytes": s.rss,
+                "pss_bytes": s.pss,
+                "size_bytes": s.size,
+                "regions": s.regions,
+            }
+            for k, s in (g[:top] if top else g)
+        ],
     }
 
 
@@ -63,20 +80,42 @@ def render(snap: Snapshot, label: str, top: int) -> Group:
     head = Text()
     head.append("leakhunt maps ", style="bold")
     head.append(label, style="cyan")
-    head.append(f"  {doc['regions']} mappings · RSS {format_bytes(doc['rss_bytes'])} · "
-                f"PSS {format_bytes(doc['pss_bytes'])}" + (" · GPU process" if doc["gpu_process"] else ""), style="dim")
+    head.append(
+        f"  {doc['regions']} mappings · RSS {format_bytes(doc['rss_bytes'])} · "
+        f"PSS {format_bytes(doc['pss_bytes'])}" + (" · GPU process" if doc["gpu_process"] else ""),
+        style="dim",
+    )
     classes = Table(title="by class", title_justify="left", box=None, pad_edge=False)
     for col in ("class", "RSS", "share", "PSS", "swap", "regions"):
         classes.add_column(col, justify="left" if col == "class" else "right")
     for name, c in sorted(doc["classes"].items(), key=lambda kv: -kv[1]["rss_bytes"]):
-        classes.add_row(name, format_bytes(c["rss_bytes"]), f"{100 * c['rss_bytes'] / total:.1f}%",
-                        format_bytes(c["pss_bytes"]), format_bytes(c["swap_bytes"]), str(c["regions"]))
-    grouped = Table(title=f"by class and path (top {top})" if top else "by class and path", title_justify="left",
-                    box=None, pad_edge=False)
+        classes.add_row(
+            name,
+            format_bytes(c["rss_bytes"]),
+            f"{100 * c['rss_bytes'] / total:.1f}%",
+            format_bytes(c["pss_bytes"]),
+            format_bytes(c["swap_bytes"]),
+            str(c["regions"]),
+        )
+    grouped = Table(
+        title=f"by class and path (top {top})" if top else "by class and path",
+        title_justify="left",
+        box=None,
+        pad_edge=False,
+    )
     for col in ("class", "path", "regions", "size", "RSS", "PSS"):
-        grouped.add_column(col, justify="left" if col in ("class", "path") else "right",
-                           overflow="fold" if col == "path" else "ellipsis")
+        grouped.add_column(
+            col,
+            justify="left" if col in ("class", "path") else "right",
+            overflow="fold" if col == "path" else "ellipsis",
+        )
     for g in doc["groups"]:
-        grouped.add_row(g["class"], Text(g["path"] or f"[{g['class']}]"), str(g["regions"]),
-                        format_bytes(g["size_bytes"]), format_bytes(g["rss_bytes"]), format_bytes(g["pss_bytes"]))
+        grouped.add_row(
+            g["class"],
+            Text(g["path"] or f"[{g['class']}]"),
+            str(g["regions"]),
+            format_bytes(g["size_bytes"]),
+            format_bytes(g["rss_bytes"]),
+            format_bytes(g["pss_bytes"]),
+        )
     return Group(head, Text(""), classes, Text(""), grouped)

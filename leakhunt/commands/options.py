@@ -33,32 +33,47 @@ def pid_option(required: bool = True):
 
 
 def json_option(f):
-    return click.option("--json", "as_json", is_flag=True,
-                        help="print one JSON document on stdout instead of tables")(f)
+    return click.option(
+        "--json", "as_json", is_flag=True, help="print one JSON document on stdout instead of tables"
+    )(f)
 
 
-def duration_option(default: str | None = None, help: str = "how long to run (30s, 5m); default: until Ctrl-C"):
+def duration_option(
+    default: str | None = None, help: str = "how long to run (30s, 5m); default: until Ctrl-C"
+):
     return click.option("--duration", "-d", type=DURATION, default=default, help=help)
 
 
 def interval_option(default: str = "1s"):
-    return click.option("--interval", "-i", type=DURATION, default=default, show_default=True,
-                        help="time between samples")
+    return click.option(
+        "--interval", "-i", type=DURATION, default=default, show_default=True, help="time between samples"
+    )
 
 
 def record_option(f):
-    return click.option("--record", "record_dir", type=click.Path(file_okay=False),
-                        help="append everything seen to this session directory (leakhunt report DIR)")(f)
+    return click.option(
+        "--record",
+        "record_dir",
+        type=click.Path(file_okay=False),
+        help="append everything seen to this session directory (leakhunt report DIR)",
+    )(f)
 
 
 def warmup_option(f):
-    return click.option("--warmup", type=DURATION, default=None,
-                        help="ignore growth in the first part of the run (default: 10%, at most 30s)")(f)
+    return click.option(
+        "--warmup",
+        type=DURATION,
+        default=None,
+        help="ignore growth in the first part of the run (default: 10%, at most 30s)",
+    )(f)
 
 
 def subprocesses_option(f):
-    return click.option("--subprocesses", is_flag=True,
-                        help="follow the whole process tree under --pid (children that come later too)")(f)
+    return click.option(
+        "--subprocesses",
+        is_flag=True,
+        help="follow the whole process tree under --pid (children that come later too)",
+    )(f)
 
 
 def hint_children(pid: int, subprocesses: bool) -> None:

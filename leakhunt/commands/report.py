@@ -14,10 +14,18 @@ from leakhunt.errors import BadInput
 
 @click.command("report")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--html", "html_path", type=click.Path(dir_okay=False),
-              help="write a self-contained HTML report here (default: DIR/report.html)")
-@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False),
-              help="write Markdown here, plots beside it in NAME_plots/ ('-': stdout, without plots)")
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False),
+    help="write a self-contained HTML report here (default: DIR/report.html)",
+)
+@click.option(
+    "--markdown",
+    "markdown_path",
+    type=click.Path(dir_okay=False),
+    help="write Markdown here, plots beside it in NAME_plots/ ('-': stdout, without plots)",
+)
 @json_option
 def command(directory: str, html_path: str | None, markdown_path: str | None, as_json: bool) -> None:
     """Render the recording in DIRECTORY as a post-mortem report.
@@ -51,7 +59,9 @@ def command(directory: str, html_path: str | None, markdown_path: str | None, as
         return
     console = ui.console_for(markdown_path == "-")
     h = report.headline
-    style = {"bad": "bold white on red", "warn": "black on yellow", "good": "black on green"}.get(h.tone, "reverse")
+    style = {"bad": "bold white on red", "warn": "black on yellow", "good": "black on green"}.get(
+        h.tone, "reverse"
+    )
     console.print(f"[{style}] {h.badge} [/] {h.answer}", highlight=False)
     console.print(f"[dim]{len(report.sections)} sections, {len(report.figures())} plots[/]")
     for kind, path in written.items():

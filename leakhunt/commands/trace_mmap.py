@@ -15,7 +15,14 @@ from rich.table import Table
 from rich.text import Text
 
 from leakhunt import ui
-from leakhunt.commands.options import SIZE, duration_option, hint_children, json_option, pid_option, record_option
+from leakhunt.commands.options import (
+    SIZE,
+    duration_option,
+    hint_children,
+    json_option,
+    pid_option,
+    record_option,
+)
 from leakhunt.gdb.cli import gdb_options
 from leakhunt.proc.target import open_target
 from leakhunt.proc.tree import descendants
@@ -31,20 +38,43 @@ TOP = 15
 
 @click.command("trace-mmap")
 @pid_option()
-@click.option("--backend", "-b", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
-              help="tracer: auto picks the first that works here (bcc, bpftrace, perf, gdb)")
+@click.option(
+    "--backend",
+    "-b",
+    type=click.Choice(["auto", *BACKENDS]),
+    default="auto",
+    show_default=True,
+    help="tracer: auto picks the first that works here (bcc, bpftrace, perf, gdb)",
+)
 @duration_option()
-@click.option("--follow", "--subprocesses", "follow", is_flag=True,
-              help="trace the whole tree under PID: the processes there now and those forked later")
+@click.option(
+    "--follow",
+    "--subprocesses",
+    "follow",
+    is_flag=True,
+    help="trace the whole tree under PID: the processes there now and those forked later",
+)
 @click.option("--min-size", type=SIZE, default="0", help="ignore mmap/munmap smaller than this (e.g. 64K)")
-@click.option("--all-events", is_flag=True,
-              help="send every call to user space (and --record) instead of pairing mmap/munmap in the kernel; "
-                   "costs more at high rates")
+@click.option(
+    "--all-events",
+    is_flag=True,
+    help="send every call to user space (and --record) instead of pairing mmap/munmap in the kernel; "
+    "costs more at high rates",
+)
 @record_option
 @json_option
 @gdb_options
-def command(pid: int, backend: str, duration: float | None, follow: bool, min_size: int, all_events: bool,
-            record_dir: str | None, as_json: bool, gdb_extra: dict) -> None:
+def command(
+    pid: int,
+    backend: str,
+    duration: float | None,
+    follow: bool,
+    min_size: int,
+    all_events: bool,
+    record_dir: str | None,
+    as_json: bool,
+    gdb_extra: dict,
+) -> None:
     """Trace PID's mmap, munmap, mremap, brk, shmat/shmdt and memfd_create, and show the memory
     still mapped, by caller (the library and function past the libc wrapper).
 
@@ -55,16 +85,25 @@ def command(pid: int, backend: str, duration: float | None, follow: bool, min_si
     choice = choose_backend(backend)
     console = ui.console_for(as_json)
     console.print(Text(choice.explain(), style="dim"))
-    options = TraceOptions(follow=follow, existing=descendants(pid) if follow else (), min_length=min_size,
-                           extra={"stream_all": all_events, **gdb_extra})
+    options = TraceOptions(
+        follow=follow,
+        existing=descendants(pid) if follow else (),
+        min_length=min_size,
+        extra={"stream_all": all_events, **gdb_extra},
+    )
     meta = {"pid": pid, "nspid": list(target.nspid), "cmdline": target.cmdline, "backend": choice.name}
     writer = SessionWriter(record_dir, "trace-mmap", meta) if record_dir else None
     session = TraceSession(target, choice.cls(target, options), writer)
     session.start()
     if follow:
         session.backend.stats.notes.extend(adopt_existing(session))
-    console.print(Text(f"tracing {target.describe()}{' and its subprocesses' if follow else ''} with "
-                       f"{choice.name}; Ctrl-C stops", style="dim"))
+    console.print(
+        Text(
+            f"tracing {target.describe()}{' and its subprocesses' if follow else ''} with "
+            f"{choice.name}; Ctrl-C stops",
+            style="dim",
+        )
+    )
 
     live = Live(console=console, auto_refresh=False, transient=True, redirect_stdout=False)
     show_live = console.is_terminal
@@ -94,9 +133,12 @@ def command(pid: int, backend: str, duration: float | None, follow: bool, min_si
             console.print(f"[dim]recorded in {record_dir} — render it with: leakhunt report {record_dir}[/]")
     if why == "target exited":
         # The trace is the evidence and it is complete up to the exit: a result, not an error.
-        ui.err.print(f"leakhunt: pid {pid} exited after {format_duration(session.elapsed)}; "
-                     f"kept what was traced ({document['events']} calls{', recorded' if record_dir else ''})",
-                     highlight=False, soft_wrap=True)
+        ui.err.print(
+            f"leakhunt: pid {pid} exited after {format_duration(session.elapsed)}; "
+            f"kept what was traced ({document['events']} calls{', recorded' if record_dir else ''})",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def trace_document(session: TraceSession, choice: BackendChoice, record_dir: str | None) -> dict:
@@ -116,7 +158,7 @@ def trace_document(session: TraceSession, choice: BackendChoice, record_dir: str
         "streamed_events": session.streamed,
         "lost_events": stats.lost_events,
         "filtered_events": stats.filtered,
-        "untracked_unmaps": session.ledger.unmatched_unmaps,   # of memory mapped before the trace
+        "untracked_unmaps": session.ledger.unmatched_unmaps,  # of memory mapped before the trace
         "outstanding_bytes": sum(c.totals.outstanding_bytes for c in callers),
         "outstanding_mappings": sum(c.totals.mappings for c in callers),
         "by_caller": [caller_json(c) for c in callers],
@@ -128,13 +170,20 @@ def trace_document(session: TraceSession, choice: BackendChoice, record_dir: str
 
 def caller_json(view: CallerView) -> dict:
     c = view.totals
-    return {"library": c.library, "symbol": c.symbol, "caller": c.label,
-            "frame": str(c.caller) if c.caller else None,
-            "stack": [str(f) for f in c.stack.frames] if c.stack else [],
-            "stack_partial": c.stack.partial if c.stack else True,
-            "outstanding_bytes": c.outstanding_bytes, "mappings": c.mappings, "count": c.count,
-            "mapped_bytes": c.mapped_bytes, "unmapped_bytes": c.unmapped_bytes,
-            "rate_bytes_per_s": None if math.isnan(view.rate) else view.rate}
+    return {
+        "library": c.library,
+        "symbol": c.symbol,
+        "caller": c.label,
+        "frame": str(c.caller) if c.caller else None,
+        "stack": [str(f) for f in c.stack.frames] if c.stack else [],
+        "stack_partial": c.stack.partial if c.stack else True,
+        "outstanding_bytes": c.outstanding_bytes,
+        "mappings": c.mappings,
+        "count": c.count,
+        "mapped_bytes": c.mapped_bytes,
+        "unmapped_bytes": c.unmapped_bytes,
+        "rate_bytes_per_s": None if math.isnan(view.rate) else view.rate,
+    }
 
 
 def _header(session: TraceSession, choice: BackendChoice, duration: float | None, final: bool) -> Text:
@@ -147,8 +196,11 @@ def _header(session: TraceSession, choice: BackendChoice, duration: float | None
     text.append(f"{session.target.describe()}\n", style="cyan")
     clock = format_duration(elapsed) + (f" / {format_duration(duration)}" if duration and not final else "")
     rate = stats.events / elapsed if elapsed > 0 else 0.0
-    text.append(f"{clock} · backend {choice.name} · {stats.events} calls ({rate:,.0f}/s) · "
-                f"{session.streamed} to user space · ", style="dim")
+    text.append(
+        f"{clock} · backend {choice.name} · {stats.events} calls ({rate:,.0f}/s) · "
+        f"{session.streamed} to user space · ",
+        style="dim",
+    )
     text.append(f"{stats.lost_events} lost", style="bold red" if stats.lost_events else "dim")
     if stats.filtered:
         text.append(f" · {stats.filtered} below --min-size", style="dim")
@@ -156,9 +208,13 @@ def _header(session: TraceSession, choice: BackendChoice, duration: float | None
 
 
 def _table(callers: list[CallerView], width: int) -> Table:
-    table = Table(title="outstanding by caller (library!function past the libc wrapper)", title_justify="left",
-                  box=None, pad_edge=False)
-    wide = width >= 100   # mapped/unmapped totals only where they fit
+    table = Table(
+        title="outstanding by caller (library!function past the libc wrapper)",
+        title_justify="left",
+        box=None,
+        pad_edge=False,
+    )
+    wide = width >= 100  # mapped/unmapped totals only where they fit
     columns = [("outstanding", 11), ("share", 5), ("/min", 9), ("maps", 5), ("calls", 6)]
     columns += [("mapped", 9), ("unmapped", 9)] if wide else []
     table.add_column("caller", no_wrap=True, overflow="ellipsis", ratio=1, min_width=16)
@@ -168,8 +224,14 @@ def _table(callers: list[CallerView], width: int) -> Table:
     for view in callers[:TOP]:
         c = view.totals
         rate = Text("…", style="dim") if math.isnan(view.rate) else ui.growth_text(view.rate * 60)
-        row = [c.label, ui.growth_text(c.outstanding_bytes), f"{100 * c.outstanding_bytes / total:.0f}%",
-               rate, str(c.mappings), str(c.count)]
+        row = [
+            c.label,
+            ui.growth_text(c.outstanding_bytes),
+            f"{100 * c.outstanding_bytes / total:.0f}%",
+            rate,
+            str(c.mappings),
+            str(c.count),
+        ]
         row += [format_bytes(c.mapped_bytes), format_bytes(c.unmapped_bytes)] if wide else []
         table.add_row(*row)
     if not callers:
@@ -188,14 +250,26 @@ def _top_stack(callers: list[CallerView]) -> Text:
     return text
 
 
-def render(session: TraceSession, choice: BackendChoice, duration: float | None, final: bool = False,
-           width: int = 80) -> Group:
+def render(
+    session: TraceSession, choice: BackendChoice, duration: float | None, final: bool = False, width: int = 80
+) -> Group:
     callers = session.callers()
-    parts = [_header(session, choice, duration, final), Text(""), _table(callers, width), Text(""),
-             _top_stack(callers)]
+    parts = [
+        _header(session, choice, duration, final),
+        Text(""),
+        _table(callers, width),
+        Text(""),
+        _top_stack(callers),
+    ]
     total = sum(c.totals.outstanding_bytes for c in callers)
-    parts.insert(1, Text(f"outstanding {format_bytes(total)} in {sum(c.totals.mappings for c in callers)} "
-                         "mappings made while tracing", style="bold"))
+    parts.insert(
+        1,
+        Text(
+            f"outstanding {format_bytes(total)} in {sum(c.totals.mappings for c in callers)} "
+            "mappings made while tracing",
+            style="bold",
+        ),
+    )
     for note in session.backend.stats.notes:
         parts.append(Text(f"note: {note}", style="yellow"))
     return Group(*parts)

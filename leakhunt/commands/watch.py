@@ -17,8 +17,16 @@ from rich.text import Text
 from leakhunt import ui
 from leakhunt.analysis.device import device_finding, device_json, device_status_line
 from leakhunt.analysis.summary import MemorySummary, SeriesSummary, summarize
-from leakhunt.commands.options import (duration_option, hint_children, interval_option, json_option, pid_option,
-                                       record_option, subprocesses_option, warmup_option)
+from leakhunt.commands.options import (
+    duration_option,
+    hint_children,
+    interval_option,
+    json_option,
+    pid_option,
+    record_option,
+    subprocesses_option,
+    warmup_option,
+)
 from leakhunt.errors import LeakhuntError
 from leakhunt.gpu import NvmlReader
 from leakhunt.heap import HeapRun
@@ -37,12 +45,24 @@ REFRESH_S = 1.0
 @duration_option()
 @warmup_option
 @subprocesses_option
-@click.option("--heap", is_flag=True, help="Python target: memray attached alongside (needs gdb or lldb), so "
-              "the report shows the Python heap beside RSS")
+@click.option(
+    "--heap",
+    is_flag=True,
+    help="Python target: memray attached alongside (needs gdb or lldb), so "
+    "the report shows the Python heap beside RSS",
+)
 @record_option
 @json_option
-def command(pid: int, interval: float, duration: float | None, warmup: float | None, subprocesses: bool,
-            heap: bool, record_dir: str | None, as_json: bool) -> None:
+def command(
+    pid: int,
+    interval: float,
+    duration: float | None,
+    warmup: float | None,
+    subprocesses: bool,
+    heap: bool,
+    record_dir: str | None,
+    as_json: bool,
+) -> None:
     """Sample PID's memory every INTERVAL and judge its growth.
 
     Shows RSS with its slope and confidence interval, a breakdown by region class, and the
@@ -51,9 +71,21 @@ def command(pid: int, interval: float, duration: float | None, warmup: float | N
     target = open_target(pid)
     console = ui.console_for(as_json)
     hint_children(pid, subprocesses)
-    writer = SessionWriter(record_dir, "watch", {"pid": pid, "nspid": list(target.nspid),
-                                                 "cmdline": target.cmdline, "interval_s": interval,
-                                                 "subprocesses": subprocesses}) if record_dir else None
+    writer = (
+        SessionWriter(
+            record_dir,
+            "watch",
+            {
+                "pid": pid,
+                "nspid": list(target.nspid),
+                "cmdline": target.cmdline,
+                "interval_s": interval,
+                "subprocesses": subprocesses,
+            },
+        )
+        if record_dir
+        else None
+    )
     live = LiveView(console)
     nvml = NvmlReader.open()
     gpu = nvml if isinstance(nvml, NvmlReader) else None
@@ -93,8 +125,10 @@ def command(pid: int, interval: float, duration: float | None, warmup: float | N
         if record_dir:
             console.print(f"[dim]recorded in {record_dir} — render it with: leakhunt report {record_dir}[/]")
     if lost:
-        raise LeakhuntError(f"{lost} after {format_duration(summary.duration_s)} "
-                            f"({summary.samples} samples kept{', recorded' if record_dir else ''})")
+        raise LeakhuntError(
+            f"{lost} after {format_duration(summary.duration_s)} "
+            f"({summary.samples} samples kept{', recorded' if record_dir else ''})"
+        )
 
 
 class LiveView:
@@ -128,8 +162,16 @@ class LiveView:
 
 # -- one process -----------------------------------------------------------------------------------
 
-def _watch_one(target: Target, interval: float, duration: float | None, warmup: float | None,
-               writer: SessionWriter | None, live: LiveView, gpu: NvmlReader | None):
+
+def _watch_one(
+    target: Target,
+    interval: float,
+    duration: float | None,
+    warmup: float | None,
+    writer: SessionWriter | None,
+    live: LiveView,
+    gpu: NvmlReader | None,
+):
     recorder = SampleRecorder(writer) if writer else None
     sampler = Sampler(target, interval, keep_raw=writer is not None, gpu=gpu)
 
@@ -143,11 +185,18 @@ def _watch_one(target: Target, interval: float, duration: float | None, warmup: 
     if recorder:
         recorder.flush_last()
     summary = summarize(result.history, warmup_s=warmup)
-    live.final = Group(Text(f"summary — stopped: {result.stopped_because}", style="bold"),
-                       render_one(target, result.history, summary, interval, None))
-    document = {**summary.to_json(), "pid": target.pid, "nspid": list(target.nspid), "cmdline": target.cmdline,
-                "stopped_because": result.stopped_because,
-                "sample_cost_s": sum(result.history.cost_s) / len(result.history)}
+    live.final = Group(
+        Text(f"summary — stopped: {result.stopped_because}", style="bold"),
+        render_one(target, result.history, summary, interval, None),
+    )
+    document = {
+        **summary.to_json(),
+        "pid": target.pid,
+        "nspid": list(target.nspid),
+        "cmdline": target.cmdline,
+        "stopped_because": result.stopped_because,
+        "sample_cost_s": sum(result.history.cost_s) / len(result.history),
+    }
     return document, result.error, summary
 
 
@@ -157,8 +206,11 @@ def _header(target: Target, history: History, interval: float, duration: float |
     text = Text()
     text.append("leakhunt watch ", style="bold")
     text.append(f"{target.describe()}\n", style="cyan")
-    text.append(f"{elapsed} · {len(history)} samples every {format_duration(interval)} · {what} · "
-                f"sample cost {cost:.0f} ms", style="dim")
+    text.append(
+        f"{elapsed} · {len(history)} samples every {format_duration(interval)} · {what} · "
+        f"sample cost {cost:.0f} ms",
+        style="dim",
+    )
     return text
 
 
@@ -187,54 +239,108 @@ def _rss_line(summary: MemorySummary, history: History, label: str = "RSS") -> T
 
 def class_table(summary: MemorySummary, history: History) -> Table:
     table = Table(title="by class", title_justify="left", expand=False, box=None, pad_edge=False)
-    for col, justify in (("class", "left"), ("RSS", "right"), ("growth", "right"),
-                         ("slope /min [95% interval]", "right"), ("trend", "left")):
+    for col, justify in (
+        ("class", "left"),
+        ("RSS", "right"),
+        ("growth", "right"),
+        ("slope /min [95% interval]", "right"),
+        ("trend", "left"),
+    ):
         table.add_column(col, justify=justify)
     for klass, s in sorted(summary.classes.items(), key=lambda kv: (-kv[1].growth, -kv[1].end)):
-        table.add_row(klass.value, format_bytes(s.end), ui.growth_text(s.growth),
-                      ui.rate_text(s.verdict.trend.slope, s.verdict.trend.lo, s.verdict.trend.hi, s.verdict.leak),
-                      ui.sparkline(history.classes[klass]))
+        table.add_row(
+            klass.value,
+            format_bytes(s.end),
+            ui.growth_text(s.growth),
+            ui.rate_text(s.verdict.trend.slope, s.verdict.trend.lo, s.verdict.trend.hi, s.verdict.leak),
+            ui.sparkline(history.classes[klass]),
+        )
     return table
 
 
 def group_table(summary: MemorySummary, history: History) -> Table:
     table = Table(title="top growing groups", title_justify="left", box=None, pad_edge=False)
-    for col, justify in (("class", "left"), ("path", "left"), ("regions", "right"), ("RSS", "right"),
-                         ("growth", "right"), ("slope /min", "right"), ("trend", "left")):
+    for col, justify in (
+        ("class", "left"),
+        ("path", "left"),
+        ("regions", "right"),
+        ("RSS", "right"),
+        ("growth", "right"),
+        ("slope /min", "right"),
+        ("trend", "left"),
+    ):
         table.add_column(col, justify=justify, overflow="fold" if col == "path" else "ellipsis")
     for g in summary.groups:
-        table.add_row(g.klass.value, Text(g.label), str(g.regions), format_bytes(g.end),
-                      ui.growth_text(g.growth), ui.rate_text(g.verdict.trend.slope, leak=g.verdict.leak),
-                      ui.sparkline(history.group_series((g.klass, g.path))))
+        table.add_row(
+            g.klass.value,
+            Text(g.label),
+            str(g.regions),
+            format_bytes(g.end),
+            ui.growth_text(g.growth),
+            ui.rate_text(g.verdict.trend.slope, leak=g.verdict.leak),
+            ui.sparkline(history.group_series((g.klass, g.path))),
+        )
     if not summary.groups:
         table.add_row("", Text("nothing grew", style="dim"), "", "", "", "", "")
     return table
 
 
 def region_table(summary: MemorySummary) -> Table:
-    table = Table(title="top growing address ranges (since the first sample)", title_justify="left",
-                  box=None, pad_edge=False)
-    for col, justify in (("range", "left"), ("class", "left"), ("path", "left"), ("RSS", "right"),
-                         ("growth", "right"), ("", "left")):
+    table = Table(
+        title="top growing address ranges (since the first sample)",
+        title_justify="left",
+        box=None,
+        pad_edge=False,
+    )
+    for col, justify in (
+        ("range", "left"),
+        ("class", "left"),
+        ("path", "left"),
+        ("RSS", "right"),
+        ("growth", "right"),
+        ("", "left"),
+    ):
         table.add_column(col, justify=justify)
     for r in summary.regions[:8]:
-        table.add_row(f"{r.start:012x}-{r.end:012x}", r.klass.value, Text(r.path), format_bytes(r.rss),
-                      ui.growth_text(r.growth), Text("new", style="yellow") if r.new else "")
+        table.add_row(
+            f"{r.start:012x}-{r.end:012x}",
+            r.klass.value,
+            Text(r.path),
+            format_bytes(r.rss),
+            ui.growth_text(r.growth),
+            Text("new", style="yellow") if r.new else "",
+        )
     return table
 
 
-def render_one(target: Target, history: History, summary: MemorySummary, interval: float,
-               duration: float | None) -> Group:
+def render_one(
+    target: Target, history: History, summary: MemorySummary, interval: float, duration: float | None
+) -> Group:
     mappings = len(history.last.snapshot) if history.last else 0
-    return Group(_header(target, history, interval, duration, f"{mappings} mappings"), _rss_line(summary, history),
-                 Text(""), class_table(summary, history), Text(""), group_table(summary, history),
-                 Text(""), region_table(summary))
+    return Group(
+        _header(target, history, interval, duration, f"{mappings} mappings"),
+        _rss_line(summary, history),
+        Text(""),
+        class_table(summary, history),
+        Text(""),
+        group_table(summary, history),
+        Text(""),
+        region_table(summary),
+    )
 
 
 # -- a process tree --------------------------------------------------------------------------------
 
-def _watch_tree(target: Target, interval: float, duration: float | None, warmup: float | None,
-                writer: SessionWriter | None, live: LiveView, gpu: NvmlReader | None):
+
+def _watch_tree(
+    target: Target,
+    interval: float,
+    duration: float | None,
+    warmup: float | None,
+    writer: SessionWriter | None,
+    live: LiveView,
+    gpu: NvmlReader | None,
+):
     tree_sampler = TreeSampler(target, interval, keep_raw=writer is not None, gpu=gpu)
     recorder = TreeRecorder(writer) if writer else None
 
@@ -248,18 +354,27 @@ def _watch_tree(target: Target, interval: float, duration: float | None, warmup:
     if recorder:
         recorder.flush_last()
     summary = summarize(result.tree, warmup_s=warmup, pid=target.pid)
-    live.final = Group(Text(f"summary — stopped: {result.stopped_because}", style="bold"),
-                       render_tree(target, tree_sampler, result.tree, warmup, interval, None))
-    document = {**summary.to_json(), "pid": target.pid, "nspid": list(target.nspid), "cmdline": target.cmdline,
-                "subprocesses": True,
-                "stopped_because": result.stopped_because,
-                "tree": {"rss_counting": "private pages of every process plus each shared object once",
-                         "pss_bytes_start": result.pss[0] if result.pss else None,
-                         "pss_bytes_end": result.pss[-1] if result.pss else None,
-                         "uss_bytes_start": result.uss[0] if result.uss else None,
-                         "uss_bytes_end": result.uss[-1] if result.uss else None},
-                "processes": process_documents(result, warmup),
-                "unreadable": {str(p): why for p, why in tree_sampler.skipped.items()}}
+    live.final = Group(
+        Text(f"summary — stopped: {result.stopped_because}", style="bold"),
+        render_tree(target, tree_sampler, result.tree, warmup, interval, None),
+    )
+    document = {
+        **summary.to_json(),
+        "pid": target.pid,
+        "nspid": list(target.nspid),
+        "cmdline": target.cmdline,
+        "subprocesses": True,
+        "stopped_because": result.stopped_because,
+        "tree": {
+            "rss_counting": "private pages of every process plus each shared object once",
+            "pss_bytes_start": result.pss[0] if result.pss else None,
+            "pss_bytes_end": result.pss[-1] if result.pss else None,
+            "uss_bytes_start": result.uss[0] if result.uss else None,
+            "uss_bytes_end": result.uss[-1] if result.uss else None,
+        },
+        "processes": process_documents(result, warmup),
+        "unreadable": {str(p): why for p, why in tree_sampler.skipped.items()},
+    }
     return document, result.error, summary
 
 
@@ -270,42 +385,86 @@ def process_documents(result: TreeResult, warmup: float | None) -> list[dict]:
             continue
         s = summarize(track.history, warmup_s=warmup)
         last = track.history.last.snapshot
-        docs.append({
-            "pid": track.target.pid, "ppid_root": track is result.root, "cmdline": track.target.cmdline,
-            "nspid": list(track.target.nspid),
-            "samples": s.samples, "first_seen_s": track.first_seen, "ended": track.ended, "ended_at_s": track.ended_at,
-            "rss_bytes_start": s.rss.start, "rss_bytes_end": s.rss.end,
-            "pss_bytes": last.total("Pss"), "uss_bytes": last.total("Private_Clean") + last.total("Private_Dirty"),
-            "rss_slope_bytes_per_s": s.rss.verdict.trend.slope,
-            "slope_interval": [s.rss.verdict.trend.lo, s.rss.verdict.trend.hi],
-            "leak": s.leak, "verdict": s.rss.verdict.reason,
-            "top_groups": [g.to_json() for g in s.groups[:5]],
-        })
+        docs.append(
+            {
+                "pid": track.target.pid,
+                "ppid_root": track is result.root,
+                "cmdline": track.target.cmdline,
+                "nspid": list(track.target.nspid),
+                "samples": s.samples,
+                "first_seen_s": track.first_seen,
+                "ended": track.ended,
+                "ended_at_s": track.ended_at,
+                "rss_bytes_start": s.rss.start,
+                "rss_bytes_end": s.rss.end,
+                "pss_bytes": last.total("Pss"),
+                "uss_bytes": last.total("Private_Clean") + last.total("Private_Dirty"),
+                "rss_slope_bytes_per_s": s.rss.verdict.trend.slope,
+                "slope_interval": [s.rss.verdict.trend.lo, s.rss.verdict.trend.hi],
+                "leak": s.leak,
+                "verdict": s.rss.verdict.reason,
+                "top_groups": [g.to_json() for g in s.groups[:5]],
+            }
+        )
     return docs
 
 
-def render_tree(target: Target, sampler: TreeSampler, tree: History, warmup: float | None, interval: float,
-                duration: float | None) -> Group:
+def render_tree(
+    target: Target,
+    sampler: TreeSampler,
+    tree: History,
+    warmup: float | None,
+    interval: float,
+    duration: float | None,
+) -> Group:
     summary = summarize(tree, warmup_s=warmup, pid=target.pid)
     table = Table(title="processes", title_justify="left", box=None, pad_edge=False)
-    for col, justify in (("pid", "right"), ("command", "left"), ("RSS", "right"), ("PSS", "right"),
-                         ("USS", "right"), ("growth", "right"), ("slope /min", "right"), ("", "left"),
-                         ("trend", "left")):
-        table.add_column(col, justify=justify, overflow="ellipsis", no_wrap=True,
-                         max_width=28 if col == "command" else None)
+    for col, justify in (
+        ("pid", "right"),
+        ("command", "left"),
+        ("RSS", "right"),
+        ("PSS", "right"),
+        ("USS", "right"),
+        ("growth", "right"),
+        ("slope /min", "right"),
+        ("", "left"),
+        ("trend", "left"),
+    ):
+        table.add_column(
+            col,
+            justify=justify,
+            overflow="ellipsis",
+            no_wrap=True,
+            max_width=28 if col == "command" else None,
+        )
     for track in sampler.tracks.values():
         h = track.history
         if not len(h):
             continue
         s = summarize(h, warmup_s=warmup)
         last = h.last.snapshot
-        state = Text(track.ended, style="dim") if track.ended else ui.verdict_badge(s.leak, s.rss.verdict.plateau)
-        table.add_row(str(track.target.pid), Text(track.target.cmdline), format_bytes(s.rss.end),
-                      format_bytes(last.total("Pss")),
-                      format_bytes(last.total("Private_Clean") + last.total("Private_Dirty")),
-                      ui.growth_text(s.rss.growth), ui.rate_text(s.rss.verdict.trend.slope, leak=s.leak), state,
-                      ui.sparkline(h.rss, 12))
+        state = (
+            Text(track.ended, style="dim") if track.ended else ui.verdict_badge(s.leak, s.rss.verdict.plateau)
+        )
+        table.add_row(
+            str(track.target.pid),
+            Text(track.target.cmdline),
+            format_bytes(s.rss.end),
+            format_bytes(last.total("Pss")),
+            format_bytes(last.total("Private_Clean") + last.total("Private_Dirty")),
+            ui.growth_text(s.rss.growth),
+            ui.rate_text(s.rss.verdict.trend.slope, leak=s.leak),
+            state,
+            ui.sparkline(h.rss, 12),
+        )
     what = f"{len(sampler.live_tracks())} processes"
-    return Group(_header(target, tree, interval, duration, what),
-                 _rss_line(summary, tree, "tree memory (shared counted once)"), Text(""), table, Text(""),
-                 class_table(summary, tree), Text(""), group_table(summary, tree))
+    return Group(
+        _header(target, tree, interval, duration, what),
+        _rss_line(summary, tree, "tree memory (shared counted once)"),
+        Text(""),
+        table,
+        Text(""),
+        class_table(summary, tree),
+        Text(""),
+        group_table(summary, tree),
+    )

@@ -9,7 +9,7 @@ torch server, whose HTTP loop would stall); here one thread is stopped for the a
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from leakhunt.errors import BackendUnavailable
 from leakhunt.gdb.budget import CostMeter
@@ -24,8 +24,14 @@ from leakhunt.resources import gdb_script
 REQUIRED_SETTINGS = {"non-stop": "on", "mi-async": "on"}
 
 
-def configure(mi: MiChannel, target: Target, space: AddressSpace, foreign_mounts: bool, python_frames: bool,
-              note: Callable[[str], None]) -> bool:
+def configure(
+    mi: MiChannel,
+    target: Target,
+    space: AddressSpace,
+    foreign_mounts: bool,
+    python_frames: bool,
+    note: Callable[[str], None],
+) -> bool:
     """gdb_scripts/leakhunt.gdb, the watchdog and the Python frame reader; True when the target
     gets Python frames."""
     lines = [line.strip() for line in gdb_script("leakhunt.gdb").read_text().splitlines()]
@@ -36,8 +42,12 @@ def configure(mi: MiChannel, target: Target, space: AddressSpace, foreign_mounts
             note(f"gdb setting skipped: {line} ({e})")
     for name, wanted in REQUIRED_SETTINGS.items():
         if setting(mi, name) != wanted:
-            raise BackendUnavailable("gdb", f"this gdb cannot run with {name} {wanted}: leakhunt would have "
-                                     f"to stop every thread at each hit", "")
+            raise BackendUnavailable(
+                "gdb",
+                f"this gdb cannot run with {name} {wanted}: leakhunt would have "
+                f"to stop every thread at each hit",
+                "",
+            )
     if foreign_mounts:
         # The target sees another filesystem (a container): read its libraries through its root.
         # (A recent gdb's default sysroot, "target:", enters the target's mount namespace by
@@ -63,7 +73,7 @@ def unread_libraries(mi: MiChannel) -> list[str]:
     try:
         libraries = (mi.request("-file-list-shared-libraries").payload or {}).get("shared-libraries", [])
     except GdbCommandError:
-        return []   # an older gdb: nothing to say, not a reason to fail the session
+        return []  # an older gdb: nothing to say, not a reason to fail the session
     return [lib.get("target-name", "?") for lib in libraries if lib.get("symbols-loaded") != "1"]
 
 
@@ -87,11 +97,12 @@ def settle(mi: MiChannel, timeout: float, cost: CostMeter, started: float) -> di
     cost.attach_s = time.monotonic() - started
     started = time.monotonic()
     try:
-        mi.console("sharedlibrary", timeout=timeout)     # every thread runs meanwhile
-        mi.console("set auto-solib-add on")              # libraries loaded later get symbols too
+        mi.console("sharedlibrary", timeout=timeout)  # every thread runs meanwhile
+        mi.console("set auto-solib-add on")  # libraries loaded later get symbols too
     except GdbTimeout:
-        raise BackendUnavailable("gdb", f"gdb took more than {timeout:.0f}s to read the target's symbols",
-                                 "") from None
+        raise BackendUnavailable(
+            "gdb", f"gdb took more than {timeout:.0f}s to read the target's symbols", ""
+        ) from None
     cost.symbols_s = time.monotonic() - started
     # Only now does gdb know the target's architecture (before, it would name i386 registers).
     names = mi.request("-data-list-register-names").payload["register-names"]

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Budget:
-    max_hits: int | None = None        # handled hits (stops with an event), then detach
-    max_seconds: float | None = None   # wall time from attach, then detach
-    every_nth: int = 1                 # stack-carrying hits: take 1 in N
+    max_hits: int | None = None  # handled hits (stops with an event), then detach
+    max_seconds: float | None = None  # wall time from attach, then detach
+    every_nth: int = 1  # stack-carrying hits: take 1 in N
 
     def __post_init__(self) -> None:
         if self.max_hits is not None and self.max_hits < 1:
@@ -39,11 +39,11 @@ class Budget:
 
 @dataclass
 class CostMeter:
-    attach_s: float = 0.0                  # from `attach` to the threads running again
-    symbols_s: float = 0.0                 # reading the libraries' symbols, the target running
+    attach_s: float = 0.0  # from `attach` to the threads running again
+    symbols_s: float = 0.0  # reading the libraries' symbols, the target running
     detach_s: float = 0.0
-    stopped_s: float = 0.0                 # all hits, all threads
-    hits: int = 0                          # hits measured
+    stopped_s: float = 0.0  # all hits, all threads
+    hits: int = 0  # hits measured
     max_hit_s: float = 0.0
     per_hit: list[float] = field(default_factory=list, repr=False)
 
@@ -67,13 +67,22 @@ class CostMeter:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     def to_json(self) -> dict:
-        return {"attach_s": self.attach_s, "symbols_s": self.symbols_s, "detach_s": self.detach_s, "stopped_s": self.stopped_s,
-                "hits": self.hits, "mean_hit_s": self.mean_hit_s, "p99_hit_s": self.percentile(0.99),
-                "max_hit_s": self.max_hit_s}
+        return {
+            "attach_s": self.attach_s,
+            "symbols_s": self.symbols_s,
+            "detach_s": self.detach_s,
+            "stopped_s": self.stopped_s,
+            "hits": self.hits,
+            "mean_hit_s": self.mean_hit_s,
+            "p99_hit_s": self.percentile(0.99),
+            "max_hit_s": self.max_hit_s,
+        }
 
     def summary(self) -> str:
         if not self.hits:
             return f"attach {self.attach_s * 1000:.0f} ms, no hits"
-        return (f"target stopped {self.stopped_s * 1000:.0f} ms over {self.hits} hits "
-                f"({self.mean_hit_s * 1000:.2f} ms per hit, p99 {self.percentile(0.99) * 1000:.2f} ms), "
-                f"attach {self.attach_s * 1000:.0f} ms")
+        return (
+            f"target stopped {self.stopped_s * 1000:.0f} ms over {self.hits} hits "
+            f"({self.mean_hit_s * 1000:.2f} ms per hit, p99 {self.percentile(0.99) * 1000:.2f} ms), "
+            f"attach {self.attach_s * 1000:.0f} ms"
+        )

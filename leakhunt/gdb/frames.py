@@ -15,8 +15,21 @@ from leakhunt.gdb.memory import AddressSpace
 from leakhunt.trace.events import Frame, Stack
 
 #: Functions at which an unwind is complete (gdb stops at main; threads end in clone/start_thread).
-OUTERMOST = frozenset({"main", "_start", "__libc_start_main", "__libc_start_call_main", "start_thread",
-                       "clone", "clone3", "__clone", "__clone3", "__GI___clone3", "__GI___clone"})
+OUTERMOST = frozenset(
+    {
+        "main",
+        "_start",
+        "__libc_start_main",
+        "__libc_start_call_main",
+        "start_thread",
+        "clone",
+        "clone3",
+        "__clone",
+        "__clone3",
+        "__GI___clone3",
+        "__GI___clone",
+    }
+)
 
 #: C frames of CPython's interpreter loop: the Python frames they run are spliced in after them.
 PYTHON_EVAL_FRAMES = frozenset({"_PyEval_EvalFrameDefault", "PyEval_EvalFrameEx"})
@@ -31,7 +44,7 @@ class PythonFrame:
     function: str
     filename: str
     line: int
-    eval_level: int   # the C frame (_PyEval_EvalFrameDefault) that runs it
+    eval_level: int  # the C frame (_PyEval_EvalFrameDefault) that runs it
 
     def to_frame(self) -> Frame:
         # address 0 marks an interpreted frame: module is the source file, offset the line.
@@ -57,7 +70,7 @@ class Symbolizer:
 
     def __init__(self, space: AddressSpace) -> None:
         self.space = space
-        self._offsets: dict[int, int | None] = {}   # lookup address -> offset (None: no symbol)
+        self._offsets: dict[int, int | None] = {}  # lookup address -> offset (None: no symbol)
 
     def unknown(self, frames: list[dict]) -> list[int]:
         """Lookup addresses of these MI frames whose offset is not known yet (distinct, in order)."""
@@ -71,8 +84,12 @@ class Symbolizer:
     def frame_at(self, address: int, value: str) -> Frame:
         """A return address as gdb printed it (``0x... <symbol+offset>``) as a Frame."""
         symbol, offset = parse_symbol(value)
-        return Frame(address, self.space.module_of(address), symbol,
-                     offset if offset is not None else _module_offset(self.space, address))
+        return Frame(
+            address,
+            self.space.module_of(address),
+            symbol,
+            offset if offset is not None else _module_offset(self.space, address),
+        )
 
     def stack(self, frames: list[dict], depth_limit: int, python: list[PythonFrame] = ()) -> Stack:
         out: list[Frame] = []
@@ -90,7 +107,7 @@ class Symbolizer:
             if offset is None:
                 offset = 0 if func else _module_offset(self.space, address)
             elif level > 0:
-                offset += 1   # we looked up address - 1
+                offset += 1  # we looked up address - 1
             out.append(Frame(address, module, func, offset))
             out.extend(p.to_frame() for p in by_level.get(level, ()))
         last = frames[-1].get("func") if frames else None

@@ -74,5 +74,5 @@ def _auxv(pid: int) -> dict[int, int]:
         data = proc_read(pid, "auxv")
     except (TargetGone, AccessDenied):
         return {}
-    pairs = struct.iter_unpack("<QQ", data[:len(data) // 16 * 16])
+    pairs = struct.iter_unpack("<QQ", data[: len(data) // 16 * 16])
     return {key: value for key, value in pairs if key}

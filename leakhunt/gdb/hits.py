@@ -17,9 +17,9 @@ very call, survive nesting (and recursion): each hit of a nest returns in turn.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable
 
 from leakhunt.gdb.budget import Budget, CostMeter
 from leakhunt.gdb.frames import PythonFrame, Symbolizer, caller_of
@@ -31,22 +31,23 @@ from leakhunt.trace.events import EventKind, Frame, MmapEvent
 
 #: Kinds whose stacks are worth the cost; releases carry none (unless asked) and are never sampled
 #: away: the ledger must see every release, or a sampled mapping would look leaked forever.
-STACK_KINDS = frozenset({EventKind.MMAP, EventKind.MREMAP, EventKind.SHMAT, EventKind.MEMFD_CREATE,
-                         EventKind.BRK})
+STACK_KINDS = frozenset(
+    {EventKind.MMAP, EventKind.MREMAP, EventKind.SHMAT, EventKind.MEMFD_CREATE, EventKind.BRK}
+)
 
 Callback = Callable[[Record], None]
 Send = Callable[[list[tuple[str, Callback | None]]], None]
 
 
 class Phase(Enum):
-    ENTRY = "entry"           # stopped at the breakpoint
-    RUNNING = "running"       # in the call, until the return breakpoint
-    RETURNED = "returned"     # stopped at the return address
+    ENTRY = "entry"  # stopped at the breakpoint
+    RUNNING = "running"  # in the call, until the return breakpoint
+    RETURNED = "returned"  # stopped at the return address
 
 
 @dataclass(eq=False)
 class Hit:
-    number: int               # sequence number, names this hit's gdb convenience variable
+    number: int  # sequence number, names this hit's gdb convenience variable
     site: Site
     thread: str
     ts: float
@@ -58,10 +59,10 @@ class Hit:
     python: list[PythonFrame] = field(default_factory=list)
     args: list[int] | None = None
     ret: int | None = None
-    waiting: int = 0          # answers the event still needs
+    waiting: int = 0  # answers the event still needs
     resumed: bool = False
-    return_frame: Frame | None = None   # the caller, when no stack is taken
-    settled: bool = False     # emitted or lost
+    return_frame: Frame | None = None  # the caller, when no stack is taken
+    settled: bool = False  # emitted or lost
 
 
 @dataclass(frozen=True)
@@ -74,27 +75,36 @@ class HitSettings:
 
 
 class HitHandler:
-    def __init__(self, target: Target, sites: dict[str, Site], registers: dict[str, int], settings: HitSettings,
-                 symbolizer: Symbolizer, send: Send, emit: Callable[[MmapEvent], None], cost: CostMeter,
-                 on_return_address: Callable[[int], None] = lambda address: None) -> None:
+    def __init__(
+        self,
+        target: Target,
+        sites: dict[str, Site],
+        registers: dict[str, int],
+        settings: HitSettings,
+        symbolizer: Symbolizer,
+        send: Send,
+        emit: Callable[[MmapEvent], None],
+        cost: CostMeter,
+        on_return_address: Callable[[int], None] = lambda address: None,
+    ) -> None:
         self.target = target
-        self.sites = sites                      # gdb breakpoint number -> site
-        self.registers = registers              # register name -> gdb register number
+        self.sites = sites  # gdb breakpoint number -> site
+        self.registers = registers  # register name -> gdb register number
         self.settings = settings
         self.symbolizer = symbolizer
         self.send = send
         self.emit = emit
         self.cost = cost
         self.on_return_address = on_return_address  # where a return breakpoint is about to go
-        self.accepting = True                   # False once the session winds down
-        self.returns: dict[str, Hit] = {}       # return breakpoint number -> hit
-        self.unfinished: set[Hit] = set()       # hits not emitted yet (running or awaiting answers)
+        self.accepting = True  # False once the session winds down
+        self.returns: dict[str, Hit] = {}  # return breakpoint number -> hit
+        self.unfinished: set[Hit] = set()  # hits not emitted yet (running or awaiting answers)
         self.completed = 0
         self.lost = 0
         self.notes: list[str] = []
-        self.python_frames = settings.python_frames      # off for good once gdb says it cannot
-        self._threads: dict[str, tuple[int, str]] = {}   # gdb thread id -> (LWP, name)
-        self._lookups: dict[int, list[Hit]] = {}         # address being symbolized -> hits waiting
+        self.python_frames = settings.python_frames  # off for good once gdb says it cannot
+        self._threads: dict[str, tuple[int, str]] = {}  # gdb thread id -> (LWP, name)
+        self._lookups: dict[int, list[Hit]] = {}  # address being symbolized -> hits waiting
         self._sequence = 0
 
     # -- records ----------------------------------------------------------------------------------
@@ -120,8 +130,11 @@ class HitHandler:
 
     def holding(self) -> set[str]:
         """Threads stopped at a hit right now, with our commands (and their resume) in flight."""
-        return {h.thread for h in self.unfinished
-                if h.phase is Phase.ENTRY or (h.phase is Phase.RETURNED and not h.resumed)}
+        return {
+            h.thread
+            for h in self.unfinished
+            if h.phase is Phase.ENTRY or (h.phase is Phase.RETURNED and not h.resumed)
+        }
 
     def on_thread_exited(self, thread: str) -> None:
         # gdb deletes the thread's return breakpoints with it; their calls never returned.
@@ -145,26 +158,39 @@ class HitHandler:
         if thread not in self._threads:
             commands.append((f"-thread-info {thread}", self._answer(hit, self._thread_info)))
         if wants_stack:
-            commands.append((f"-stack-list-frames --thread {thread} 0 {s.depth - 1}",
-                             self._answer(hit, self._frames)))
+            commands.append(
+                (f"-stack-list-frames --thread {thread} 0 {s.depth - 1}", self._answer(hit, self._frames))
+            )
             if self.python_frames:
-                commands.append((f"-leakhunt-python-frames --thread {thread}", self._answer(hit, self._python)))
+                commands.append(
+                    (f"-leakhunt-python-frames --thread {thread}", self._answer(hit, self._python))
+                )
         else:
-            commands.append((f"-data-evaluate-expression --thread {thread} {mi_quote('*(void **) $rsp')}",
-                             self._answer(hit, self._return_address)))
+            commands.append(
+                (
+                    f"-data-evaluate-expression --thread {thread} {mi_quote('*(void **) $rsp')}",
+                    self._answer(hit, self._return_address),
+                )
+            )
         numbers = " ".join(str(self.registers[r]) for r in site.registers)
-        commands.append((f"-data-list-register-values --thread {thread} x {numbers}",
-                         self._answer(hit, self._arguments)))
+        commands.append(
+            (f"-data-list-register-values --thread {thread} x {numbers}", self._answer(hit, self._arguments))
+        )
         if s.budget.every_nth > 1 and site.kind in STACK_KINDS:
             number = next(n for n, other in self.sites.items() if other is site)
             commands.append((f"-break-after {number} {s.budget.every_nth - 1}", None))
         # The return breakpoint: this thread only, and only when the stack pointer is back where
         # this very call's `ret` leaves it (a recursive or nested call to the same place is not us).
         sp = f"$lkhunt_sp{hit.number % 1024}"
-        commands += [(f"-data-evaluate-expression --thread {thread} {mi_quote(f'{sp} = $rsp + 8')}", None),
-                     (f"-break-insert --thread {thread} -t -p {thread} -c {mi_quote(f'$rsp == {sp}')} "
-                      f"{mi_quote('*(*(void **) $rsp)')}", lambda r: self._armed(hit, r)),
-                     (f"-exec-continue --thread {thread}", lambda r: self._running(hit, r))]
+        commands += [
+            (f"-data-evaluate-expression --thread {thread} {mi_quote(f'{sp} = $rsp + 8')}", None),
+            (
+                f"-break-insert --thread {thread} -t -p {thread} -c {mi_quote(f'$rsp == {sp}')} "
+                f"{mi_quote('*(*(void **) $rsp)')}",
+                lambda r: self._armed(hit, r),
+            ),
+            (f"-exec-continue --thread {thread}", lambda r: self._running(hit, r)),
+        ]
         self.send(commands)
 
     def _armed(self, hit: Hit, record: Record) -> None:
@@ -183,9 +209,15 @@ class HitHandler:
     def _returned(self, hit: Hit, received: float) -> None:
         hit.stopped_at = received
         hit.phase = Phase.RETURNED
-        self.send([(f"-data-list-register-values --thread {hit.thread} x {self.registers['rax']}",
-                    self._answer(hit, self._return_value)),
-                   (f"-exec-continue --thread {hit.thread}", lambda r: self._resumed(hit, r))])
+        self.send(
+            [
+                (
+                    f"-data-list-register-values --thread {hit.thread} x {self.registers['rax']}",
+                    self._answer(hit, self._return_value),
+                ),
+                (f"-exec-continue --thread {hit.thread}", lambda r: self._resumed(hit, r)),
+            ]
+        )
 
     def _resumed(self, hit: Hit, record: Record) -> None:
         if record.message == "running":
@@ -205,6 +237,7 @@ class HitHandler:
                 self._note(f"gdb refused a read during a hit: {_message(record)}")
             hit.waiting -= 1
             self._complete(hit)
+
         return callback
 
     def _thread_info(self, hit: Hit, payload: dict) -> None:
@@ -224,10 +257,16 @@ class HitHandler:
             self.on_return_address(int(hit.frames[1]["addr"], 16))
         for key in self.symbolizer.unknown(hit.frames):
             waiting = self._lookups.get(key)
-            if waiting is None:   # ask once; hits that meet the same address meanwhile wait for it too
+            if waiting is None:  # ask once; hits that meet the same address meanwhile wait for it too
                 self._lookups[key] = waiting = []
-                self.send([(f"-data-evaluate-expression {mi_quote(f'(void *) {key:#x}')}",
-                            lambda r, key=key: self._symbol(key, r))])
+                self.send(
+                    [
+                        (
+                            f"-data-evaluate-expression {mi_quote(f'(void *) {key:#x}')}",
+                            lambda r, key=key: self._symbol(key, r),
+                        )
+                    ]
+                )
             waiting.append(hit)
             hit.waiting += 1
 
@@ -243,8 +282,12 @@ class HitHandler:
             if payload.get(problem):
                 self._note(f"Python frames {problem}: {payload[problem]}")
                 self.python_frames = problem != "unavailable"
-        hit.python = [PythonFrame(f.get("function", "?"), f.get("filename", "?"), int(f.get("line", 0)),
-                                  int(f.get("level", -1))) for f in payload.get("frames", ())]
+        hit.python = [
+            PythonFrame(
+                f.get("function", "?"), f.get("filename", "?"), int(f.get("line", 0)), int(f.get("level", -1))
+            )
+            for f in payload.get("frames", ())
+        ]
 
     def _arguments(self, hit: Hit, payload: dict) -> None:
         values = {int(v["number"]): int(v["value"], 16) for v in payload.get("register-values", ())}
@@ -300,12 +343,19 @@ class HitHandler:
                 fields[name] &= 0xFFFFFFFF
         if hit.site.kind is EventKind.SHMAT and not -4096 < hit.ret < 0:
             fields["length"] = shm_segment_size(self.target.pid, fields.get("fd", -1))
-        stack = (self.symbolizer.stack(hit.frames, self.settings.depth, hit.python)
-                 if hit.frames else None)
+        stack = self.symbolizer.stack(hit.frames, self.settings.depth, hit.python) if hit.frames else None
         tid, name = self._threads.get(hit.thread, (0, ""))
-        return MmapEvent(hit.ts, self.target.pid, tid or self.target.pid, hit.site.kind, ret=hit.ret,
-                         stack=stack, caller=caller_of(stack) if stack else hit.return_frame,
-                         comm=name or self.target.comm, **fields)
+        return MmapEvent(
+            hit.ts,
+            self.target.pid,
+            tid or self.target.pid,
+            hit.site.kind,
+            ret=hit.ret,
+            stack=stack,
+            caller=caller_of(stack) if stack else hit.return_frame,
+            comm=name or self.target.comm,
+            **fields,
+        )
 
 
 def _message(record: Record) -> str:

@@ -46,9 +46,16 @@ class AddressSpace:
 
     def refresh(self) -> None:
         snapshot = parse_smaps(proc_read(self.target.pid, "maps"), source=f"/proc/{self.target.pid}/maps")
-        self._mappings = [Mapping(int(s), int(e), int(o), p, perms) for s, e, o, p, perms in
-                          zip(snapshot.start.tolist(), snapshot.end.tolist(), snapshot.offset.tolist(),
-                              snapshot.path, snapshot.perms)]
+        self._mappings = [
+            Mapping(int(s), int(e), int(o), p, perms)
+            for s, e, o, p, perms in zip(
+                snapshot.start.tolist(),
+                snapshot.end.tolist(),
+                snapshot.offset.tolist(),
+                snapshot.path,
+                snapshot.perms,
+            )
+        ]
         self._starts = [m.start for m in self._mappings]
 
     @property

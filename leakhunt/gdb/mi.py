@@ -69,8 +69,14 @@ class MiChannel:
         try:
             self.process = subprocess.Popen(
                 [gdb_path, "--nx", "--quiet", "--interpreter=mi3", *args],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                env=child_env, pass_fds=(watch_read,), start_new_session=True, restore_signals=False)
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=child_env,
+                pass_fds=(watch_read,),
+                start_new_session=True,
+                restore_signals=False,
+            )
         except OSError as e:
             os.close(self._watch_write)
             raise GdbDied(f"cannot start {gdb_path}: {e.strerror}") from None
@@ -226,7 +232,7 @@ class MiChannel:
 
     def _death(self) -> str:
         try:
-            code = self.process.wait(0.5)   # its output closed: it is exiting, learn how
+            code = self.process.wait(0.5)  # its output closed: it is exiting, learn how
         except subprocess.TimeoutExpired:
             code = None
         if code is None:

@@ -17,15 +17,18 @@ PTRACE_SCOPE = "/proc/sys/kernel/yama/ptrace_scope"
 
 @dataclass(frozen=True)
 class TraceAccess:
-    gdb: str                 # absolute path of the gdb to run
-    foreign_mounts: bool     # the target sees another filesystem: gdb needs sysroot /proc/PID/root
+    gdb: str  # absolute path of the gdb to run
+    foreign_mounts: bool  # the target sees another filesystem: gdb needs sysroot /proc/PID/root
 
 
 def find_gdb(gdb_path: str) -> str:
     found = shutil.which(gdb_path)
     if found is None:
-        fix = "apt-get install gdb (leakhunt doctor --install)" if gdb_path == "gdb" else \
-            "give the path of a gdb (or cuda-gdb) with --gdb-path"
+        fix = (
+            "apt-get install gdb (leakhunt doctor --install)"
+            if gdb_path == "gdb"
+            else "give the path of a gdb (or cuda-gdb) with --gdb-path"
+        )
         raise BackendUnavailable("gdb", f"{gdb_path} not found", fix)
     return found
 
@@ -35,21 +38,29 @@ def check_access(target: Target, gdb_path: str) -> TraceAccess:
     gdb = find_gdb(gdb_path)
     tracer = tracer_pid(target.pid)
     if tracer:
-        raise AccessDenied(f"pid {target.pid} is already traced by pid {tracer} ({_comm(tracer)}): a process "
-                           f"has one tracer at a time; detach that debugger or strace first")
+        raise AccessDenied(
+            f"pid {target.pid} is already traced by pid {tracer} ({_comm(tracer)}): a process "
+            f"has one tracer at a time; detach that debugger or strace first"
+        )
     privileged = os.geteuid() == 0 or has_capability(CAP_SYS_PTRACE)
     scope = ptrace_scope()
     if scope == 3:
-        raise AccessDenied("ptrace is disabled on this machine (kernel.yama.ptrace_scope=3, "
-                           "only a reboot changes it): use a BPF backend")
+        raise AccessDenied(
+            "ptrace is disabled on this machine (kernel.yama.ptrace_scope=3, "
+            "only a reboot changes it): use a BPF backend"
+        )
     if not privileged:
         if scope == 2:
-            raise AccessDenied("kernel.yama.ptrace_scope=2 allows ptrace only with CAP_SYS_PTRACE: run as root")
+            raise AccessDenied(
+                "kernel.yama.ptrace_scope=2 allows ptrace only with CAP_SYS_PTRACE: run as root"
+            )
         if target.uid != os.geteuid():
             raise AccessDenied(f"pid {target.pid} belongs to uid {target.uid}: run as root or as that user")
         if scope == 1 and not _is_ancestor_of(target.pid):
-            raise AccessDenied(f"kernel.yama.ptrace_scope=1 allows ptrace of descendants only: run as root, "
-                               f"or: sysctl kernel.yama.ptrace_scope=0")
+            raise AccessDenied(
+                "kernel.yama.ptrace_scope=1 allows ptrace of descendants only: run as root, "
+                "or: sysctl kernel.yama.ptrace_scope=0"
+            )
     return TraceAccess(gdb, foreign_mount_namespace(target.pid))
 
 
@@ -63,8 +74,11 @@ def explain_attach_error(target: Target, message: str) -> Exception:
         if tracer:
             return AccessDenied(f"pid {target.pid} is already traced by pid {tracer} ({_comm(tracer)})")
         scope = ptrace_scope()
-        hint = (f"kernel.yama.ptrace_scope={scope}: run as root or sysctl kernel.yama.ptrace_scope=0"
-                if scope else "run as root, or give the container CAP_SYS_PTRACE")
+        hint = (
+            f"kernel.yama.ptrace_scope={scope}: run as root or sysctl kernel.yama.ptrace_scope=0"
+            if scope
+            else "run as root, or give the container CAP_SYS_PTRACE"
+        )
         return AccessDenied(f"gdb may not attach to pid {target.pid} ({message.strip()}): {hint}")
     return BackendUnavailable("gdb", f"gdb could not attach to pid {target.pid}: {message.strip()}", "")
 

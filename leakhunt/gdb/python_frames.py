@@ -9,8 +9,8 @@ Debian's python3-dbg have and most distribution pythons lack.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import PurePosixPath
-from typing import Callable
 
 from leakhunt.gdb.memory import AddressSpace
 from leakhunt.gdb.mi import GdbCommandError, GdbTimeout, MiChannel

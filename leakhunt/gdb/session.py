@@ -14,8 +14,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from leakhunt.errors import LeakhuntError
 from leakhunt.gdb.attach import attach, configure, setting, settle, unread_libraries
@@ -39,33 +39,33 @@ SWEEP_S = 2.0
 
 @dataclass(frozen=True)
 class GdbConfig:
-    gdb_path: str = "gdb"                       # or cuda-gdb, or a gdb built elsewhere
+    gdb_path: str = "gdb"  # or cuda-gdb, or a gdb built elsewhere
     kinds: frozenset[EventKind] = DEFAULT_KINDS
-    min_length: int = 0                         # in the breakpoint condition: short calls never stop
+    min_length: int = 0  # in the breakpoint condition: short calls never stop
     budget: Budget = Budget()
     stacks: bool = True
-    depth: int = 128                            # frames per stack at most
-    unmap_stacks: bool = False                  # stacks for munmap/shmdt too
-    python_frames: bool = True                  # when the target runs CPython with debug info
+    depth: int = 128  # frames per stack at most
+    unmap_stacks: bool = False  # stacks for munmap/shmdt too
+    python_frames: bool = True  # when the target runs CPython with debug info
     vias: tuple[str, ...] = (VIA_SYSCALL, VIA_WRAPPER)
-    attach_timeout: float = 120.0               # symbol loading of a big server takes a while
-    grace_s: float = 2.0                        # for hits in flight when winding down
+    attach_timeout: float = 120.0  # symbol loading of a big server takes a while
+    grace_s: float = 2.0  # for hits in flight when winding down
 
 
 @dataclass
 class SessionEnd:
     reason: str = ""
     target_exited: bool = False
-    detached: bool = False          # gdb confirmed the detach
-    restored: int = 0               # breakpoint sites put back by the guard (gdb died or hung)
-    tracer_left: int = 0            # TracerPid of the target afterwards (0 = untraced)
+    detached: bool = False  # gdb confirmed the detach
+    restored: int = 0  # breakpoint sites put back by the guard (gdb died or hung)
+    tracer_left: int = 0  # TracerPid of the target afterwards (0 = untraced)
 
 
 @dataclass
 class SessionState:
     hits: int = 0
     lost: int = 0
-    seen: int = 0                   # condition-true hits gdb counted, sampled-away ones included
+    seen: int = 0  # condition-true hits gdb counted, sampled-away ones included
     notes: list[str] = field(default_factory=list)
 
 
@@ -77,19 +77,19 @@ class GdbSession:
         self.cost = CostMeter()
         self.end = SessionEnd()
         self.notes: list[str] = []
-        self.sites: dict[str, Site] = {}            # gdb breakpoint number -> site
+        self.sites: dict[str, Site] = {}  # gdb breakpoint number -> site
         self.mi: MiChannel | None = None
         self.handler: HitHandler | None = None
         self.space: AddressSpace | None = None
         self.guard: BreakpointGuard | None = None
         self.registers: dict[str, int] = {}
         self.python_frames = False
-        self.sysroot: str | None = None             # where gdb reads the target's files (its own words)
-        self.unread_libraries: list[str] = []       # libraries gdb has no symbols for
+        self.sysroot: str | None = None  # where gdb reads the target's files (its own words)
+        self.unread_libraries: list[str] = []  # libraries gdb has no symbols for
         self._callbacks: dict[int, Callable[[Record], None] | None] = {}
         self._times: dict[str, int] = {}
         self._attached = False
-        self._armed = False                         # a breakpoint may be in the target's code
+        self._armed = False  # a breakpoint may be in the target's code
         self._winding_until: float | None = None
         self._stop_reason: str | None = None
         self._started = 0.0
@@ -98,7 +98,7 @@ class GdbSession:
         self._stopped_at_last_sweep: set[str] = set()
         self._ended = False
         self._finished = False
-        self._group: str | None = None            # gdb's thread group (inferior) of the target
+        self._group: str | None = None  # gdb's thread group (inferior) of the target
         self._exec_seen = False
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
@@ -116,11 +116,17 @@ class GdbSession:
             self.guard.protect(site.address)
         self.mi = MiChannel(access.gdb)
         try:
-            self.python_frames = configure(self.mi, self.target, self.space, access.foreign_mounts,
-                                           self.config.python_frames and self.config.stacks, self._note)
+            self.python_frames = configure(
+                self.mi,
+                self.target,
+                self.space,
+                access.foreign_mounts,
+                self.config.python_frames and self.config.stacks,
+                self._note,
+            )
             started = time.monotonic()
             attach(self.mi, self.target, self.config.attach_timeout)
-            self._attached = True   # from here on, every way out detaches
+            self._attached = True  # from here on, every way out detaches
             self.registers = settle(self.mi, self.config.attach_timeout, self.cost, started)
             self.sysroot = setting(self.mi, "sysroot")
             self.unread_libraries = unread_libraries(self.mi)
@@ -132,15 +138,29 @@ class GdbSession:
         self._started = time.monotonic()
 
     def _insert(self, planned: list[Site]) -> None:
-        settings = HitSettings(self.config.budget, self.config.depth, self.config.stacks,
-                               self.config.unmap_stacks, self.python_frames)
+        settings = HitSettings(
+            self.config.budget,
+            self.config.depth,
+            self.config.stacks,
+            self.config.unmap_stacks,
+            self.python_frames,
+        )
         self._armed = True
         for site in planned:
             condition = f"-c {mi_quote(site.condition)} " if site.condition else ""
             record = self.mi.request(f"-break-insert {condition}{site.location}")
             self.sites[record.payload["bkpt"]["number"]] = site
-        self.handler = HitHandler(self.target, self.sites, self.registers, settings, Symbolizer(self.space),
-                                  self._send, self.emit, self.cost, self.guard.protect)
+        self.handler = HitHandler(
+            self.target,
+            self.sites,
+            self.registers,
+            settings,
+            Symbolizer(self.space),
+            self._send,
+            self.emit,
+            self.cost,
+            self.guard.protect,
+        )
 
     # -- run --------------------------------------------------------------------------------------
 
@@ -168,7 +188,9 @@ class GdbSession:
         """Handle what gdb said within a quarter second; False once the session should end."""
         now = time.monotonic()
         if self._winding_until is None:
-            reason = self._stop_reason or self.config.budget.exhausted(self.handler.completed, self._started, now)
+            reason = self._stop_reason or self.config.budget.exhausted(
+                self.handler.completed, self._started, now
+            )
             if reason:
                 self._wind_down(reason)
         elif not self.handler.unfinished or now >= self._winding_until:
@@ -229,9 +251,9 @@ class GdbSession:
         elif record.message == "thread-group-exited" and "exit-code" in payload:
             self._target_exited(payload)
         elif record.message == "thread-group-started" and self._group is None:
-            self._group = payload.get("id")            # our attach
+            self._group = payload.get("id")  # our attach
         elif record.message == "thread-group-added" and self._group is not None:
-            self._exec("a new program")               # follow-exec-mode new: the exec's new inferior
+            self._exec("a new program")  # follow-exec-mode new: the exec's new inferior
         elif record.message == "breakpoint-modified":
             bkpt = payload.get("bkpt", {})
             if bkpt.get("number") in self.sites:
@@ -289,7 +311,7 @@ class GdbSession:
         self._finished = True
         self._ended = True
         if self.handler is not None:
-            self.handler.accepting = False   # stops that arrive while detaching are only resumed
+            self.handler.accepting = False  # stops that arrive while detaching are only resumed
             self.handler.abandon()
         try:
             if self._attached and not self._armed:
@@ -312,10 +334,10 @@ class GdbSession:
         started = time.monotonic()
         try:
             self._request("-break-delete", 10)
-            self._request(f"-target-detach {self.target.pid}", 15)   # by pid: an exec makes a new inferior
+            self._request(f"-target-detach {self.target.pid}", 15)  # by pid: an exec makes a new inferior
             self.end.detached = True
         except GdbCommandError as e:
-            if "not being run" not in str(e):   # else the attach itself had failed: nothing to undo
+            if "not being run" not in str(e):  # else the attach itself had failed: nothing to undo
                 self._note(f"detach failed ({e}): restoring the target's code directly")
                 self.end.restored += self.guard.restore()
         except (GdbDied, GdbTimeout) as e:
@@ -344,16 +366,18 @@ class GdbSession:
                 mi.send("-gdb-exit")
             except GdbDied:
                 pass
-        mi.close()   # closes gdb's stdin and the watchdog pipe: a gdb that is still attached detaches
+        mi.close()  # closes gdb's stdin and the watchdog pipe: a gdb that is still attached detaches
         if not mi.wait(10):
             # Hung: put the original bytes back while gdb still holds the threads, then kill it.
             self.end.restored += self.guard.restore()
             mi.kill()
         if self._attached and not self.end.target_exited and self.target.alive():
             if not self.end.detached:
-                self.end.restored += self.guard.restore()   # gdb hung, or died: anything left
-                self._note(f"gdb did not detach: leakhunt put back the original code at "
-                           f"{self.end.restored} breakpoint site(s) of {self.guard.addresses} it guards")
+                self.end.restored += self.guard.restore()  # gdb hung, or died: anything left
+                self._note(
+                    f"gdb did not detach: leakhunt put back the original code at "
+                    f"{self.end.restored} breakpoint site(s) of {self.guard.addresses} it guards"
+                )
             self.end.tracer_left = _tracer(self.target)
             if self.end.tracer_left == mi.pid:
                 self._note(f"the target is still traced by gdb (pid {mi.pid})")
@@ -367,8 +391,12 @@ class GdbSession:
     def state(self) -> SessionState:
         handler = self.handler
         notes = self.notes + (handler.notes if handler else [])
-        return SessionState(handler.completed if handler else 0, handler.lost if handler else 0,
-                            sum(self._times.values()), notes)
+        return SessionState(
+            handler.completed if handler else 0,
+            handler.lost if handler else 0,
+            sum(self._times.values()),
+            notes,
+        )
 
 
 def exit_status_of(target: Target) -> dict:
@@ -394,6 +422,7 @@ def _tracer(target: Target) -> int:
 def run_in_thread(session: GdbSession) -> threading.Thread:
     """Serve the session in a thread of its own, so that a stopped target thread is answered at
     once whatever the caller does; a bug of ours ends the session (detached) with its reason."""
+
     def serve() -> None:
         try:
             session.run()

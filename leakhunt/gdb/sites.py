@@ -72,7 +72,7 @@ class Site:
     def registers(self) -> tuple[str, ...]:
         """The registers holding this call's arguments, in ARGUMENTS order."""
         regs = SYSCALL_REGISTERS if self.via == VIA_SYSCALL else WRAPPER_REGISTERS
-        return regs[:len(ARGUMENTS[self.kind])]
+        return regs[: len(ARGUMENTS[self.kind])]
 
     @property
     def location(self) -> str:
@@ -90,13 +90,19 @@ def condition_for(kind: EventKind, via: str, min_length: int) -> str | None:
         parts.append(f"$rdi == {SYSCALL_NUMBERS[kind]}")
     if min_length > 0 and kind in LENGTH_ARGUMENTS:
         names = ARGUMENTS[kind]
-        tests = [f"(unsigned long)${registers[names.index(a)]} >= {min_length}" for a in LENGTH_ARGUMENTS[kind]]
+        tests = [
+            f"(unsigned long)${registers[names.index(a)]} >= {min_length}" for a in LENGTH_ARGUMENTS[kind]
+        ]
         parts.append(tests[0] if len(tests) == 1 else "(" + " || ".join(tests) + ")")
     return " && ".join(parts) or None
 
 
-def plan_sites(space: AddressSpace, kinds: frozenset[EventKind], min_length: int = 0,
-               vias: tuple[str, ...] = (VIA_SYSCALL, VIA_WRAPPER)) -> list[Site]:
+def plan_sites(
+    space: AddressSpace,
+    kinds: frozenset[EventKind],
+    min_length: int = 0,
+    vias: tuple[str, ...] = (VIA_SYSCALL, VIA_WRAPPER),
+) -> list[Site]:
     """Breakpoints for ``kinds`` in the target's libc (or a static executable's own symbols)."""
     image, symbols = _libc_image(space)
     sites: list[Site] = []
@@ -151,7 +157,11 @@ def _symbols_in(elf: ELFFile, mappings: list[Mapping], names: set[str]) -> dict[
             continue
         for name in names - found.keys():
             for sym in section.get_symbol_by_name(name) or ():
-                if sym["st_info"]["type"] == "STT_FUNC" and sym["st_value"] and sym["st_shndx"] != "SHN_UNDEF":
+                if (
+                    sym["st_info"]["type"] == "STT_FUNC"
+                    and sym["st_value"]
+                    and sym["st_shndx"] != "SHN_UNDEF"
+                ):
                     address = _runtime_address(sym["st_value"], loads, mappings)
                     if address is not None:
                         found[name] = address

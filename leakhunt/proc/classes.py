@@ -13,14 +13,14 @@ from enum import Enum
 
 
 class RegionClass(str, Enum):
-    HEAP = "heap"        # [heap]: brk-grown main arena
-    STACK = "stack"      # [stack] (thread stacks are anonymous mappings to the kernel)
-    ANON = "anon"        # private anonymous memory: mmap(MAP_ANONYMOUS), malloc arenas, pools
-    FILE = "file"        # a mapped file that is not a shared object
-    LIB = "lib"          # a shared object (code and data of a library)
-    SHM = "shm"          # /dev/shm/*, memfd:*, SysV segments, shared anonymous memory
-    GPU = "gpu"          # GPU driver mappings (/dev/nvidia*, /dev/dri/*, /dev/kfd)
-    PINNED = "pinned"    # shared /dev/zero in a process with GPU driver mappings (CUDA pinned host memory)
+    HEAP = "heap"  # [heap]: brk-grown main arena
+    STACK = "stack"  # [stack] (thread stacks are anonymous mappings to the kernel)
+    ANON = "anon"  # private anonymous memory: mmap(MAP_ANONYMOUS), malloc arenas, pools
+    FILE = "file"  # a mapped file that is not a shared object
+    LIB = "lib"  # a shared object (code and data of a library)
+    SHM = "shm"  # /dev/shm/*, memfd:*, SysV segments, shared anonymous memory
+    GPU = "gpu"  # GPU driver mappings (/dev/nvidia*, /dev/dri/*, /dev/kfd)
+    PINNED = "pinned"  # shared /dev/zero in a process with GPU driver mappings (CUDA pinned host memory)
     SPECIAL = "special"  # [vdso], [vvar], [vsyscall], other devices and kernel-provided mappings
 
     def __str__(self) -> str:

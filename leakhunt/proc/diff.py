@@ -30,10 +30,16 @@ class GroupGrowth:
         return self.rss_after - self.rss_before
 
     def to_json(self) -> dict:
-        return {"class": self.klass.value, "path": self.path, "rss_growth_bytes": self.growth,
-                "rss_bytes_before": self.rss_before, "rss_bytes_after": self.rss_after,
-                "regions_before": self.regions_before, "regions_after": self.regions_after,
-                "new_regions": self.new_regions}
+        return {
+            "class": self.klass.value,
+            "path": self.path,
+            "rss_growth_bytes": self.growth,
+            "rss_bytes_before": self.rss_before,
+            "rss_bytes_after": self.rss_after,
+            "regions_before": self.regions_before,
+            "regions_after": self.regions_after,
+            "new_regions": self.new_regions,
+        }
 
 
 @dataclass(frozen=True)
@@ -45,21 +51,28 @@ class RangeChange:
     rss: int
     growth: int
     new: bool
-    neighbour: str | None     # the file mapped right below an anonymous range, if any
+    neighbour: str | None  # the file mapped right below an anonymous range, if any
 
     def to_json(self) -> dict:
-        return {"start": hex(self.start), "end": hex(self.end), "class": self.klass.value, "path": self.path,
-                "rss_bytes": self.rss, "rss_growth_bytes": self.growth, "new": self.new,
-                "next_to": self.neighbour}
+        return {
+            "start": hex(self.start),
+            "end": hex(self.end),
+            "class": self.klass.value,
+            "path": self.path,
+            "rss_bytes": self.rss,
+            "rss_growth_bytes": self.growth,
+            "new": self.new,
+            "next_to": self.neighbour,
+        }
 
 
 @dataclass(frozen=True)
 class SnapshotDiff:
     rss_before: int
     rss_after: int
-    classes: dict[RegionClass, tuple[int, int]]   # before, after
-    groups: list[GroupGrowth]                     # most growth first
-    ranges: list[RangeChange]                     # the ranges that grew most
+    classes: dict[RegionClass, tuple[int, int]]  # before, after
+    groups: list[GroupGrowth]  # most growth first
+    ranges: list[RangeChange]  # the ranges that grew most
 
     @property
     def growth(self) -> int:
@@ -70,8 +83,10 @@ class SnapshotDiff:
             "rss_bytes_before": self.rss_before,
             "rss_bytes_after": self.rss_after,
             "rss_growth_bytes": self.growth,
-            "classes": {c.value: {"rss_growth_bytes": a - b, "rss_bytes_before": b, "rss_bytes_after": a}
-                        for c, (b, a) in self.classes.items()},
+            "classes": {
+                c.value: {"rss_growth_bytes": a - b, "rss_bytes_before": b, "rss_bytes_after": a}
+                for c, (b, a) in self.classes.items()
+            },
             "groups": [g.to_json() for g in self.groups],
             "ranges": [r.to_json() for r in self.ranges],
         }
@@ -95,14 +110,33 @@ def diff(before: Snapshot, after: Snapshot, top_ranges: int = 20) -> SnapshotDif
     rows = []
     for key in set(ga) | set(gb):
         a, b = ga.get(key), gb.get(key)
-        rows.append(GroupGrowth(key[0], key[1], a.rss if a else 0, b.rss if b else 0, a.regions if a else 0,
-                                b.regions if b else 0, new_by_group.get(key, 0)))
+        rows.append(
+            GroupGrowth(
+                key[0],
+                key[1],
+                a.rss if a else 0,
+                b.rss if b else 0,
+                a.regions if a else 0,
+                b.regions if b else 0,
+                new_by_group.get(key, 0),
+            )
+        )
     rows.sort(key=lambda g: (-g.growth, g.klass.value, g.path))
     ca, cb = before.class_totals(), after.class_totals()
     classes = {c: (ca[c], cb[c]) for c in CLASSES if ca[c] or cb[c]}
     ranges = []
     for i in growth.top(top_ranges):
         r = after[i]
-        ranges.append(RangeChange(r.start, r.end, r.klass, r.path, r.rss, int(growth.growth[i]), bool(growth.new[i]),
-                                  _neighbour(after, i) if r.klass is RegionClass.ANON else None))
+        ranges.append(
+            RangeChange(
+                r.start,
+                r.end,
+                r.klass,
+                r.path,
+                r.rss,
+                int(growth.growth[i]),
+                bool(growth.new[i]),
+                _neighbour(after, i) if r.klass is RegionClass.ANON else None,
+            )
+        )
     return SnapshotDiff(before.total_rss, after.total_rss, classes, rows, ranges)

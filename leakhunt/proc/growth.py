@@ -94,9 +94,9 @@ def held_between(snapshot: Snapshot, lo: np.ndarray, hi: np.ndarray, field: str 
 class RangeGrowth:
     """Growth of each region of the later snapshot against the same addresses earlier."""
 
-    snapshot: Snapshot       # the later snapshot; arrays below are aligned with its regions
-    growth: np.ndarray       # bytes of RSS gained (negative: shrank)
-    new: np.ndarray          # bool: no byte of this range was mapped before
+    snapshot: Snapshot  # the later snapshot; arrays below are aligned with its regions
+    growth: np.ndarray  # bytes of RSS gained (negative: shrank)
+    new: np.ndarray  # bool: no byte of this range was mapped before
 
     def top(self, n: int = 10) -> list[int]:
         order = np.argsort(-self.growth, kind="stable")

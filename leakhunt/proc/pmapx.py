@@ -65,18 +65,35 @@ def parse_pmap_x(data: bytes, source: str = "pmap -X") -> Snapshot:
         if not m:
             raise BadInput(f"{source}: not a pmap -X row: {line[:80]!r}")
         rest = m.group(6).split(None, len(names))
-        if len(rest) < len(names) or not all(x.isdigit() for x in rest[:len(names)]):
+        if len(rest) < len(names) or not all(x.isdigit() for x in rest[: len(names)]):
             raise BadInput(f"{source}: short pmap -X row: {line[:80]!r}")
-        rows.append((m.groups()[:5], [int(x) for x in rest[:len(names)]], rest[len(names)] if len(rest) > len(names) else ""))
+        rows.append(
+            (
+                m.groups()[:5],
+                [int(x) for x in rest[: len(names)]],
+                rest[len(names)] if len(rest) > len(names) else "",
+            )
+        )
     if not finished:
         raise BadInput(f"{source}: truncated (no totals line at the end)")
     n = len(rows)
-    values = np.array([[v * 1024 if k else v for v, k in zip(r[1], kb)] for r in rows], np.int64).reshape(n, len(names))
+    values = np.array([[v * 1024 if k else v for v, k in zip(r[1], kb)] for r in rows], np.int64).reshape(
+        n, len(names)
+    )
     size = values[:, names.index("Size")].astype(np.uint64)
     start = np.array([int(r[0][0], 16) for r in rows], np.uint64)
     perms = [r[0][1] for r in rows]
     devs = [r[0][3] for r in rows]
     paths = [_path(r[2], p, d) for r, p, d in zip(rows, perms, devs)]
-    return _assemble(start, start + size, np.array([int(r[0][2], 16) for r in rows], np.uint64),
-                     np.array([int(r[0][4]) for r in rows], np.uint64), perms, devs, paths, names, values,
-                     [""] * n)
+    return _assemble(
+        start,
+        start + size,
+        np.array([int(r[0][2], 16) for r in rows], np.uint64),
+        np.array([int(r[0][4]) for r in rows], np.uint64),
+        perms,
+        devs,
+        paths,
+        names,
+        values,
+        [""] * n,
+    )

@@ -24,12 +24,12 @@ class Sample:
     """One look at the target: its full smaps and the totals derived from it."""
 
     seq: int
-    ts: float                # wall clock (time.time())
-    t: float                 # seconds since the first sample (monotonic)
+    ts: float  # wall clock (time.time())
+    t: float  # seconds since the first sample (monotonic)
     pid: int
     snapshot: Snapshot
-    status: dict[str, int]   # /proc/PID/status memory fields, bytes
-    cost_s: float            # how long reading and parsing took
+    status: dict[str, int]  # /proc/PID/status memory fields, bytes
+    cost_s: float  # how long reading and parsing took
     classes: dict[RegionClass, int] = field(default_factory=dict)
     groups: dict[GroupKey, GroupStat] = field(default_factory=dict)
     raw: bytes | None = None  # the smaps text, kept only when a recording wants it
@@ -41,11 +41,16 @@ class Sample:
 
     def to_record(self, snapshot_path: str | None = None) -> dict:
         return {
-            "seq": self.seq, "ts": self.ts, "t": self.t, "pid": self.pid, "rss": self.rss,
-            "regions": len(self.snapshot), "cost_s": self.cost_s, "status": self.status,
+            "seq": self.seq,
+            "ts": self.ts,
+            "t": self.t,
+            "pid": self.pid,
+            "rss": self.rss,
+            "regions": len(self.snapshot),
+            "cost_s": self.cost_s,
+            "status": self.status,
             "classes": {c.value: v for c, v in self.classes.items()},
-            "groups": [[c.value, path, g.rss, g.regions] for (c, path), g in self.groups.items()
-                       if g.rss],
+            "groups": [[c.value, path, g.rss, g.regions] for (c, path), g in self.groups.items() if g.rss],
             "snapshot": snapshot_path,
             **({"gpu_bytes": self.gpu_bytes} if self.gpu_bytes is not None else {}),
         }
@@ -65,19 +70,34 @@ class History:
         self.first: Sample | None = None
         self.last: Sample | None = None
         self.cost_s: list[float] = []
-        self.gpu: list[int] = []          # device memory per sample, when NVML is sampled
+        self.gpu: list[int] = []  # device memory per sample, when NVML is sampled
 
     def add(self, sample: Sample) -> None:
         if self.first is None:
             self.first = sample
         self.last = sample
-        self.append(sample.t, sample.ts, sample.rss, sample.classes,
-                    {k: g.rss for k, g in sample.groups.items() if g.rss},
-                    {k: g.regions for k, g in sample.groups.items()}, sample.cost_s, sample.gpu_bytes)
+        self.append(
+            sample.t,
+            sample.ts,
+            sample.rss,
+            sample.classes,
+            {k: g.rss for k, g in sample.groups.items() if g.rss},
+            {k: g.regions for k, g in sample.groups.items()},
+            sample.cost_s,
+            sample.gpu_bytes,
+        )
 
-    def append(self, t: float, ts: float, rss: int, classes: dict[RegionClass, int],
-               group_rss: dict[GroupKey, int], group_regions: dict[GroupKey, int], cost_s: float,
-               gpu_bytes: int | None = None) -> None:
+    def append(
+        self,
+        t: float,
+        ts: float,
+        rss: int,
+        classes: dict[RegionClass, int],
+        group_rss: dict[GroupKey, int],
+        group_regions: dict[GroupKey, int],
+        cost_s: float,
+        gpu_bytes: int | None = None,
+    ) -> None:
         """Totals of one sample that are not one snapshot's (a process tree's, say)."""
         if gpu_bytes is not None:
             self.gpu.append(gpu_bytes)
@@ -144,7 +164,7 @@ class Pace:
 class SamplingResult:
     history: History
     stopped_because: str
-    error: Exception | None = None   # TargetGone / AccessDenied that ended the run early
+    error: Exception | None = None  # TargetGone / AccessDenied that ended the run early
 
     @property
     def target_lost(self) -> bool:
@@ -154,14 +174,20 @@ class SamplingResult:
 class Sampler:
     """Takes samples of one target at a fixed interval."""
 
-    def __init__(self, target: Target, interval: float = 1.0, keep_raw: bool = False,
-                 t0: float | None = None, gpu: NvmlReader | None = None) -> None:
+    def __init__(
+        self,
+        target: Target,
+        interval: float = 1.0,
+        keep_raw: bool = False,
+        t0: float | None = None,
+        gpu: NvmlReader | None = None,
+    ) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
         self.target = target
         self.interval = interval
         self.keep_raw = keep_raw
-        self._t0 = t0   # the clock's zero; a tree's samplers share one
+        self._t0 = t0  # the clock's zero; a tree's samplers share one
         self._seq = 0
         self.gpu = gpu
 
@@ -178,13 +204,28 @@ class Sampler:
             raise TargetGone(pid, f"process {pid} exited")
         gpu_bytes = self.gpu.used_by({pid})[pid] if self.gpu is not None else None
         cost = time.monotonic() - began
-        sample = Sample(self._seq, time.time(), began - self._t0, pid, snapshot, status, cost,
-                        snapshot.class_totals(), groups(snapshot), raw if self.keep_raw else None, gpu_bytes)
+        sample = Sample(
+            self._seq,
+            time.time(),
+            began - self._t0,
+            pid,
+            snapshot,
+            status,
+            cost,
+            snapshot.class_totals(),
+            groups(snapshot),
+            raw if self.keep_raw else None,
+            gpu_bytes,
+        )
         self._seq += 1
         return sample
 
-    def run(self, duration: float | None, on_sample: Callable[[Sample, History], None] | None = None,
-            stop: threading.Event | None = None) -> SamplingResult:
+    def run(
+        self,
+        duration: float | None,
+        on_sample: Callable[[Sample, History], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> SamplingResult:
         """Sample until ``duration`` seconds passed (None: until stopped), Ctrl-C, or the target is lost.
 
         The first sample's errors propagate (nothing to keep yet); later ones end the run and are

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from leakhunt.errors import BadInput
-from leakhunt.proc.target import proc_read
 from leakhunt.proc.classes import CLASS_CODE, CLASSES, RegionClass, classify, is_gpu_device
+from leakhunt.proc.target import proc_read
 
 try:
     from leakhunt.proc import _smaps
@@ -28,8 +28,10 @@ except ImportError:  # built without a C compiler: the line parser does all the 
     _smaps = None
 
 _UPPER_A, _UPPER_Z = 65, 90
-_HEADER = re.compile(rb"([0-9a-fA-F]{1,16})-([0-9a-fA-F]{1,16}) +(\S{4}) +([0-9a-fA-F]+) +([0-9a-fA-F]+:[0-9a-fA-F]+) +"
-                     rb"(\d+)(?: +(.*))?$")
+_HEADER = re.compile(
+    rb"([0-9a-fA-F]{1,16})-([0-9a-fA-F]{1,16}) +(\S{4}) +([0-9a-fA-F]+) +([0-9a-fA-F]+:[0-9a-fA-F]+) +"
+    rb"(\d+)(?: +(.*))?$"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,17 +82,17 @@ class Snapshot:
     prints in kB, the plain number otherwise (THPeligible, ProtectionKey).
     """
 
-    start: np.ndarray          # uint64
-    end: np.ndarray            # uint64
-    offset: np.ndarray         # uint64
-    inode: np.ndarray          # uint64
+    start: np.ndarray  # uint64
+    end: np.ndarray  # uint64
+    offset: np.ndarray  # uint64
+    inode: np.ndarray  # uint64
     perms: list[str]
     dev: list[str]
     path: list[str]
     field_names: tuple[str, ...]
-    values: np.ndarray         # int64, (n, len(field_names))
+    values: np.ndarray  # int64, (n, len(field_names))
     vmflags: Sequence[str]
-    classes: np.ndarray        # uint8 codes into CLASSES
+    classes: np.ndarray  # uint8 codes into CLASSES
     gpu_process: bool
 
     def __len__(self) -> int:
@@ -98,9 +100,16 @@ class Snapshot:
 
     def __getitem__(self, i: int) -> Region:
         return Region(
-            int(self.start[i]), int(self.end[i]), self.perms[i], int(self.offset[i]), self.dev[i],
-            int(self.inode[i]), self.path[i], CLASSES[self.classes[i]],
-            dict(zip(self.field_names, self.values[i].tolist())), self.vmflags[i],
+            int(self.start[i]),
+            int(self.end[i]),
+            self.perms[i],
+            int(self.offset[i]),
+            self.dev[i],
+            int(self.inode[i]),
+            self.path[i],
+            CLASSES[self.classes[i]],
+            dict(zip(self.field_names, self.values[i].tolist())),
+            self.vmflags[i],
         )
 
     def __iter__(self) -> Iterator[Region]:
@@ -169,6 +178,7 @@ def parse_smaps(data: bytes, *, source: str = "smaps") -> Snapshot:
 
 # -- the one-pass C parser ------------------------------------------------------------------------
 
+
 def _parse_fast(data: bytes) -> Snapshot | None:
     """The C hot path (leakhunt/proc/_smaps.c); None when it is not built or the text is irregular."""
     if _smaps is None:
@@ -183,24 +193,51 @@ def _parse_fast(data: bytes) -> Snapshot | None:
     n = len(paths)
     table = np.frombuffer(values, np.int64).reshape(n, len(names))
     spans = np.frombuffer(vmflags, np.int64).reshape(n, 2)
-    flags: Sequence[str] = _Lines(data, spans[:, 0].tolist(), (spans[:, 0] + spans[:, 1]).tolist()) \
-        if n and spans[0, 0] >= 0 else [""] * n
-    return _assemble(np.frombuffer(start, np.uint64), np.frombuffer(end, np.uint64),
-                     np.frombuffer(offset, np.uint64), np.frombuffer(inode, np.uint64), perms, devs, paths,
-                     names, table, flags)
+    flags: Sequence[str] = (
+        _Lines(data, spans[:, 0].tolist(), (spans[:, 0] + spans[:, 1]).tolist())
+        if n and spans[0, 0] >= 0
+        else [""] * n
+    )
+    return _assemble(
+        np.frombuffer(start, np.uint64),
+        np.frombuffer(end, np.uint64),
+        np.frombuffer(offset, np.uint64),
+        np.frombuffer(inode, np.uint64),
+        perms,
+        devs,
+        paths,
+        names,
+        table,
+        flags,
+    )
 
 
 # -- headers and assembly -------------------------------------------------------------------------
 
-def _assemble(start, end, offset, inode, perms: list[str], devs: list[str], paths: list[str],
-              names: tuple[str, ...], values: np.ndarray, vmflags: Sequence[str]) -> Snapshot:
+
+def _assemble(
+    start,
+    end,
+    offset,
+    inode,
+    perms: list[str],
+    devs: list[str],
+    paths: list[str],
+    names: tuple[str, ...],
+    values: np.ndarray,
+    vmflags: Sequence[str],
+) -> Snapshot:
     """Classify every region (once per distinct path and permissions) and build the Snapshot."""
     gpu_process = any(is_gpu_device(p) for p in set(paths))
     cache: dict[tuple[str, str], int] = {}
     codes = np.fromiter(
-        (cache[key] if key in cache else cache.setdefault(key, CLASS_CODE[classify(*key, gpu_process)])
-         for key in zip(paths, perms)),
-        np.uint8, count=len(paths))
+        (
+            cache[key] if key in cache else cache.setdefault(key, CLASS_CODE[classify(*key, gpu_process)])
+            for key in zip(paths, perms)
+        ),
+        np.uint8,
+        count=len(paths),
+    )
     return Snapshot(start, end, offset, inode, perms, devs, paths, names, values, vmflags, codes, gpu_process)
 
 
@@ -216,16 +253,16 @@ class _Lines(Sequence[str]):
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        return self._data[self._starts[i]:self._ends[i]].strip().decode()
+        return self._data[self._starts[i] : self._ends[i]].strip().decode()
 
 
 def _empty_snapshot() -> Snapshot:
     z = np.zeros(0, np.uint64)
-    return Snapshot(z, z, z, z, [], [], [], (), np.zeros((0, 0), np.int64), [], np.zeros(0, np.uint8),
-                    False)
+    return Snapshot(z, z, z, z, [], [], [], (), np.zeros((0, 0), np.int64), [], np.zeros(0, np.uint8), False)
 
 
 # -- the line-by-line path ------------------------------------------------------------------------
+
 
 def _parse_generic(data: bytes, source: str) -> Snapshot:
     """Any smaps text: fields may differ between entries; missing fields read as zero."""
@@ -282,9 +319,15 @@ def _parse_generic(data: bytes, source: str) -> Snapshot:
     def intern(b: bytes) -> str:
         return text.get(b) or text.setdefault(b, b.decode("utf-8", "surrogateescape"))
 
-    return _assemble(np.array([int(r[0], 16) for r in rows], np.uint64),
-                     np.array([int(r[1], 16) for r in rows], np.uint64),
-                     np.array([int(r[3], 16) for r in rows], np.uint64),
-                     np.array([int(r[5]) for r in rows], np.uint64),
-                     [intern(r[2]) for r in rows], [intern(r[4]) for r in rows], [intern(r[6]) for r in rows],
-                     field_names, values, vmflags)
+    return _assemble(
+        np.array([int(r[0], 16) for r in rows], np.uint64),
+        np.array([int(r[1], 16) for r in rows], np.uint64),
+        np.array([int(r[3], 16) for r in rows], np.uint64),
+        np.array([int(r[5]) for r in rows], np.uint64),
+        [intern(r[2]) for r in rows],
+        [intern(r[4]) for r in rows],
+        [intern(r[6]) for r in rows],
+        field_names,
+        values,
+        vmflags,
+    )

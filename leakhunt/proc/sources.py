@@ -15,8 +15,8 @@ from leakhunt.proc.smaps import Snapshot, _read_file, parse_smaps, read_smaps
 @dataclass(frozen=True)
 class LoadedSnapshot:
     snapshot: Snapshot
-    label: str          # what to call it in output: a path, "pid 123", "rec@last (t=42.0s)"
-    kind: str           # "live", "smaps", "pmap -X", "recording"
+    label: str  # what to call it in output: a path, "pid 123", "rec@last (t=42.0s)"
+    kind: str  # "live", "smaps", "pmap -X", "recording"
 
 
 def live(pid: int) -> LoadedSnapshot:
@@ -56,8 +56,10 @@ def _from_recording(directory: Path, which: str) -> LoadedSnapshot:
     elif which.isdigit():
         earlier = [s for s in stored if s[0] <= int(which)]
         if not earlier:
-            raise BadInput(f"{directory}: no snapshot at or before sample {which} "
-                           f"(snapshots at {', '.join(str(s[0]) for s in stored)})")
+            raise BadInput(
+                f"{directory}: no snapshot at or before sample {which} "
+                f"(snapshots at {', '.join(str(s[0]) for s in stored)})"
+            )
         seq, t, rel = earlier[-1]
     else:
         raise BadInput(f"{directory}@{which}: say @first, @last or @SEQ (a sample number)")

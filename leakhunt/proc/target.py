@@ -16,8 +16,23 @@ from leakhunt.errors import AccessDenied, TargetGone
 PROC = Path(os.environ.get("LEAKHUNT_PROC", "/proc"))
 
 #: /proc/PID/status fields we keep (kB in the file, bytes here), besides Threads.
-STATUS_FIELDS = ("VmPeak", "VmSize", "VmLck", "VmPin", "VmHWM", "VmRSS", "RssAnon", "RssFile",
-                 "RssShmem", "VmData", "VmStk", "VmExe", "VmLib", "VmPTE", "VmSwap")
+STATUS_FIELDS = (
+    "VmPeak",
+    "VmSize",
+    "VmLck",
+    "VmPin",
+    "VmHWM",
+    "VmRSS",
+    "RssAnon",
+    "RssFile",
+    "RssShmem",
+    "VmData",
+    "VmStk",
+    "VmExe",
+    "VmLib",
+    "VmPTE",
+    "VmSwap",
+)
 
 
 def proc_read(pid: int, name: str) -> bytes:
@@ -29,7 +44,8 @@ def proc_read(pid: int, name: str) -> bytes:
         raise TargetGone(pid) from None
     except PermissionError:
         raise AccessDenied(
-            f"cannot read {path}: permission denied (run as root or as the process owner)") from None
+            f"cannot read {path}: permission denied (run as root or as the process owner)"
+        ) from None
     try:
         chunks = []
         while chunk := os.read(fd, 1 << 20):
@@ -38,7 +54,8 @@ def proc_read(pid: int, name: str) -> bytes:
         raise TargetGone(pid, f"process {pid} exited") from None
     except PermissionError:
         raise AccessDenied(
-            f"cannot read {path}: permission denied (the process changed credentials?)") from None
+            f"cannot read {path}: permission denied (the process changed credentials?)"
+        ) from None
     finally:
         os.close(fd)
     return b"".join(chunks)
@@ -77,11 +94,11 @@ class Target:
     """A live process, pinned by its start time so that pid reuse cannot fool us."""
 
     pid: int
-    start_time: int          # clock ticks since boot, field 22 of /proc/PID/stat
+    start_time: int  # clock ticks since boot, field 22 of /proc/PID/stat
     comm: str
     cmdline: str
     uid: int
-    nspid: tuple[int, ...]   # the pid in each nested pid namespace, outermost first
+    nspid: tuple[int, ...]  # the pid in each nested pid namespace, outermost first
 
     @property
     def root(self) -> Path:
@@ -96,14 +113,16 @@ class Target:
 
     def describe(self) -> str:
         # In a container the user knows the pid inside (NSpid's last): name both.
-        inside = f"; pid {self.nspid[-1]} inside" if len(self.nspid) > 1 and self.nspid[-1] != self.pid else ""
+        inside = (
+            f"; pid {self.nspid[-1]} inside" if len(self.nspid) > 1 and self.nspid[-1] != self.pid else ""
+        )
         return f"pid {self.pid} ({self.cmdline[:60] or self.comm}{inside})"
 
 
 def _stat_fields(pid: int) -> list[str]:
     stat = proc_read(pid, "stat").decode(errors="replace")
     # comm may contain spaces and parentheses: split after the last ')'.
-    return stat[stat.rindex(")") + 2:].split()
+    return stat[stat.rindex(")") + 2 :].split()
 
 
 def _start_time(pid: int) -> int:

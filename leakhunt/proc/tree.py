@@ -34,14 +34,14 @@ class ProcessTrack:
     target: Target
     sampler: Sampler
     history: History = field(default_factory=History)
-    first_seen: float = 0.0          # seconds since the tree's first sample
-    ended: str | None = None         # why it stopped being sampled ("exited", "permission lost")
+    first_seen: float = 0.0  # seconds since the tree's first sample
+    ended: str | None = None  # why it stopped being sampled ("exited", "permission lost")
     ended_at: float | None = None
 
 
 @dataclass
 class TreeTotals:
-    rss: int          # deduplicated: private pages plus each shared object once
+    rss: int  # deduplicated: private pages plus each shared object once
     pss: int
     uss: int
     classes: dict[RegionClass, int]
@@ -66,8 +66,11 @@ def tree_totals(snapshots: list[Snapshot]) -> TreeTotals:
             classes[key[0]] += int(private[i])
             groups[key] = groups.get(key, 0) + int(private[i])
         for i in np.flatnonzero(shared_now):
-            obj = (snap.dev[i], int(snap.inode[i]), int(snap.offset[i])) if snap.inode[i] else \
-                ("anon", int(snap.start[i]))
+            obj = (
+                (snap.dev[i], int(snap.inode[i]), int(snap.offset[i]))
+                if snap.inode[i]
+                else ("anon", int(snap.start[i]))
+            )
             size = int(shared_now[i])
             if obj not in shared or shared[obj][0] < size:
                 shared[obj] = (size, CLASSES[snap.classes[i]], group_path(int(snap.classes[i]), snap.path[i]))
@@ -84,7 +87,7 @@ def tree_totals(snapshots: list[Snapshot]) -> TreeTotals:
 class TreeResult:
     root: ProcessTrack
     tracks: list[ProcessTrack]
-    tree: History                  # the deduplicated totals, one entry per tick
+    tree: History  # the deduplicated totals, one entry per tick
     pss: list[int]
     uss: list[int]
     stopped_because: str
@@ -94,16 +97,17 @@ class TreeResult:
 class TreeSampler:
     """Samples a pid and all its descendants every interval, picking up new children as they come."""
 
-    def __init__(self, root: Target, interval: float = 1.0, keep_raw: bool = False,
-                 gpu: NvmlReader | None = None) -> None:
+    def __init__(
+        self, root: Target, interval: float = 1.0, keep_raw: bool = False, gpu: NvmlReader | None = None
+    ) -> None:
         self.interval = interval
         self.keep_raw = keep_raw
         self.gpu = gpu
         self.t0 = time.monotonic()
         self.root = ProcessTrack(root, Sampler(root, interval, keep_raw, t0=self.t0, gpu=gpu))
         self.tracks: dict[int, ProcessTrack] = {root.pid: self.root}
-        self.skipped: dict[int, str] = {}   # children we could not read, and why
-        self.tree = History()               # the deduplicated totals, one entry per tick
+        self.skipped: dict[int, str] = {}  # children we could not read, and why
+        self.tree = History()  # the deduplicated totals, one entry per tick
         self.pss: list[int] = []
         self.uss: list[int] = []
 
@@ -122,8 +126,11 @@ class TreeSampler:
             except (TargetGone, AccessDenied) as e:
                 self.skipped[child.pid] = str(e)
                 continue
-            track = ProcessTrack(target, Sampler(target, self.interval, self.keep_raw, t0=self.t0, gpu=self.gpu),
-                                 first_seen=time.monotonic() - self.t0)
+            track = ProcessTrack(
+                target,
+                Sampler(target, self.interval, self.keep_raw, t0=self.t0, gpu=self.gpu),
+                first_seen=time.monotonic() - self.t0,
+            )
             self.tracks[child.pid] = track
             new.append(track)
         return new
@@ -153,15 +160,26 @@ class TreeSampler:
             raise TargetGone(self.root.target.pid, f"process {self.root.target.pid} exited")
         totals = tree_totals([s.snapshot for s in samples])
         device = sum(s.gpu_bytes for s in samples if s.gpu_bytes) if self.gpu is not None else None
-        self.tree.append(began - self.t0, time.time(), totals.rss, totals.classes, totals.groups,
-                         totals.group_regions, time.monotonic() - began, device)
+        self.tree.append(
+            began - self.t0,
+            time.time(),
+            totals.rss,
+            totals.classes,
+            totals.groups,
+            totals.group_regions,
+            time.monotonic() - began,
+            device,
+        )
         self.pss.append(totals.pss)
         self.uss.append(totals.uss)
         return samples
 
-    def run(self, duration: float | None,
-            on_tick: Callable[[list[Sample], TreeSampler, History], None] | None = None,
-            stop: threading.Event | None = None) -> TreeResult:
+    def run(
+        self,
+        duration: float | None,
+        on_tick: Callable[[list[Sample], TreeSampler, History], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> TreeResult:
         pace = Pace(self.interval, duration, stop)
         error = None
         reason = None
@@ -178,8 +196,9 @@ class TreeSampler:
                     on_tick(samples, self, self.tree)
         except KeyboardInterrupt:
             reason = STOP_INTERRUPTED
-        return TreeResult(self.root, list(self.tracks.values()), self.tree, self.pss, self.uss,
-                          reason or pace.reason, error)
+        return TreeResult(
+            self.root, list(self.tracks.values()), self.tree, self.pss, self.uss, reason or pace.reason, error
+        )
 
 
 def descendants(pid: int) -> tuple[int, ...]:
@@ -195,4 +214,6 @@ def children_hint(pid: int) -> str | None:
     n = len(descendants(pid))
     if not n:
         return None
-    return f"pid {pid} has {n} child process{'es' if n > 1 else ''}: add --subprocesses to follow the whole tree"
+    return (
+        f"pid {pid} has {n} child process{'es' if n > 1 else ''}: add --subprocesses to follow the whole tree"
+    )

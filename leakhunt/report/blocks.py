@@ -5,7 +5,7 @@ them, so a new section never touches a renderer and a new format never touches a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 Tone = Literal["info", "good", "warn", "bad"]
 
@@ -41,8 +41,8 @@ class Facts:
 class Table:
     headers: tuple[str, ...]
     rows: tuple[tuple[str, ...], ...]
-    align: str = ""          # one letter per column: l or r (default: first l, the rest r)
-    code_columns: tuple[int, ...] = ()   # columns shown as code (paths, stacks)
+    align: str = ""  # one letter per column: l or r (default: first l, the rest r)
+    code_columns: tuple[int, ...] = ()  # columns shown as code (paths, stacks)
     caption: str = ""
 
     def alignment(self) -> str:
@@ -53,7 +53,7 @@ class Table:
 class Figure:
     """A rendered plot: PNG bytes and a caption that says what to look at."""
 
-    name: str                # file-name friendly, unique within a report
+    name: str  # file-name friendly, unique within a report
     png: bytes
     caption: str
 
@@ -64,7 +64,7 @@ class Code:
     caption: str = ""
 
 
-Block = Union[Para, Callout, Facts, Table, Figure, Code]
+Block = Para | Callout | Facts | Table | Figure | Code
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,9 @@ class Headline:
     title: str
     subtitle: str
     tone: Tone
-    badge: str               # LEAK, PLATEAU, NO LEAK, INCONCLUSIVE
-    answer: str              # the verdict sentence
-    numbers: tuple[tuple[str, str], ...]   # big key figures: (label, value)
+    badge: str  # LEAK, PLATEAU, NO LEAK, INCONCLUSIVE
+    answer: str  # the verdict sentence
+    numbers: tuple[tuple[str, str], ...]  # big key figures: (label, value)
 
 
 @dataclass(frozen=True)

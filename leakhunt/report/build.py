@@ -44,8 +44,11 @@ def _safely(make: Callable[[ReportData], Section | None], data: ReportData) -> S
         return make(data)
     except Exception as e:  # noqa: BLE001 - any failure of one section, reported in the page
         title = make.__name__.replace("_", " ").capitalize()
-        return Section(title, make.__name__, (Callout("warn", "This section could not be drawn",
-                                                      f"{type(e).__name__}: {e}"),))
+        return Section(
+            title,
+            make.__name__,
+            (Callout("warn", "This section could not be drawn", f"{type(e).__name__}: {e}"),),
+        )
 
 
 def _target_name(session: dict) -> str:
@@ -61,8 +64,12 @@ def headline(data: ReportData) -> Headline:
     s = data.session
     m = data.memory
     title = f"Memory report: {_target_name(s)}"
-    parts = [f"leakhunt {s.get('command', '?')}", f"pid {context_sections.pid_text(s)}", str(s.get("host", "")),
-             context_sections.when(s.get("started"))]
+    parts = [
+        f"leakhunt {s.get('command', '?')}",
+        f"pid {context_sections.pid_text(s)}",
+        str(s.get("host", "")),
+        context_sections.when(s.get("started")),
+    ]
     if m is not None:
         parts.append(f"{format_duration(m.duration_s)}, {m.samples} samples")
     if not data.recording.complete:
@@ -71,10 +78,16 @@ def headline(data: ReportData) -> Headline:
     if m is None:
         if data.tracer is not None:
             t = data.tracer
-            return Headline(title, subtitle, "info", "TRACE ONLY",
-                            f"No memory samples in this recording, only the tracer's: "
-                            f"{format_bytes(t.outstanding_bytes)} outstanding in {t.outstanding_mappings} mappings "
-                            f"at the end, {t.events} events, {t.lost_events} lost.", ())
+            return Headline(
+                title,
+                subtitle,
+                "info",
+                "TRACE ONLY",
+                f"No memory samples in this recording, only the tracer's: "
+                f"{format_bytes(t.outstanding_bytes)} outstanding in {t.outstanding_mappings} mappings "
+                f"at the end, {t.events} events, {t.lost_events} lost.",
+                (),
+            )
         return Headline(title, subtitle, "info", "NO DATA", "The recording holds no sample.", ())
     v = m.rss.verdict
     if v.leak:
@@ -91,7 +104,11 @@ def headline(data: ReportData) -> Headline:
     finding = device_finding(m)
     if finding:
         # A GPU leak leaves host RSS alone: its sentence leads when RSS has nothing to say.
-        answer = f"{sentence(finding)} Host RSS: {v.reason.rstrip('.')}." if not v.leak else f"{answer} {sentence(finding)}"
+        answer = (
+            f"{sentence(finding)} Host RSS: {v.reason.rstrip('.')}."
+            if not v.leak
+            else f"{answer} {sentence(finding)}"
+        )
     top = m.top_class()
     if v.leak and top is not None:
         answer += f" Most of it is {top.value} memory ({format_bytes(m.classes[top].growth, signed=True)})."
@@ -99,9 +116,13 @@ def headline(data: ReportData) -> Headline:
     if culprits:
         share = culprits[0].explained_fraction
         answer += f" Top culprit: {culprits[0].label}" + (
-            f" ({format_share(share)} of the growth)." if math.isfinite(share) else ".")
-    numbers = [("RSS at the end", format_bytes(m.rss.end)), ("growth", format_bytes(m.rss.growth, signed=True)),
-               ("slope", format_rate(v.trend.slope))]
+            f" ({format_share(share)} of the growth)." if math.isfinite(share) else "."
+        )
+    numbers = [
+        ("RSS at the end", format_bytes(m.rss.end)),
+        ("growth", format_bytes(m.rss.growth, signed=True)),
+        ("slope", format_rate(v.trend.slope)),
+    ]
     if top is not None:
         numbers.append((f"{top.value} growth", format_bytes(m.classes[top].growth, signed=True)))
     if m.device is not None:

@@ -15,9 +15,20 @@ from leakhunt.report.recorded import ReportData
 from leakhunt.units import format_duration
 
 #: session.json keys shown under their own labels; any other key a command adds is shown as is.
-_KNOWN = {"format": None, "argv": None, "started": None, "tool": "recorded by", "command": "command",
-          "host": "host", "kernel": "kernel", "python": "Python", "pid": "target pid",
-          "cmdline": "target command line", "interval_s": "sample interval", "nspid": None}
+_KNOWN = {
+    "format": None,
+    "argv": None,
+    "started": None,
+    "tool": "recorded by",
+    "command": "command",
+    "host": "host",
+    "kernel": "kernel",
+    "python": "Python",
+    "pid": "target pid",
+    "cmdline": "target command line",
+    "interval_s": "sample interval",
+    "nspid": None,
+}
 
 
 def inner_pid(s: dict) -> int | None:
@@ -37,7 +48,7 @@ def pid_text(s: dict) -> str:
 def when(ts: float | None) -> str:
     if not ts:
         return "unknown"
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def environment(data: ReportData) -> Section:
@@ -46,7 +57,9 @@ def environment(data: ReportData) -> Section:
     for key, label in _KNOWN.items():
         if label and s.get(key) not in (None, ""):
             value = s[key]
-            text = format_duration(value) if key == "interval_s" else pid_text(s) if key == "pid" else str(value)
+            text = (
+                format_duration(value) if key == "interval_s" else pid_text(s) if key == "pid" else str(value)
+            )
             rows.append((label, text))
     for key, value in s.items():
         if key not in _KNOWN and value not in (None, "", [], {}):
@@ -54,10 +67,14 @@ def environment(data: ReportData) -> Section:
     no_device = device_unavailable(data)
     if no_device:
         rows.append(("device memory (NVML)", no_device))
-    streams = ", ".join(f"{name} ({sum(1 for _ in data.recording.records(name))})"
-                        for name in data.recording.streams())
-    rows += [("streams", streams or "none"), ("recording", str(data.recording.dir)),
-             ("rendered by", f"leakhunt {__version__}, matplotlib {matplotlib.__version__}")]
+    streams = ", ".join(
+        f"{name} ({sum(1 for _ in data.recording.records(name))})" for name in data.recording.streams()
+    )
+    rows += [
+        ("streams", streams or "none"),
+        ("recording", str(data.recording.dir)),
+        ("rendered by", f"leakhunt {__version__}, matplotlib {matplotlib.__version__}"),
+    ]
     return Section("Environment", "environment", (Facts(tuple(rows)),))
 
 
@@ -79,13 +96,19 @@ def reproduce(data: ReportData) -> Section:
     # The recorded pid is history by now: the commands below name the process to start or find.
     lines += ["", "# start the target again (PID: its new process id), then watch it"]
     if inner_pid(s) is not None:
-        lines += ["# it ran in a container: PID is its pid on the host, e.g.",
-                  "#   docker inspect --format '{{.State.Pid}}' CONTAINER"]
+        lines += [
+            "# it ran in a container: PID is its pid on the host, e.g.",
+            "#   docker inspect --format '{{.State.Pid}}' CONTAINER",
+        ]
     if cmdline:
         lines.append(str(cmdline))
     interval = format_duration(s.get("interval_s") or 1.0)
     lines.append(f"leakhunt watch --pid PID --interval {interval} --record NEW_DIR")
     lines += ["", "# name the code that maps the memory", "leakhunt investigate --pid PID --record NEW_DIR"]
     if (d / "memray.bin").exists():
-        lines += ["", "# the Python heap, by allocation site", f"memray flamegraph {shlex.quote(str(d / 'memray.bin'))}"]
+        lines += [
+            "",
+            "# the Python heap, by allocation site",
+            f"memray flamegraph {shlex.quote(str(d / 'memray.bin'))}",
+        ]
     return Section("Reproduce", "reproduce", (Code("\n".join(lines)),))

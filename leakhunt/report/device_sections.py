@@ -27,22 +27,43 @@ def device_memory(data: ReportData) -> Section | None:
     blocks = []
     finding = device_finding(m)
     if finding:
-        blocks.append(Callout("bad", sentence(finding),
-                              "smaps and every host-side profiler miss this memory: it is on the GPU. Look "
-                              "for tensors kept per request (caches, lists of outputs, autograd graphs "
-                              "held by a reference)."))
-    blocks.append(Figure("device-memory", plots.device_vs_rss(t, np.asarray(h.gpu, float), np.asarray(h.rss, float),
-                                                              v.trend, v.warmup_s, v.leak),
-                         "Device memory the process uses according to NVML (summed over its GPUs) and host "
-                         "RSS, both as growth since the first sample; the dashed line is the device "
-                         "series' robust (Theil–Sen) trend after the warm-up."))
-    interval = (f"{format_rate(v.trend.lo)} .. {format_rate(v.trend.hi)}"
-                if np.isfinite(v.trend.lo) and np.isfinite(v.trend.hi) else "n/a")
-    blocks.append(Facts((("device memory at the end", format_bytes(d.end)),
-                         ("growth", format_bytes(d.growth, signed=True)),
-                         ("slope", format_rate(v.trend.slope)), ("95% interval", interval),
-                         ("verdict", "leak" if v.leak else "plateau" if v.plateau else "no leak"),
-                         ("fitted window", f"{format_duration(v.trend.duration_s)}, {v.trend.samples} samples"))))
+        blocks.append(
+            Callout(
+                "bad",
+                sentence(finding),
+                "smaps and every host-side profiler miss this memory: it is on the GPU. Look "
+                "for tensors kept per request (caches, lists of outputs, autograd graphs "
+                "held by a reference).",
+            )
+        )
+    blocks.append(
+        Figure(
+            "device-memory",
+            plots.device_vs_rss(
+                t, np.asarray(h.gpu, float), np.asarray(h.rss, float), v.trend, v.warmup_s, v.leak
+            ),
+            "Device memory the process uses according to NVML (summed over its GPUs) and host "
+            "RSS, both as growth since the first sample; the dashed line is the device "
+            "series' robust (Theil–Sen) trend after the warm-up.",
+        )
+    )
+    interval = (
+        f"{format_rate(v.trend.lo)} .. {format_rate(v.trend.hi)}"
+        if np.isfinite(v.trend.lo) and np.isfinite(v.trend.hi)
+        else "n/a"
+    )
+    blocks.append(
+        Facts(
+            (
+                ("device memory at the end", format_bytes(d.end)),
+                ("growth", format_bytes(d.growth, signed=True)),
+                ("slope", format_rate(v.trend.slope)),
+                ("95% interval", interval),
+                ("verdict", "leak" if v.leak else "plateau" if v.plateau else "no leak"),
+                ("fitted window", f"{format_duration(v.trend.duration_s)}, {v.trend.samples} samples"),
+            )
+        )
+    )
     blocks.append(Para(sentence(v.reason)))
     return Section("Device memory", "device", tuple(blocks))
 

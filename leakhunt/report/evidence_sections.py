@@ -28,10 +28,18 @@ def heap_versus_rss(data: ReportData) -> Section | None:
     if heap is None:
         if not _is_python(data):
             return None
-        return Section("Python heap versus RSS", "heap", (Callout(
-            "info", "No Python heap data in this recording",
-            "The target is a Python program: run the gate with --heap (memray alongside) to see the heap "
-            "next to RSS; the gap between them is what no heap profiler can see."),))
+        return Section(
+            "Python heap versus RSS",
+            "heap",
+            (
+                Callout(
+                    "info",
+                    "No Python heap data in this recording",
+                    "The target is a Python program: run the gate with --heap (memray alongside) to see the heap "
+                    "next to RSS; the gap between them is what no heap profiler can see.",
+                ),
+            ),
+        )
     if not len(h) or len(heap.t) < 2:
         return None
     t, rss_growth, heap_growth = aligned_growth(np.asarray(h.t), np.asarray(h.rss, float), heap)
@@ -40,16 +48,25 @@ def heap_versus_rss(data: ReportData) -> Section | None:
     outside = rss_growth[-1] - heap_growth[-1]
     share = outside / rss_growth[-1] if rss_growth[-1] > 0 else math.nan
     tone = "bad" if rss_growth[-1] > 0 and share > 0.5 else "info"
-    sentence = (f"RSS grew {format_bytes(rss_growth[-1], signed=True)} while memray saw the Python heap grow "
-                f"{format_bytes(heap_growth[-1], signed=True)}: {format_bytes(max(outside, 0))}"
-                + (f" ({format_share(share)}) of the growth" if math.isfinite(share) else "")
-                + " is memory a heap profiler cannot see (raw mmap syscalls, shared memory, driver mappings).")
-    blocks = [Figure("heap-vs-rss", plots.heap_vs_rss(t, rss_growth, heap_growth),
-                     f"Growth of RSS and of the heap memray tracked ({heap.mode} mode) from the moment "
-                     "tracking began."),
-              Callout(tone, "Outside the heap" if tone == "bad" else "Heap and RSS", sentence)]
+    sentence = (
+        f"RSS grew {format_bytes(rss_growth[-1], signed=True)} while memray saw the Python heap grow "
+        f"{format_bytes(heap_growth[-1], signed=True)}: {format_bytes(max(outside, 0))}"
+        + (f" ({format_share(share)}) of the growth" if math.isfinite(share) else "")
+        + " is memory a heap profiler cannot see (raw mmap syscalls, shared memory, driver mappings)."
+    )
+    blocks = [
+        Figure(
+            "heap-vs-rss",
+            plots.heap_vs_rss(t, rss_growth, heap_growth),
+            f"Growth of RSS and of the heap memray tracked ({heap.mode} mode) from the moment "
+            "tracking began.",
+        ),
+        Callout(tone, "Outside the heap" if tone == "bad" else "Heap and RSS", sentence),
+    ]
     if (data.recording.dir / "memray.bin").exists():
-        blocks.append(Para(f"The memray capture is kept: memray flamegraph {data.recording.dir / 'memray.bin'}"))
+        blocks.append(
+            Para(f"The memray capture is kept: memray flamegraph {data.recording.dir / 'memray.bin'}")
+        )
     return Section("Python heap versus RSS", "heap", tuple(blocks))
 
 
@@ -59,22 +76,46 @@ def no_tracer_data(data: ReportData) -> Section | None:
         return None
     blocks = []
     if not data.has_tracer_data:
-        blocks.append(Callout("info", "No tracer data in this recording",
-                              "Nothing here says which code mapped the memory. Record the mmap tracer and "
-                              f"the correlator with: leakhunt investigate --pid {_pid(data)} --record NEW_DIR"))
+        blocks.append(
+            Callout(
+                "info",
+                "No tracer data in this recording",
+                "Nothing here says which code mapped the memory. Record the mmap tracer and "
+                f"the correlator with: leakhunt investigate --pid {_pid(data)} --record NEW_DIR",
+            )
+        )
     else:
-        blocks.append(Callout("info", "No culprit verdict in this recording",
-                              "The tracer ran but the correlator did not (trace-mmap records the ledger; "
-                              f"investigate joins it with the regions that grew): leakhunt investigate --pid {_pid(data)}"))
+        blocks.append(
+            Callout(
+                "info",
+                "No culprit verdict in this recording",
+                "The tracer ran but the correlator did not (trace-mmap records the ledger; "
+                f"investigate joins it with the regions that grew): leakhunt investigate --pid {_pid(data)}",
+            )
+        )
     if data.tracer is not None:
         t = data.tracer
-        blocks.append(Facts((("events traced", str(t.events)), ("events lost", str(t.lost_events)),
-                             ("outstanding at the end", f"{format_bytes(t.outstanding_bytes)} in "
-                                                        f"{t.outstanding_mappings} mappings"),
-                             ("backend", str(data.session.get("backend", "")) or "not recorded"))))
+        blocks.append(
+            Facts(
+                (
+                    ("events traced", str(t.events)),
+                    ("events lost", str(t.lost_events)),
+                    (
+                        "outstanding at the end",
+                        f"{format_bytes(t.outstanding_bytes)} in {t.outstanding_mappings} mappings",
+                    ),
+                    ("backend", str(data.session.get("backend", "")) or "not recorded"),
+                )
+            )
+        )
     if data.event_counts:
-        blocks.append(Table(("event", "count"), tuple(sorted((k, str(v)) for k, v in data.event_counts.items())),
-                            caption="Memory syscalls recorded one by one in this recording."))
+        blocks.append(
+            Table(
+                ("event", "count"),
+                tuple(sorted((k, str(v)) for k, v in data.event_counts.items())),
+                caption="Memory syscalls recorded one by one in this recording.",
+            )
+        )
     return Section("Who mapped it", "culprits", tuple(blocks))
 
 
@@ -86,27 +127,53 @@ def who_mapped_it(data: ReportData) -> Section | None:
     cs = culprits.culprits
     total = sum(c.bytes for c in cs)
     unexplained = culprits.unexplained_bytes if math.isfinite(culprits.unexplained_bytes) else None
-    if unexplained is None and math.isfinite(culprits.explained_fraction) and 0 < culprits.explained_fraction < 1:
+    if (
+        unexplained is None
+        and math.isfinite(culprits.explained_fraction)
+        and 0 < culprits.explained_fraction < 1
+    ):
         unexplained = total / culprits.explained_fraction - total
     blocks = []
     if culprits.sentence:
         blocks.append(Callout("bad", sentence(culprits.sentence)))
-    blocks.append(Figure("attribution", plots.attribution([c.label for c in cs], [c.bytes for c in cs], unexplained),
-                         "Growth each caller's outstanding mappings explain (mapped, never unmapped, inside the "
-                         "regions that grew), and what no traced mapping explains."))
+    blocks.append(
+        Figure(
+            "attribution",
+            plots.attribution([c.label for c in cs], [c.bytes for c in cs], unexplained),
+            "Growth each caller's outstanding mappings explain (mapped, never unmapped, inside the "
+            "regions that grew), and what no traced mapping explains.",
+        )
+    )
     if math.isfinite(culprits.explained_fraction):
         explained = format_share(culprits.explained_fraction)
         blocks.append(Para(f"The culprits below explain {explained} of the growth."))
-    blocks.append(Table(("caller", "bytes", "slope", "share of growth", "evidence"),
-                        tuple((c.label, format_bytes(c.bytes), format_rate(c.slope),
-                               format_share(c.explained_fraction) if math.isfinite(c.explained_fraction) else "",
-                               c.evidence) for c in cs), align="lrrrl", code_columns=(0,)))
+    blocks.append(
+        Table(
+            ("caller", "bytes", "slope", "share of growth", "evidence"),
+            tuple(
+                (
+                    c.label,
+                    format_bytes(c.bytes),
+                    format_rate(c.slope),
+                    format_share(c.explained_fraction) if math.isfinite(c.explained_fraction) else "",
+                    c.evidence,
+                )
+                for c in cs
+            ),
+            align="lrrrl",
+            code_columns=(0,),
+        )
+    )
     for c in cs:
         if c.explanation:
             blocks.append(Para(f"{c.label}: {c.explanation}"))
         if c.stack:
-            blocks.append(Code("\n".join(c.stack) + ("\n... (partial stack)" if c.stack_partial else ""),
-                               caption=f"stack of {c.label}, innermost frame first"))
+            blocks.append(
+                Code(
+                    "\n".join(c.stack) + ("\n... (partial stack)" if c.stack_partial else ""),
+                    caption=f"stack of {c.label}, innermost frame first",
+                )
+            )
         if c.remedies:
             blocks.append(Facts(tuple(("remedy", r) for r in c.remedies)))
     return Section("Who mapped it", "culprits", tuple(blocks))
@@ -116,9 +183,19 @@ def outstanding_by_caller(data: ReportData) -> Section | None:
     callers = data.callers
     if callers is None or len(callers.t) < 2:
         return None
-    rows = tuple((caller, format_bytes(callers.bytes[-1, i]), format_bytes(callers.bytes[:, i].max()))
-                 for i, caller in enumerate(callers.callers))
-    return Section("Outstanding bytes by caller", "ledger", (
-        Figure("outstanding-by-caller", plots.outstanding_by_caller(callers.t, callers.callers, callers.bytes),
-               "Bytes mapped and not yet unmapped, by the caller past the libc wrapper, over the run."),
-        Table(("caller", "outstanding at the end", "peak"), rows, code_columns=(0,))))
+    rows = tuple(
+        (caller, format_bytes(callers.bytes[-1, i]), format_bytes(callers.bytes[:, i].max()))
+        for i, caller in enumerate(callers.callers)
+    )
+    return Section(
+        "Outstanding bytes by caller",
+        "ledger",
+        (
+            Figure(
+                "outstanding-by-caller",
+                plots.outstanding_by_caller(callers.t, callers.callers, callers.bytes),
+                "Bytes mapped and not yet unmapped, by the caller past the libc wrapper, over the run.",
+            ),
+            Table(("caller", "outstanding at the end", "peak"), rows, code_columns=(0,)),
+        ),
+    )

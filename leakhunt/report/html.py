@@ -54,17 +54,23 @@ footer { color:var(--muted); font-size:12px; margin-top:24px; text-align:center;
 
 
 def _headline(h: Headline, sections: tuple[Section, ...]) -> str:
-    numbers = "".join(f'<div class="number"><b>{escape(v)}</b><span>{escape(k)}</span></div>' for k, v in h.numbers)
+    numbers = "".join(
+        f'<div class="number"><b>{escape(v)}</b><span>{escape(k)}</span></div>' for k, v in h.numbers
+    )
     nav = " ".join(f'<a href="#{s.anchor}">{escape(s.title)}</a>' for s in sections)
-    return (f'<header class="headline tone-{h.tone}"><h1>{escape(h.title)}</h1>'
-            f'<div class="sub">{escape(h.subtitle)}</div>'
-            f'<div class="answer"><span class="badge">{escape(h.badge)}</span><div>{escape(h.answer)}</div></div>'
-            f'<div class="numbers">{numbers}</div><nav>{nav}</nav></header>')
+    return (
+        f'<header class="headline tone-{h.tone}"><h1>{escape(h.title)}</h1>'
+        f'<div class="sub">{escape(h.subtitle)}</div>'
+        f'<div class="answer"><span class="badge">{escape(h.badge)}</span><div>{escape(h.answer)}</div></div>'
+        f'<div class="numbers">{numbers}</div><nav>{nav}</nav></header>'
+    )
 
 
 def _table(t: Table) -> str:
     align = t.alignment()
-    head = "".join(f'<th class="{"r" if align[i] == "r" else ""}">{escape(h)}</th>' for i, h in enumerate(t.headers))
+    head = "".join(
+        f'<th class="{"r" if align[i] == "r" else ""}">{escape(h)}</th>' for i, h in enumerate(t.headers)
+    )
     rows = []
     for row in t.rows:
         cells = []
@@ -89,8 +95,10 @@ def _block(b: Block) -> str:
         return _table(b)
     if isinstance(b, Figure):
         data = base64.b64encode(b.png).decode()
-        return (f'<figure><img alt="{escape(b.caption)}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{escape(b.caption)}</figcaption></figure>")
+        return (
+            f'<figure><img alt="{escape(b.caption)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{escape(b.caption)}</figcaption></figure>"
+        )
     if isinstance(b, Code):
         caption = f'<div class="caption">{escape(b.caption)}</div>' if b.caption else ""
         return f"{caption}<pre>{escape(b.text)}</pre>"
@@ -98,10 +106,14 @@ def _block(b: Block) -> str:
 
 
 def render_html(report: Report) -> str:
-    body = "".join(f'<section id="{s.anchor}"><h2>{escape(s.title)}</h2>{"".join(_block(b) for b in s.blocks)}</section>'
-                   for s in report.sections)
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{escape(report.headline.title)}</title><style>{CSS}</style></head>"
-            f"<body><main>{_headline(report.headline, report.sections)}{body}"
-            f"<footer>leakhunt report · {escape(report.headline.subtitle)}</footer></main></body></html>\n")
+    body = "".join(
+        f'<section id="{s.anchor}"><h2>{escape(s.title)}</h2>{"".join(_block(b) for b in s.blocks)}</section>'
+        for s in report.sections
+    )
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{escape(report.headline.title)}</title><style>{CSS}</style></head>"
+        f"<body><main>{_headline(report.headline, report.sections)}{body}"
+        f"<footer>leakhunt report · {escape(report.headline.subtitle)}</footer></main></body></html>\n"
+    )

@@ -18,9 +18,13 @@ def _cell(text: str, code: bool) -> str:
 
 def _table(t: Table) -> list[str]:
     align = t.alignment()
-    lines = ["| " + " | ".join(t.headers) + " |",
-             "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
-    lines += ["| " + " | ".join(_cell(c, i in t.code_columns) for i, c in enumerate(row)) + " |" for row in t.rows]
+    lines = [
+        "| " + " | ".join(t.headers) + " |",
+        "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
+    ]
+    lines += [
+        "| " + " | ".join(_cell(c, i in t.code_columns) for i, c in enumerate(row)) + " |" for row in t.rows
+    ]
     if t.caption:
         lines += ["", f"_{t.caption}_"]
     return lines
@@ -54,7 +58,14 @@ def render_markdown(report: Report, path: Path | None = None) -> str:
         plots_dir.mkdir(parents=True, exist_ok=True)
         link_base = plots_dir.name
     h = report.headline
-    lines = [f"# {h.title}", "", f"_{h.subtitle}_", "", f"**{_TONE_MARK[h.tone]} {h.badge}** — {h.answer}", ""]
+    lines = [
+        f"# {h.title}",
+        "",
+        f"_{h.subtitle}_",
+        "",
+        f"**{_TONE_MARK[h.tone]} {h.badge}** — {h.answer}",
+        "",
+    ]
     lines += [" · ".join(f"**{k}** {v}" for k, v in h.numbers), ""]
     for s in report.sections:
         lines += [f"## {s.title}", ""]

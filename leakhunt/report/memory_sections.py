@@ -29,17 +29,28 @@ def recording_state(data: ReportData) -> Section | None:
     blocks = []
     rec = data.recording
     if not rec.complete:
-        blocks.append(Callout("warn", "Incomplete recording",
-                              "leakhunt stopped before it wrote summary.json (it was killed, or the machine "
-                              "went down). Everything recorded up to the last sample is shown."))
+        blocks.append(
+            Callout(
+                "warn",
+                "Incomplete recording",
+                "leakhunt stopped before it wrote summary.json (it was killed, or the machine "
+                "went down). Everything recorded up to the last sample is shown.",
+            )
+        )
     if data.target_died:
         stopped = (rec.summary or {}).get("stopped_because") or next(
-            (n for n in data.notes if is_exit_note(n)), "")
+            (n for n in data.notes if is_exit_note(n)), ""
+        )
         blocks.append(Callout("warn", "The target exited during the run", str(stopped)))
     if data.memory is None:
-        blocks.append(Callout("info" if data.has_tracer_data else "bad", "No memory samples",
-                              "the recording holds no smaps sample of the target (watch, ci and investigate "
-                              "record them; trace-mmap alone does not)."))
+        blocks.append(
+            Callout(
+                "info" if data.has_tracer_data else "bad",
+                "No memory samples",
+                "the recording holds no smaps sample of the target (watch, ci and investigate "
+                "record them; trace-mmap alone does not).",
+            )
+        )
     for problem in data.problems:
         blocks.append(Callout("info", "Recording problem", problem))
     other = [n for n in data.notes if not is_exit_note(n)]
@@ -54,16 +65,38 @@ def where_memory_is(data: ReportData) -> Section | None:
         return None
     t = np.asarray(h.t)
     classes = {c: np.asarray(h.classes[c], float) for c in m.classes}
-    fig = Figure("rss-by-class", plots.rss_by_class(t, classes, m.rss.verdict.warmup_s),
-                 "RSS of the target split by the kind of memory (region class), stacked. The class that "
-                 "grew most is on top.")
-    rows = [("total", format_bytes(m.rss.start), format_bytes(m.rss.end), format_bytes(m.rss.growth, signed=True),
-             format_rate(m.rss.verdict.trend.slope), _interval(m.rss.verdict.trend), _verdict_word(m.rss.verdict))]
+    fig = Figure(
+        "rss-by-class",
+        plots.rss_by_class(t, classes, m.rss.verdict.warmup_s),
+        "RSS of the target split by the kind of memory (region class), stacked. The class that "
+        "grew most is on top.",
+    )
+    rows = [
+        (
+            "total",
+            format_bytes(m.rss.start),
+            format_bytes(m.rss.end),
+            format_bytes(m.rss.growth, signed=True),
+            format_rate(m.rss.verdict.trend.slope),
+            _interval(m.rss.verdict.trend),
+            _verdict_word(m.rss.verdict),
+        )
+    ]
     for klass, s in sorted(m.classes.items(), key=lambda kv: -kv[1].growth):
-        rows.append((klass.value, format_bytes(s.start), format_bytes(s.end), format_bytes(s.growth, signed=True),
-                     format_rate(s.verdict.trend.slope), _interval(s.verdict.trend), _verdict_word(s.verdict)))
-    table = Table(("class", "first", "last", "growth", "slope", "95% interval", "verdict"), tuple(rows),
-                  align="lrrrrrl")
+        rows.append(
+            (
+                klass.value,
+                format_bytes(s.start),
+                format_bytes(s.end),
+                format_bytes(s.growth, signed=True),
+                format_rate(s.verdict.trend.slope),
+                _interval(s.verdict.trend),
+                _verdict_word(s.verdict),
+            )
+        )
+    table = Table(
+        ("class", "first", "last", "growth", "slope", "95% interval", "verdict"), tuple(rows), align="lrrrrrl"
+    )
     return Section("Where the memory is", "classes", (fig, table))
 
 
@@ -74,24 +107,59 @@ def what_grew(data: ReportData) -> Section | None:
     blocks = []
     if m.groups:
         t = np.asarray(h.t)
-        series = [(g.label, g.klass, np.asarray(h.group_series((g.klass, g.path)), float))
-                  for g in m.groups[:MAX_GROUP_LINES]]
-        blocks.append(Figure("top-groups", plots.group_growth(t, series),
-                             "Growth of the mappings that grew most, grouped by class and path (all "
-                             "anonymous memory is one group)."))
-        blocks.append(Table(("group", "class", "mappings", "RSS", "growth", "slope"),
-                            tuple((g.label, g.klass.value, str(g.regions), format_bytes(g.end),
-                                   format_bytes(g.growth, signed=True), format_rate(g.verdict.trend.slope))
-                                  for g in m.groups), align="llrrrr", code_columns=(0,)))
+        series = [
+            (g.label, g.klass, np.asarray(h.group_series((g.klass, g.path)), float))
+            for g in m.groups[:MAX_GROUP_LINES]
+        ]
+        blocks.append(
+            Figure(
+                "top-groups",
+                plots.group_growth(t, series),
+                "Growth of the mappings that grew most, grouped by class and path (all "
+                "anonymous memory is one group).",
+            )
+        )
+        blocks.append(
+            Table(
+                ("group", "class", "mappings", "RSS", "growth", "slope"),
+                tuple(
+                    (
+                        g.label,
+                        g.klass.value,
+                        str(g.regions),
+                        format_bytes(g.end),
+                        format_bytes(g.growth, signed=True),
+                        format_rate(g.verdict.trend.slope),
+                    )
+                    for g in m.groups
+                ),
+                align="llrrrr",
+                code_columns=(0,),
+            )
+        )
     else:
         blocks.append(Para("No group of mappings grew during the run."))
     if m.regions:
-        blocks.append(Table(("address range", "class", "path", "RSS", "growth", ""),
-                            tuple((f"{r.start:012x}-{r.end:012x}", r.klass.value, r.path or "", format_bytes(r.rss),
-                                   format_bytes(r.growth, signed=True), "new" if r.new else "")
-                                  for r in m.regions), align="lllrrl", code_columns=(0, 2),
-                            caption="Address ranges that gained most RSS between the first and the last "
-                                    "full snapshot (the addresses a tracer's mmap returns land in)."))
+        blocks.append(
+            Table(
+                ("address range", "class", "path", "RSS", "growth", ""),
+                tuple(
+                    (
+                        f"{r.start:012x}-{r.end:012x}",
+                        r.klass.value,
+                        r.path or "",
+                        format_bytes(r.rss),
+                        format_bytes(r.growth, signed=True),
+                        "new" if r.new else "",
+                    )
+                    for r in m.regions
+                ),
+                align="lllrrl",
+                code_columns=(0, 2),
+                caption="Address ranges that gained most RSS between the first and the last "
+                "full snapshot (the addresses a tracer's mmap returns land in).",
+            )
+        )
     return Section("What grew", "growth", tuple(blocks))
 
 
@@ -102,23 +170,41 @@ def is_it_a_leak(data: ReportData) -> Section | None:
     v = m.rss.verdict
     t, y = np.asarray(h.t), np.asarray(h.rss, float)
     tail = v.tail if v.tail.samples else None
-    blocks = [Figure("slope-fit", plots.slope_fit(t, y, v.trend, tail, v.warmup_s, v.leak),
-                     "Total RSS at each sample with its robust (Theil–Sen) trend and the band spanned by "
-                     "the slope's 95% confidence interval; the dashed line is the last part of the run, "
-                     "fitted alone to tell a leak from growth that levelled off."),
-              Para(sentence(v.reason)),
-              Facts((("slope", format_rate(v.trend.slope)), ("95% interval", _interval(v.trend) or "n/a"),
-                     ("last part of the run", format_rate(v.tail.slope) if v.tail.samples else "n/a"),
-                     ("fitted window", f"{format_duration(v.trend.duration_s)}, {v.trend.samples} samples"),
-                     ("warm-up ignored", format_duration(v.warmup_s)),
-                     ("leak floor", format_rate(data.session.get("max_slope_bytes_per_s") or 1024.0))))]
+    blocks = [
+        Figure(
+            "slope-fit",
+            plots.slope_fit(t, y, v.trend, tail, v.warmup_s, v.leak),
+            "Total RSS at each sample with its robust (Theil–Sen) trend and the band spanned by "
+            "the slope's 95% confidence interval; the dashed line is the last part of the run, "
+            "fitted alone to tell a leak from growth that levelled off.",
+        ),
+        Para(sentence(v.reason)),
+        Facts(
+            (
+                ("slope", format_rate(v.trend.slope)),
+                ("95% interval", _interval(v.trend) or "n/a"),
+                ("last part of the run", format_rate(v.tail.slope) if v.tail.samples else "n/a"),
+                ("fitted window", f"{format_duration(v.trend.duration_s)}, {v.trend.samples} samples"),
+                ("warm-up ignored", format_duration(v.warmup_s)),
+                ("leak floor", format_rate(data.session.get("max_slope_bytes_per_s") or 1024.0)),
+            )
+        ),
+    ]
     # Classes that did not move would be empty rows: the table above lists them.
-    rows = [(k, s.verdict.trend, s.verdict.leak) for k, s in sorted(m.classes.items(), key=lambda kv: -kv[1].growth)
-            if s.verdict.trend.samples >= 3 and (s.growth or s.verdict.trend.slope)]
+    rows = [
+        (k, s.verdict.trend, s.verdict.leak)
+        for k, s in sorted(m.classes.items(), key=lambda kv: -kv[1].growth)
+        if s.verdict.trend.samples >= 3 and (s.growth or s.verdict.trend.slope)
+    ]
     if rows:
-        blocks.append(Figure("class-rates", plots.class_rates(rows),
-                             "Each class's growth rate with its 95% interval; a class whose whole interval "
-                             "is above zero grows for sure."))
+        blocks.append(
+            Figure(
+                "class-rates",
+                plots.class_rates(rows),
+                "Each class's growth rate with its 95% interval; a class whose whole interval "
+                "is above zero grows for sure.",
+            )
+        )
     return Section("Is it a leak?", "verdict", tuple(blocks))
 
 
@@ -127,11 +213,26 @@ def processes(data: ReportData) -> Section | None:
     if not data.processes:
         return None
     root = data.session.get("pid")
-    rows = tuple((str(p.pid) + (" (root)" if p.pid == root else ""), str(p.samples), format_bytes(p.first_rss),
-                  format_bytes(p.last_rss), format_bytes(p.last_rss - p.first_rss, signed=True),
-                  format_rate(p.slope), p.verdict)
-                 for p in sorted(data.processes, key=lambda p: p.first_rss - p.last_rss))
-    return Section("Processes in the tree", "processes", (
-        Para(f"This recording followed {len(rows)} processes; the plots show their totals (shared pages "
-             "counted once), this table each process, most growth first."),
-        Table(("pid", "samples", "first", "last", "growth", "slope", "verdict"), rows, align="lrrrrrl")))
+    rows = tuple(
+        (
+            str(p.pid) + (" (root)" if p.pid == root else ""),
+            str(p.samples),
+            format_bytes(p.first_rss),
+            format_bytes(p.last_rss),
+            format_bytes(p.last_rss - p.first_rss, signed=True),
+            format_rate(p.slope),
+            p.verdict,
+        )
+        for p in sorted(data.processes, key=lambda p: p.first_rss - p.last_rss)
+    )
+    return Section(
+        "Processes in the tree",
+        "processes",
+        (
+            Para(
+                f"This recording followed {len(rows)} processes; the plots show their totals (shared pages "
+                "counted once), this table each process, most growth first."
+            ),
+            Table(("pid", "samples", "first", "last", "growth", "slope", "verdict"), rows, align="lrrrrrl"),
+        ),
+    )

@@ -17,9 +17,15 @@ from leakhunt.proc.growth import GroupStat
 from leakhunt.proc.sampler import History, Sample
 from leakhunt.proc.smaps import Snapshot, parse_smaps
 from leakhunt.record import EVENTS, TREE, Recording
-from leakhunt.report.streams import (CallerSeries, Culprits, TracerTotals, read_callers, read_culprits,
-                                     read_event_counts, read_tracer_totals)
-
+from leakhunt.report.streams import (
+    CallerSeries,
+    Culprits,
+    TracerTotals,
+    read_callers,
+    read_culprits,
+    read_event_counts,
+    read_tracer_totals,
+)
 
 _CLASS_NAMES = {c.value for c in RegionClass}
 
@@ -33,23 +39,23 @@ class ProcessLine:
     first_rss: int
     last_rss: int
     duration_s: float
-    slope: float              # bytes/s, NaN with too few samples
-    verdict: str              # "leak", "plateau" or ""
+    slope: float  # bytes/s, NaN with too few samples
+    verdict: str  # "leak", "plateau" or ""
 
 
 @dataclass(frozen=True)
 class ReportData:
     recording: Recording
     history: History
-    memory: MemorySummary | None        # None when the recording has no sample at all
+    memory: MemorySummary | None  # None when the recording has no sample at all
     heap: HeapSeries | None
     culprits: Culprits | None
     callers: CallerSeries | None
     tracer: TracerTotals | None
-    event_counts: dict[str, int]        # mmap/munmap/... events recorded, by kind
+    event_counts: dict[str, int]  # mmap/munmap/... events recorded, by kind
     notes: tuple[str, ...]
-    problems: tuple[str, ...]           # what was wrong with the recording itself
-    processes: tuple[ProcessLine, ...] = ()   # every pid sampled, when more than one was
+    problems: tuple[str, ...]  # what was wrong with the recording itself
+    processes: tuple[ProcessLine, ...] = ()  # every pid sampled, when more than one was
 
     @property
     def session(self) -> dict:
@@ -57,8 +63,12 @@ class ReportData:
 
     @property
     def has_tracer_data(self) -> bool:
-        return (bool(self.event_counts) or self.callers is not None or self.culprits is not None
-                or self.tracer is not None)
+        return (
+            bool(self.event_counts)
+            or self.callers is not None
+            or self.culprits is not None
+            or self.tracer is not None
+        )
 
     @property
     def target_died(self) -> bool:
@@ -77,14 +87,27 @@ def load(directory: str | Path) -> ReportData:
     # A process tree's story is its totals (watch --subprocesses records them as the tree stream);
     # each process gets its own line in the processes section.
     history, problems = (_tree_history(rec, tree), []) if tree else replay(rec)
-    judge = {"warmup_s": (rec.summary or {}).get("warmup_s"),
-             "min_slope": rec.session.get("max_slope_bytes_per_s") or MIN_SLOPE}
+    judge = {
+        "warmup_s": (rec.summary or {}).get("warmup_s"),
+        "min_slope": rec.session.get("max_slope_bytes_per_s") or MIN_SLOPE,
+    }
     memory = summarize(history, **judge) if len(history) else None
     notes = tuple(str(n.get("note", "")) for n in rec.notes() if n.get("note") != "joined")
     # Every other stream's timestamps are placed on the sample timeline by subtracting t0.
     t0 = history.ts[0] - history.t[0] if len(history) else None
-    data = ReportData(rec, history, memory, read_heap(rec, t0), read_culprits(rec), read_callers(rec, t0),
-                      read_tracer_totals(rec), read_event_counts(rec, EVENTS), notes, (), _processes(rec, judge))
+    data = ReportData(
+        rec,
+        history,
+        memory,
+        read_heap(rec, t0),
+        read_culprits(rec),
+        read_callers(rec, t0),
+        read_tracer_totals(rec),
+        read_event_counts(rec, EVENTS),
+        notes,
+        (),
+        _processes(rec, judge),
+    )
     return dataclasses.replace(data, problems=tuple(problems + rec.problems))
 
 
@@ -108,8 +131,17 @@ def _processes(rec: Recording, judge: dict) -> tuple[ProcessLine, ...]:
         if not len(history):
             continue
         v = summarize(history, **judge).rss.verdict
-        lines.append(ProcessLine(pid, len(history), history.rss[0], history.rss[-1], history.duration_s,
-                                 v.trend.slope, "leak" if v.leak else "plateau" if v.plateau else ""))
+        lines.append(
+            ProcessLine(
+                pid,
+                len(history),
+                history.rss[0],
+                history.rss[-1],
+                history.duration_s,
+                v.trend.slope,
+                "leak" if v.leak else "plateau" if v.plateau else "",
+            )
+        )
     return tuple(lines)
 
 
@@ -118,7 +150,7 @@ def replay(rec: Recording, pid: int | None = None, snapshots: bool = True) -> tu
     for some samples: the first and the latest recorded ones stand in for the history's first
     and last (they are what address-range growth is computed from)."""
     problems: list[str] = []
-    records = rec.samples(pid)    # default: the session's process (the root of a tree)
+    records = rec.samples(pid)  # default: the session's process (the root of a tree)
     snapshot_paths = [(seq, rel) for seq, _, rel in rec.snapshot_index(pid)] if snapshots else []
     empty = parse_smaps(b"")
     history = History()
@@ -158,8 +190,18 @@ def _sample(r: dict, empty: Snapshot, unknown: set[str]) -> Sample:
             groups[(RegionClass(klass), path)] = GroupStat(int(rss), int(regions), 0, 0)
         except ValueError:
             unknown.add(klass)
-    return Sample(r["seq"], r["ts"], r["t"], r.get("pid", 0), empty, r.get("status", {}),
-                  r.get("cost_s", 0.0), classes, groups, gpu_bytes=_gpu_bytes(r))
+    return Sample(
+        r["seq"],
+        r["ts"],
+        r["t"],
+        r.get("pid", 0),
+        empty,
+        r.get("status", {}),
+        r.get("cost_s", 0.0),
+        classes,
+        groups,
+        gpu_bytes=_gpu_bytes(r),
+    )
 
 
 def _gpu_bytes(r: dict) -> int | None:

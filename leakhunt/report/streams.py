@@ -23,7 +23,7 @@ shapes growing.
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,23 +38,23 @@ VERDICT_STREAMS = ("verdict", "attribution")
 
 @dataclass(frozen=True)
 class Culprit:
-    label: str                       # who: library!symbol, or the caller frame
-    bytes: int                       # outstanding bytes it explains
-    slope: float                     # bytes/s, NaN when unknown
-    explained_fraction: float        # of the total anonymous growth, NaN when unknown
-    stack: tuple[str, ...]           # frames innermost first, as text
+    label: str  # who: library!symbol, or the caller frame
+    bytes: int  # outstanding bytes it explains
+    slope: float  # bytes/s, NaN when unknown
+    explained_fraction: float  # of the total anonymous growth, NaN when unknown
+    stack: tuple[str, ...]  # frames innermost first, as text
     stack_partial: bool
     remedies: tuple[str, ...]
-    explanation: str = ""            # what the known culprit is, when it is a known one
-    evidence: str = ""               # how it was found: "traced mmap", "shm segment names", ...
+    explanation: str = ""  # what the known culprit is, when it is a known one
+    evidence: str = ""  # how it was found: "traced mmap", "shm segment names", ...
 
 
 @dataclass(frozen=True)
 class Culprits:
     culprits: tuple[Culprit, ...]
-    explained_fraction: float        # of all growth, NaN when unknown
+    explained_fraction: float  # of all growth, NaN when unknown
     unexplained_bytes: float = float("nan")
-    sentence: str = ""               # the correlator's one-line verdict
+    sentence: str = ""  # the correlator's one-line verdict
 
 
 @dataclass(frozen=True)
@@ -96,17 +96,22 @@ def _culprit(raw: dict) -> Culprit:
     stack, partial = _stack_lines(raw.get("stack"))
     partial = bool(raw.get("stack_partial", partial))
     known = raw.get("known") if isinstance(raw.get("known"), dict) else {}
-    return Culprit(str(label), int(_float(raw.get("bytes", raw.get("outstanding_bytes")), 0)),
-                   _float(raw.get("slope_bytes_per_s")), _float(raw.get("explained_fraction", raw.get("share"))),
-                   stack, partial, tuple(_remedy_text(r) for r in raw.get("remedies") or ()),
-                   str(known.get("explanation", "")), str(raw.get("evidence", "")))
+    return Culprit(
+        str(label),
+        int(_float(raw.get("bytes", raw.get("outstanding_bytes")), 0)),
+        _float(raw.get("slope_bytes_per_s")),
+        _float(raw.get("explained_fraction", raw.get("share"))),
+        stack,
+        partial,
+        tuple(_remedy_text(r) for r in raw.get("remedies") or ()),
+        str(known.get("explanation", "")),
+        str(raw.get("evidence", "")),
+    )
 
 
 def _last_verdict(rec: Recording) -> dict | None:
     for stream in VERDICT_STREAMS:
-        last = None
-        for last in rec.records(stream):
-            pass
+        last = next(iter(deque(rec.records(stream), maxlen=1)), None)
         if isinstance(last, dict):
             return last.get("attribution", last) if isinstance(last.get("attribution"), dict) else last
     summary = rec.summary or {}
@@ -120,8 +125,12 @@ def read_culprits(rec: Recording) -> Culprits | None:
     if not last or not isinstance(last.get("culprits"), list):
         return None
     culprits = tuple(_culprit(c) for c in last["culprits"] if isinstance(c, dict))
-    return Culprits(culprits, _float(last.get("explained_fraction")), _float(last.get("unexplained_bytes")),
-                    str(last.get("verdict", "") if isinstance(last.get("verdict"), str) else ""))
+    return Culprits(
+        culprits,
+        _float(last.get("explained_fraction")),
+        _float(last.get("unexplained_bytes")),
+        str(last.get("verdict", "") if isinstance(last.get("verdict"), str) else ""),
+    )
 
 
 def read_callers(rec: Recording, t0: float | None, top: int = 8) -> CallerSeries | None:
@@ -131,15 +140,23 @@ def read_callers(rec: Recording, t0: float | None, top: int = 8) -> CallerSeries
         entries = r.get("callers")
         if not isinstance(entries, list) or "ts" not in r:
             continue
-        points.append((float(r["ts"]), {str(e.get("caller", "?")): int(_float(e.get("bytes"), 0))
-                                        for e in entries if isinstance(e, dict)}))
+        points.append(
+            (
+                float(r["ts"]),
+                {
+                    str(e.get("caller", "?")): int(_float(e.get("bytes"), 0))
+                    for e in entries
+                    if isinstance(e, dict)
+                },
+            )
+        )
     if not any(by for _, by in points):
         return None
     peak: Counter[str] = Counter()
     for _, by in points:
         for caller, n in by.items():
             peak[caller] = max(peak[caller], n)
-    callers = tuple(c for c, n in peak.most_common(top) if n > 0)   # balanced callers hold nothing
+    callers = tuple(c for c, n in peak.most_common(top) if n > 0)  # balanced callers hold nothing
     if not callers:
         return None
     base = t0 if t0 is not None else points[0][0]
@@ -173,9 +190,14 @@ def read_tracer_totals(rec: Recording) -> TracerTotals | None:
         n += 1
     if last is None:
         return None
-    return TracerTotals(n, int(_float(last.get("events"), 0)), int(_float(last.get("lost_events"), 0)),
-                        int(_float(last.get("outstanding_bytes"), 0)), int(_float(last.get("outstanding_mappings"), 0)),
-                        _float(last.get("ts"), 0) - _float(first.get("ts"), 0))
+    return TracerTotals(
+        n,
+        int(_float(last.get("events"), 0)),
+        int(_float(last.get("lost_events"), 0)),
+        int(_float(last.get("outstanding_bytes"), 0)),
+        int(_float(last.get("outstanding_mappings"), 0)),
+        _float(last.get("ts"), 0) - _float(first.get("ts"), 0),
+    )
 
 
 #: How much of a growing ledger file is read to find its last record (a record is a few KiB).
@@ -193,11 +215,14 @@ def last_ledger_callers(directory: Path) -> list[tuple[str, int]]:
             lines = f.read().split(b"\n")
     except OSError:
         return []
-    for line in reversed(lines[1:] if start else lines):   # past 0 the first line is cut
+    for line in reversed(lines[1:] if start else lines):  # past 0 the first line is cut
         try:
             record = json.loads(line)
         except ValueError:
-            continue   # the line being written, or a cut first line
-        return [(str(e.get("caller", "?")), int(_float(e.get("bytes"), 0)))
-                for e in record.get("callers", []) if isinstance(e, dict)]
+            continue  # the line being written, or a cut first line
+        return [
+            (str(e.get("caller", "?")), int(_float(e.get("bytes"), 0)))
+            for e in record.get("callers", [])
+            if isinstance(e, dict)
+        ]
     return []

@@ -28,10 +28,10 @@ BACKENDS: dict[str, str] = {
 @dataclass(frozen=True)
 class TraceOptions:
     kinds: frozenset[EventKind] = frozenset(EventKind)
-    follow: bool = False              # also trace children forked after the start
-    existing: tuple[int, ...] = ()    # with follow: processes already under the target (Backend.takes_existing)
-    min_length: int = 0               # ignore mmap/munmap smaller than this
-    stacks: bool = True               # collect user stacks (costs more)
+    follow: bool = False  # also trace children forked after the start
+    existing: tuple[int, ...] = ()  # with follow: processes already under the target (Backend.takes_existing)
+    min_length: int = 0  # ignore mmap/munmap smaller than this
+    stacks: bool = True  # collect user stacks (costs more)
     stack_depth: int = 16
     # Backend-specific knobs (gdb: hit budget, sampling, gdb path...) without widening this class.
     extra: dict = field(default_factory=dict)
@@ -39,9 +39,9 @@ class TraceOptions:
 
 @dataclass
 class TraceStats:
-    events: int = 0                   # events delivered
-    lost_events: int = 0              # events the kernel or the backend dropped, counted exactly
-    filtered: int = 0                 # events seen but not delivered on purpose (min_length...)
+    events: int = 0  # events delivered
+    lost_events: int = 0  # events the kernel or the backend dropped, counted exactly
+    filtered: int = 0  # events seen but not delivered on purpose (min_length...)
     notes: list[str] = field(default_factory=list)  # what a person should know (patched code...)
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
-import mmap
 import importlib
 import importlib.util
+import mmap
 import os
 import platform
 import struct
@@ -28,9 +28,15 @@ import numpy as np
 from leakhunt import resources
 from leakhunt.errors import BackendUnavailable
 from leakhunt.trace.backend import TraceOptions
-from leakhunt.trace.events import MAP_FIXED, MAP_FIXED_NOREPLACE, MREMAP_DONTUNMAP, SYSCALL_NUMBERS, EventKind
-from leakhunt.trace.kernel_backend import (KernelLedgerBackend, RawCall, RawDump, RawExemplar, RawLifecycle,
-                                           root_problem)
+from leakhunt.trace.events import MAP_FIXED, MAP_FIXED_NOREPLACE, MREMAP_DONTUNMAP, SYSCALL_NUMBERS
+from leakhunt.trace.kernel_backend import (
+    KernelLedgerBackend,
+    RawCall,
+    RawDump,
+    RawExemplar,
+    RawLifecycle,
+    root_problem,
+)
 from leakhunt.trace.ledger import SiteCounts
 from leakhunt.trace.ringbuf import RingBufferReader
 from leakhunt.trace.unwind import libc_functions
@@ -46,27 +52,51 @@ RINGBUF_PAGES = 4096
 RINGBUF_PAGES_ALL_EVENTS = 16384
 STACK_BYTES = 4096
 #: Functions of libc and the loader whose syscall instructions get a return-address slot from CFI.
-WRAPPER_FUNCTIONS = ("syscall", "mmap", "mmap64", "__mmap", "munmap", "__munmap", "mremap", "__mremap",
-                     "brk", "__brk", "shmat", "shmdt", "memfd_create")
+WRAPPER_FUNCTIONS = (
+    "syscall",
+    "mmap",
+    "mmap64",
+    "__mmap",
+    "munmap",
+    "__munmap",
+    "mremap",
+    "__mremap",
+    "brk",
+    "__brk",
+    "shmat",
+    "shmdt",
+    "memfd_create",
+)
 #: The program's numbering, handed to it as -D: record types, lifecycle kinds, and the indexes of
 #: its per-CPU counters (one per syscall first, in SYSCALL_NUMBERS order, then the others).
 RECORDS = {"REC_CALL": 1, "REC_EXEMPLAR": 2, "REC_PROC": 3}
 PROC_KINDS = {"PROC_FORK": 1, "PROC_EXEC": 2, "PROC_EXIT": 3}
 _KINDS = list(SYSCALL_NUMBERS)
-COUNTERS = {**{f"IDX_{kind.name}": i for i, kind in enumerate(_KINDS)},
-            "C_FILTERED": 8, "C_FAILED": 9, "C_FULL": 10, "C_LOST_CALL": 11, "C_LOST_EXEMPLAR": 12,
-            "C_LOST_PROC": 13, "C_COUNT": 16}
+COUNTERS = {
+    **{f"IDX_{kind.name}": i for i, kind in enumerate(_KINDS)},
+    "C_FILTERED": 8,
+    "C_FAILED": 9,
+    "C_FULL": 10,
+    "C_LOST_CALL": 11,
+    "C_LOST_EXEMPLAR": 12,
+    "C_LOST_PROC": 13,
+    "C_COUNT": 16,
+}
 _C_FILTERED, _C_FAILED, _C_FULL = COUNTERS["C_FILTERED"], COUNTERS["C_FAILED"], COUNTERS["C_FULL"]
-_C_LOST_CALL, _C_LOST_EXEMPLAR, _C_LOST_PROC = (COUNTERS["C_LOST_CALL"], COUNTERS["C_LOST_EXEMPLAR"],
-                                                COUNTERS["C_LOST_PROC"])
+_C_LOST_CALL, _C_LOST_EXEMPLAR, _C_LOST_PROC = (
+    COUNTERS["C_LOST_CALL"],
+    COUNTERS["C_LOST_EXEMPLAR"],
+    COUNTERS["C_LOST_PROC"],
+)
 
 _CALL = struct.Struct("<IIIIQ5QqQQQQ")
 _EXEMPLAR = struct.Struct("<IIQQQQQII")
 _PROC = struct.Struct("<IIIIQ")
 _PROC_NAMES = {n: name.split("_")[1].lower() for name, n in PROC_KINDS.items()}
 _LIVE_KEY = np.dtype([("pid", "<u4"), ("pad", "<u4"), ("addr", "<u8")])
-_LIVE_VAL = np.dtype([("len", "<u8"), ("ip", "<u8"), ("ra", "<u8"), ("ts", "<u8"), ("flags", "<u4"),
-                      ("fd", "<i4")])
+_LIVE_VAL = np.dtype(
+    [("len", "<u8"), ("ip", "<u8"), ("ra", "<u8"), ("ts", "<u8"), ("flags", "<u4"), ("fd", "<i4")]
+)
 _SITE_KEY = np.dtype([("pid", "<u4"), ("pad", "<u4"), ("ip", "<u8"), ("ra", "<u8")])
 _SITE_VAL = np.dtype([("count", "<u8"), ("mapped", "<u8"), ("unmapped", "<u8")])
 
@@ -83,8 +113,10 @@ def ensure_bcc_importable() -> str | None:
     if origin is not None:
         if Path(origin).resolve().is_relative_to(OS_BCC.resolve()):
             return None
-        return (f"the bcc module at {origin} is not the OS's python3-bpfcc (the PyPI package named "
-                "'bcc' is unrelated): pip uninstall bcc")
+        return (
+            f"the bcc module at {origin} is not the OS's python3-bpfcc (the PyPI package named "
+            "'bcc' is unrelated): pip uninstall bcc"
+        )
     if not (OS_BCC / "__init__.py").is_file():
         return "python3-bpfcc is not installed (apt-get install python3-bpfcc)"
     site = Path(sysconfig.get_paths()["purelib"])
@@ -140,11 +172,19 @@ def ring_pages(options: TraceOptions) -> int:
 def cflags(pid: int, options: TraceOptions | None = None) -> list[str]:
     """The -D definitions probes/mmap_ledger.c expects: the facts live in leakhunt.trace.events."""
     options = options or TraceOptions()
-    defines = {"TARGET": pid, "FOLLOW": int(options.follow), "MIN_LEN": options.min_length,
-               "STREAM_ALL": int(bool(options.extra.get("stream_all"))), "LIVE_MAX": live_max(options),
-               "SITES_MAX": 16384, "RINGBUF_PAGES": ring_pages(options), "STACK_BYTES": STACK_BYTES,
-               "MAP_FIXED": MAP_FIXED, "MAP_FIXED_NOREPLACE": MAP_FIXED_NOREPLACE,
-               "MREMAP_DONTUNMAP": MREMAP_DONTUNMAP}
+    defines = {
+        "TARGET": pid,
+        "FOLLOW": int(options.follow),
+        "MIN_LEN": options.min_length,
+        "STREAM_ALL": int(bool(options.extra.get("stream_all"))),
+        "LIVE_MAX": live_max(options),
+        "SITES_MAX": 16384,
+        "RINGBUF_PAGES": ring_pages(options),
+        "STACK_BYTES": STACK_BYTES,
+        "MAP_FIXED": MAP_FIXED,
+        "MAP_FIXED_NOREPLACE": MAP_FIXED_NOREPLACE,
+        "MREMAP_DONTUNMAP": MREMAP_DONTUNMAP,
+    }
     defines.update({f"NR_{kind.name}": nr for kind, nr in SYSCALL_NUMBERS.items()})
     defines.update(RECORDS | PROC_KINDS | COUNTERS)
     return [f"-D{k}={v}" for k, v in defines.items()]
@@ -163,7 +203,7 @@ class BccBackend(KernelLedgerBackend):
         self._records: list = []
         self._next_dump = 0.0
         self._interval = DUMP_S
-        self._installed: dict[int, int] = {}   # ip -> return-address slot the kernel reads at
+        self._installed: dict[int, int] = {}  # ip -> return-address slot the kernel reads at
         self._counters = [0] * COUNTERS["C_COUNT"]
         self._live_max = live_max(options)
 
@@ -171,20 +211,24 @@ class BccBackend(KernelLedgerBackend):
         reason = self.unavailable_reason()
         if reason:
             raise BackendUnavailable(self.name, reason)
-        from bcc import BPF   # noqa: PLC0415 - loads libbcc: only when this backend is used
+        from bcc import BPF  # noqa: PLC0415 - loads libbcc: only when this backend is used
 
         source = resources.probe(PROBE).read_text()
         flags = cflags(self.target.pid, self.options)
         try:
             self.bpf = BPF(text=source.encode(), cflags=flags)
-        except Exception as e:   # BCC raises bare Exception for compile and load errors
-            raise BackendUnavailable(self.name, f"cannot load the BPF program: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # BCC raises bare Exception for compile and load errors
+            raise BackendUnavailable(
+                self.name, f"cannot load the BPF program: {str(e).splitlines()[0]}"
+            ) from None
         try:
             self.bpf[b"traced"][ct.c_uint32(self.target.pid)] = ct.c_uint8(1)
             self._install_slots(self.target.pid)
-            self._ring = RingBufferReader(self.bpf[b"events"].map_fd, ring_pages(self.options) * mmap.PAGESIZE)
+            self._ring = RingBufferReader(
+                self.bpf[b"events"].map_fd, ring_pages(self.options) * mmap.PAGESIZE
+            )
         except BaseException:
-            self.bpf.cleanup()   # Ctrl-C or a failure while setting up: detach at once
+            self.bpf.cleanup()  # Ctrl-C or a failure while setting up: detach at once
             self.bpf = None
             raise
         self._ring.start()
@@ -219,11 +263,21 @@ class BccBackend(KernelLedgerBackend):
         kind = raw[0]
         if kind == RECORDS["REC_CALL"]:
             _, pid, tid, nr, ts, a0, a1, a2, a3, a4, ret, ip, sp, ra, nwords = _CALL.unpack_from(raw)
-            return RawCall(nr, pid, tid, ts, (a0, a1, a2, a3, a4), ret, ip, sp, ra,
-                           raw[_CALL.size:_CALL.size + 8 * nwords])
+            return RawCall(
+                nr,
+                pid,
+                tid,
+                ts,
+                (a0, a1, a2, a3, a4),
+                ret,
+                ip,
+                sp,
+                ra,
+                raw[_CALL.size : _CALL.size + 8 * nwords],
+            )
         if kind == RECORDS["REC_EXEMPLAR"]:
             _, pid, ts, ip, ra, sp, bp, nbytes, _ = _EXEMPLAR.unpack_from(raw)
-            return RawExemplar(pid, ts, ip, ra, sp, bp, raw[_EXEMPLAR.size:_EXEMPLAR.size + nbytes])
+            return RawExemplar(pid, ts, ip, ra, sp, bp, raw[_EXEMPLAR.size : _EXEMPLAR.size + nbytes])
         if kind == RECORDS["REC_PROC"]:
             _, pid, what, child, ts = _PROC.unpack_from(raw)
             return RawLifecycle(_PROC_NAMES.get(what, "?"), pid, ts, child)
@@ -245,24 +299,48 @@ class BccBackend(KernelLedgerBackend):
         return records, dump
 
     def _dump(self) -> RawDump:
-        ts = time.monotonic_ns()   # CLOCK_MONOTONIC, like bpf_ktime_get_ns: the maps are read after it
+        ts = time.monotonic_ns()  # CLOCK_MONOTONIC, like bpf_ktime_get_ns: the maps are read after it
         keys, vals = _lookup_all(self.bpf[b"live"], _LIVE_KEY, _LIVE_VAL, self._live_max)
-        live = list(zip(keys["pid"].tolist(), keys["addr"].tolist(), vals["len"].tolist(), vals["ip"].tolist(),
-                        vals["ra"].tolist(), vals["ts"].tolist(), vals["flags"].tolist(), vals["fd"].tolist()))
+        live = list(
+            zip(
+                keys["pid"].tolist(),
+                keys["addr"].tolist(),
+                vals["len"].tolist(),
+                vals["ip"].tolist(),
+                vals["ra"].tolist(),
+                vals["ts"].tolist(),
+                vals["flags"].tolist(),
+                vals["fd"].tolist(),
+            )
+        )
         skeys, svals = _lookup_all(self.bpf[b"sites"], _SITE_KEY, _SITE_VAL, 16384)
-        sites = {(int(k["pid"]), int(k["ip"]), int(k["ra"])): SiteCounts(int(v["count"]), int(v["mapped"]),
-                                                                        int(v["unmapped"]))
-                 for k, v in zip(skeys, svals)}
+        sites = {
+            (int(k["pid"]), int(k["ip"]), int(k["ra"])): SiteCounts(
+                int(v["count"]), int(v["mapped"]), int(v["unmapped"])
+            )
+            for k, v in zip(skeys, svals)
+        }
         counters = self.bpf[b"counters"]
         self._counters = [sum(counters[ct.c_int(i)]) for i in range(COUNTERS["C_COUNT"])]
         syscalls = {kind.value: self._counters[i] for i, kind in enumerate(_KINDS) if self._counters[i]}
         if self._counters[_C_FULL]:
-            self.note_once("the kernel map of live mappings filled up: later mappings are tracked in user "
-                           "space (raise TraceOptions.extra['max_mappings'])")
+            self.note_once(
+                "the kernel map of live mappings filled up: later mappings are tracked in user "
+                "space (raise TraceOptions.extra['max_mappings'])"
+            )
         if self._counters[_C_LOST_EXEMPLAR]:
-            self.note_once("some stack samples were dropped (ring buffer full): those callers have shallow stacks")
-        return RawDump(ts, live, sites, syscalls, self._counters[_C_FILTERED], self._counters[_C_FAILED],
-                       self._counters[_C_FULL])
+            self.note_once(
+                "some stack samples were dropped (ring buffer full): those callers have shallow stacks"
+            )
+        return RawDump(
+            ts,
+            live,
+            sites,
+            syscalls,
+            self._counters[_C_FILTERED],
+            self._counters[_C_FAILED],
+            self._counters[_C_FULL],
+        )
 
     def _lost(self) -> int:
         return self._counters[_C_LOST_CALL] + self._counters[_C_LOST_PROC]
@@ -284,9 +362,11 @@ class BccBackend(KernelLedgerBackend):
         return records, dump
 
 
-def _lookup_all(table, key_dtype: np.dtype, val_dtype: np.dtype, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+def _lookup_all(
+    table, key_dtype: np.dtype, val_dtype: np.dtype, capacity: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Every entry of a BPF hash map, read with BPF_MAP_LOOKUP_BATCH straight into numpy arrays."""
-    from bcc.libbcc import lib   # noqa: PLC0415
+    from bcc.libbcc import lib  # noqa: PLC0415
 
     keys = np.zeros(capacity, key_dtype)
     vals = np.zeros(capacity, val_dtype)
@@ -294,9 +374,14 @@ def _lookup_all(table, key_dtype: np.dtype, val_dtype: np.dtype, capacity: int) 
     total = 0
     while total < capacity:
         count.value = capacity - total
-        res = lib.bpf_lookup_batch(table.map_fd, ct.byref(in_batch) if total else None, ct.byref(out_batch),
-                                   ct.c_void_p(keys.ctypes.data + total * key_dtype.itemsize),
-                                   ct.c_void_p(vals.ctypes.data + total * val_dtype.itemsize), ct.byref(count))
+        res = lib.bpf_lookup_batch(
+            table.map_fd,
+            ct.byref(in_batch) if total else None,
+            ct.byref(out_batch),
+            ct.c_void_p(keys.ctypes.data + total * key_dtype.itemsize),
+            ct.c_void_p(vals.ctypes.data + total * val_dtype.itemsize),
+            ct.byref(count),
+        )
         err = ct.get_errno()
         total += count.value
         if res != 0:

@@ -24,10 +24,21 @@ import time
 from leakhunt import resources
 from leakhunt.errors import BackendUnavailable
 from leakhunt.trace.backend import TraceOptions
-from leakhunt.trace.events import (MAP_FIXED, MAP_FIXED_NOREPLACE, MREMAP_DONTUNMAP, SYSCALL_KINDS,
-                                   SYSCALL_NUMBERS, EventKind)
-from leakhunt.trace.kernel_backend import (KernelLedgerBackend, RawCall, RawDump, RawExemplar, RawLifecycle,
-                                           root_problem)
+from leakhunt.trace.events import (
+    MAP_FIXED,
+    MAP_FIXED_NOREPLACE,
+    MREMAP_DONTUNMAP,
+    SYSCALL_KINDS,
+    SYSCALL_NUMBERS,
+)
+from leakhunt.trace.kernel_backend import (
+    KernelLedgerBackend,
+    RawCall,
+    RawDump,
+    RawExemplar,
+    RawLifecycle,
+    root_problem,
+)
 from leakhunt.trace.ledger import SiteCounts
 
 PROBE = "mmap_ledger.bt"
@@ -65,8 +76,8 @@ def kernel_config() -> dict[str, str]:
 def pt_regs_offset(config: dict[str, str] | None = None) -> int:
     """Offset of the user pt_regs from task->stack (what task_pt_regs() computes in the kernel)."""
     config = kernel_config() if config is None else config
-    order = 2 + (1 if config.get("CONFIG_KASAN") == "y" else 0)            # THREAD_SIZE_ORDER
-    padding = 16 if config.get("CONFIG_X86_FRED") == "y" else 0              # TOP_OF_KERNEL_STACK_PADDING
+    order = 2 + (1 if config.get("CONFIG_KASAN") == "y" else 0)  # THREAD_SIZE_ORDER
+    padding = 16 if config.get("CONFIG_X86_FRED") == "y" else 0  # TOP_OF_KERNEL_STACK_PADDING
     return (4096 << order) - padding - PT_REGS_SIZE
 
 
@@ -79,18 +90,25 @@ def perf_pages(total_mib: int = 64) -> int:
     return pages
 
 
-def script_text(pid: int, follow: bool = False, min_len: int = 0, stream_all: bool = False,
-                existing: tuple[int, ...] = ()) -> str:
+def script_text(
+    pid: int, follow: bool = False, min_len: int = 0, stream_all: bool = False, existing: tuple[int, ...] = ()
+) -> str:
     """The probe with the #defines it expects: the facts live in leakhunt.trace.events. ``existing``
     (with follow): processes already under the target, in its set of traced pids from the start."""
-    defines = {"TARGET": pid, "FOLLOW": int(follow), "MIN_LEN": min_len, "STREAM_ALL": int(stream_all),
-               "PT_REGS_OFFSET": pt_regs_offset(),
-               "MAP_FIXED": MAP_FIXED, "MAP_FIXED_NOREPLACE": MAP_FIXED_NOREPLACE,
-               "MREMAP_DONTUNMAP": MREMAP_DONTUNMAP}
+    defines = {
+        "TARGET": pid,
+        "FOLLOW": int(follow),
+        "MIN_LEN": min_len,
+        "STREAM_ALL": int(stream_all),
+        "PT_REGS_OFFSET": pt_regs_offset(),
+        "MAP_FIXED": MAP_FIXED,
+        "MAP_FIXED_NOREPLACE": MAP_FIXED_NOREPLACE,
+        "MREMAP_DONTUNMAP": MREMAP_DONTUNMAP,
+    }
     defines.update({f"NR_{kind.name}": nr for kind, nr in SYSCALL_NUMBERS.items()})
     head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
     text = resources.probe(PROBE).read_text()
-    if follow and existing:   # bpftrace 0.17's #define takes no statements: the lines go in as text
+    if follow and existing:  # bpftrace 0.17's #define takes no statements: the lines go in as text
         root = "\t@traced[TARGET] = 1;"
         assert root in text, f"{PROBE} lost the line that starts its set of traced pids"
         text = text.replace(root, root + "".join(f"\n\t@traced[{p}] = 1;" for p in existing), 1)
@@ -120,11 +138,11 @@ class BpftraceBackend(KernelLedgerBackend):
         self._lines: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_LINES)
         self._stderr: list[str] = []
         self._lost_count = 0
-        self._dump: RawDump | None = None      # being parsed
+        self._dump: RawDump | None = None  # being parsed
         self._dump_ready: RawDump | None = None
         self._exemplar: dict[int, list] = {}
         self._ended = False
-        self._ready_records: list = []     # parsed before poll() was first called
+        self._ready_records: list = []  # parsed before poll() was first called
         self._site_acc: dict = {}
         self._scalars: dict[str, int] = {}
 
@@ -135,16 +153,26 @@ class BpftraceBackend(KernelLedgerBackend):
         env = dict(os.environ)
         env["BPFTRACE_MAP_KEYS_MAX"] = str(self.options.extra.get("max_mappings", 65536))
         env["BPFTRACE_PERF_RB_PAGES"] = str(self.options.extra.get("perf_pages", perf_pages()))
-        text = script_text(self.target.pid, self.options.follow, self.options.min_length,
-                           bool(self.options.extra.get("stream_all")), self.options.existing)
-        self._proc = subprocess.Popen(["bpftrace", "-e", text, str(DUMP_MS)], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, env=env, start_new_session=True)
+        text = script_text(
+            self.target.pid,
+            self.options.follow,
+            self.options.min_length,
+            bool(self.options.extra.get("stream_all")),
+            self.options.existing,
+        )
+        self._proc = subprocess.Popen(
+            ["bpftrace", "-e", text, str(DUMP_MS)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
         threading.Thread(target=self._pump, args=(self._proc.stdout, self._lines), daemon=True).start()
         threading.Thread(target=self._pump_stderr, daemon=True).start()
         try:
             self._wait_attached()
         except BaseException:
-            self._shutdown()   # an error, a timeout or Ctrl-C while attaching: no bpftrace left behind
+            self._shutdown()  # an error, a timeout or Ctrl-C while attaching: no bpftrace left behind
             raise
         self._started = True
         self._check_patched()
@@ -154,7 +182,9 @@ class BpftraceBackend(KernelLedgerBackend):
         deadline = time.monotonic() + START_TIMEOUT_S
         while self._dump_ready is None:
             if self._proc.poll() is not None and self._lines.empty():
-                raise BackendUnavailable(self.name, self._failure() or f"bpftrace exited with {self._proc.returncode}")
+                raise BackendUnavailable(
+                    self.name, self._failure() or f"bpftrace exited with {self._proc.returncode}"
+                )
             if time.monotonic() > deadline:
                 raise BackendUnavailable(self.name, f"bpftrace did not start within {START_TIMEOUT_S:.0f}s")
             self._ready_records += self._drain(0.1)
@@ -228,8 +258,18 @@ class BpftraceBackend(KernelLedgerBackend):
         if tag == b"E ":
             f = line.split()
             words = struct.pack(f"<{len(f) - 14}Q", *(int(x, 16) for x in f[14:]))
-            return RawCall(int(f[1]), int(f[2]), int(f[3]), int(f[4]), tuple(int(x, 16) for x in f[5:10]),
-                           int(f[10]), int(f[11], 16), int(f[12], 16), int(f[13], 16), words)
+            return RawCall(
+                int(f[1]),
+                int(f[2]),
+                int(f[3]),
+                int(f[4]),
+                tuple(int(x, 16) for x in f[5:10]),
+                int(f[10]),
+                int(f[11], 16),
+                int(f[12], 16),
+                int(f[13], 16),
+                words,
+            )
         if tag in (b"X ", b"X2", b"X3", b"X4"):
             return self._parse_exemplar(line)
         if tag == b"P ":
@@ -252,8 +292,14 @@ class BpftraceBackend(KernelLedgerBackend):
         f = line.split()
         pid = int(f[1])
         if f[0] == b"X":
-            self._exemplar[pid] = [int(f[2]), int(f[3], 16), int(f[4], 16), int(f[5], 16), int(f[6], 16),
-                                   [int(x, 16) for x in f[7:23]]]
+            self._exemplar[pid] = [
+                int(f[2]),
+                int(f[3], 16),
+                int(f[4], 16),
+                int(f[5], 16),
+                int(f[6], 16),
+                [int(x, 16) for x in f[7:23]],
+            ]
             return None
         parts = self._exemplar.get(pid)
         if parts is None:
@@ -264,7 +310,7 @@ class BpftraceBackend(KernelLedgerBackend):
         del self._exemplar[pid]
         ts, ip, ra, sp, bp, words = parts
         if len(words) != 64:
-            return None   # interleaved with another thread's exemplar: drop it, the next one comes
+            return None  # interleaved with another thread's exemplar: drop it, the next one comes
         return RawExemplar(pid, ts, ip, ra, sp, bp, struct.pack("<64Q", *words))
 
     def _parse_dump_line(self, line: bytes):
@@ -272,7 +318,7 @@ class BpftraceBackend(KernelLedgerBackend):
         assert dump is not None
         if line.startswith(b"@live["):
             m = _LIVE.match(line)
-            if m and m.group(3) != b"0":       # length 0: a tombstone (see the probe's header)
+            if m and m.group(3) != b"0":  # length 0: a tombstone (see the probe's header)
                 dump.live.append(tuple(int(x) for x in m.groups()))
         elif line.startswith((b"@mapped[", b"@unmapped[", b"@count[")):
             m = _SITE.match(line)
@@ -289,13 +335,21 @@ class BpftraceBackend(KernelLedgerBackend):
                 self._scalars[m.group(1).decode()] = int(m.group(2))
         elif line.startswith(b"Z"):
             scalars = self._scalars
-            sites = {k: SiteCounts(v.get("count", 0), v.get("mapped", 0), v.get("unmapped", 0))
-                     for k, v in self._site_acc.items()}
-            self._dump_ready = dump._replace(sites=sites, filtered=scalars.get("filtered", 0),
-                                             failed=scalars.get("failed", 0), full=scalars.get("full", 0))
+            sites = {
+                k: SiteCounts(v.get("count", 0), v.get("mapped", 0), v.get("unmapped", 0))
+                for k, v in self._site_acc.items()
+            }
+            self._dump_ready = dump._replace(
+                sites=sites,
+                filtered=scalars.get("filtered", 0),
+                failed=scalars.get("failed", 0),
+                full=scalars.get("full", 0),
+            )
             if self._dump_ready.full:
-                self.note_once("the kernel map of live mappings filled up: later mappings are tracked in "
-                               "user space (raise TraceOptions.extra['max_mappings'])")
+                self.note_once(
+                    "the kernel map of live mappings filled up: later mappings are tracked in "
+                    "user space (raise TraceOptions.extra['max_mappings'])"
+                )
             self._dump = None
         return None
 
@@ -310,7 +364,7 @@ class BpftraceBackend(KernelLedgerBackend):
         final = None
         if proc is not None and proc.poll() is None:
             try:
-                os.kill(proc.pid, signal.SIGINT)   # END prints the final dump, then bpftrace exits
+                os.kill(proc.pid, signal.SIGINT)  # END prints the final dump, then bpftrace exits
             except ProcessLookupError:
                 pass
             deadline = time.monotonic() + STOP_TIMEOUT_S

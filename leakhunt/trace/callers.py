@@ -20,8 +20,8 @@ class CallerTotals:
     caller: Frame | None
     stack: Stack | None
     outstanding_bytes: int
-    mappings: int            # outstanding mappings (pieces of them after partial unmaps)
-    count: int               # mappings made
+    mappings: int  # outstanding mappings (pieces of them after partial unmaps)
+    count: int  # mappings made
     mapped_bytes: int
     unmapped_bytes: int
 
@@ -30,13 +30,19 @@ class CallerTotals:
         return f"{self.library}!{self.symbol}"
 
     def to_json(self) -> dict:
-        return {"library": self.library, "symbol": self.symbol, "caller": self.label,
-                "frame": str(self.caller) if self.caller else None,
-                "stack": self.stack.to_record() if self.stack else None,
-                "stack_text": [str(f) for f in self.stack.frames] if self.stack else [],
-                "outstanding_bytes": self.outstanding_bytes, "mappings": self.mappings,
-                "count": self.count, "mapped_bytes": self.mapped_bytes,
-                "unmapped_bytes": self.unmapped_bytes}
+        return {
+            "library": self.library,
+            "symbol": self.symbol,
+            "caller": self.label,
+            "frame": str(self.caller) if self.caller else None,
+            "stack": self.stack.to_record() if self.stack else None,
+            "stack_text": [str(f) for f in self.stack.frames] if self.stack else [],
+            "outstanding_bytes": self.outstanding_bytes,
+            "mappings": self.mappings,
+            "count": self.count,
+            "mapped_bytes": self.mapped_bytes,
+            "unmapped_bytes": self.unmapped_bytes,
+        }
 
 
 def caller_key(caller: Frame | None) -> tuple[str, str]:
@@ -59,7 +65,9 @@ def by_caller(ledger: Ledger) -> list[CallerTotals]:
         weight = totals[0] * 4 + totals[3]
         if key not in best or weight > best[key][0] or (best[key][2] is None and stack is not None):
             best[key] = (weight, caller, stack)
-    out = [CallerTotals(lib, sym, best[(lib, sym)][1], best[(lib, sym)][2], *acc)
-           for (lib, sym), acc in sums.items()]
+    out = [
+        CallerTotals(lib, sym, best[(lib, sym)][1], best[(lib, sym)][2], *acc)
+        for (lib, sym), acc in sums.items()
+    ]
     out.sort(key=lambda c: (-c.outstanding_bytes, -c.mapped_bytes, c.label))
     return out

@@ -59,9 +59,9 @@ class _Reader:
     __slots__ = ("data", "pos", "base")
 
     def __init__(self, data, pos: int, base: int) -> None:
-        self.data = data      # the section bytes
-        self.pos = pos        # offset in data
-        self.base = base      # virtual address of data[0]
+        self.data = data  # the section bytes
+        self.pos = pos  # offset in data
+        self.base = base  # virtual address of data[0]
 
     def u8(self) -> int:
         v = self.data[self.pos]
@@ -90,8 +90,8 @@ class _Reader:
                 return result - (1 << shift) if signed and b & 0x40 else result
 
     def cstring(self) -> bytes:
-        end = bytes(self.data[self.pos:self.pos + 64]).index(b"\0")
-        s = bytes(self.data[self.pos:self.pos + end])
+        end = bytes(self.data[self.pos : self.pos + 64]).index(b"\0")
+        s = bytes(self.data[self.pos : self.pos + end])
         self.pos += end + 1
         return s
 
@@ -271,8 +271,15 @@ def _execute(data, cie: _Cie, pc_begin: int, program: tuple[int, int], target: i
     return FrameRule(state["cfa_reg"], state["cfa_off"], state["regs"])
 
 
-def _run(data, cie: _Cie, span: tuple[int, int], state: dict, initial_regs: dict | None,
-         loc: int, target: int | None) -> None:
+def _run(
+    data,
+    cie: _Cie,
+    span: tuple[int, int],
+    state: dict,
+    initial_regs: dict | None,
+    loc: int,
+    target: int | None,
+) -> None:
     r = _Reader(data, span[0], 0)
     end = span[1]
     stack: list[tuple[int | None, int, dict]] = []
@@ -281,22 +288,22 @@ def _run(data, cie: _Cie, span: tuple[int, int], state: dict, initial_regs: dict
     while r.pos < end:
         op = r.u8()
         high, low = op & 0xC0, op & 0x3F
-        if high == 0x40:                              # advance_loc
+        if high == 0x40:  # advance_loc
             loc += low * ca
-        elif high == 0x80:                            # offset
+        elif high == 0x80:  # offset
             regs[low] = Rule("offset", r.uleb() * da)
-        elif high == 0xC0:                            # restore
+        elif high == 0xC0:  # restore
             _restore(regs, initial_regs, low)
-        elif op == 0x00:                              # nop
+        elif op == 0x00:  # nop
             continue
-        elif op == 0x01:                              # set_loc
+        elif op == 0x01:  # set_loc
             loc = r.pointer(cie.fde_encoding)
-        elif op in (0x02, 0x03, 0x04):                # advance_loc1/2/4
+        elif op in (0x02, 0x03, 0x04):  # advance_loc1/2/4
             loc += r.fixed({0x02: "<B", 0x03: "<H", 0x04: "<I"}[op], {0x02: 1, 0x03: 2, 0x04: 4}[op]) * ca
-        elif op == 0x05:                              # offset_extended
+        elif op == 0x05:  # offset_extended
             reg = r.uleb()
             regs[reg] = Rule("offset", r.uleb() * da)
-        elif op == 0x06:                              # restore_extended
+        elif op == 0x06:  # restore_extended
             _restore(regs, initial_regs, r.uleb())
         elif op == 0x07:
             regs[r.uleb()] = Rule("undefined")
@@ -305,44 +312,44 @@ def _run(data, cie: _Cie, span: tuple[int, int], state: dict, initial_regs: dict
         elif op == 0x09:
             reg = r.uleb()
             regs[reg] = Rule("register", r.uleb())
-        elif op == 0x0A:                              # remember_state
+        elif op == 0x0A:  # remember_state
             stack.append((state["cfa_reg"], state["cfa_off"], dict(regs)))
-        elif op == 0x0B:                              # restore_state
+        elif op == 0x0B:  # restore_state
             if stack:
                 state["cfa_reg"], state["cfa_off"], saved = stack.pop()
                 regs.clear()
                 regs.update(saved)
-        elif op == 0x0C:                              # def_cfa
+        elif op == 0x0C:  # def_cfa
             state["cfa_reg"] = r.uleb()
             state["cfa_off"] = r.uleb()
         elif op == 0x0D:
             state["cfa_reg"] = r.uleb()
         elif op == 0x0E:
             state["cfa_off"] = r.uleb()
-        elif op == 0x0F:                              # def_cfa_expression: not evaluated
+        elif op == 0x0F:  # def_cfa_expression: not evaluated
             r.pos += r.uleb()
             state["cfa_reg"] = None
-        elif op in (0x10, 0x16):                      # expression, val_expression
+        elif op in (0x10, 0x16):  # expression, val_expression
             reg = r.uleb()
             r.pos += r.uleb()
             regs[reg] = Rule("undefined")
-        elif op == 0x11:                              # offset_extended_sf
+        elif op == 0x11:  # offset_extended_sf
             reg = r.uleb()
             regs[reg] = Rule("offset", r.sleb() * da)
-        elif op == 0x12:                              # def_cfa_sf
+        elif op == 0x12:  # def_cfa_sf
             state["cfa_reg"] = r.uleb()
             state["cfa_off"] = r.sleb() * da
         elif op == 0x13:
             state["cfa_off"] = r.sleb() * da
-        elif op == 0x14:                              # val_offset
+        elif op == 0x14:  # val_offset
             reg = r.uleb()
             regs[reg] = Rule("val_offset", r.uleb() * da)
         elif op == 0x15:
             reg = r.uleb()
             regs[reg] = Rule("val_offset", r.sleb() * da)
-        elif op == 0x2E:                              # GNU_args_size
+        elif op == 0x2E:  # GNU_args_size
             r.uleb()
-        elif op == 0x2F:                              # GNU_negative_offset_extended
+        elif op == 0x2F:  # GNU_negative_offset_extended
             reg = r.uleb()
             regs[reg] = Rule("offset", -r.uleb() * da)
         else:

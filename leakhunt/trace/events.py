@@ -8,7 +8,7 @@ frame that matters is the *caller of the wrapper*, which the backends recover se
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 
@@ -55,9 +55,9 @@ class Frame:
     An interpreted (Python) frame has address 0: module is its source file, offset its line."""
 
     address: int
-    module: str | None = None   # path of the object mapping `address`, as the target sees it
-    symbol: str | None = None   # nearest preceding symbol in that object
-    offset: int = 0             # from the symbol, or from the module's load base without one
+    module: str | None = None  # path of the object mapping `address`, as the target sees it
+    symbol: str | None = None  # nearest preceding symbol in that object
+    offset: int = 0  # from the symbol, or from the module's load base without one
 
     def __str__(self) -> str:
         if not self.address and self.symbol and self.module:
@@ -88,11 +88,14 @@ class Stack:
 
     frames: tuple[Frame, ...] = ()
     partial: bool = True
-    source: str = ""            # how it was obtained: "bpf", "bpf+ret", "dwarf", "gdb", ...
+    source: str = ""  # how it was obtained: "bpf", "bpf+ret", "dwarf", "gdb", ...
 
     def to_record(self) -> dict:
-        return {"frames": [f.to_record() for f in self.frames], "partial": self.partial,
-                "source": self.source}
+        return {
+            "frames": [f.to_record() for f in self.frames],
+            "partial": self.partial,
+            "source": self.source,
+        }
 
     @classmethod
     def from_record(cls, r: dict | None) -> Stack | None:
@@ -131,7 +134,7 @@ class MmapEvent:
     ret: int = 0
     new_length: int = 0
     stack: Stack | None = None
-    caller: Frame | None = None   # the first frame past the libc wrapper: who asked for the memory
+    caller: Frame | None = None  # the first frame past the libc wrapper: who asked for the memory
     comm: str = ""
 
     @property
@@ -139,8 +142,15 @@ class MmapEvent:
         return -4096 < self.ret < 0
 
     def to_record(self) -> dict:
-        r = {"ts": self.ts, "pid": self.pid, "tid": self.tid, "kind": self.kind.value,
-             "addr": self.addr, "length": self.length, "ret": self.ret}
+        r = {
+            "ts": self.ts,
+            "pid": self.pid,
+            "tid": self.tid,
+            "kind": self.kind.value,
+            "addr": self.addr,
+            "length": self.length,
+            "ret": self.ret,
+        }
         for name in ("prot", "flags", "new_length"):
             if getattr(self, name):
                 r[name] = getattr(self, name)
@@ -156,10 +166,22 @@ class MmapEvent:
 
     @classmethod
     def from_record(cls, r: dict) -> MmapEvent:
-        return cls(r["ts"], r["pid"], r["tid"], EventKind(r["kind"]), r.get("addr", 0), r.get("length", 0),
-                   r.get("prot", 0), r.get("flags", 0), r.get("fd", -1), r.get("ret", 0),
-                   r.get("new_length", 0), Stack.from_record(r.get("stack")),
-                   Frame.from_record(r["caller"]) if r.get("caller") else None, r.get("comm", ""))
+        return cls(
+            r["ts"],
+            r["pid"],
+            r["tid"],
+            EventKind(r["kind"]),
+            r.get("addr", 0),
+            r.get("length", 0),
+            r.get("prot", 0),
+            r.get("flags", 0),
+            r.get("fd", -1),
+            r.get("ret", 0),
+            r.get("new_length", 0),
+            Stack.from_record(r.get("stack")),
+            Frame.from_record(r["caller"]) if r.get("caller") else None,
+            r.get("comm", ""),
+        )
 
 
 def _basename(path: str) -> str:

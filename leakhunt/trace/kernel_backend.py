@@ -43,12 +43,12 @@ class RawCall(NamedTuple):
     nr: int
     pid: int
     tid: int
-    ts: int          # kernel monotonic ns
+    ts: int  # kernel monotonic ns
     args: tuple[int, int, int, int, int]
     ret: int
     ip: int
     sp: int
-    ra: int          # what the kernel read as the return address (the site key's third part)
+    ra: int  # what the kernel read as the return address (the site key's third part)
     words: bytes
 
 
@@ -58,7 +58,7 @@ class RawExemplar(NamedTuple):
     pid: int
     ts: int
     ip: int
-    ra: int          # what the kernel used as the return address (the site key's third part)
+    ra: int  # what the kernel used as the return address (the site key's third part)
     sp: int
     bp: int
     stack: bytes
@@ -68,7 +68,7 @@ class RawDump(NamedTuple):
     """The kernel maps, read after ``ts`` (kernel monotonic ns)."""
 
     ts: int
-    live: list[tuple[int, int, int, int, int, int, int, int]]   # pid, addr, len, ip, ra, ts, flags, fd
+    live: list[tuple[int, int, int, int, int, int, int, int]]  # pid, addr, len, ip, ra, ts, flags, fd
     sites: dict[SiteKey, SiteCounts]
     syscalls: dict[str, int]
     filtered: int
@@ -82,8 +82,9 @@ def root_problem() -> str | None:
     problem = pid_namespace_problem()
     if problem:
         return problem
-    if not os.path.isdir("/sys/kernel/tracing/events/raw_syscalls") and \
-            not os.path.isdir("/sys/kernel/debug/tracing/events/raw_syscalls"):
+    if not os.path.isdir("/sys/kernel/tracing/events/raw_syscalls") and not os.path.isdir(
+        "/sys/kernel/debug/tracing/events/raw_syscalls"
+    ):
         return "tracefs with the raw_syscalls tracepoints is not mounted"
     return None
 
@@ -95,11 +96,13 @@ def pid_namespace_problem() -> str | None:
     try:
         ino = os.stat(PROC / "1" / "ns" / "pid").st_ino
     except OSError:
-        return None   # cannot tell (no /proc/1/ns access): let the attach speak for itself
+        return None  # cannot tell (no /proc/1/ns access): let the attach speak for itself
     if ino == INIT_PID_NS_INO:
         return None
-    return ("leakhunt runs in a pid namespace of its own (a container) and BPF sees the host's pids: run it "
-            "on the host, or in a container that shares the host's pid namespace (docker run --pid=host)")
+    return (
+        "leakhunt runs in a pid namespace of its own (a container) and BPF sees the host's pids: run it "
+        "on the host, or in a container that shares the host's pid namespace (docker run --pid=host)"
+    )
 
 
 class KernelLedgerBackend(Backend):
@@ -163,12 +166,14 @@ class KernelLedgerBackend(Backend):
 
     def details(self) -> dict:
         dump = self._last_dump
-        return {"mode": "all-events" if self.options.extra.get("stream_all") else "kernel-ledger",
-                "kernel_held_mappings": len(self._state.mappings) if self._state else 0,
-                "sites": len(self._state.sites) if self._state else 0,
-                "failed_calls": dump.failed if dump else 0,
-                "kernel_map_full": dump.full if dump else 0,
-                "exemplars": len(self._exemplars)}
+        return {
+            "mode": "all-events" if self.options.extra.get("stream_all") else "kernel-ledger",
+            "kernel_held_mappings": len(self._state.mappings) if self._state else 0,
+            "sites": len(self._state.sites) if self._state else 0,
+            "failed_calls": dump.failed if dump else 0,
+            "kernel_map_full": dump.full if dump else 0,
+            "exemplars": len(self._exemplars),
+        }
 
     @property
     def target_exited(self) -> bool:
@@ -213,8 +218,10 @@ class KernelLedgerBackend(Backend):
             return
         self._ip_checked = True
         if where[1].read(where[2] - 2, 2) not in (b"\x0f\x05", None):
-            self.note_once(f"the user ip the probe read ({ip:#x}) does not follow a syscall instruction: "
-                           "callers are unreliable on this kernel (pt_regs layout)")
+            self.note_once(
+                f"the user ip the probe read ({ip:#x}) does not follow a syscall instruction: "
+                "callers are unreliable on this kernel (pt_regs layout)"
+            )
 
     # -- conversion ----------------------------------------------------------------------------
 
@@ -223,7 +230,7 @@ class KernelLedgerBackend(Backend):
 
     def _on_lifecycle(self, r: RawLifecycle) -> None:
         if r.kind == "fork":
-            return   # the kernel side follows it already; its address space starts as a copy
+            return  # the kernel side follows it already; its address space starts as a copy
         if r.kind == "exec":
             self.resolver.forget(r.pid)
         if r.kind == "exit" and r.pid == self.target.pid:
@@ -237,9 +244,15 @@ class KernelLedgerBackend(Backend):
             return None
         a0, a1, a2, a3, a4 = r.args
         caller, stack = self.describe(r.pid, r.ip, r.ra, UserContext(r.ip, r.sp, 0, r.words))
-        common = dict(ts=self._wall(r.ts) / 1e9, pid=r.pid, tid=r.tid, kind=kind, ret=r.ret,
-                      stack=stack if self.options.stacks else Stack(stack.frames[:2], True, stack.source),
-                      caller=caller)
+        common = dict(
+            ts=self._wall(r.ts) / 1e9,
+            pid=r.pid,
+            tid=r.tid,
+            kind=kind,
+            ret=r.ret,
+            stack=stack if self.options.stacks else Stack(stack.frames[:2], True, stack.source),
+            caller=caller,
+        )
         if kind is EventKind.MMAP:
             return MmapEvent(addr=a0, length=a1, prot=a2, flags=a3, fd=_s32(a4), **common)
         if kind is EventKind.MUNMAP:
@@ -252,7 +265,7 @@ class KernelLedgerBackend(Backend):
             return MmapEvent(fd=a0, addr=a1, flags=a2, length=_shm_length(r.pid, r.ret, a0), **common)
         if kind is EventKind.SHMDT:
             return MmapEvent(addr=a0, **common)
-        return MmapEvent(flags=a1, **common)   # memfd_create: ret is the new fd
+        return MmapEvent(flags=a1, **common)  # memfd_create: ret is the new fd
 
     def _caller_ra(self, pid: int, ip: int, key_ra: int, ctx: UserContext | None) -> int:
         """The wrapper's return address: the kernel's word when the CFI says the slot is sp+0
@@ -297,8 +310,10 @@ class KernelLedgerBackend(Backend):
         return info
 
     def _kernel_state(self, dump: RawDump) -> KernelState:
-        mappings = tuple(KernelMapping(pid, addr, length, ip, ra, self._wall(ts), flags, _s32(fd))
-                         for pid, addr, length, ip, ra, ts, flags, fd in dump.live)
+        mappings = tuple(
+            KernelMapping(pid, addr, length, ip, ra, self._wall(ts), flags, _s32(fd))
+            for pid, addr, length, ip, ra, ts, flags, fd in dump.live
+        )
         sites = dict(dump.sites)
         callers = {}
         for key in {(m.pid, m.ip, m.ra) for m in mappings} | set(sites):

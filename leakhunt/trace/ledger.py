@@ -16,8 +16,15 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from leakhunt.trace.events import (MAP_FIXED, MAP_FIXED_NOREPLACE, MREMAP_DONTUNMAP, EventKind, Frame, MmapEvent,
-                                   Stack)
+from leakhunt.trace.events import (
+    MAP_FIXED,
+    MAP_FIXED_NOREPLACE,
+    MREMAP_DONTUNMAP,
+    EventKind,
+    Frame,
+    MmapEvent,
+    Stack,
+)
 
 PAGE = 4096
 
@@ -38,7 +45,7 @@ class KernelMapping(NamedTuple):
     length: int
     ip: int
     ra: int
-    ts: int          # monotonic ns of the mmap: with pid, the mapping's identity
+    ts: int  # monotonic ns of the mmap: with pid, the mapping's identity
     flags: int = 0
     fd: int = -1
 
@@ -53,9 +60,9 @@ class SiteCounts:
 class Lifecycle(NamedTuple):
     """A traced process that exec'd or exited (its address space is gone), or was forked."""
 
-    kind: str        # fork | exec | exit
+    kind: str  # fork | exec | exit
     pid: int
-    ts: int          # wall-clock ns
+    ts: int  # wall-clock ns
     child: int = 0
 
 
@@ -65,10 +72,10 @@ class KernelState:
 
     taken_ns: int
     mappings: tuple[KernelMapping, ...] = ()
-    sites: dict[SiteKey, SiteCounts] = field(default_factory=dict)   # kernel-handled calls only
-    syscalls: dict[str, int] = field(default_factory=dict)          # every traced call, by kind
+    sites: dict[SiteKey, SiteCounts] = field(default_factory=dict)  # kernel-handled calls only
+    syscalls: dict[str, int] = field(default_factory=dict)  # every traced call, by kind
     callers: dict[SiteKey, tuple[Frame, Stack]] = field(default_factory=dict)  # who each site is
-    lifecycle: tuple[Lifecycle, ...] = ()   # exec/exit of traced processes since the last state
+    lifecycle: tuple[Lifecycle, ...] = ()  # exec/exit of traced processes since the last state
 
 
 class Outstanding(NamedTuple):
@@ -77,7 +84,7 @@ class Outstanding(NamedTuple):
     end: int
     site: SiteKey
     ts: int
-    held_by: str     # "kernel" or "user"
+    held_by: str  # "kernel" or "user"
 
 
 @dataclass
@@ -92,7 +99,7 @@ class _Ranges:
 
     def __init__(self) -> None:
         self.starts: list[int] = []
-        self.items: dict[int, tuple[int, SiteKey, int]] = {}   # start -> (end, site, ts)
+        self.items: dict[int, tuple[int, SiteKey, int]] = {}  # start -> (end, site, ts)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -139,12 +146,12 @@ class Ledger:
         self._stats: dict[SiteKey, _Stats] = defaultdict(_Stats)
         self._kernel: KernelState = KernelState(0)
         self._kernel_by_pid: dict[int, list[KernelMapping]] = {}
-        self._dead: dict[tuple[int, int], list[tuple[int, int]]] = {}   # (pid, ts) -> dead offsets
-        self._epoch: dict[int, int] = {}   # pid -> ns of its exec/exit: older kernel entries are void
+        self._dead: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (pid, ts) -> dead offsets
+        self._epoch: dict[int, int] = {}  # pid -> ns of its exec/exit: older kernel entries are void
         self._brk: dict[int, int] = {}
-        self.site_info: dict[SiteKey, tuple[Frame | None, Stack | None]] = {}   # who each site is
-        self.dropped = 0                    # mappings not kept because max_ranges was reached
-        self.unmatched_unmaps = 0           # unmaps of memory we never saw mapped (mapped before the trace)
+        self.site_info: dict[SiteKey, tuple[Frame | None, Stack | None]] = {}  # who each site is
+        self.dropped = 0  # mappings not kept because max_ranges was reached
+        self.unmatched_unmaps = 0  # unmaps of memory we never saw mapped (mapped before the trace)
 
     # -- inputs --------------------------------------------------------------------------------
 
@@ -189,7 +196,7 @@ class Ledger:
         if kind is EventKind.MMAP:
             length = page_round(ev.length)
             if ev.flags & (MAP_FIXED | MAP_FIXED_NOREPLACE):
-                self._cut(ev.pid, ev.ret, ev.ret + length, ts)   # MAP_FIXED replaces what was there
+                self._cut(ev.pid, ev.ret, ev.ret + length, ts)  # MAP_FIXED replaces what was there
             self._map(ev.pid, ev.ret, ev.ret + length, site, ts)
         elif kind is EventKind.MUNMAP:
             if not self._cut(ev.pid, ev.addr, ev.addr + page_round(ev.length), ts):
@@ -324,8 +331,11 @@ class Ledger:
         return found
 
     def _kernel_overlapping(self, pid: int, lo: int, hi: int, ts: int) -> list[KernelMapping]:
-        return [m for m in self._kernel_by_pid.get(pid, ())
-                if m.start < hi and m.start + m.length > lo and m.ts < ts]
+        return [
+            m
+            for m in self._kernel_by_pid.get(pid, ())
+            if m.start < hi and m.start + m.length > lo and m.ts < ts
+        ]
 
     def _owner(self, pid: int, lo: int, hi: int, ts: int) -> SiteKey | None:
         hit = self._user[pid].at(lo)

@@ -30,7 +30,7 @@ class PatchedFunction:
     address: int
     file_bytes: bytes
     memory_bytes: bytes
-    jumps_to: Frame | None    # where the patch leads, when it is a recognisable jump
+    jumps_to: Frame | None  # where the patch leads, when it is a recognisable jump
 
     def describe(self) -> str:
         dest = self.jumps_to
@@ -58,14 +58,15 @@ def jump_target(code: bytes, address: int) -> int | None:
     if code[:1] == b"\xe9":
         return (address + 5 + struct.unpack_from("<i", code, 1)[0]) & 0xFFFFFFFFFFFFFFFF
     if code[:2] == b"\xff\x25":
-        return None   # through memory: the pointer is elsewhere
+        return None  # through memory: the pointer is elsewhere
     if code[:2] in (b"\x48\xb8", b"\x49\xbb") and len(code) >= 10:
         return struct.unpack_from("<Q", code, 2)[0]
     return None
 
 
-def find_patched(pid: int, resolver: CallerResolver | None = None,
-                 names: tuple[str, ...] = HOOKABLE) -> list[PatchedFunction]:
+def find_patched(
+    pid: int, resolver: CallerResolver | None = None, names: tuple[str, ...] = HOOKABLE
+) -> list[PatchedFunction]:
     """Functions of the target's libc (and loader) whose code differs from the file."""
     pm = (resolver or CallerResolver()).modules(pid)
     out = []
@@ -75,8 +76,16 @@ def find_patched(pid: int, resolver: CallerResolver | None = None,
         if want is None or got is None or got == want:
             continue
         dest = jump_target(got, fn.address)
-        out.append(PatchedFunction(fn.mapping.path, fn.name, fn.address, want, got,
-                                   pm.frame(dest, is_return=False) if dest else None))
+        out.append(
+            PatchedFunction(
+                fn.mapping.path,
+                fn.name,
+                fn.address,
+                want,
+                got,
+                pm.frame(dest, is_return=False) if dest else None,
+            )
+        )
     return out
 
 
@@ -90,6 +99,8 @@ def patched_note(patched: list[PatchedFunction]) -> str | None:
         by_dest.setdefault(dest, []).append(p.symbol)
     libc = patched[0].module.rsplit("/", 1)[-1]
     hooks = "; ".join(f"{', '.join(names)} jump into {dest}" for dest, names in by_dest.items())
-    return (f"{libc} is patched in memory (memory hooks, like UCX libucm's): {hooks}. leakhunt places no "
-            "uprobes (one on patched code kills the target with SIGILL); its tracepoints see the syscalls "
-            "the hooks make")
+    return (
+        f"{libc} is patched in memory (memory hooks, like UCX libucm's): {hooks}. leakhunt places no "
+        "uprobes (one on patched code kills the target with SIGILL); its tracepoints see the syscalls "
+        "the hooks make"
+    )

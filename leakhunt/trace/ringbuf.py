@@ -46,10 +46,10 @@ class RingBufferReader:
                 at = base + (cons & mask)
                 length = _U32.unpack_from(data, at)[0]
                 if length & _BUSY:
-                    break   # reserved, not committed yet: the next drain takes it
+                    break  # reserved, not committed yet: the next drain takes it
                 size = length & ~(_BUSY | _DISCARD)
                 if not length & _DISCARD:
-                    out.append(data[at + _HEADER:at + _HEADER + size])
+                    out.append(data[at + _HEADER : at + _HEADER + size])
                     n += 1
                 cons += (size + _HEADER + 7) & ~7
             _U64.pack_into(self._consumer, 0, cons)
@@ -68,6 +68,7 @@ class RingBufferReader:
         def loop() -> None:
             while not self._stop.wait(every_s):
                 self.drain()
+
         self._thread = threading.Thread(target=loop, name="leakhunt-ringbuf", daemon=True)
         self._thread.start()
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from leakhunt.errors import BackendUnavailable
 from leakhunt.proc.target import PROC, Target
 from leakhunt.record import EVENTS, SessionWriter
-from leakhunt.trace.backend import BACKENDS, Backend, TraceOptions, backend_class
+from leakhunt.trace.backend import BACKENDS, Backend, backend_class
 from leakhunt.trace.callers import CallerTotals, by_caller
 from leakhunt.trace.events import MmapEvent
 from leakhunt.trace.ledger import Ledger
@@ -49,7 +49,7 @@ ROOT_FIX = "run as root; `leakhunt doctor --install` sets up the rest"
 class BackendChoice:
     name: str
     cls: type[Backend]
-    unavailable: dict[str, str] = field(default_factory=dict)   # the others that do not work, and why
+    unavailable: dict[str, str] = field(default_factory=dict)  # the others that do not work, and why
 
     def explain(self) -> str:
         """One line: what runs, and why the others do not."""
@@ -60,7 +60,7 @@ class BackendChoice:
 def choose_backend(name: str = "auto") -> BackendChoice:
     """The named backend if it can run, or with 'auto' the first of BACKENDS that can."""
     reasons: dict[str, str] = {}
-    for candidate in (BACKENDS if name == "auto" else [name]):
+    for candidate in BACKENDS if name == "auto" else [name]:
         try:
             cls = backend_class(candidate)
             reason = cls.unavailable_reason()
@@ -74,8 +74,11 @@ def choose_backend(name: str = "auto") -> BackendChoice:
         reasons[candidate] = reason
     if name != "auto":
         raise BackendUnavailable(name, reasons[name], _fix(reasons[name]))
-    raise BackendUnavailable("tracing", "no backend works here: " + "; ".join(f"{n}: {r}" for n, r in reasons.items()),
-                             _fix(" ".join(reasons.values())))
+    raise BackendUnavailable(
+        "tracing",
+        "no backend works here: " + "; ".join(f"{n}: {r}" for n, r in reasons.items()),
+        _fix(" ".join(reasons.values())),
+    )
 
 
 def _reason(name: str) -> str | None:
@@ -96,7 +99,7 @@ def _fix(reason: str) -> str:
 @dataclass(frozen=True)
 class CallerView:
     totals: CallerTotals
-    rate: float          # outstanding bytes/s over the last RATE_WINDOW_S (NaN until known)
+    rate: float  # outstanding bytes/s over the last RATE_WINDOW_S (NaN until known)
 
 
 class TraceSession:
@@ -109,7 +112,7 @@ class TraceSession:
         self.ledger = Ledger()
         self.streamed = 0
         self.started = 0.0
-        self.traced_s: float | None = None   # how long it traced, fixed when the loop ends
+        self.traced_s: float | None = None  # how long it traced, fixed when the loop ends
         self.stopped_because = ""
         self._history: deque[tuple[float, dict[tuple[str, str], int]]] = deque()
         self._last_ledger = 0.0
@@ -161,13 +164,27 @@ class TraceSession:
 
     def ledger_record(self, now: float) -> dict:
         total = sum(c.outstanding_bytes for c in self._callers)
-        return {"ts": time.time(), "t": round(now - self.started, 3), "outstanding_bytes": total,
-                "outstanding_mappings": sum(c.mappings for c in self._callers),
-                "events": self.backend.stats.events, "lost_events": self.backend.stats.lost_events,
-                "callers": [{"caller": c.label, "library": c.library, "symbol": c.symbol,
-                             "bytes": c.outstanding_bytes, "mappings": c.mappings, "count": c.count,
-                             "mapped_bytes": c.mapped_bytes, "unmapped_bytes": c.unmapped_bytes}
-                            for c in self._callers[:LEDGER_TOP]]}
+        return {
+            "ts": time.time(),
+            "t": round(now - self.started, 3),
+            "outstanding_bytes": total,
+            "outstanding_mappings": sum(c.mappings for c in self._callers),
+            "events": self.backend.stats.events,
+            "lost_events": self.backend.stats.lost_events,
+            "callers": [
+                {
+                    "caller": c.label,
+                    "library": c.library,
+                    "symbol": c.symbol,
+                    "bytes": c.outstanding_bytes,
+                    "mappings": c.mappings,
+                    "count": c.count,
+                    "mapped_bytes": c.mapped_bytes,
+                    "unmapped_bytes": c.unmapped_bytes,
+                }
+                for c in self._callers[:LEDGER_TOP]
+            ],
+        }
 
     def callers(self) -> list[CallerView]:
         if not self._callers:
@@ -188,7 +205,8 @@ class TraceSession:
         self._snapshot(time.monotonic())
         if self.ledger.dropped:
             self.backend.stats.notes.append(
-                f"{self.ledger.dropped} mappings were not kept: the ledger's range limit was reached")
+                f"{self.ledger.dropped} mappings were not kept: the ledger's range limit was reached"
+            )
         if self.writer:
             self.writer.append_many(OUTSTANDING, self._outstanding_records())
 
@@ -197,8 +215,17 @@ class TraceSession:
         out = []
         for o in self.ledger.outstanding():
             caller = info.get(o.site, (None, None))[0]
-            out.append({"pid": o.pid, "start": o.start, "end": o.end, "bytes": o.end - o.start,
-                        "caller": str(caller) if caller else None, "ts": o.ts / 1e9, "held_by": o.held_by})
+            out.append(
+                {
+                    "pid": o.pid,
+                    "start": o.start,
+                    "end": o.end,
+                    "bytes": o.end - o.start,
+                    "caller": str(caller) if caller else None,
+                    "ts": o.ts / 1e9,
+                    "held_by": o.held_by,
+                }
+            )
         return out
 
     def run(self, duration: float | None, on_step=None, poll_s: float = 0.5) -> str:

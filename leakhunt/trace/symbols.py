@@ -28,8 +28,9 @@ from leakhunt.proc.target import PROC
 from leakhunt.trace.cfi import CallFrameInfo, FrameRule
 from leakhunt.trace.events import Frame
 
-_SYM_DTYPE = np.dtype([("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"),
-                       ("value", "<u8"), ("size", "<u8")])
+_SYM_DTYPE = np.dtype(
+    [("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"), ("value", "<u8"), ("size", "<u8")]
+)
 _STT_FUNC, _STT_GNU_IFUNC = 2, 10
 _STB_GLOBAL = 1
 #: How often a process's maps may be re-read to resolve an address we have not seen mapped.
@@ -49,7 +50,7 @@ class FileMapping:
     offset: int
     inode: int
     path: str
-    range_text: str   # "start-end" exactly as maps prints it: the name in map_files/
+    range_text: str  # "start-end" exactly as maps prints it: the name in map_files/
 
     @property
     def executable(self) -> bool:
@@ -65,8 +66,17 @@ def parse_maps(text: bytes) -> list[FileMapping]:
             continue
         rng = parts[0].decode()
         lo, _, hi = rng.partition("-")
-        out.append(FileMapping(int(lo, 16), int(hi, 16), parts[1].decode(), int(parts[2], 16),
-                               int(parts[4]), parts[5].decode(errors="replace"), rng))
+        out.append(
+            FileMapping(
+                int(lo, 16),
+                int(hi, 16),
+                parts[1].decode(),
+                int(parts[2], 16),
+                int(parts[4]),
+                parts[5].decode(errors="replace"),
+                rng,
+            )
+        )
     return out
 
 
@@ -78,8 +88,11 @@ class Module:
         self._data = data
         self._elf = elf
         self._debug = debug  # (mmap, ELFFile) of a separate debug file, when one was found
-        self.segments = [(s["p_offset"], s["p_vaddr"], s["p_filesz"]) for s in elf.iter_segments()
-                         if s["p_type"] == "PT_LOAD"]
+        self.segments = [
+            (s["p_offset"], s["p_vaddr"], s["p_filesz"])
+            for s in elf.iter_segments()
+            if s["p_type"] == "PT_LOAD"
+        ]
         self._lock = threading.Lock()
         self._rules: dict[int, FrameRule | None] = {}
 
@@ -102,7 +115,7 @@ class Module:
         return self._translate(vaddr, 1, 0)
 
     def _translate(self, x: int, src: int, dst: int) -> int | None:
-        for segment in self.segments:   # (file offset, vaddr, size in the file)
+        for segment in self.segments:  # (file offset, vaddr, size in the file)
             if segment[src] <= x < segment[src] + segment[2]:
                 return segment[dst] + x - segment[src]
         return None
@@ -121,8 +134,12 @@ class Module:
                 if sec is None or sec["sh_entsize"] != _SYM_DTYPE.itemsize or sec["sh_type"] == "SHT_NOBITS":
                     continue
                 strtab = elf.get_section(sec["sh_link"])
-                syms = np.frombuffer(data, dtype=_SYM_DTYPE, count=sec["sh_size"] // _SYM_DTYPE.itemsize,
-                                     offset=sec["sh_offset"])
+                syms = np.frombuffer(
+                    data,
+                    dtype=_SYM_DTYPE,
+                    count=sec["sh_size"] // _SYM_DTYPE.itemsize,
+                    offset=sec["sh_offset"],
+                )
                 kind = syms["info"] & 0xF
                 keep = ((kind == _STT_FUNC) | (kind == _STT_GNU_IFUNC)) & (syms["value"] != 0)
                 tables.append((syms[keep], data, strtab["sh_offset"]))
@@ -161,7 +178,7 @@ class Module:
         start = values_list[i]
         # The first of the aliases at this address (the preferred one, by the sort above).
         j = bisect.bisect_left(values_list, start)
-        size = int(sizes[j:i + 1].max())
+        size = int(sizes[j : i + 1].max())
         if size and vaddr >= start + size:
             return None
         return demangle(self._name(names[j])), vaddr - start
@@ -174,8 +191,10 @@ class Module:
         if sec is None or sec["sh_type"] == "SHT_NOBITS":
             return None
         hdr = self._elf.get_section_by_name(".eh_frame_hdr")
-        data = memoryview(self._data)[sec["sh_offset"]:sec["sh_offset"] + sec["sh_size"]]
-        hdr_bytes = self._data[hdr["sh_offset"]:hdr["sh_offset"] + hdr["sh_size"]] if hdr is not None else None
+        data = memoryview(self._data)[sec["sh_offset"] : sec["sh_offset"] + sec["sh_size"]]
+        hdr_bytes = (
+            self._data[hdr["sh_offset"] : hdr["sh_offset"] + hdr["sh_size"]] if hdr is not None else None
+        )
         return CallFrameInfo(data, sec["sh_addr"], hdr_bytes, hdr["sh_addr"] if hdr is not None else 0)
 
     def rule_at(self, vaddr: int) -> FrameRule | None:
@@ -191,7 +210,7 @@ class Module:
             except (ValueError, IndexError):
                 rule = None
         if len(self._rules) >= RULE_CACHE:
-            self._rules.clear()   # a hot set of return addresses refills it at once
+            self._rules.clear()  # a hot set of return addresses refills it at once
         self._rules[vaddr] = rule
         return rule
 
@@ -199,7 +218,7 @@ class Module:
         """File bytes at an ELF virtual address (to compare with what the process has in memory)."""
         for off, base, filesz in self.segments:
             if base <= vaddr and vaddr + size <= base + filesz:
-                return bytes(self._data[off + vaddr - base: off + vaddr - base + size])
+                return bytes(self._data[off + vaddr - base : off + vaddr - base + size])
         return None
 
 
@@ -211,8 +230,9 @@ class ModuleCache:
         self._modules: OrderedDict[object, Module | None] = OrderedDict()
         self._lock = threading.Lock()
 
-    def open(self, candidates: list[str], root: Path, display_path: str,
-             fallback: tuple[str, int] | None = None) -> Module | None:
+    def open(
+        self, candidates: list[str], root: Path, display_path: str, fallback: tuple[str, int] | None = None
+    ) -> Module | None:
         """The first of ``candidates`` that opens, else ``fallback`` (path, inode) if it is the very
         file mapped (same inode): our own view of a path may hold another file than the target's."""
         tries = [(path, None) for path in candidates] + ([fallback] if fallback else [])
@@ -267,7 +287,7 @@ class _MmapFile:
 
     def read(self, n: int = -1) -> bytes:
         end = len(self._data) if n is None or n < 0 else min(len(self._data), self._pos + n)
-        chunk = self._data[self._pos:end]
+        chunk = self._data[self._pos : end]
         self._pos = end
         return chunk
 
@@ -390,7 +410,10 @@ def demangle(name: str) -> str:
     result = name
     if shutil.which("c++filt"):
         try:
-            result = subprocess.run(["c++filt", name], capture_output=True, text=True, timeout=5).stdout.strip() or name
+            result = (
+                subprocess.run(["c++filt", name], capture_output=True, text=True, timeout=5).stdout.strip()
+                or name
+            )
         except (OSError, subprocess.SubprocessError):
             pass
     _demangled[name] = result

@@ -29,14 +29,14 @@ def add_traced_pid(backend: Backend, pid: int) -> bool:
     if not backend.options.follow:
         return False
     if bpf is None:
-        return backend.takes_existing and pid in backend.options.existing   # in the set it started with
+        return backend.takes_existing and pid in backend.options.existing  # in the set it started with
     bpf[b"traced"][ct.c_uint32(pid)] = ct.c_uint8(1)
     install = getattr(backend, "_install_slots", None)
     if install is not None:
         try:
-            install(pid)   # an exec'd child's libc sits elsewhere: its wrappers' return-address slots
+            install(pid)  # an exec'd child's libc sits elsewhere: its wrappers' return-address slots
         except (OSError, ValueError, AccessDenied):
-            pass           # without them the caller is still found in user space, from the CFI
+            pass  # without them the caller is still found in user space, from the CFI
     return True
 
 
@@ -75,22 +75,25 @@ def adopt_existing(session: TraceSession) -> list[str]:
         elif (note := seed_pid(session, pid)) and note not in notes:
             notes.append(note)
     if missed:
-        notes.append(f"{missed} process{'es' if missed > 1 else ''} already under pid {session.target.pid} "
-                     f"{'are' if missed > 1 else 'is'} not traced by the {session.backend.name} backend")
+        notes.append(
+            f"{missed} process{'es' if missed > 1 else ''} already under pid {session.target.pid} "
+            f"{'are' if missed > 1 else 'is'} not traced by the {session.backend.name} backend"
+        )
     return notes
 
 
 class TreeTrace:
     """Trace sessions over a root and the processes under it, read as one."""
 
-    def __init__(self, root: Target, choice: BackendChoice, options: TraceOptions,
-                 writer: SessionWriter | None = None) -> None:
+    def __init__(
+        self, root: Target, choice: BackendChoice, options: TraceOptions, writer: SessionWriter | None = None
+    ) -> None:
         self.root = root
         self.choice = choice
         self.options = options
         self.writer = writer
         self.sessions: list[TraceSession] = []
-        self.own_session: dict[int, TraceSession] = {}   # existing children bpftrace traces apart
+        self.own_session: dict[int, TraceSession] = {}  # existing children bpftrace traces apart
         self.notes: list[str] = []
 
     @property
@@ -116,7 +119,9 @@ class TreeTrace:
         if not existed:
             return
         try:
-            session = TraceSession(target, self.choice.cls(target, self.options))   # recorded by the main one only
+            session = TraceSession(
+                target, self.choice.cls(target, self.options)
+            )  # recorded by the main one only
             session.start()
         except (BackendUnavailable, TargetGone, AccessDenied) as e:
             self.notes.append(f"pid {target.pid} is not traced: {e}")

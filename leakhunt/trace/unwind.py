@@ -33,9 +33,9 @@ class LibcFunction:
     name: str
     mapping: FileMapping
     module: Module
-    vaddr: int        # in the ELF file
+    vaddr: int  # in the ELF file
     size: int
-    address: int      # in the process
+    address: int  # in the process
 
 
 def libc_functions(pm: ProcessModules, names: tuple[str, ...]) -> Iterator[LibcFunction]:
