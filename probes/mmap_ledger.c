@@ -10,22 +10,34 @@
  *
  * The common case never leaves the kernel: an mmap goes into `live` and its exact munmap or
  * mremap updates it there, with per-site sums in `sites` (the same scheme as BCC's memleak).
- * Everything else (partial unmaps, MAP_FIXED, brk, shm*, memfd_create, a full `live`) goes to the
- * ring buffer as a CALL record with 16 stack words, without waking the reader (it polls); the
- * first call of each site sends an EXEMPLAR with STACK_BYTES of stack for DWARF unwinding.
- * A failed ring buffer reservation is counted in `counters`: losses are exact. With STREAM_ALL=1
- * every call is streamed and the kernel keeps no ledger (--all-events).
+ * An unmap that touches no tracked mapping (libucm's hooks make tens of thousands of munmaps of
+ * holes a second) is decided here too, by the range index of range_index.h, and only counted.
+ * What is left (unmaps that cut a tracked mapping, MAP_FIXED over one, brk, shm*, memfd_create,
+ * a full `live`) goes to the ring buffer as a CALL record, with 16 stack words when the wrapper's
+ * return-address slot is unknown, without waking the reader (it polls).
  *
- * Arguments (-D): TARGET, FOLLOW, MIN_LEN, STREAM_ALL, LIVE_MAX, SITES_MAX, RINGBUF_PAGES,
- * STACK_BYTES, the NR_* syscall numbers, MAP_FIXED, MAP_FIXED_NOREPLACE, MREMAP_DONTUNMAP and the
- * record/counter numbering, all supplied by leakhunt.trace.bcc.cflags(). Read by leakhunt.trace.bcc; by hand:
+ * A site is (pid, ip, ra, path): `path` hashes the return addresses past the caller, read through
+ * unwinding rules user space installs in `rules` once an exemplar showed it the frames. So two
+ * paths through one wrapper (libucm's balanced mmap hook and its leaking pool growth both return
+ * into ucm_orig_mmap_syscall) are two sites, and the first call of each sends an EXEMPLAR with
+ * STACK_BYTES of stack for DWARF unwinding: the stack shown for outstanding memory is the stack of
+ * the calls that made it. A failed ring buffer reservation is counted in `counters`: losses are
+ * exact. With STREAM_ALL=1 every call is streamed and the kernel keeps no ledger (--all-events).
+ *
+ * Arguments (-D): TARGET, FOLLOW, MIN_LEN, STREAM_ALL, LIVE_MAX, SITES_MAX, IDX_MAX, RULES_MAX,
+ * PATH_DEPTH, ZERO_MAX, RINGBUF_PAGES, STACK_BYTES, the NR_* syscall numbers, MAP_FIXED,
+ * MAP_FIXED_NOREPLACE, MREMAP_DONTUNMAP and the record/counter numbering, all supplied by
+ * leakhunt.trace.bcc.cflags(). Read by leakhunt.trace.bcc; by hand:
  *     python -m leakhunt.trace.bcc PID      # prints the cflags
  *
- * Example (pool_leaker, as leakhunt.trace.bcc reads it):
- *     live  {pid 4242, addr 0x7f3a2b000000} -> {len 1048576, ip libc!syscall+0x19,
- *            ra libleakpool.so!lkpool_grow+0x2c, ts 1520391416401}
- *     sites {4242, libc!__mmap+0x13, pool_leaker!main+0x37f} -> {count 865, mapped 890306560,
- *            unmapped 890306560}
+ * Example (ucx_storm: a UCX registration cache fed by libucm's munmap hook, as leakhunt reads it):
+ *     live  {pid 4242, addr 0x7f3a2b000000} -> {len 1052672, ip libc!syscall+0x19,
+ *            ra libucm!ucm_orig_mmap_syscall+0x20, path 0x9c3e..., ts 1520391416401}
+ *     sites {4242, libc!syscall+0x19, libucm!ucm_orig_mmap_syscall+0x20, 0x9c3e...}
+ *            -> {count 231, mapped 243163136, unmapped 0}          (the pool: ucs_mpool_grow)
+ *     sites {4242, libc!syscall+0x19, libucm!ucm_orig_mmap_syscall+0x20, 0x41d7...}
+ *            -> {count 785089, mapped 51452166144, unmapped 51452166144}   (balanced: ucm_mmap)
+ *     counters untracked 566012    (munmaps of holes, never streamed)
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
@@ -33,29 +45,51 @@
 /* Record types (REC_*), lifecycle kinds (PROC_*), the per-CPU counters' indexes (C_*: one per
  * syscall, IDX_*, then the others) come from leakhunt.trace.bcc as -D: it reads them back. */
 
-struct call_t { u64 nr; u64 a[5]; u64 ip; u64 sp; u64 ra; u64 bp; };
+struct call_t { u64 nr; u64 a[5]; u64 ip; u64 sp; u64 ra; u64 bp; u64 path; u64 cfa; };
 struct live_key_t { u32 pid; u32 pad; u64 addr; };
-struct live_val_t { u64 len; u64 ip; u64 ra; u64 ts; u32 flags; s32 fd; };
-struct site_key_t { u32 pid; u32 pad; u64 ip; u64 ra; };
+struct live_val_t { u64 len; u64 ip; u64 ra; u64 path; u64 ts; u32 flags; s32 fd; };
+struct site_key_t { u32 pid; u32 pad; u64 ip; u64 ra; u64 path; };
 struct site_val_t { u64 count; u64 mapped; u64 unmapped; };
+/* How to step out of the frame that returns to a pc: CFA = sp + cfa, the return address at CFA + ra. */
+struct rule_t { s32 cfa; s32 ra; };
 
 struct call_rec_t {
-    u32 type; u32 pid; u32 tid; u32 nr; u64 ts; u64 a[5]; s64 ret; u64 ip; u64 sp; u64 ra;
+    u32 type; u32 pid; u32 tid; u32 nr; u64 ts; u64 a[5]; s64 ret; u64 ip; u64 sp; u64 ra; u64 path;
     u64 nwords;      /* 16 when the return-address slot of ip was unknown, else 0 */
     u64 words[16];
 };
 struct exemplar_rec_t {
-    u32 type; u32 pid; u64 ts; u64 ip; u64 ra; u64 sp; u64 bp; u32 nbytes; u32 pad;
+    u32 type; u32 pid; u64 ts; u64 ip; u64 ra; u64 sp; u64 bp; u64 path; u32 nbytes; u32 pad;
     u8 stack[STACK_BYTES];
 };
 struct proc_rec_t { u32 type; u32 pid; u32 kind; u32 child; u64 ts; };
 
 BPF_HASH(traced, u32, u8, 4096);
 BPF_HASH(ra_slot, u64, u32, 4096);
+BPF_HASH(rules, u64, struct rule_t, RULES_MAX);
 BPF_F_TABLE("hash", struct live_key_t, struct live_val_t, live, LIVE_MAX, 0);
 BPF_F_TABLE("hash", struct site_key_t, struct site_val_t, sites, SITES_MAX, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(counters, u64, C_COUNT);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+#include "range_index.h"
+
+/* One call on its way through the steps (per CPU: a handler runs to its end on one CPU). The
+ * entry reads the call, the range index is queried, the call decided, then the index updated,
+ * each step a program of its own that tail-calls the next (`steps`), so that each stays within
+ * what the verifier takes. */
+struct state_t {
+    struct call_t c;
+    s64 ret;
+    u32 pid, tid;
+    u32 slot_known, overlap;
+    u64 c_lo, c_hi, s_lo, s_hi;    /* what to clear, then set, in the index once decided */
+    struct idx_walk_t w;
+    struct pt_regs regs;
+};
+BPF_PERCPU_ARRAY(state, struct state_t, 1);
+BPF_PROG_ARRAY(steps, STEP_COUNT);
+BPF_ARRAY(ready, u32, 1);   /* set by user space once `steps` is filled: tracing starts then */
 
 static __always_inline int kind_index(u64 nr) {
     switch (nr) {
@@ -78,17 +112,42 @@ static __always_inline void count(int index, u64 n) {
 
 static __always_inline u64 page_round(u64 n) { return (n + 4095) & ~4095ULL; }
 
-/* Per-site sums; returns 1 when the site is new (its first call sends an exemplar). */
-static __always_inline int site_add(u32 pid, u64 ip, u64 ra, u64 count_n, u64 mapped, u64 unmapped) {
-    struct site_key_t k = {.pid = pid, .ip = ip, .ra = ra};
+/* The path past the caller: the return addresses of up to PATH_DEPTH frames above it, found
+ * with the rules user space learned from exemplars, hashed. 0 until a rule for ra is known. */
+static __always_inline u64 path_of(u64 ra, u64 cfa) {
+    u64 h = 0, pc = ra, sp = cfa;
+    #pragma unroll
+    for (int d = 0; d < PATH_DEPTH; d++) {
+        struct rule_t *r = rules.lookup(&pc);
+        if (!r)
+            break;
+        u64 up = sp + (s64)r->cfa, next = 0;
+        if (bpf_probe_read_user(&next, 8, (void *)(up + (s64)r->ra)) != 0 || next == 0)
+            break;
+        h = (h ^ next) * 0x100000001b3ULL;
+        pc = next;
+        sp = up;
+    }
+    return h;
+}
+
+/* Per-site sums; returns 1 when the site is new (its first call sends an exemplar). When the
+ * table is full a new path falls back to its site's path 0, so no call goes uncounted. */
+static __always_inline int site_add(u32 pid, u64 ip, u64 ra, u64 path, u64 count_n, u64 mapped, u64 unmapped) {
+    struct site_key_t k = {.pid = pid, .ip = ip, .ra = ra, .path = path};
     struct site_val_t *v = sites.lookup(&k);
     int fresh = 0;
     if (!v) {
         struct site_val_t zero = {};
         fresh = sites.insert(&k, &zero) == 0;
         v = sites.lookup(&k);
-        if (!v)
-            return 0;
+        if (!v) {
+            k.path = 0;
+            sites.insert(&k, &zero);
+            v = sites.lookup(&k);
+            if (!v)
+                return 0;
+        }
     }
     __sync_fetch_and_add(&v->count, count_n);
     __sync_fetch_and_add(&v->mapped, mapped);
@@ -103,7 +162,7 @@ static __always_inline void send_exemplar(u32 pid, struct call_t *c) {
         return;
     }
     x->type = REC_EXEMPLAR; x->pid = pid; x->ts = bpf_ktime_get_ns();
-    x->ip = c->ip; x->ra = c->ra; x->sp = c->sp; x->bp = c->bp; x->pad = 0;
+    x->ip = c->ip; x->ra = c->ra; x->sp = c->sp; x->bp = c->bp; x->path = c->path; x->pad = 0;
     /* Near the top of a stack a long read faults: try shorter copies. */
     x->nbytes = STACK_BYTES;
     if (bpf_probe_read_user(x->stack, STACK_BYTES, (void *)c->sp) != 0) {
@@ -129,11 +188,54 @@ static __always_inline void stream(u32 pid, u32 tid, struct call_t *c, s64 ret, 
     #pragma unroll
     for (int i = 0; i < 5; i++)
         r->a[i] = c->a[i];
-    r->ret = ret; r->ip = c->ip; r->sp = c->sp; r->ra = c->ra;
+    r->ret = ret; r->ip = c->ip; r->sp = c->sp; r->ra = c->ra; r->path = c->path;
     r->nwords = slot_known ? 0 : 16;
     if (!slot_known && bpf_probe_read_user(r->words, sizeof(r->words), (void *)c->sp) != 0)
         __builtin_memset(r->words, 0, sizeof(r->words));
     events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+}
+
+static __always_inline struct state_t *current_state(void) {
+    int zero = 0;
+    return state.lookup(&zero);
+}
+
+/* A step that did not run (the kernel refused the tail call) may have left the index short
+ * of bits it needs: from then on nothing is decided from it. */
+static __always_inline void step_failed(void) {
+    count(C_STEP_FAILED, 1);
+    idx_degrade();
+}
+
+/* The next step of a call not decided yet; when the kernel refuses the tail call, the call is
+ * streamed and user space decides it. */
+static __always_inline void next_step(void *ctx, struct state_t *st, int step) {
+    steps.call(ctx, step);
+    step_failed();
+    stream(st->pid, st->tid, &st->c, st->ret, st->slot_known);
+}
+
+/* After the decision: clear what was unmapped, then set what was mapped. */
+static __always_inline void update_index(void *ctx, struct state_t *st) {
+    if (st->c_hi > st->c_lo) {
+        u64 lo = st->c_lo, hi = st->c_hi;
+        st->c_hi = st->c_lo = 0;
+        if (!idx_degraded() && idx_begin(&st->w, st->pid, lo, hi)) {
+            steps.call(ctx, STEP_CLEAR);
+            step_failed();
+            return;
+        }
+    }
+    if (st->s_hi > st->s_lo) {
+        u64 lo = st->s_lo, hi = st->s_hi;
+        st->s_hi = st->s_lo = 0;
+        if (!idx_degraded() && idx_begin(&st->w, st->pid, lo, hi)) {
+            steps.call(ctx, STEP_SET);
+            step_failed();
+        } else if (!idx_degraded()) {
+            idx_degrade();    /* a mapping the index cannot hold: decide nothing from it again */
+        }
+    }
 }
 
 /* One probe, at syscall exit: the arguments are still in the saved user registers (only ax
@@ -149,93 +251,237 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     u32 pid = pid_tgid >> 32, tid = (u32)pid_tgid;
     if (pid != TARGET && (!FOLLOW || !traced.lookup(&pid)))
         return 0;
-    struct pt_regs u = {};
-    bpf_probe_read_kernel(&u, sizeof(u), regs);
-    struct call_t c = {.nr = nr, .a = {u.di, u.si, u.dx, u.r10, u.r8}, .ip = u.ip, .sp = u.sp, .bp = u.bp};
-    u32 *slot = ra_slot.lookup(&c.ip);
-    u64 off = slot ? *slot : 0;
-    bpf_probe_read_user(&c.ra, 8, (void *)(c.sp + (off & 0xfff)));
+    int zero = 0;
+    u32 *go = ready.lookup(&zero);
+    struct state_t *st = current_state();
+    if (!st || !go || !*go)
+        return 0;
+    struct pt_regs *u = &st->regs;
+    bpf_probe_read_kernel(u, sizeof(*u), regs);
+    struct call_t *c = &st->c;
+    c->nr = nr;
+    c->a[0] = u->di; c->a[1] = u->si; c->a[2] = u->dx; c->a[3] = u->r10; c->a[4] = u->r8;
+    c->ip = u->ip; c->sp = u->sp; c->bp = u->bp; c->ra = 0; c->path = 0;
+    u32 *slot = ra_slot.lookup(&c->ip);
+    u64 off = slot ? (*slot & 0xfff) : 0;
+    bpf_probe_read_user(&c->ra, 8, (void *)(c->sp + off));
+    c->cfa = c->sp + off + 8;
     s64 ret = (s64)ctx->args[1];
+    st->ret = ret; st->pid = pid; st->tid = tid; st->slot_known = slot != 0; st->overlap = 0;
+    st->c_lo = st->c_hi = st->s_lo = st->s_hi = 0;
     count(kind, 1);
-    int send = 0, fresh = 0;
+    u64 len = page_round(c->a[1]);
 
     if (STREAM_ALL) {
+        int send = 0;
         if (ret < 0 && nr != NR_BRK)
             count(C_FAILED, 1);
-        else if ((nr == NR_MMAP || nr == NR_MUNMAP) && page_round(c.a[1]) < MIN_LEN)
+        else if ((nr == NR_MMAP || nr == NR_MUNMAP) && len < MIN_LEN)
             count(C_FILTERED, 1);
         else
             send = 1;
-        if (send && (nr == NR_MMAP || nr == NR_MREMAP || nr == NR_BRK || nr == NR_SHMAT))
-            fresh = site_add(pid, c.ip, c.ra, 0, 0, 0);
-    } else if (nr == NR_MMAP && ret >= 0) {
-        u64 len = page_round(c.a[1]);
-        if (c.a[3] & (MAP_FIXED | MAP_FIXED_NOREPLACE)) {
-            send = 1;
-            fresh = site_add(pid, c.ip, c.ra, 0, 0, 0);
+        if (send && (nr == NR_MMAP || nr == NR_MREMAP || nr == NR_BRK || nr == NR_SHMAT)
+            && site_add(pid, c->ip, c->ra, 0, 0, 0, 0))
+            send_exemplar(pid, c);
+        if (send)
+            stream(pid, tid, c, ret, st->slot_known);
+        return 0;
+    }
+    if (ret < 0 && nr != NR_BRK) {
+        count(C_FAILED, 1);
+        return 0;
+    }
+    if (nr == NR_MMAP || nr == NR_MREMAP)
+        c->path = path_of(c->ra, c->cfa);
+
+    /* What the decision needs to know from the index: does the range this call takes away
+     * touch tracked memory? Not asked for an exact kernel-ledger hit, nor for a plain mmap. */
+    u64 q_lo = 0, q_hi = 0;
+    if (nr == NR_MUNMAP || nr == NR_MREMAP) {
+        struct live_key_t k = {.pid = pid, .addr = c->a[0]};
+        struct live_val_t *v = live.lookup(&k);
+        int exact = v && v->len == len && (nr == NR_MUNMAP || !(c->a[3] & MREMAP_DONTUNMAP));
+        if (!exact && !(nr == NR_MUNMAP && len < MIN_LEN)) {
+            q_lo = c->a[0];
+            q_hi = c->a[0] + len;
+        }
+    } else if (nr == NR_MMAP && (c->a[3] & MAP_FIXED) && !(c->a[3] & MAP_FIXED_NOREPLACE)) {
+        q_lo = (u64)ret;
+        q_hi = (u64)ret + len;
+    }
+    if (q_hi > q_lo) {
+        if (idx_degraded() || !idx_begin(&st->w, pid, q_lo, q_hi)) {
+            st->overlap = 1;
+        } else {
+            next_step(ctx, st, STEP_QUERY);
+            return 0;
+        }
+    }
+    next_step(ctx, st, STEP_DECIDE);
+    return 0;
+}
+
+/* The query, one level a run. */
+int step_query(struct bpf_raw_tracepoint_args *ctx) {
+    struct state_t *st = current_state();
+    if (!st)
+        return 0;
+    if (idx_query_level(&st->w, st->pid)) {
+        st->overlap = 1;
+    } else if (--st->w.level >= 0 && (st->w.reach_l || st->w.reach_r)) {
+        next_step(ctx, st, STEP_QUERY);
+        return 0;
+    }
+    next_step(ctx, st, STEP_DECIDE);
+    return 0;
+}
+
+/* The decision: the kernel ledger, per-site sums, what goes to user space. */
+int step_decide(struct bpf_raw_tracepoint_args *ctx) {
+    struct state_t *st = current_state();
+    if (!st)
+        return 0;
+    struct call_t *c = &st->c;
+    u64 nr = c->nr;
+    u32 pid = st->pid;
+    s64 ret = st->ret;
+    u64 len = page_round(c->a[1]), nlen = page_round(c->a[2]);
+    int send = 0, fresh = 0, overlap = st->overlap;
+
+    if (nr == NR_MMAP) {
+        if (overlap) {
+            send = 1;      /* MAP_FIXED over tracked memory: user space cuts, then keeps it */
+            fresh = site_add(pid, c->ip, c->ra, c->path, 0, 0, 0);
         } else if (len < MIN_LEN) {
             count(C_FILTERED, 1);
+            len = 0;
         } else {
-            struct live_key_t k = {.pid = pid, .addr = (u64)ret};
-            struct live_val_t v = {.len = len, .ip = c.ip, .ra = c.ra, .ts = bpf_ktime_get_ns(),
-                                   .flags = (u32)c.a[3], .fd = (s32)c.a[4]};
-            if (live.update(&k, &v) != 0) {
+            struct live_key_t nk = {.pid = pid, .addr = (u64)ret};
+            struct live_val_t nv = {.len = len, .ip = c->ip, .ra = c->ra, .path = c->path,
+                                    .ts = bpf_ktime_get_ns(), .flags = (u32)c->a[3], .fd = (s32)c->a[4]};
+            if (live.update(&nk, &nv) != 0) {
                 count(C_FULL, 1);   /* user space keeps this one */
                 send = 1;
-                fresh = site_add(pid, c.ip, c.ra, 0, 0, 0);
+                fresh = site_add(pid, c->ip, c->ra, c->path, 0, 0, 0);
             } else {
-                fresh = site_add(pid, c.ip, c.ra, 1, len, 0);
+                fresh = site_add(pid, c->ip, c->ra, c->path, 1, len, 0);
             }
         }
-    } else if (nr == NR_MUNMAP && ret == 0) {
-        u64 len = page_round(c.a[1]);
-        struct live_key_t k = {.pid = pid, .addr = c.a[0]};
+        st->s_lo = (u64)ret;
+        st->s_hi = (u64)ret + len;
+    } else if (nr == NR_MUNMAP) {
+        struct live_key_t k = {.pid = pid, .addr = c->a[0]};
         struct live_val_t *v = live.lookup(&k);
         if (v && v->len == len) {
-            site_add(pid, v->ip, v->ra, 0, 0, len);
+            site_add(pid, v->ip, v->ra, v->path, 0, 0, len);
             live.delete(&k);
         } else if (len < MIN_LEN) {
             count(C_FILTERED, 1);
-        } else {
+        } else if (overlap) {
             send = 1;
+        } else {
+            count(C_UNTRACKED, 1);   /* memory never seen mapped, or a hole: nothing to do */
         }
-    } else if (nr == NR_MREMAP && ret >= 0) {
-        u64 olen = page_round(c.a[1]), nlen = page_round(c.a[2]);
-        struct live_key_t k = {.pid = pid, .addr = c.a[0]};
+        st->c_lo = c->a[0];
+        st->c_hi = c->a[0] + len;
+    } else if (nr == NR_MREMAP) {
+        struct live_key_t k = {.pid = pid, .addr = c->a[0]};
         struct live_val_t *v = live.lookup(&k);
-        if (v && v->len == olen && !(c.a[3] & MREMAP_DONTUNMAP)) {
-            struct live_val_t moved = *v;
+        int exact = v && v->len == len && !(c->a[3] & MREMAP_DONTUNMAP);
+        struct live_val_t moved = {.len = nlen, .ip = c->ip, .ra = c->ra, .path = c->path,
+                                   .ts = bpf_ktime_get_ns(), .flags = 0, .fd = -1};
+        if (exact && v) {
+            moved = *v;
             moved.len = nlen;
             live.delete(&k);
+        }
+        if (!exact && overlap) {
+            send = 1;
+            fresh = site_add(pid, c->ip, c->ra, c->path, 0, 0, 0);
+        } else {
+            /* An exact move of a kernel-held mapping, or a resize of one nobody tracks (it
+             * becomes the caller's, as user space would keep it): held here either way. */
             struct live_key_t nk = {.pid = pid, .addr = (u64)ret};
             if (live.update(&nk, &moved) != 0) {
                 count(C_FULL, 1);
                 send = 1;
-            } else if (nlen > olen) {
-                site_add(pid, moved.ip, moved.ra, 0, nlen - olen, 0);
-            } else if (nlen < olen) {
-                site_add(pid, moved.ip, moved.ra, 0, 0, olen - nlen);
+                fresh = site_add(pid, c->ip, c->ra, c->path, 0, 0, 0);
+            } else if (nlen > len) {
+                fresh = site_add(pid, moved.ip, moved.ra, moved.path, 0, nlen - len, 0);
+            } else {
+                fresh = site_add(pid, moved.ip, moved.ra, moved.path, 0, 0, len - nlen);
             }
-        } else {
-            send = 1;
-            fresh = site_add(pid, c.ip, c.ra, 0, 0, 0);
+            if (exact)
+                fresh = 0;   /* the mapping's own site sent its exemplar when it was made */
         }
+        if (!(c->a[3] & MREMAP_DONTUNMAP)) {
+            st->c_lo = c->a[0];
+            st->c_hi = c->a[0] + len;
+        }
+        st->s_lo = (u64)ret;
+        st->s_hi = (u64)ret + nlen;
     } else if (nr == NR_BRK || nr == NR_SHMAT) {
-        if (nr == NR_BRK || ret >= 0) {
-            send = 1;
-            fresh = site_add(pid, c.ip, c.ra, 0, 0, 0);
-        } else {
-            count(C_FAILED, 1);
-        }
-    } else if ((nr == NR_SHMDT || nr == NR_MEMFD_CREATE) && ret >= 0) {
         send = 1;
+        fresh = site_add(pid, c->ip, c->ra, 0, 0, 0, 0);
     } else {
-        count(C_FAILED, 1);
+        send = 1;    /* shmdt, memfd_create */
     }
     if (fresh)
-        send_exemplar(pid, &c);
+        send_exemplar(pid, c);
     if (send)
-        stream(pid, tid, &c, ret, slot != 0);
+        stream(pid, st->tid, c, ret, st->slot_known);
+    update_index(ctx, st);
+    return 0;
+}
+
+/* Clearing, one level a run; a level whose wholly covered children had nodes runs the zap
+ * step before the next level. */
+static __always_inline void clear_next(void *ctx, struct state_t *st) {
+    if (st->w.level >= 0 && (st->w.reach_l || st->w.reach_r)) {
+        steps.call(ctx, STEP_CLEAR);
+        step_failed();
+        return;
+    }
+    idx_clear_finish(&st->w, st->pid);
+    update_index(ctx, st);
+}
+
+int step_clear(struct bpf_raw_tracepoint_args *ctx) {
+    struct state_t *st = current_state();
+    if (!st)
+        return 0;
+    idx_clear_level(&st->w, st->pid);
+    st->w.level--;
+    if (st->w.zap_f0[0] >= 0 || st->w.zap_f0[1] >= 0) {
+        steps.call(ctx, STEP_ZAP);
+        step_failed();
+    }
+    clear_next(ctx, st);
+    return 0;
+}
+
+int step_zap(struct bpf_raw_tracepoint_args *ctx) {
+    struct state_t *st = current_state();
+    if (!st)
+        return 0;
+    idx_zap(&st->w, st->pid, st->w.level + 1);
+    clear_next(ctx, st);
+    return 0;
+}
+
+/* Setting, one level a run, then the parents' `any` bits. */
+int step_set(struct bpf_raw_tracepoint_args *ctx) {
+    struct state_t *st = current_state();
+    if (!st)
+        return 0;
+    if (!idx_set_level(&st->w, st->pid))
+        return 0;    /* degraded: idx_node said so */
+    if (--st->w.level >= 0 && (st->w.reach_l || st->w.reach_r)) {
+        steps.call(ctx, STEP_SET);
+        step_failed();
+        return 0;
+    }
+    idx_set_finish(&st->w, st->pid);
     return 0;
 }
 
@@ -265,10 +511,20 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
     return 0;
 }
 
+/* A new address space (exec) or none (exit): the range index starts a new generation, whose
+ * nodes user space never sees mixed with the old ones (it deletes those later). */
+static __always_inline void new_generation(u32 pid) {
+    u32 *g = gens.lookup(&pid);
+    u32 next = g ? *g + 1 : 1;
+    gens.update(&pid, &next);
+}
+
 TRACEPOINT_PROBE(sched, sched_process_exec) {
     u32 pid = bpf_get_current_pid_tgid() >> 32;
-    if (traced.lookup(&pid))
+    if (pid == TARGET || traced.lookup(&pid)) {
+        new_generation(pid);
         send_proc(pid, PROC_EXEC, 0);
+    }
     return 0;
 }
 
@@ -277,8 +533,10 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     u32 pid = pid_tgid >> 32, tid = (u32)pid_tgid;
     if (!traced.lookup(&tid))
         return 0;
-    if (pid == tid)
+    if (pid == tid) {
+        new_generation(pid);
         send_proc(pid, PROC_EXIT, 0);
+    }
     if (tid != TARGET)
         traced.delete(&tid);   /* a followed process's leader, or a thread recorded at fork */
     return 0;

@@ -162,8 +162,8 @@ def test_kernel_held_mappings_count_with_their_caller():
     ledger = Ledger()
     state = kernel(
         [km(A, 8 * P, 1), km(B, P, 2)],
-        sites={(PID, WRAPPER_IP, 0xAAA): SiteCounts(3, 10 * P, P)},
-        callers={(PID, WRAPPER_IP, 0xAAA): (caller("pool_grow"), None)},
+        sites={(PID, WRAPPER_IP, 0xAAA, 0): SiteCounts(3, 10 * P, P)},
+        callers={(PID, WRAPPER_IP, 0xAAA, 0): (caller("pool_grow"), None)},
     )
     ledger.update([], state)
     (top,) = by_caller(ledger)

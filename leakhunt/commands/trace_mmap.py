@@ -158,7 +158,8 @@ def trace_document(session: TraceSession, choice: BackendChoice, record_dir: str
         "streamed_events": session.streamed,
         "lost_events": stats.lost_events,
         "filtered_events": stats.filtered,
-        "untracked_unmaps": session.ledger.unmatched_unmaps,  # of memory mapped before the trace
+        # of memory mapped before the trace, or of holes: decided in the kernel or in the ledger
+        "untracked_unmaps": session.ledger.unmatched_unmaps + stats.untracked,
         "outstanding_bytes": sum(c.totals.outstanding_bytes for c in callers),
         "outstanding_mappings": sum(c.totals.mappings for c in callers),
         "by_caller": [caller_json(c) for c in callers],

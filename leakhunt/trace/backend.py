@@ -42,6 +42,7 @@ class TraceStats:
     events: int = 0  # events delivered
     lost_events: int = 0  # events the kernel or the backend dropped, counted exactly
     filtered: int = 0  # events seen but not delivered on purpose (min_length...)
+    untracked: int = 0  # unmaps the kernel side found touching nothing traced (holes, older memory)
     notes: list[str] = field(default_factory=list)  # what a person should know (patched code...)
 
 

@@ -17,6 +17,7 @@ import importlib.util
 import mmap
 import os
 import platform
+import re
 import struct
 import sys
 import sysconfig
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from leakhunt import resources
-from leakhunt.errors import BackendUnavailable
+from leakhunt.errors import AccessDenied, BackendUnavailable
 from leakhunt.trace.backend import TraceOptions
 from leakhunt.trace.events import MAP_FIXED, MAP_FIXED_NOREPLACE, MREMAP_DONTUNMAP, SYSCALL_NUMBERS
 from leakhunt.trace.kernel_backend import (
@@ -39,7 +40,7 @@ from leakhunt.trace.kernel_backend import (
 )
 from leakhunt.trace.ledger import SiteCounts
 from leakhunt.trace.ringbuf import RingBufferReader
-from leakhunt.trace.unwind import libc_functions
+from leakhunt.trace.unwind import UserContext, libc_functions
 
 OS_BCC = Path("/usr/lib/python3/dist-packages/bcc")
 PTH_NAME = "leakhunt-os-bcc.pth"
@@ -51,6 +52,13 @@ DUMP_S = 0.25
 RINGBUF_PAGES = 4096
 RINGBUF_PAGES_ALL_EVENTS = 16384
 STACK_BYTES = 4096
+#: The range index (probes/range_index.h): nodes at most (~150 bytes each, allocated on use; a
+#: process touching 100 GiB of address space in pieces needs ~50k); per-site call counts; the
+#: unwinding rules behind path keys, and how many frames past the caller a path hashes.
+IDX_MAX = 262144
+SITES_MAX = 16384
+RULES_MAX = 16384
+PATH_DEPTH = 6
 #: Functions of libc and the loader whose syscall instructions get a return-address slot from CFI.
 WRAPPER_FUNCTIONS = (
     "syscall",
@@ -80,24 +88,44 @@ COUNTERS = {
     "C_LOST_CALL": 11,
     "C_LOST_EXEMPLAR": 12,
     "C_LOST_PROC": 13,
+    "C_UNTRACKED": 14,
+    "C_STEP_FAILED": 15,
     "C_COUNT": 16,
 }
+#: The program's steps after the entry (probes/mmap_ledger.c), each a program of its own that
+#: the one before tail-calls through the `steps` array: name -> (index, function).
+STEPS = {
+    "STEP_QUERY": (0, "step_query"),
+    "STEP_DECIDE": (1, "step_decide"),
+    "STEP_CLEAR": (2, "step_clear"),
+    "STEP_ZAP": (3, "step_zap"),
+    "STEP_SET": (4, "step_set"),
+}
 _C_FILTERED, _C_FAILED, _C_FULL = COUNTERS["C_FILTERED"], COUNTERS["C_FAILED"], COUNTERS["C_FULL"]
+_C_UNTRACKED, _C_STEP_FAILED = COUNTERS["C_UNTRACKED"], COUNTERS["C_STEP_FAILED"]
 _C_LOST_CALL, _C_LOST_EXEMPLAR, _C_LOST_PROC = (
     COUNTERS["C_LOST_CALL"],
     COUNTERS["C_LOST_EXEMPLAR"],
     COUNTERS["C_LOST_PROC"],
 )
 
-_CALL = struct.Struct("<IIIIQ5QqQQQQ")
-_EXEMPLAR = struct.Struct("<IIQQQQQII")
+_CALL = struct.Struct("<IIIIQ5QqQQQQQ")
+_EXEMPLAR = struct.Struct("<IIQQQQQQII")
 _PROC = struct.Struct("<IIIIQ")
 _PROC_NAMES = {n: name.split("_")[1].lower() for name, n in PROC_KINDS.items()}
 _LIVE_KEY = np.dtype([("pid", "<u4"), ("pad", "<u4"), ("addr", "<u8")])
 _LIVE_VAL = np.dtype(
-    [("len", "<u8"), ("ip", "<u8"), ("ra", "<u8"), ("ts", "<u8"), ("flags", "<u4"), ("fd", "<i4")]
+    [
+        ("len", "<u8"),
+        ("ip", "<u8"),
+        ("ra", "<u8"),
+        ("path", "<u8"),
+        ("ts", "<u8"),
+        ("flags", "<u4"),
+        ("fd", "<i4"),
+    ]
 )
-_SITE_KEY = np.dtype([("pid", "<u4"), ("pad", "<u4"), ("ip", "<u8"), ("ra", "<u8")])
+_SITE_KEY = np.dtype([("pid", "<u4"), ("pad", "<u4"), ("ip", "<u8"), ("ra", "<u8"), ("path", "<u8")])
 _SITE_VAL = np.dtype([("count", "<u8"), ("mapped", "<u8"), ("unmapped", "<u8")])
 
 
@@ -178,7 +206,10 @@ def cflags(pid: int, options: TraceOptions | None = None) -> list[str]:
         "MIN_LEN": options.min_length,
         "STREAM_ALL": int(bool(options.extra.get("stream_all"))),
         "LIVE_MAX": live_max(options),
-        "SITES_MAX": 16384,
+        "SITES_MAX": SITES_MAX,
+        "IDX_MAX": IDX_MAX,
+        "RULES_MAX": RULES_MAX,
+        "PATH_DEPTH": PATH_DEPTH,
         "RINGBUF_PAGES": ring_pages(options),
         "STACK_BYTES": STACK_BYTES,
         "MAP_FIXED": MAP_FIXED,
@@ -187,7 +218,18 @@ def cflags(pid: int, options: TraceOptions | None = None) -> list[str]:
     }
     defines.update({f"NR_{kind.name}": nr for kind, nr in SYSCALL_NUMBERS.items()})
     defines.update(RECORDS | PROC_KINDS | COUNTERS)
+    defines.update({name: index for name, (index, _) in STEPS.items()})
+    defines["STEP_COUNT"] = len(STEPS)
     return [f"-D{k}={v}" for k, v in defines.items()]
+
+
+def program_text() -> str:
+    """probes/mmap_ledger.c with its local headers pasted in: BCC rewrites map calls
+    (``map.lookup(&k)``) only in the text it is given, never in a file it includes."""
+    text = resources.probe(PROBE).read_text()
+    for name in re.findall(r'^#include "([\w.]+)"$', text, flags=re.M):
+        text = text.replace(f'#include "{name}"', resources.probe(name).read_text())
+    return text
 
 
 class BccBackend(KernelLedgerBackend):
@@ -204,6 +246,7 @@ class BccBackend(KernelLedgerBackend):
         self._next_dump = 0.0
         self._interval = DUMP_S
         self._installed: dict[int, int] = {}  # ip -> return-address slot the kernel reads at
+        self._rules: set[int] = set()  # return addresses the kernel can step out of
         self._counters = [0] * COUNTERS["C_COUNT"]
         self._live_max = live_max(options)
 
@@ -213,7 +256,7 @@ class BccBackend(KernelLedgerBackend):
             raise BackendUnavailable(self.name, reason)
         from bcc import BPF  # noqa: PLC0415 - loads libbcc: only when this backend is used
 
-        source = resources.probe(PROBE).read_text()
+        source = program_text()
         flags = cflags(self.target.pid, self.options)
         try:
             self.bpf = BPF(text=source.encode(), cflags=flags)
@@ -222,6 +265,12 @@ class BccBackend(KernelLedgerBackend):
                 self.name, f"cannot load the BPF program: {str(e).splitlines()[0]}"
             ) from None
         try:
+            steps = self.bpf[b"steps"]
+            for index, function in STEPS.values():
+                steps[ct.c_int(index)] = ct.c_int(
+                    self.bpf.load_func(function.encode(), BPF.RAW_TRACEPOINT).fd
+                )
+            self.bpf[b"ready"][ct.c_int(0)] = ct.c_uint32(1)
             self.bpf[b"traced"][ct.c_uint32(self.target.pid)] = ct.c_uint8(1)
             self._install_slots(self.target.pid)
             self._ring = RingBufferReader(
@@ -256,13 +305,33 @@ class BccBackend(KernelLedgerBackend):
     def _slot_installed(self, ip: int, slot: int) -> bool:
         return self._installed.get(ip) == slot
 
+    def _on_exemplar(self, pid: int, ctx: UserContext) -> None:
+        """Teach the kernel to step out of this stack's frames, so that its later calls get a
+        path key of their own (the caller's caller and beyond): two paths through one caller,
+        one balanced and one leaking, are then two sites with two stacks."""
+        if self.bpf is None:
+            return
+        try:
+            found = self.resolver.path_rules(pid, ctx, PATH_DEPTH)
+        except (OSError, ValueError, AccessDenied):
+            return
+        table = self.bpf[b"rules"]
+        for pc, cfa, ra in found:
+            if pc in self._rules or len(self._rules) >= RULES_MAX:
+                continue
+            try:
+                table[ct.c_uint64(pc)] = table.Leaf(cfa, ra)
+            except Exception:  # BCC raises bare Exception when the map is full
+                return
+            self._rules.add(pc)
+
     # -- reading -------------------------------------------------------------------------------
 
     @staticmethod
     def _decode(raw: bytes):
         kind = raw[0]
         if kind == RECORDS["REC_CALL"]:
-            _, pid, tid, nr, ts, a0, a1, a2, a3, a4, ret, ip, sp, ra, nwords = _CALL.unpack_from(raw)
+            _, pid, tid, nr, ts, a0, a1, a2, a3, a4, ret, ip, sp, ra, path, nwords = _CALL.unpack_from(raw)
             return RawCall(
                 nr,
                 pid,
@@ -274,10 +343,11 @@ class BccBackend(KernelLedgerBackend):
                 sp,
                 ra,
                 raw[_CALL.size : _CALL.size + 8 * nwords],
+                path,
             )
         if kind == RECORDS["REC_EXEMPLAR"]:
-            _, pid, ts, ip, ra, sp, bp, nbytes, _ = _EXEMPLAR.unpack_from(raw)
-            return RawExemplar(pid, ts, ip, ra, sp, bp, raw[_EXEMPLAR.size : _EXEMPLAR.size + nbytes])
+            _, pid, ts, ip, ra, sp, bp, path, nbytes, _ = _EXEMPLAR.unpack_from(raw)
+            return RawExemplar(pid, ts, ip, ra, sp, bp, raw[_EXEMPLAR.size : _EXEMPLAR.size + nbytes], path)
         if kind == RECORDS["REC_PROC"]:
             _, pid, what, child, ts = _PROC.unpack_from(raw)
             return RawLifecycle(_PROC_NAMES.get(what, "?"), pid, ts, child)
@@ -308,14 +378,15 @@ class BccBackend(KernelLedgerBackend):
                 vals["len"].tolist(),
                 vals["ip"].tolist(),
                 vals["ra"].tolist(),
+                vals["path"].tolist(),
                 vals["ts"].tolist(),
                 vals["flags"].tolist(),
                 vals["fd"].tolist(),
             )
         )
-        skeys, svals = _lookup_all(self.bpf[b"sites"], _SITE_KEY, _SITE_VAL, 16384)
+        skeys, svals = _lookup_all(self.bpf[b"sites"], _SITE_KEY, _SITE_VAL, SITES_MAX)
         sites = {
-            (int(k["pid"]), int(k["ip"]), int(k["ra"])): SiteCounts(
+            (int(k["pid"]), int(k["ip"]), int(k["ra"]), int(k["path"])): SiteCounts(
                 int(v["count"]), int(v["mapped"]), int(v["unmapped"])
             )
             for k, v in zip(skeys, svals)
@@ -327,6 +398,11 @@ class BccBackend(KernelLedgerBackend):
             self.note_once(
                 "the kernel map of live mappings filled up: later mappings are tracked in user "
                 "space (raise TraceOptions.extra['max_mappings'])"
+            )
+        if self._counters[_C_STEP_FAILED]:
+            self.note_once(
+                "the kernel refused a step of the BPF program: unmaps are no longer decided in the "
+                "kernel, all reach user space"
             )
         if self._counters[_C_LOST_EXEMPLAR]:
             self.note_once(
@@ -340,6 +416,7 @@ class BccBackend(KernelLedgerBackend):
             self._counters[_C_FILTERED],
             self._counters[_C_FAILED],
             self._counters[_C_FULL],
+            self._counters[_C_UNTRACKED],
         )
 
     def _lost(self) -> int:

@@ -319,11 +319,12 @@ class BpftraceBackend(KernelLedgerBackend):
         if line.startswith(b"@live["):
             m = _LIVE.match(line)
             if m and m.group(3) != b"0":  # length 0: a tombstone (see the probe's header)
-                dump.live.append(tuple(int(x) for x in m.groups()))
+                pid, addr, length, ip, ra, ts, flags, fd = (int(x) for x in m.groups())
+                dump.live.append((pid, addr, length, ip, ra, 0, ts, flags, fd))  # no paths in bpftrace
         elif line.startswith((b"@mapped[", b"@unmapped[", b"@count[")):
             m = _SITE.match(line)
             if m:
-                key = (int(m.group(2)), int(m.group(3)), int(m.group(4)))
+                key = (int(m.group(2)), int(m.group(3)), int(m.group(4)), 0)
                 self._site_acc.setdefault(key, {})[m.group(1).decode()] = int(m.group(5))
         elif line.startswith(b"@nsys["):
             m = _NSYS.match(line)

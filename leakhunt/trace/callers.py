@@ -54,15 +54,17 @@ def caller_key(caller: Frame | None) -> tuple[str, str]:
 def by_caller(ledger: Ledger) -> list[CallerTotals]:
     """Callers by outstanding bytes, then by bytes mapped (busy balanced callers come after)."""
     sums: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
-    best: dict[tuple[str, str], tuple[int, Frame | None, Stack | None]] = {}
+    best: dict[tuple[str, str], tuple[tuple[int, int], Frame | None, Stack | None]] = {}
     for site, totals in ledger.site_totals().items():
         caller, stack = ledger.site_info.get(site, (None, None))
         key = caller_key(caller)
         acc = sums[key]
         for i, v in enumerate(totals):
             acc[i] += v
-        # The stack shown for a caller is the one of its site holding the most (then mapping most).
-        weight = totals[0] * 4 + totals[3]
+        # The stack shown for a caller is the one of its site holding the most outstanding bytes
+        # (the path that leaks, not the busiest balanced one through the same caller), then the
+        # one that mapped most.
+        weight = (totals[0], totals[3])
         if key not in best or weight > best[key][0] or (best[key][2] is None and stack is not None):
             best[key] = (weight, caller, stack)
     out = [

@@ -136,6 +136,7 @@ class MmapEvent:
     stack: Stack | None = None
     caller: Frame | None = None  # the first frame past the libc wrapper: who asked for the memory
     comm: str = ""
+    path: int = 0  # BCC: the kernel's hash of the frames past the caller (which path made it)
 
     @property
     def failed(self) -> bool:
@@ -162,6 +163,8 @@ class MmapEvent:
             r["caller"] = self.caller.to_record()
         if self.comm:
             r["comm"] = self.comm
+        if self.path:
+            r["path"] = self.path
         return r
 
     @classmethod
@@ -181,6 +184,7 @@ class MmapEvent:
             Stack.from_record(r.get("stack")),
             Frame.from_record(r["caller"]) if r.get("caller") else None,
             r.get("comm", ""),
+            r.get("path", 0),
         )
 
 

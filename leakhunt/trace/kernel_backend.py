@@ -50,6 +50,7 @@ class RawCall(NamedTuple):
     sp: int
     ra: int  # what the kernel read as the return address (the site key's third part)
     words: bytes
+    path: int = 0  # the kernel's hash of the frames past the caller (the site key's fourth part)
 
 
 class RawExemplar(NamedTuple):
@@ -62,18 +63,20 @@ class RawExemplar(NamedTuple):
     sp: int
     bp: int
     stack: bytes
+    path: int = 0  # the path this exemplar stands for
 
 
 class RawDump(NamedTuple):
     """The kernel maps, read after ``ts`` (kernel monotonic ns)."""
 
     ts: int
-    live: list[tuple[int, int, int, int, int, int, int, int]]  # pid, addr, len, ip, ra, ts, flags, fd
+    live: list[tuple[int, ...]]  # pid, addr, len, ip, ra, path, ts, flags, fd
     sites: dict[SiteKey, SiteCounts]
     syscalls: dict[str, int]
     filtered: int
     failed: int
     full: int
+    untracked: int = 0  # unmaps the kernel found touching nothing tracked (holes, older memory)
 
 
 def root_problem() -> str | None:
@@ -185,7 +188,10 @@ class KernelLedgerBackend(Backend):
                 self._pending.append(r)
                 self._check_ip(r.pid, r.ip)
             elif isinstance(r, RawExemplar):
-                self._exemplars.setdefault((r.pid, r.ip, r.ra), UserContext(r.ip, r.sp, r.bp, r.stack))
+                key = (r.pid, r.ip, r.ra, r.path)
+                if key not in self._exemplars:
+                    self._exemplars[key] = UserContext(r.ip, r.sp, r.bp, r.stack)
+                    self._on_exemplar(r.pid, self._exemplars[key])
                 self._check_ip(r.pid, r.ip)
             elif isinstance(r, RawLifecycle):
                 self._on_lifecycle(r)
@@ -205,8 +211,12 @@ class KernelLedgerBackend(Backend):
             self._state = self._kernel_state(dump)
             self.stats.events = sum(dump.syscalls.values())
             self.stats.filtered = dump.filtered
+            self.stats.untracked = dump.untracked
         self.stats.lost_events = self._lost()
         return events
+
+    def _on_exemplar(self, pid: int, ctx: UserContext) -> None:
+        """A first stack of a new site (bcc learns the unwinding rules of its frames from it)."""
 
     def _check_ip(self, pid: int, ip: int) -> None:
         """Once: the user ip the probe read must follow a syscall instruction. If it does not,
@@ -243,7 +253,7 @@ class KernelLedgerBackend(Backend):
         if kind is None or kind not in self.options.kinds:
             return None
         a0, a1, a2, a3, a4 = r.args
-        caller, stack = self.describe(r.pid, r.ip, r.ra, UserContext(r.ip, r.sp, 0, r.words))
+        caller, stack = self.describe(r.pid, r.ip, r.ra, r.path, UserContext(r.ip, r.sp, 0, r.words))
         common = dict(
             ts=self._wall(r.ts) / 1e9,
             pid=r.pid,
@@ -252,6 +262,7 @@ class KernelLedgerBackend(Backend):
             ret=r.ret,
             stack=stack if self.options.stacks else Stack(stack.frames[:2], True, stack.source),
             caller=caller,
+            path=r.path,
         )
         if kind is EventKind.MMAP:
             return MmapEvent(addr=a0, length=a1, prot=a2, flags=a3, fd=_s32(a4), **common)
@@ -286,9 +297,13 @@ class KernelLedgerBackend(Backend):
         """Whether the kernel already read the return address at ``slot`` for this ip (BCC)."""
         return False
 
-    def describe(self, pid: int, ip: int, key_ra: int, ctx: UserContext | None = None) -> tuple[Frame, Stack]:
-        """Caller and stack of a site, cached once an exemplar stack has been unwound."""
-        key = (pid, ip, key_ra)
+    def describe(
+        self, pid: int, ip: int, key_ra: int, path: int = 0, ctx: UserContext | None = None
+    ) -> tuple[Frame, Stack]:
+        """Caller and stack of a site, cached once an exemplar stack has been unwound. Each path
+        (the kernel's hash of the frames past the caller) has an exemplar of its own, so the
+        stack of a path is that path's, not the first one through the same wrapper and caller."""
+        key = (pid, ip, key_ra, path)
         hit = self._site_info.get(key)
         if hit is not None:
             return hit
@@ -311,12 +326,12 @@ class KernelLedgerBackend(Backend):
 
     def _kernel_state(self, dump: RawDump) -> KernelState:
         mappings = tuple(
-            KernelMapping(pid, addr, length, ip, ra, self._wall(ts), flags, _s32(fd))
-            for pid, addr, length, ip, ra, ts, flags, fd in dump.live
+            KernelMapping(pid, addr, length, ip, ra, self._wall(ts), flags, _s32(fd), path)
+            for pid, addr, length, ip, ra, path, ts, flags, fd in dump.live
         )
         sites = dict(dump.sites)
         callers = {}
-        for key in {(m.pid, m.ip, m.ra) for m in mappings} | set(sites):
+        for key in {m.site for m in mappings} | set(sites):
             callers[key] = self.describe(*key)
         lifecycle, self._lifecycle = tuple(self._lifecycle), []
         return KernelState(self._wall(dump.ts), mappings, sites, dump.syscalls, callers, lifecycle)

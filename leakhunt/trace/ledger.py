@@ -28,9 +28,11 @@ from leakhunt.trace.events import (
 
 PAGE = 4096
 
-#: Who made a mapping: (pid, syscall ip, return address into the caller). Resolved to a library
-#: and symbol by trace.unwind.CallerResolver; kept raw here so the ledger never does I/O.
-SiteKey = tuple[int, int, int]
+#: Who made a mapping: (pid, syscall ip, return address into the caller, path), where path is
+#: the BCC probe's hash of the frames past the caller (0 where a backend has none), so that two
+#: paths through one caller are two sites. Resolved to a library, symbol and stack by the
+#: backend; kept raw here so the ledger never does I/O.
+SiteKey = tuple[int, int, int, int]
 
 
 def page_round(n: int) -> int:
@@ -48,6 +50,11 @@ class KernelMapping(NamedTuple):
     ts: int  # monotonic ns of the mmap: with pid, the mapping's identity
     flags: int = 0
     fd: int = -1
+    path: int = 0
+
+    @property
+    def site(self) -> SiteKey:
+        return (self.pid, self.ip, self.ra, self.path)
 
 
 @dataclass(frozen=True)
@@ -180,7 +187,7 @@ class Ledger:
         self._user_count -= len(self._user.pop(pid, _Ranges()))
         for m in self._kernel_by_pid.get(pid, ()):
             if m.ts < ts_ns:
-                self._stats[(m.pid, m.ip, m.ra)].unmapped += self._live_bytes(m)
+                self._stats[m.site].unmapped += self._live_bytes(m)
         self._epoch[pid] = ts_ns
         self._brk.pop(pid, None)
         self._kernel_by_pid[pid] = [m for m in self._kernel_by_pid.get(pid, ()) if m.ts >= ts_ns]
@@ -261,7 +268,7 @@ class Ledger:
                 out.append(Outstanding(pid, s, e, site, ts, "user"))
         for pid, maps in self._kernel_by_pid.items():
             for m in maps:
-                site = (m.pid, m.ip, m.ra)
+                site = m.site
                 for lo, hi in _live_pieces(m.length, self._dead.get((m.pid, m.ts), ())):
                     out.append(Outstanding(pid, m.start + lo, m.start + hi, site, m.ts, "kernel"))
         return out
@@ -326,7 +333,7 @@ class Ledger:
             dead.append((a, b))
             dead[:] = _merge(dead)
             if count:
-                self._stats[(m.pid, m.ip, m.ra)].unmapped += before - self._live_bytes(m)
+                self._stats[m.site].unmapped += before - self._live_bytes(m)
             found = True
         return found
 
@@ -342,7 +349,7 @@ class Ledger:
         if hit is not None:
             return hit[2]
         for m in self._kernel_overlapping(pid, lo, hi, ts):
-            return (m.pid, m.ip, m.ra)
+            return m.site
         return None
 
     def _live_bytes(self, m: KernelMapping) -> int:
@@ -350,13 +357,12 @@ class Ledger:
 
 
 def site_of(ev: MmapEvent) -> SiteKey:
-    """The raw site of a streamed event: backends put the syscall ip and the return address in
-    the first two frames of its stack (see trace.session.Resolved)."""
+    """The raw site of a streamed event: backends put the syscall ip in the first frame of its
+    stack, the return address in its caller, and the kernel's path hash in ``path``."""
+    ra = ev.caller.address if ev.caller is not None else 0
     if ev.stack is not None and ev.stack.frames:
-        ip = ev.stack.frames[0].address
-        ra = ev.caller.address if ev.caller is not None else 0
-        return (ev.pid, ip, ra)
-    return (ev.pid, 0, ev.caller.address if ev.caller is not None else 0)
+        return (ev.pid, ev.stack.frames[0].address, ra, ev.path)
+    return (ev.pid, 0, ra, ev.path)
 
 
 def _ns(ts: float) -> int:

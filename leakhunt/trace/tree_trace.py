@@ -169,6 +169,7 @@ class TreeTrace:
             total.events += s.events
             total.lost_events += s.lost_events
             total.filtered += s.filtered
+            total.untracked += s.untracked
             total.notes += [n for n in s.notes if n not in total.notes]
         return total
 

@@ -173,6 +173,28 @@ class CallerResolver:
             pc, sp = ra, cfa
         return Stack(tuple(frames), partial, "bpf+dwarf")
 
+    def path_rules(self, pid: int, ctx: UserContext, max_depth: int = 8) -> list[tuple[int, int, int]]:
+        """How to step out of each frame past the wrapper's in a copied stack, for the BCC
+        probe's path keys: (return address, CFA offset from sp, return-address offset from the
+        CFA), innermost first, as long as each frame's CFA is rsp-based (the probe knows no other
+        registers). The probe starts from the wrapper's own CFA, which the return-address slot
+        already gives it."""
+        pm = self.modules(pid)
+        rule = pm.rule_at(ctx.ip, is_return=False)
+        if rule is None or rule.return_slot() is None:
+            return []
+        sp = ctx.sp + rule.cfa_offset
+        pc = ctx.word(sp + rule.return_address.value)
+        out = []
+        while pc and len(out) < max_depth:
+            rule = pm.rule_at(pc, is_return=True)
+            if rule is None or rule.cfa_reg != RSP or rule.return_address.kind != "offset":
+                break
+            out.append((pc, rule.cfa_offset, rule.return_address.value))
+            sp += rule.cfa_offset
+            pc = ctx.word(sp + rule.return_address.value)
+        return out
+
     def stack_for(self, pid: int, site: Site, ctx: UserContext | None, max_depth: int = 32) -> Stack:
         """A stack for a site: DWARF-unwound from a copied stack when we have one, else the
         wrapper and its caller (always partial)."""

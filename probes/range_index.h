@@ -1,0 +1,386 @@
+/*
+ * range_index.h - which pages of a traced process lie in a mapping the ledger tracks, for BCC.
+ *
+ * Pasted into mmap_ledger.c by leakhunt.trace.bcc.program_text() (BCC rewrites map calls only in
+ * the text it is given). It lets the kernel decide an unmap (munmap, the old range of an mremap,
+ * the range a MAP_FIXED mmap replaces) that touches no tracked mapping: counted, never streamed.
+ * libucm's munmap hook makes tens of thousands of no-op munmaps a second in a real UCX process;
+ * streamed, they buried the reader.
+ *
+ * A radix tree of 512-way nodes per process (and per generation: exec and exit start a new one)
+ * over the 48-bit address space. A level-0 node covers 2 MiB, level 1 1 GiB, level 2 512 GiB,
+ * level 3 (the root) 256 TiB. Every node has two bitmaps over its 512 children:
+ *   full  the child is wholly tracked (at level 0 a child is a page);
+ *   any   the child's own node may hold bits (levels 1-3).
+ * A range is visited top-down along its two edges only: at each level at most two nodes (the one
+ * holding the range's first byte and the one holding its last) are partly covered; the children
+ * between are wholly covered and handled by their parent's bits. So a query, a set or a clear
+ * visits at most 8 nodes whatever the range's size. Each level is one step of a program that
+ * tail-calls itself (the kernel here takes 4096 instructions a program and no loops): the walk's
+ * state lives in the per-CPU `state` of mmap_ledger.c.
+ *
+ * The one rule that keeps decisions correct: a page's bit may be set when nothing tracked is
+ * there (then an unmap is streamed for nothing, and user space finds it a no-op), but never
+ * clear while a tracked mapping covers it (then an unmap that cut a tracked mapping would go
+ * unseen). So:
+ *   - a node is created once (insert, never overwrite) and never deleted while its generation
+ *     lives; bits change by atomic or/and only;
+ *   - setting writes a child's bits before its parent's `any` bit; clearing a parent's `any` bit
+ *     re-checks the child afterwards and sets the bit again if a setter came in between;
+ *   - clearing wholly covered children empties the node of the first of them that has one, per
+ *     visited node; the rest keep their bits (over-set, which is safe);
+ *   - when a node cannot be created (IDX_MAX reached), `degraded` is set and every unmap that is
+ *     not an exact kernel-ledger hit is streamed, as before this index existed.
+ * The handlers run after the syscalls, outside mmap_lock: an munmap whose handler runs after the
+ * handler of a later mmap of the same pages (another thread) clears that mapping's bits. The
+ * kernel ledger's exact-match map shares this race; it needs two threads to reuse the same pages
+ * within microseconds.
+ */
+
+struct idx_key_t { u32 pid; u32 gen; u64 node; };   /* node: level << 56 | index at that level */
+struct idx_node_t { u64 full[8]; u64 any[8]; };
+/* One walk over [a, b): the level it is at, which edge nodes it reaches there, and the parents
+ * whose `any` bit waits for the level below (node index and child bit, by level and side). */
+struct idx_walk_t {
+    u64 a, b;
+    u32 gen; s32 level; u32 reach_l, reach_r;
+    u64 pend_node[8];
+    s32 pend_bit[8];
+    u64 zap_node[2];          /* a node of this level whose wholly covered children to empty */
+    s32 zap_f0[2], zap_f1[2];  /* those children's bits; zap_f0 < 0: nothing to empty */
+};
+
+BPF_F_TABLE("hash", struct idx_key_t, struct idx_node_t, ranges, IDX_MAX, BPF_F_NO_PREALLOC);
+BPF_HASH(gens, u32, u32, 4096);
+BPF_ARRAY(degraded, u32, 1);
+BPF_ARRAY(zero_node, struct idx_node_t, 1);   /* never written: what a new node starts as */
+
+static __always_inline u32 idx_gen(u32 pid) {
+    u32 *g = gens.lookup(&pid);
+    return g ? *g : 0;
+}
+
+static __always_inline int idx_degraded(void) {
+    int zero = 0;
+    u32 *d = degraded.lookup(&zero);
+    return d && *d;
+}
+
+static __always_inline void idx_degrade(void) {
+    int zero = 0;
+    u32 *d = degraded.lookup(&zero);
+    if (d)
+        *d = 1;
+}
+
+/* Start a walk over [a, b) at the root; 0 when it cannot be walked (a range across two roots). */
+static __always_inline int idx_begin(struct idx_walk_t *w, u32 pid, u64 a, u64 b) {
+    if ((a >> 48) != ((b - 1) >> 48))
+        return 0;
+    w->a = a;
+    w->b = b;
+    w->gen = idx_gen(pid);
+    w->level = 3;
+    w->reach_l = 1;
+    w->reach_r = 1;
+    #pragma unroll
+    for (int i = 0; i < 8; i++)
+        w->pend_bit[i] = -1;
+    return 1;
+}
+
+/* Bits j0..j1 (inclusive, 0..511) that fall in word w. */
+static __always_inline u64 idx_mask(s32 j0, s32 j1, int w) {
+    s32 lo = w * 64, hi = lo + 63;
+    if (j1 < lo || j0 > hi || j0 > j1)
+        return 0;
+    u32 s = (u32)((j0 > lo ? j0 : lo) - lo) & 63;
+    u32 e = (u32)((j1 < hi ? j1 : hi) - lo) & 63;
+    return (~0ULL >> ((63 - (e - s)) & 63)) << s;
+}
+
+static __always_inline u64 idx_bit(u32 j) { return 1ULL << (j & 63); }
+
+static __always_inline int idx_test(u64 *bits, u32 j) {
+    j &= 511;
+    return (bits[j >> 6] >> (j & 63)) & 1;
+}
+
+static __always_inline int idx_empty(struct idx_node_t *n) {
+    u64 acc = 0;
+    #pragma unroll
+    for (int w = 0; w < 8; w++)
+        acc |= n->full[w] | n->any[w];
+    return acc == 0;
+}
+
+static __always_inline void idx_or(u64 *word, u64 m) {
+    if (m)
+        __sync_fetch_and_or(word, m);
+}
+
+static __always_inline void idx_andnot(u64 *word, u64 m) {
+    if (m)
+        __sync_fetch_and_and(word, ~m);
+}
+
+static __always_inline struct idx_node_t *idx_node(u32 pid, u32 gen, s32 level, u64 index, int create) {
+    struct idx_key_t k = {.pid = pid, .gen = gen, .node = ((u64)(level & 3) << 56) | index};
+    struct idx_node_t *n = ranges.lookup(&k);
+    if (n || !create)
+        return n;
+    int z = 0;
+    struct idx_node_t *zero = zero_node.lookup(&z);
+    if (zero)
+        ranges.insert(&k, zero);       /* fails harmlessly when another CPU created it first */
+    n = ranges.lookup(&k);
+    if (!n)
+        idx_degrade();
+    return n;
+}
+
+/* Where the walk's range meets node `index` of its level: the children it covers wholly (bits
+ * f0..f1) and the partly covered ones, jl (holding a) and jr (holding b - 1), -1 when none. */
+struct idx_span_t { s32 f0; s32 f1; s32 jl; s32 jr; };
+
+static __always_inline struct idx_span_t idx_span(struct idx_walk_t *w, u64 index) {
+    u32 cs = (12 + 9 * (u32)w->level) & 63;          /* log2 of a child's size */
+    u64 nlo = index << ((cs + 9) & 63), nhi = nlo + (1ULL << ((cs + 9) & 63));
+    u64 x = w->a > nlo ? w->a : nlo, y = w->b < nhi ? w->b : nhi;
+    u64 cmask = (1ULL << cs) - 1;
+    s32 j0 = (s32)(((x - nlo) >> cs) & 511), j1 = (s32)(((y - 1 - nlo) >> cs) & 511);
+    struct idx_span_t s = {.f0 = j0, .f1 = j1, .jl = -1, .jr = -1};
+    if (x & cmask) {
+        s.jl = j0;
+        s.f0 = j0 + 1;
+    }
+    if (y & cmask) {
+        s.jr = j1;
+        s.f1 = j1 - 1;
+    }
+    return s;
+}
+
+/* The edge node of this level on one side, or none: 0 = the node holding a, 1 = holding b - 1
+ * (skipped when it is the same node as side 0's and side 0 visits it). */
+static __always_inline int idx_visits(struct idx_walk_t *w, int side, u64 *index) {
+    u32 sh = (21 + 9 * (u32)w->level) & 63;
+    u64 il = w->a >> sh, ir = (w->b - 1) >> sh;
+    *index = side ? ir : il;
+    if (side)
+        return w->reach_r && !(ir == il && w->reach_l);
+    return w->reach_l;
+}
+
+static __always_inline void idx_pend(struct idx_walk_t *w, int side, u64 index, s32 j) {
+    int at = ((w->level & 3) << 1) | side;
+    w->pend_node[at & 7] = index;
+    w->pend_bit[at & 7] = j;
+}
+
+/* One level of a query. 1: [a, b) touches a tracked page; 0: not at this level. */
+static __always_inline int idx_query_level(struct idx_walk_t *w, u32 pid) {
+    u32 next_l = 0, next_r = 0;
+    #pragma unroll
+    for (int side = 0; side < 2; side++) {
+        u64 index;
+        if (!idx_visits(w, side, &index))
+            continue;
+        struct idx_node_t *n = idx_node(pid, w->gen, w->level, index, 0);
+        if (!n)
+            continue;
+        struct idx_span_t s = idx_span(w, index);
+        u64 hit = 0;
+        #pragma unroll
+        for (int i = 0; i < 8; i++)
+            hit |= (n->full[i] | n->any[i]) & idx_mask(s.f0, s.f1, i);
+        if (hit)
+            return 1;
+        if (s.jl >= 0) {
+            if (idx_test(n->full, s.jl))
+                return 1;
+            next_l |= w->level > 0 && idx_test(n->any, s.jl);
+        }
+        if (s.jr >= 0) {
+            if (idx_test(n->full, s.jr))
+                return 1;
+            next_r |= w->level > 0 && idx_test(n->any, s.jr);
+        }
+    }
+    w->reach_l = next_l;
+    w->reach_r = next_r;
+    return 0;
+}
+
+/* One level of marking [a, b) tracked. 0 when a node could not be made (degraded). */
+static __always_inline int idx_set_level(struct idx_walk_t *w, u32 pid) {
+    u32 next_l = 0, next_r = 0;
+    #pragma unroll
+    for (int side = 0; side < 2; side++) {
+        u64 index;
+        if (!idx_visits(w, side, &index))
+            continue;
+        struct idx_node_t *n = idx_node(pid, w->gen, w->level, index, 1);
+        if (!n)
+            return 0;
+        struct idx_span_t s = idx_span(w, index);
+        #pragma unroll
+        for (int i = 0; i < 8; i++)
+            idx_or(&n->full[i], idx_mask(s.f0, s.f1, i));
+        if (w->level > 0 && s.jl >= 0 && !idx_test(n->full, s.jl)) {
+            next_l = 1;
+            idx_pend(w, 0, index, s.jl);
+        }
+        if (w->level > 0 && s.jr >= 0 && !idx_test(n->full, s.jr)) {
+            next_r = 1;
+            idx_pend(w, 1, index, s.jr);
+        }
+    }
+    w->reach_l = next_l;
+    w->reach_r = next_r;
+    return 1;
+}
+
+/* After the last level of a set: the parents' `any` bits, children first. */
+static __always_inline void idx_set_finish(struct idx_walk_t *w, u32 pid) {
+    #pragma unroll
+    for (int at = 2; at < 8; at++) {
+        s32 j = w->pend_bit[at];
+        if (j < 0)
+            continue;
+        struct idx_node_t *n = idx_node(pid, w->gen, at >> 1, w->pend_node[at], 0);
+        if (n)
+            idx_or(&n->any[(j >> 6) & 7], idx_bit(j));
+    }
+}
+
+/* The lowest set bit of a nonzero word, without branches (the verifier walks every branch):
+ * the population count of the bits below it. */
+static __always_inline u32 idx_ctz(u64 x) {
+    u64 v = (x & -x) - 1;
+    v = v - ((v >> 1) & 0x5555555555555555ULL);
+    v = (v & 0x3333333333333333ULL) + ((v >> 2) & 0x3333333333333333ULL);
+    v = (v + (v >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
+    return (u32)((v * 0x0101010101010101ULL) >> 56) & 63;
+}
+
+/* Take a parent's `any` bit for child j away if the child is empty, and give it back if a
+ * setter filled the child meanwhile. */
+static __always_inline void idx_release(struct idx_node_t *parent, struct idx_node_t *child, u32 j) {
+    j &= 511;
+    if (!idx_empty(child))
+        return;
+    idx_andnot(&parent->any[j >> 6], idx_bit(j));
+    if (!idx_empty(child))
+        idx_or(&parent->any[j >> 6], idx_bit(j));
+}
+
+/* One level of marking [a, b) untracked (it was unmapped). Skipping any of it is safe. */
+static __always_inline void idx_clear_level(struct idx_walk_t *w, u32 pid) {
+    u32 next_l = 0, next_r = 0;
+    s32 level = w->level;
+    w->zap_f0[0] = -1;
+    w->zap_f0[1] = -1;
+    #pragma unroll
+    for (int side = 0; side < 2; side++) {
+        u64 index;
+        if (!idx_visits(w, side, &index))
+            continue;
+        struct idx_node_t *n = idx_node(pid, w->gen, level, index, 0);
+        if (!n)
+            continue;
+        struct idx_span_t s = idx_span(w, index);
+        /* Wholly covered children: their `full` bits go; the nodes behind their `any` bits
+         * are emptied by the next step (idx_zap), a separate program for the verifier's sake. */
+        u64 any = 0;
+        #pragma unroll
+        for (int i = 0; i < 8; i++) {
+            u64 m = idx_mask(s.f0, s.f1, i);
+            idx_andnot(&n->full[i], m);
+            any |= n->any[i] & m;
+        }
+        if (level > 0 && any) {
+            w->zap_node[side] = index;
+            w->zap_f0[side] = s.f0;
+            w->zap_f1[side] = s.f1;
+        }
+        if (level == 0)
+            continue;
+        #pragma unroll
+        for (int e = 0; e < 2; e++) {
+            s32 j = e ? s.jr : s.jl;
+            if (j < 0)
+                continue;
+            if (idx_test(n->full, j)) {
+                /* A wholly tracked child is cut: it gets a node with every bit set first. */
+                struct idx_node_t *c = idx_node(pid, w->gen, level - 1, (index << 9) | (u32)j, 1);
+                if (!c)
+                    return;
+                #pragma unroll
+                for (int k = 0; k < 8; k++)
+                    idx_or(&c->full[k], ~0ULL);
+                idx_or(&n->any[(j >> 6) & 7], idx_bit(j));
+                idx_andnot(&n->full[(j >> 6) & 7], idx_bit(j));
+            } else if (!idx_test(n->any, j)) {
+                continue;
+            }
+            if (e)
+                next_r = 1;
+            else
+                next_l = 1;
+            idx_pend(w, e, index, j);
+        }
+    }
+    w->reach_l = next_l;
+    w->reach_r = next_r;
+}
+
+/* After a level of a clear: on each side, empty the node of the first wholly covered child that
+ * has one; the others keep stale bits (over-set: safe, less precise). */
+static __always_inline void idx_zap(struct idx_walk_t *w, u32 pid, s32 level) {
+    #pragma unroll
+    for (int side = 0; side < 2; side++) {
+        s32 f0 = w->zap_f0[side], f1 = w->zap_f1[side];
+        if (f0 < 0 || level <= 0)
+            continue;
+        u64 index = w->zap_node[side];
+        struct idx_node_t *n = idx_node(pid, w->gen, level, index, 0);
+        if (!n)
+            continue;
+        s32 pick = -1;
+        #pragma unroll
+        for (int i = 0; i < 8; i++) {
+            u64 zap = n->any[i] & idx_mask(f0, f1, i);
+            if (pick < 0 && zap)
+                pick = (s32)(((u32)i << 6) | idx_ctz(zap));
+        }
+        if (pick < 0)
+            continue;
+        u32 j = (u32)pick & 511;
+        struct idx_node_t *c = idx_node(pid, w->gen, level - 1, (index << 9) | j, 0);
+        if (!c)
+            continue;
+        #pragma unroll
+        for (int k = 0; k < 8; k++) {
+            __sync_fetch_and_and(&c->full[k], 0);
+            __sync_fetch_and_and(&c->any[k], 0);
+        }
+        idx_release(n, c, j);
+    }
+}
+
+/* After the last level of a clear, bottom-up: a parent keeps its `any` bit only for children
+ * that still hold something. */
+static __always_inline void idx_clear_finish(struct idx_walk_t *w, u32 pid) {
+    #pragma unroll
+    for (int at = 2; at < 8; at++) {
+        s32 j = w->pend_bit[at];
+        if (j < 0)
+            continue;
+        u64 pi = w->pend_node[at];
+        struct idx_node_t *p = idx_node(pid, w->gen, at >> 1, pi, 0);
+        struct idx_node_t *c = idx_node(pid, w->gen, (at >> 1) - 1, (pi << 9) | ((u32)j & 511), 0);
+        if (p && c)
+            idx_release(p, c, (u32)j);
+    }
+}
