@@ -70,7 +70,8 @@ BPF_HASH(rules, u64, struct rule_t, RULES_MAX);
 BPF_F_TABLE("hash", struct live_key_t, struct live_val_t, live, LIVE_MAX, 0);
 BPF_F_TABLE("hash", struct site_key_t, struct site_val_t, sites, SITES_MAX, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(counters, u64, C_COUNT);
-BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);   /* CALL records only: one size, read in bulk */
+BPF_RINGBUF_OUTPUT(rare, RARE_PAGES);        /* EXEMPLAR and PROC records */
 
 #include "range_index.h"
 
@@ -156,7 +157,7 @@ static __always_inline int site_add(u32 pid, u64 ip, u64 ra, u64 path, u64 count
 }
 
 static __always_inline void send_exemplar(u32 pid, struct call_t *c) {
-    struct exemplar_rec_t *x = events.ringbuf_reserve(sizeof(struct exemplar_rec_t));
+    struct exemplar_rec_t *x = rare.ringbuf_reserve(sizeof(struct exemplar_rec_t));
     if (!x) {
         count(C_LOST_EXEMPLAR, 1);
         return;
@@ -173,7 +174,7 @@ static __always_inline void send_exemplar(u32 pid, struct call_t *c) {
                 x->nbytes = 0;
         }
     }
-    events.ringbuf_submit(x, BPF_RB_NO_WAKEUP);
+    rare.ringbuf_submit(x, BPF_RB_NO_WAKEUP);
 }
 
 /* A streamed call. The stack words only travel when user space has not told us where the return
@@ -274,6 +275,8 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
 
     if (STREAM_ALL) {
         int send = 0;
+        if (nr == NR_MMAP || nr == NR_MREMAP)
+            c->path = path_of(c->ra, c->cfa);
         if (ret < 0 && nr != NR_BRK)
             count(C_FAILED, 1);
         else if ((nr == NR_MMAP || nr == NR_MUNMAP) && len < MIN_LEN)
@@ -281,7 +284,7 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
         else
             send = 1;
         if (send && (nr == NR_MMAP || nr == NR_MREMAP || nr == NR_BRK || nr == NR_SHMAT)
-            && site_add(pid, c->ip, c->ra, 0, 0, 0, 0))
+            && site_add(pid, c->ip, c->ra, c->path, 0, 0, 0))
             send_exemplar(pid, c);
         if (send)
             stream(pid, tid, c, ret, st->slot_known);
@@ -486,13 +489,13 @@ int step_set(struct bpf_raw_tracepoint_args *ctx) {
 }
 
 static __always_inline void send_proc(u32 pid, u32 kind, u32 child) {
-    struct proc_rec_t *r = events.ringbuf_reserve(sizeof(struct proc_rec_t));
+    struct proc_rec_t *r = rare.ringbuf_reserve(sizeof(struct proc_rec_t));
     if (!r) {
         count(C_LOST_PROC, 1);
         return;
     }
     r->type = REC_PROC; r->pid = pid; r->kind = kind; r->child = child; r->ts = bpf_ktime_get_ns();
-    events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+    rare.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
 }
 
 /* The tracepoint's own format, not task_struct: BCC compiles against headers that need not

@@ -140,13 +140,35 @@ def test_auto_picks_bcc_says_why_not_the_others_and_min_size_filters(spawn, leak
     assert doc["outstanding_bytes"] == 0 and doc["filtered_events"] > 0
 
 
+def rss(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 @pytest.mark.bpf
 def test_the_target_exiting_mid_trace_keeps_what_was_traced(spawn, leakers):
-    proc = spawn([leakers / "pool_leaker", "--rate", "4M", "--duration", "3"])
-    cp = run_leakhunt("trace-mmap", "--pid", proc.pid, "--duration", "30s", "--json")
-    assert cp.returncode == 0  # the target's exit is a result, said on stderr, not an error
-    assert "exited" in cp.stderr.strip().splitlines()[-1]
-    doc = json.loads(cp.stdout)
+    proc = spawn([leakers / "pool_leaker", "--rate", "4M"])
+    tracer = subprocess.Popen(
+        [sys.executable, "-m", "leakhunt", "trace-mmap", "--pid", str(proc.pid), "--duration", "120s", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while "tracing pid" not in tracer.stderr.readline():  # attached: from here on it is tracing
+        assert tracer.poll() is None and time.monotonic() < deadline
+    # The target leaks a few chunks while traced, then exits on its own accord.
+    start = rss(proc.pid)
+    while rss(proc.pid) < start + (4 << 20):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.popen.terminate()
+    out, err = tracer.communicate(timeout=60)
+    assert tracer.returncode == 0  # the target's exit is a result, said on stderr, not an error
+    assert "exited" in err.strip().splitlines()[-1]
+    doc = json.loads(out)
     assert doc["stopped_because"] == "target exited"
     assert doc["by_caller"][0]["symbol"] == "lkpool_grow" and doc["outstanding_bytes"] > 0
 

@@ -9,6 +9,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from leakhunt.errors import BackendUnavailable
 from leakhunt.proc.target import Target
 from leakhunt.trace.events import EventKind, MmapEvent
@@ -66,8 +68,9 @@ class Backend(ABC):
         """Attach. Raises BackendUnavailable, TargetGone or AccessDenied."""
 
     @abstractmethod
-    def poll(self, timeout: float) -> list[MmapEvent]:
-        """Events since the last call, waiting up to ``timeout`` seconds for the first one."""
+    def poll(self, timeout: float) -> list[MmapEvent] | np.ndarray:
+        """Events since the last call, waiting up to ``timeout`` seconds for the first one: a
+        list, or (the BPF backends) a batch of ledger CALLS rows that to_events() turns into one."""
 
     @abstractmethod
     def stop(self) -> None:
@@ -87,6 +90,15 @@ class Backend(ABC):
         unmapped there without any event reaching user space), as of the last poll() and newer
         than every event it returned; None for backends that stream every event (gdb)."""
         return None
+
+    def to_events(self, batch: np.ndarray) -> list[MmapEvent]:
+        """A batch poll() returned, as MmapEvents (for recordings)."""
+        raise NotImplementedError(f"the {self.name} backend returns MmapEvents")
+
+    @property
+    def backlog(self) -> int:
+        """Calls read and not handed over yet (a backend that falls behind says so here)."""
+        return 0
 
     def details(self) -> dict:
         """Backend-specific facts for a command's JSON document (gdb: what the session cost the

@@ -31,8 +31,9 @@ from leakhunt.errors import AccessDenied, BackendUnavailable
 from leakhunt.trace.backend import TraceOptions
 from leakhunt.trace.events import MAP_FIXED, MAP_FIXED_NOREPLACE, MREMAP_DONTUNMAP, SYSCALL_NUMBERS
 from leakhunt.trace.kernel_backend import (
+    RAW_CALLS,
+    RELEASE_MAX,
     KernelLedgerBackend,
-    RawCall,
     RawDump,
     RawExemplar,
     RawLifecycle,
@@ -51,6 +52,8 @@ DUMP_S = 0.25
 #: 64 MiB with --all-events, where it must absorb seconds of 50k calls/s while the reader is busy.
 RINGBUF_PAGES = 4096
 RINGBUF_PAGES_ALL_EVENTS = 16384
+#: The ring of exemplars (4 KiB of stack each) and process lifecycle records: 4 MiB.
+RARE_PAGES = 1024
 STACK_BYTES = 4096
 #: The range index (probes/range_index.h): nodes at most (~150 bytes each, allocated on use; a
 #: process touching 100 GiB of address space in pieces needs ~50k); per-site call counts; the
@@ -109,7 +112,6 @@ _C_LOST_CALL, _C_LOST_EXEMPLAR, _C_LOST_PROC = (
     COUNTERS["C_LOST_PROC"],
 )
 
-_CALL = struct.Struct("<IIIIQ5QqQQQQQ")
 _EXEMPLAR = struct.Struct("<IIQQQQQQII")
 _PROC = struct.Struct("<IIIIQ")
 _PROC_NAMES = {n: name.split("_")[1].lower() for name, n in PROC_KINDS.items()}
@@ -211,6 +213,7 @@ def cflags(pid: int, options: TraceOptions | None = None) -> list[str]:
         "RULES_MAX": RULES_MAX,
         "PATH_DEPTH": PATH_DEPTH,
         "RINGBUF_PAGES": ring_pages(options),
+        "RARE_PAGES": RARE_PAGES,
         "STACK_BYTES": STACK_BYTES,
         "MAP_FIXED": MAP_FIXED,
         "MAP_FIXED_NOREPLACE": MAP_FIXED_NOREPLACE,
@@ -242,7 +245,6 @@ class BccBackend(KernelLedgerBackend):
     def __init__(self, target, options: TraceOptions) -> None:
         super().__init__(target, options)
         self.bpf = None
-        self._records: list = []
         self._next_dump = 0.0
         self._interval = DUMP_S
         self._installed: dict[int, int] = {}  # ip -> return-address slot the kernel reads at
@@ -274,13 +276,15 @@ class BccBackend(KernelLedgerBackend):
             self.bpf[b"traced"][ct.c_uint32(self.target.pid)] = ct.c_uint8(1)
             self._install_slots(self.target.pid)
             self._ring = RingBufferReader(
-                self.bpf[b"events"].map_fd, ring_pages(self.options) * mmap.PAGESIZE
+                self.bpf[b"events"].map_fd, ring_pages(self.options) * mmap.PAGESIZE, RAW_CALLS.itemsize
             )
+            self._rare = RingBufferReader(self.bpf[b"rare"].map_fd, RARE_PAGES * mmap.PAGESIZE)
         except BaseException:
             self.bpf.cleanup()  # Ctrl-C or a failure while setting up: detach at once
             self.bpf = None
             raise
         self._ring.start()
+        self._rare.start()
         self._started = True
         self._next_dump = time.monotonic()
         self._check_patched()
@@ -330,21 +334,6 @@ class BccBackend(KernelLedgerBackend):
     @staticmethod
     def _decode(raw: bytes):
         kind = raw[0]
-        if kind == RECORDS["REC_CALL"]:
-            _, pid, tid, nr, ts, a0, a1, a2, a3, a4, ret, ip, sp, ra, path, nwords = _CALL.unpack_from(raw)
-            return RawCall(
-                nr,
-                pid,
-                tid,
-                ts,
-                (a0, a1, a2, a3, a4),
-                ret,
-                ip,
-                sp,
-                ra,
-                raw[_CALL.size : _CALL.size + 8 * nwords],
-                path,
-            )
         if kind == RECORDS["REC_EXEMPLAR"]:
             _, pid, ts, ip, ra, sp, bp, path, nbytes, _ = _EXEMPLAR.unpack_from(raw)
             return RawExemplar(pid, ts, ip, ra, sp, bp, raw[_EXEMPLAR.size : _EXEMPLAR.size + nbytes], path)
@@ -353,11 +342,20 @@ class BccBackend(KernelLedgerBackend):
             return RawLifecycle(_PROC_NAMES.get(what, "?"), pid, ts, child)
         return None
 
-    def _read(self, timeout: float) -> tuple[list, RawDump | None]:
+    def _take(self) -> tuple[list[np.ndarray], list]:
+        # The rare records first: an exemplar arrives before, or with, the calls of its site.
+        records = [r for r in map(self._decode, self._rare.take()) if r is not None]
+        calls = [chunk.view(RAW_CALLS).ravel() for chunk in self._ring.take(RELEASE_MAX)]
+        return calls, records
+
+    def _waiting(self) -> int:
+        return self._ring.backlog
+
+    def _read(self, timeout: float) -> tuple[list[np.ndarray], list, RawDump | None]:
         wait = min(timeout, self._next_dump - time.monotonic())
         if wait > 0:
             time.sleep(wait)
-        self._records += [r for r in map(self._decode, self._ring.take()) if r is not None]
+        calls, records = self._take()
         dump = None
         if time.monotonic() >= self._next_dump:
             began = time.monotonic()
@@ -365,8 +363,7 @@ class BccBackend(KernelLedgerBackend):
             # Reading a big ledger costs: keep it under 5% of the time.
             self._interval = max(DUMP_S, 20 * (time.monotonic() - began))
             self._next_dump = time.monotonic() + self._interval
-        records, self._records = self._records, []
-        return records, dump
+        return calls, records, dump
 
     def _dump(self) -> RawDump:
         ts = time.monotonic_ns()  # CLOCK_MONOTONIC, like bpf_ktime_get_ns: the maps are read after it
@@ -422,21 +419,23 @@ class BccBackend(KernelLedgerBackend):
     def _lost(self) -> int:
         return self._counters[_C_LOST_CALL] + self._counters[_C_LOST_PROC]
 
-    def _shutdown(self) -> tuple[list, RawDump | None]:
+    def _shutdown(self) -> tuple[list[np.ndarray], list, RawDump | None]:
         if self.bpf is None:
-            return [], None
+            return [], [], None
         try:
             del self.bpf[b"traced"][ct.c_uint32(self.target.pid)]
         except KeyError:
             pass
         self._ring.stop()
-        self._records += [r for r in map(self._decode, self._ring.take()) if r is not None]
+        self._rare.stop()
+        records = [r for r in map(self._decode, self._rare.take()) if r is not None]
+        calls = [chunk.view(RAW_CALLS).ravel() for chunk in self._ring.take()]
         dump = self._dump()
-        records, self._records = self._records, []
         self._ring.close()
+        self._rare.close()
         self.bpf.cleanup()
         self.bpf = None
-        return records, dump
+        return calls, records, dump
 
 
 def _lookup_all(

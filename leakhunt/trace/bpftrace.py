@@ -21,6 +21,8 @@ import sys
 import threading
 import time
 
+import numpy as np
+
 from leakhunt import resources
 from leakhunt.errors import BackendUnavailable
 from leakhunt.trace.backend import TraceOptions
@@ -37,6 +39,7 @@ from leakhunt.trace.kernel_backend import (
     RawDump,
     RawExemplar,
     RawLifecycle,
+    raw_calls,
     root_problem,
 )
 from leakhunt.trace.ledger import SiteCounts
@@ -218,7 +221,7 @@ class BpftraceBackend(KernelLedgerBackend):
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _read(self, timeout: float) -> tuple[list, RawDump | None]:
+    def _read(self, timeout: float) -> tuple[list[np.ndarray], list, RawDump | None]:
         self._dump_ready = None
         deadline = time.monotonic() + timeout
         records = self._ready_records
@@ -229,7 +232,7 @@ class BpftraceBackend(KernelLedgerBackend):
                 break
             records += self._drain(left)
         records += self._drain(0)
-        return records, self._dump_ready
+        return _split(records) + (self._dump_ready,)
 
     def _drain(self, timeout: float) -> list:
         """Parse queued lines; block up to ``timeout`` for the first one."""
@@ -359,7 +362,7 @@ class BpftraceBackend(KernelLedgerBackend):
 
     # -- stopping ------------------------------------------------------------------------------
 
-    def _shutdown(self) -> tuple[list, RawDump | None]:
+    def _shutdown(self) -> tuple[list[np.ndarray], list, RawDump | None]:
         proc = self._proc
         records: list = []
         final = None
@@ -370,9 +373,9 @@ class BpftraceBackend(KernelLedgerBackend):
                 pass
             deadline = time.monotonic() + STOP_TIMEOUT_S
             while not self._ended and time.monotonic() < deadline:
-                more, dump = self._read(0.2)
-                records += more
-                final = dump or final
+                self._dump_ready = None
+                records += self._drain(0.2)
+                final = self._dump_ready or final
         if proc is not None:
             try:
                 proc.wait(timeout=5)
@@ -380,7 +383,13 @@ class BpftraceBackend(KernelLedgerBackend):
                 proc.kill()
                 proc.wait()
         self._proc = None
-        return records, final
+        return _split(records) + (final,)
+
+
+def _split(records: list) -> tuple[list[np.ndarray], list]:
+    """Parsed records as the kernel backend takes them: calls as RAW_CALLS rows, the rest as is."""
+    calls = [r for r in records if isinstance(r, RawCall)]
+    return ([raw_calls(calls)] if calls else []), [r for r in records if not isinstance(r, RawCall)]
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from leakhunt.errors import BackendUnavailable
 from leakhunt.proc.target import PROC, Target
 from leakhunt.record import EVENTS, SessionWriter
@@ -144,10 +146,12 @@ class TraceSession:
         self._absorb(events)
         return events
 
-    def _absorb(self, events: list[MmapEvent]) -> None:
+    def _absorb(self, events: list[MmapEvent] | np.ndarray) -> None:
         self.ledger.update(events, self.backend.kernel_state())
         self.streamed += len(events)
-        if self.writer and events:
+        if self.writer and len(events):
+            if isinstance(events, np.ndarray):  # a BPF backend's batch: objects only to record it
+                events = self.backend.to_events(events)
             self.writer.append_many(EVENTS, events)
         now = time.monotonic()
         if now - self._last_ledger >= LEDGER_EVERY_S:
