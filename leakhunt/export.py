@@ -16,7 +16,6 @@ import json
 import os
 import re
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -30,7 +29,7 @@ from leakhunt.analysis.device import open_nvml
 from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.errors import AccessDenied, TargetGone
 from leakhunt.gpu import NvmlReader
-from leakhunt.proc.sampler import History, Sample, Sampler
+from leakhunt.proc.sampler import History, Pace, Sample, Sampler
 from leakhunt.proc.smaps import parse_smaps
 from leakhunt.proc.target import PROC, Target, open_target
 from leakhunt.proc.tree import tree_totals
@@ -223,14 +222,8 @@ class Fleet:
             return self._view
 
     def run(self, stop: threading.Event, duration: float | None = None) -> None:
-        deadline = None if duration is None else time.monotonic() + duration
-        next_at = time.monotonic()
-        while not stop.is_set():
+        for _ in Pace(self.interval, duration, stop):
             self.sample_once()
-            next_at = max(next_at + self.interval, time.monotonic())
-            if deadline is not None and next_at > deadline:
-                break
-            stop.wait(next_at - time.monotonic())
 
     def close(self) -> None:
         if self.device is not None:

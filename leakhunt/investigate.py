@@ -23,7 +23,7 @@ from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.analysis.verdict import MIN_SLOPE
 from leakhunt.errors import AccessDenied, BackendUnavailable, LeakhuntError, TargetGone
 from leakhunt.investigate_tree import TreeMemory, short_command
-from leakhunt.proc.sampler import STOP_DURATION, STOP_INTERRUPTED, History, Sample, Sampler
+from leakhunt.proc.sampler import STOP_DURATION, STOP_INTERRUPTED, History, Pace, Sample, Sampler
 from leakhunt.proc.target import Target, open_target
 from leakhunt.proc.tree import descendants
 from leakhunt.record import SampleRecorder, SessionWriter
@@ -47,9 +47,12 @@ MIN_DECIDE_S = 15.0
 CONFIDENT_EXPLAINED = 0.9
 CONFIDENT_REPEATS = 3
 EVALUATE_EVERY_S = 2.0
+#: The longest the tracer's turn between samples runs at once.
+POLL_S = 0.25
 #: The gdb pass that deepens a shallow stack: its budget, so the target is stopped only briefly.
 GDB_HITS = 25
 GDB_SECONDS = 10.0
+GDB_MIN_SECONDS = 2.0
 #: A stack of at most this many frames (wrapper, caller, maybe one more) is shallow.
 SHALLOW_FRAMES = 3
 
@@ -291,21 +294,29 @@ class Investigation:
             and recent[-1].attribution.explained_fraction >= CONFIDENT_EXPLAINED
         )
 
+    def _idle(self, timeout: float) -> None:
+        """Between samples: the tracer's turn (one poll at a time, so a sample is never late
+        by more than one), or a sleep without one."""
+        if self.tracer:
+            self.tracer.step(min(POLL_S, timeout))
+        else:
+            time.sleep(timeout)
+
     def run(self) -> InvestigationResult:
         reason, error = STOP_DURATION, None
         self._start_tracer()
         try:
             self.started = time.monotonic()
-            self._sample()  # the baseline: errors here are the caller's (TargetGone, AccessDenied)
-            next_sample = self.started + self.options.interval
+            # One pace for both: when a sample outlasts the interval the tracer still gets its
+            # turn before the next, so neither starves the other.
+            pace = Pace(self.options.interval, self.options.duration, idle=self._idle)
             last_eval = 0.0
-            while True:
-                while (now := time.monotonic()) < next_sample:
-                    if self.tracer:
-                        self.tracer.step(min(0.25, next_sample - now))
-                    else:
-                        time.sleep(next_sample - now)
-                next_sample += self.options.interval
+            baseline = True
+            for _ in pace:
+                if baseline:  # errors here are the caller's (TargetGone, AccessDenied)
+                    self._sample()
+                    baseline = False
+                    continue
                 try:
                     self._sample()
                 except (TargetGone, AccessDenied) as e:
@@ -319,8 +330,6 @@ class Investigation:
                     self.on_update(self, evaluation)
                 if self.confident():
                     reason = STOP_CONFIDENT
-                    break
-                if self.elapsed >= self.options.duration:
                     break
         except KeyboardInterrupt:
             reason = STOP_INTERRUPTED
@@ -377,12 +386,16 @@ class Investigation:
             why = gdb_cls.unavailable_reason()
         except BackendUnavailable as e:
             why = e.reason
+        # The pass spends what is left of --duration, never more: the duration is a promise.
+        budget = min(GDB_SECONDS, self.options.duration - self.elapsed - 1.0)
+        if not why and budget < GDB_MIN_SECONDS:
+            why = "too little of --duration left for a gdb pass"
         if why:
             self.notes.append(f"no gdb stack for {top.title}: {why}")
             return None
         from leakhunt.trace.gdb_backend import gdb_extra
 
-        extra = gdb_extra(max_hits=GDB_HITS, time_budget=GDB_SECONDS)
+        extra = gdb_extra(max_hits=GDB_HITS, time_budget=budget)
         try:  # the culprit's own process: in a tree, a child of the target maybe
             target = self.target if top.pid in (None, self.target.pid) else open_target(top.pid)
         except (TargetGone, AccessDenied) as e:
@@ -393,7 +406,7 @@ class Investigation:
         began = time.monotonic()
         try:
             backend.start()
-            while time.monotonic() - began < GDB_SECONDS + 2 and not backend.finished:
+            while time.monotonic() - began < budget + 0.5 and not backend.finished:
                 for ev in backend.poll(0.5):
                     if ev.stack and _same_caller(ev.caller, ev.stack, top.library, top.symbol):
                         stacks.append(ev.stack)

@@ -151,7 +151,17 @@ def rss(pid: int) -> int:
 def test_the_target_exiting_mid_trace_keeps_what_was_traced(spawn, leakers):
     proc = spawn([leakers / "pool_leaker", "--rate", "4M"])
     tracer = subprocess.Popen(
-        [sys.executable, "-m", "leakhunt", "trace-mmap", "--pid", str(proc.pid), "--duration", "120s", "--json"],
+        [
+            sys.executable,
+            "-m",
+            "leakhunt",
+            "trace-mmap",
+            "--pid",
+            str(proc.pid),
+            "--duration",
+            "120s",
+            "--json",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -157,6 +157,12 @@ def trace_document(session: TraceSession, choice: BackendChoice, record_dir: str
         "events_by_kind": session.ledger.kernel_syscalls,
         "streamed_events": session.streamed,
         "lost_events": stats.lost_events,
+        # A reader that fell behind: the calls it never applied, and how much of the run the
+        # figures cover (null: all of it).
+        "backlog_events": stats.backlog,
+        "covered_s": None
+        if stats.complete_until is None
+        else round(stats.complete_until - session.started_wall, 3),
         "filtered_events": stats.filtered,
         # of memory mapped before the trace, or of holes: decided in the kernel or in the ledger
         "untracked_unmaps": session.ledger.unmatched_unmaps + stats.untracked,
@@ -203,8 +209,17 @@ def _header(session: TraceSession, choice: BackendChoice, duration: float | None
         style="dim",
     )
     text.append(f"{stats.lost_events} lost", style="bold red" if stats.lost_events else "dim")
+    if stats.untracked:
+        text.append(f" · {stats.untracked} unmaps of untracked memory (decided in the kernel)", style="dim")
     if stats.filtered:
         text.append(f" · {stats.filtered} below --min-size", style="dim")
+    if stats.backlog:
+        covered = (stats.complete_until or session.started_wall) - session.started_wall
+        text.append(
+            f"\nreader behind: {stats.backlog} calls not applied yet; the figures cover the first "
+            f"{format_duration(max(0.0, covered))} of {format_duration(elapsed)}",
+            style="bold yellow",
+        )
     return text
 
 

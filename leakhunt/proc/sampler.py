@@ -134,14 +134,26 @@ STOP_REQUESTED = "stopped"
 
 class Pace:
     """Iterate at a fixed interval until ``duration`` elapsed or ``stop`` is set; ``reason`` says
-    which. A slow iteration skips ahead rather than firing a burst to catch up."""
+    which. A slow iteration skips ahead rather than firing a burst to catch up.
 
-    def __init__(self, interval: float, duration: float | None, stop: threading.Event | None = None) -> None:
+    ``idle(timeout)``, when given, does the other work of the loop between iterations (polling a
+    tracer): it is called until the next iteration is due, and at least once between any two,
+    even when an iteration overran its interval, so that neither side starves the other.
+    """
+
+    def __init__(
+        self,
+        interval: float,
+        duration: float | None,
+        stop: threading.Event | None = None,
+        idle: Callable[[float], object] | None = None,
+    ) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
         self.interval = interval
         self.duration = duration
         self.stop = stop or threading.Event()
+        self.idle = idle
         self.reason = STOP_DURATION
 
     def __iter__(self) -> Iterator[None]:
@@ -152,12 +164,21 @@ class Pace:
             yield
             next_at += self.interval
             now = time.monotonic()
-            next_at = max(next_at, now)
-            if deadline is not None and next_at > deadline + 1e-3:
+            if deadline is not None and max(next_at, now) > deadline + 1e-3:
                 return
-            if self.stop.wait(next_at - now):
+            if self.idle is None:
+                next_at = max(next_at, now)
+                if self.stop.wait(next_at - now):
+                    self.reason = STOP_REQUESTED
+                    return
+                continue
+            self.idle(max(0.0, next_at - now))
+            while not self.stop.is_set() and (now := time.monotonic()) < next_at:
+                self.idle(next_at - now)
+            if self.stop.is_set():
                 self.reason = STOP_REQUESTED
                 return
+            next_at = max(next_at, time.monotonic())
 
 
 @dataclass

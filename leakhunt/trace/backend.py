@@ -45,6 +45,8 @@ class TraceStats:
     lost_events: int = 0  # events the kernel or the backend dropped, counted exactly
     filtered: int = 0  # events seen but not delivered on purpose (min_length...)
     untracked: int = 0  # unmaps the kernel side found touching nothing traced (holes, older memory)
+    backlog: int = 0  # calls read from the kernel but not applied yet (a reader behind says so)
+    complete_until: float | None = None  # wall time up to which every call was applied (None: all)
     notes: list[str] = field(default_factory=list)  # what a person should know (patched code...)
 
 

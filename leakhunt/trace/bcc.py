@@ -272,19 +272,24 @@ class BccBackend(KernelLedgerBackend):
                 steps[ct.c_int(index)] = ct.c_int(
                     self.bpf.load_func(function.encode(), BPF.RAW_TRACEPOINT).fd
                 )
-            self.bpf[b"ready"][ct.c_int(0)] = ct.c_uint32(1)
             self.bpf[b"traced"][ct.c_uint32(self.target.pid)] = ct.c_uint8(1)
             self._install_slots(self.target.pid)
             self._ring = RingBufferReader(
                 self.bpf[b"events"].map_fd, ring_pages(self.options) * mmap.PAGESIZE, RAW_CALLS.itemsize
             )
             self._rare = RingBufferReader(self.bpf[b"rare"].map_fd, RARE_PAGES * mmap.PAGESIZE)
+            self._ring.start()
+            self._rare.start()
+            # Tracing starts here, with its readers running: not while a second of set-up above
+            # lets a storm fill the ring.
+            self.bpf[b"ready"][ct.c_int(0)] = ct.c_uint32(1)
         except BaseException:
+            for ring in (getattr(self, "_ring", None), getattr(self, "_rare", None)):
+                if ring is not None:
+                    ring.close()
             self.bpf.cleanup()  # Ctrl-C or a failure while setting up: detach at once
             self.bpf = None
             raise
-        self._ring.start()
-        self._rare.start()
         self._started = True
         self._next_dump = time.monotonic()
         self._check_patched()

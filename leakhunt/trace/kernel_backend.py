@@ -300,6 +300,8 @@ class KernelLedgerBackend(Backend):
             self.stats.filtered = dump.filtered
             self.stats.untracked = dump.untracked
         self.stats.lost_events = self._lost()
+        self.stats.backlog = self.backlog
+        self.stats.complete_until = None if not self.stats.backlog else self._wall(complete) / 1e9
         return calls
 
     def _calls(self, raw: np.ndarray) -> np.ndarray:

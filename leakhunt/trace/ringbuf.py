@@ -27,7 +27,6 @@ import numpy as np
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
 _HEADER = 8
-_U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
 
@@ -41,6 +40,11 @@ class RingBufferReader:
         self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._producer = mmap.mmap(map_fd, page + 2 * data_size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         self._data_off = page
+        # The positions are read and written as whole 64-bit words: struct packs and unpacks byte
+        # by byte, and the kernel, reading a half-written consumer position, can see one past its
+        # producer and refuse every reservation (records lost, counted, but lost).
+        self._cons = np.frombuffer(self._consumer, np.uint64, 1)
+        self._prod = np.frombuffer(self._producer, np.uint64, 1)
         self._stride = (record_size + _HEADER + 7) & ~7 if record_size else 0
         self._record_size = record_size or 0
         self._records: deque = deque()  # bytes, or arrays of fixed records
@@ -66,8 +70,7 @@ class RingBufferReader:
             return n
 
     def _drain_fixed(self, room: int) -> int:
-        cons = _U64.unpack_from(self._consumer, 0)[0]
-        prod = _U64.unpack_from(self._producer, 0)[0]
+        cons, prod = int(self._cons[0]), int(self._prod[0])
         n = min((prod - cons) // self._stride, room)
         if n <= 0:
             return 0
@@ -81,14 +84,13 @@ class RingBufferReader:
         if n == 0:
             return 0
         kept = raw[(header & _DISCARD) == 0, _HEADER : _HEADER + self._record_size].copy()
-        _U64.pack_into(self._consumer, 0, cons + n * self._stride)
+        self._cons[0] = cons + n * self._stride
         if len(kept):
             self._records.append(kept)
         return len(kept)
 
     def _drain_records(self, room: int) -> int:
-        cons = _U64.unpack_from(self._consumer, 0)[0]
-        prod = _U64.unpack_from(self._producer, 0)[0]
+        cons, prod = int(self._cons[0]), int(self._prod[0])
         data, base, mask, out = self._producer, self._data_off, self.mask, self._records
         n = 0
         while cons < prod and n < room:
@@ -101,7 +103,7 @@ class RingBufferReader:
                 out.append(data[at + _HEADER : at + _HEADER + size])
                 n += 1
             cons += (size + _HEADER + 7) & ~7
-        _U64.pack_into(self._consumer, 0, cons)
+        self._cons[0] = cons
         return n
 
     def take(self, limit: int | None = None) -> list:
@@ -141,5 +143,6 @@ class RingBufferReader:
 
     def close(self) -> None:
         self.stop()
+        del self._cons, self._prod  # the views pin the mappings
         self._consumer.close()
         self._producer.close()

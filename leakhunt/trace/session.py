@@ -44,6 +44,9 @@ OUTSTANDING = "outstanding"
 LEDGER_EVERY_S = 1.0
 LEDGER_TOP = 20
 RATE_WINDOW_S = 30.0
+#: How long stopping may spend on calls read but not applied yet (Ctrl-C, SIGTERM and the
+#: duration's end all promise to return within a couple of seconds).
+FINAL_S = 1.0
 ROOT_FIX = "run as root; `leakhunt doctor --install` sets up the rest"
 
 
@@ -114,6 +117,7 @@ class TraceSession:
         self.ledger = Ledger()
         self.streamed = 0
         self.started = 0.0
+        self.started_wall = 0.0
         self.traced_s: float | None = None  # how long it traced, fixed when the loop ends
         self.stopped_because = ""
         self._history: deque[tuple[float, dict[tuple[str, str], int]]] = deque()
@@ -123,6 +127,7 @@ class TraceSession:
     def start(self) -> None:
         self.backend.start()
         self.started = time.monotonic()
+        self.started_wall = time.time()
         self._seed_brk()
 
     def _seed_brk(self) -> None:
@@ -203,9 +208,13 @@ class TraceSession:
         return (current - first.get(key, 0)) / (t1 - t0) if t1 > t0 else float("nan")
 
     def stop(self) -> None:
-        """Detach, then take in what arrived meanwhile; the ledger is final after this."""
+        """Detach, then take in what arrived meanwhile, for FINAL_S at most (what a reader that
+        fell behind still holds then is left, and said); the ledger is final after this."""
         self.backend.stop()
+        deadline = time.monotonic() + FINAL_S
         self._absorb(self.backend.poll(0))
+        while self.backend.backlog and time.monotonic() < deadline:
+            self._absorb(self.backend.poll(0))
         self._snapshot(time.monotonic())
         if self.ledger.dropped:
             self.backend.stats.notes.append(

@@ -170,6 +170,9 @@ class TreeTrace:
             total.lost_events += s.lost_events
             total.filtered += s.filtered
             total.untracked += s.untracked
+            total.backlog += s.backlog
+            if s.complete_until is not None:
+                total.complete_until = min(total.complete_until or s.complete_until, s.complete_until)
             total.notes += [n for n in s.notes if n not in total.notes]
         return total
 
