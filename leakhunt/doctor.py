@@ -264,7 +264,7 @@ def check_gdb() -> Check:
 
 def check_perf() -> Check:
     return _version_check(
-        "perf", ["perf", "--version"], "perf backend, benchmarks", "apt-get install linux-perf", optional=True
+        "perf", ["perf", "--version"], "benchmarks", "apt-get install linux-perf", optional=True
     )
 
 
@@ -304,18 +304,19 @@ def check_backends() -> list[Check]:
 
     out = []
     for name in BACKENDS:
+        caveat = ""
         try:
-            reason = backend_class(name).unavailable_reason()
+            cls = backend_class(name)
+            reason, caveat = cls.unavailable_reason(), cls.caveat
         except BackendUnavailable as e:
             reason = e.reason
         out.append(
             Check(
                 f"backend: {name}",
                 reason is None,
-                "works here" if reason is None else reason,
+                ("works here" + (f"; {caveat}" if caveat else "")) if reason is None else reason,
                 "" if reason is None else "leakhunt doctor --install",
                 "trace-mmap, investigate",
-                optional=name in ("perf",),
             )
         )
     return out

@@ -75,15 +75,15 @@ BPF_RINGBUF_OUTPUT(rare, RARE_PAGES);        /* EXEMPLAR and PROC records */
 
 #include "range_index.h"
 
-/* One call on its way through the steps (per CPU: a handler runs to its end on one CPU). The
- * entry reads the call, the range index is queried, the call decided, then the index updated,
- * each step a program of its own that tail-calls the next (`steps`), so that each stays within
- * what the verifier takes. */
+/* One call on its way through the programs (per CPU: a handler runs to its end on one CPU). The
+ * entry reads the call, queries the range index and decides; clearing and setting the index run
+ * next, each a program of its own reached by tail call (`steps`), to stay within what the
+ * verifier takes. */
 struct state_t {
     struct call_t c;
     s64 ret;
     u32 pid, tid;
-    u32 slot_known, overlap;
+    u32 slot_known;
     u64 c_lo, c_hi, s_lo, s_hi;    /* what to clear, then set, in the index once decided */
     struct idx_walk_t w;
     struct pt_regs regs;
@@ -150,9 +150,12 @@ static __always_inline int site_add(u32 pid, u64 ip, u64 ra, u64 path, u64 count
                 return 0;
         }
     }
-    __sync_fetch_and_add(&v->count, count_n);
-    __sync_fetch_and_add(&v->mapped, mapped);
-    __sync_fetch_and_add(&v->unmapped, unmapped);
+    if (count_n)
+        __sync_fetch_and_add(&v->count, count_n);
+    if (mapped)
+        __sync_fetch_and_add(&v->mapped, mapped);
+    if (unmapped)
+        __sync_fetch_and_add(&v->unmapped, unmapped);
     return fresh;
 }
 
@@ -208,39 +211,124 @@ static __always_inline void step_failed(void) {
     idx_degrade();
 }
 
-/* The next step of a call not decided yet; when the kernel refuses the tail call, the call is
- * streamed and user space decides it. */
-static __always_inline void next_step(void *ctx, struct state_t *st, int step) {
-    steps.call(ctx, step);
-    step_failed();
-    stream(st->pid, st->tid, &st->c, st->ret, st->slot_known);
-}
-
-/* After the decision: clear what was unmapped, then set what was mapped. */
+/* After the decision: clear what was unmapped, then set what was mapped, each in a program of
+ * its own, one root at a time (each program comes back here for the rest of its range). */
 static __always_inline void update_index(void *ctx, struct state_t *st) {
+    if (idx_degraded()) {
+        st->c_hi = st->c_lo = st->s_hi = st->s_lo = 0;
+        return;
+    }
     if (st->c_hi > st->c_lo) {
-        u64 lo = st->c_lo, hi = st->c_hi;
-        st->c_hi = st->c_lo = 0;
-        if (!idx_degraded() && idx_begin(&st->w, st->pid, lo, hi)) {
-            steps.call(ctx, STEP_CLEAR);
-            step_failed();
-            return;
-        }
+        st->c_lo = idx_begin(&st->w, st->pid, st->c_lo, st->c_hi);
+        steps.call(ctx, STEP_CLEAR);
+        step_failed();
+        return;
     }
     if (st->s_hi > st->s_lo) {
-        u64 lo = st->s_lo, hi = st->s_hi;
-        st->s_hi = st->s_lo = 0;
-        if (!idx_degraded() && idx_begin(&st->w, st->pid, lo, hi)) {
-            steps.call(ctx, STEP_SET);
-            step_failed();
-        } else if (!idx_degraded()) {
-            idx_degrade();    /* a mapping the index cannot hold: decide nothing from it again */
-        }
+        st->s_lo = idx_begin(&st->w, st->pid, st->s_lo, st->s_hi);
+        steps.call(ctx, STEP_SET);
+        step_failed();
     }
+}
+
+/* The decision: the kernel ledger, per-site sums, what goes to user space. */
+static __always_inline void decide(void *ctx, struct state_t *st, struct live_val_t *v, int overlap, int queried) {
+    struct call_t *c = &st->c;
+    u64 nr = c->nr;
+    u32 pid = st->pid;
+    s64 ret = st->ret;
+    u64 len = page_round(c->a[1]), nlen = page_round(c->a[2]);
+    int send = 0, fresh = 0;
+
+    if (nr == NR_MMAP) {
+        if (overlap) {
+            send = 1;      /* MAP_FIXED over tracked memory: user space cuts, then keeps it */
+            fresh = site_add(pid, c->ip, c->ra, c->path, 0, 0, 0);
+        } else if (len < MIN_LEN) {
+            count(C_FILTERED, 1);
+            len = 0;
+        } else {
+            struct live_key_t nk = {.pid = pid, .addr = (u64)ret};
+            struct live_val_t nv = {.len = len, .ip = c->ip, .ra = c->ra, .path = c->path,
+                                    .ts = bpf_ktime_get_ns(), .flags = (u32)c->a[3], .fd = (s32)c->a[4]};
+            if (live.update(&nk, &nv) != 0) {
+                count(C_FULL, 1);   /* user space keeps this one */
+                send = 1;
+                fresh = site_add(pid, c->ip, c->ra, c->path, 0, 0, 0);
+            } else {
+                fresh = site_add(pid, c->ip, c->ra, c->path, 1, len, 0);
+            }
+        }
+        st->s_lo = (u64)ret;
+        st->s_hi = (u64)ret + len;
+    } else if (nr == NR_MUNMAP) {
+        struct live_key_t k = {.pid = pid, .addr = c->a[0]};
+        if (v && v->len == len) {
+            site_add(pid, v->ip, v->ra, v->path, 0, 0, len);
+            live.delete(&k);
+        } else if (len < MIN_LEN) {
+            count(C_FILTERED, 1);
+        } else if (overlap) {
+            send = 1;
+        } else {
+            count(C_UNTRACKED, 1);   /* memory never seen mapped, or a hole: nothing to do */
+        }
+        /* Nothing to clear where the query found no bit at all. */
+        if (!queried || overlap) {
+            st->c_lo = c->a[0];
+            st->c_hi = c->a[0] + len;
+        }
+    } else if (nr == NR_MREMAP) {
+        struct live_key_t k = {.pid = pid, .addr = c->a[0]};
+        int exact = v && v->len == len && !(c->a[3] & MREMAP_DONTUNMAP);
+        struct live_val_t moved = {.len = nlen, .ip = c->ip, .ra = c->ra, .path = c->path,
+                                   .ts = bpf_ktime_get_ns(), .flags = 0, .fd = -1};
+        if (exact && v) {
+            moved = *v;
+            moved.len = nlen;
+            live.delete(&k);
+        }
+        if (!exact && overlap) {
+            send = 1;
+            fresh = site_add(pid, c->ip, c->ra, c->path, 0, 0, 0);
+        } else {
+            /* An exact move of a kernel-held mapping, or a resize of one nobody tracks (it
+             * becomes the caller's, as user space would keep it): held here either way. */
+            struct live_key_t nk = {.pid = pid, .addr = (u64)ret};
+            if (live.update(&nk, &moved) != 0) {
+                count(C_FULL, 1);
+                send = 1;
+                fresh = site_add(pid, c->ip, c->ra, c->path, 0, 0, 0);
+            } else if (nlen > len) {
+                fresh = site_add(pid, moved.ip, moved.ra, moved.path, 0, nlen - len, 0);
+            } else {
+                fresh = site_add(pid, moved.ip, moved.ra, moved.path, 0, 0, len - nlen);
+            }
+            if (exact)
+                fresh = 0;   /* the mapping's own site sent its exemplar when it was made */
+        }
+        if (!(c->a[3] & MREMAP_DONTUNMAP) && (!queried || overlap)) {
+            st->c_lo = c->a[0];
+            st->c_hi = c->a[0] + len;
+        }
+        st->s_lo = (u64)ret;
+        st->s_hi = (u64)ret + nlen;
+    } else if (nr == NR_BRK || nr == NR_SHMAT) {
+        send = 1;
+        fresh = site_add(pid, c->ip, c->ra, 0, 0, 0, 0);
+    } else {
+        send = 1;    /* shmdt, memfd_create */
+    }
+    if (fresh)
+        send_exemplar(pid, c);
+    if (send)
+        stream(pid, st->tid, c, ret, st->slot_known);
+    update_index(ctx, st);
 }
 
 /* One probe, at syscall exit: the arguments are still in the saved user registers (only ax
- * changed), so nothing has to be carried over from the entry, which halves the cost. */
+ * changed), so nothing has to be carried over from the entry, which halves the cost. An unmap
+ * of a hole is decided here whole; an index update that the decision needs runs next. */
 RAW_TRACEPOINT_PROBE(sys_exit) {
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     u64 nr = 0;
@@ -268,7 +356,7 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     bpf_probe_read_user(&c->ra, 8, (void *)(c->sp + off));
     c->cfa = c->sp + off + 8;
     s64 ret = (s64)ctx->args[1];
-    st->ret = ret; st->pid = pid; st->tid = tid; st->slot_known = slot != 0; st->overlap = 0;
+    st->ret = ret; st->pid = pid; st->tid = tid; st->slot_known = slot != 0;
     st->c_lo = st->c_hi = st->s_lo = st->s_hi = 0;
     count(kind, 1);
     u64 len = page_round(c->a[1]);
@@ -300,9 +388,10 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     /* What the decision needs to know from the index: does the range this call takes away
      * touch tracked memory? Not asked for an exact kernel-ledger hit, nor for a plain mmap. */
     u64 q_lo = 0, q_hi = 0;
+    struct live_val_t *v = 0;   /* the kernel ledger's entry at an unmap's address */
     if (nr == NR_MUNMAP || nr == NR_MREMAP) {
         struct live_key_t k = {.pid = pid, .addr = c->a[0]};
-        struct live_val_t *v = live.lookup(&k);
+        v = live.lookup(&k);
         int exact = v && v->len == len && (nr == NR_MUNMAP || !(c->a[3] & MREMAP_DONTUNMAP));
         if (!exact && !(nr == NR_MUNMAP && len < MIN_LEN)) {
             q_lo = c->a[0];
@@ -312,154 +401,37 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
         q_lo = (u64)ret;
         q_hi = (u64)ret + len;
     }
-    if (q_hi > q_lo) {
-        if (idx_degraded() || !idx_begin(&st->w, pid, q_lo, q_hi)) {
-            st->overlap = 1;
-        } else {
-            next_step(ctx, st, STEP_QUERY);
-            return 0;
-        }
-    }
-    next_step(ctx, st, STEP_DECIDE);
-    return 0;
-}
-
-/* The query, one level a run. */
-int step_query(struct bpf_raw_tracepoint_args *ctx) {
-    struct state_t *st = current_state();
-    if (!st)
-        return 0;
-    if (idx_query_level(&st->w, st->pid)) {
-        st->overlap = 1;
-    } else if (--st->w.level >= 0 && (st->w.reach_l || st->w.reach_r)) {
-        next_step(ctx, st, STEP_QUERY);
-        return 0;
-    }
-    next_step(ctx, st, STEP_DECIDE);
-    return 0;
-}
-
-/* The decision: the kernel ledger, per-site sums, what goes to user space. */
-int step_decide(struct bpf_raw_tracepoint_args *ctx) {
-    struct state_t *st = current_state();
-    if (!st)
-        return 0;
-    struct call_t *c = &st->c;
-    u64 nr = c->nr;
-    u32 pid = st->pid;
-    s64 ret = st->ret;
-    u64 len = page_round(c->a[1]), nlen = page_round(c->a[2]);
-    int send = 0, fresh = 0, overlap = st->overlap;
-
-    if (nr == NR_MMAP) {
-        if (overlap) {
-            send = 1;      /* MAP_FIXED over tracked memory: user space cuts, then keeps it */
-            fresh = site_add(pid, c->ip, c->ra, c->path, 0, 0, 0);
-        } else if (len < MIN_LEN) {
-            count(C_FILTERED, 1);
-            len = 0;
-        } else {
-            struct live_key_t nk = {.pid = pid, .addr = (u64)ret};
-            struct live_val_t nv = {.len = len, .ip = c->ip, .ra = c->ra, .path = c->path,
-                                    .ts = bpf_ktime_get_ns(), .flags = (u32)c->a[3], .fd = (s32)c->a[4]};
-            if (live.update(&nk, &nv) != 0) {
-                count(C_FULL, 1);   /* user space keeps this one */
-                send = 1;
-                fresh = site_add(pid, c->ip, c->ra, c->path, 0, 0, 0);
-            } else {
-                fresh = site_add(pid, c->ip, c->ra, c->path, 1, len, 0);
+    int overlap = 0, queried = 0;
+    if (q_hi > q_lo && idx_degraded()) {
+        overlap = 1;
+    } else if (q_hi > q_lo) {
+        /* Root by root, up to QUERY_ROOTS of them (2 TiB); a larger range is streamed. */
+        for (int part = 0; part < QUERY_ROOTS && q_lo < q_hi; part++) {
+            q_lo = idx_begin(&st->w, pid, q_lo, q_hi);
+            if (idx_query(&st->w, pid)) {
+                overlap = 1;
+                break;
             }
         }
-        st->s_lo = (u64)ret;
-        st->s_hi = (u64)ret + len;
-    } else if (nr == NR_MUNMAP) {
-        struct live_key_t k = {.pid = pid, .addr = c->a[0]};
-        struct live_val_t *v = live.lookup(&k);
-        if (v && v->len == len) {
-            site_add(pid, v->ip, v->ra, v->path, 0, 0, len);
-            live.delete(&k);
-        } else if (len < MIN_LEN) {
-            count(C_FILTERED, 1);
-        } else if (overlap) {
-            send = 1;
-        } else {
-            count(C_UNTRACKED, 1);   /* memory never seen mapped, or a hole: nothing to do */
-        }
-        st->c_lo = c->a[0];
-        st->c_hi = c->a[0] + len;
-    } else if (nr == NR_MREMAP) {
-        struct live_key_t k = {.pid = pid, .addr = c->a[0]};
-        struct live_val_t *v = live.lookup(&k);
-        int exact = v && v->len == len && !(c->a[3] & MREMAP_DONTUNMAP);
-        struct live_val_t moved = {.len = nlen, .ip = c->ip, .ra = c->ra, .path = c->path,
-                                   .ts = bpf_ktime_get_ns(), .flags = 0, .fd = -1};
-        if (exact && v) {
-            moved = *v;
-            moved.len = nlen;
-            live.delete(&k);
-        }
-        if (!exact && overlap) {
-            send = 1;
-            fresh = site_add(pid, c->ip, c->ra, c->path, 0, 0, 0);
-        } else {
-            /* An exact move of a kernel-held mapping, or a resize of one nobody tracks (it
-             * becomes the caller's, as user space would keep it): held here either way. */
-            struct live_key_t nk = {.pid = pid, .addr = (u64)ret};
-            if (live.update(&nk, &moved) != 0) {
-                count(C_FULL, 1);
-                send = 1;
-                fresh = site_add(pid, c->ip, c->ra, c->path, 0, 0, 0);
-            } else if (nlen > len) {
-                fresh = site_add(pid, moved.ip, moved.ra, moved.path, 0, nlen - len, 0);
-            } else {
-                fresh = site_add(pid, moved.ip, moved.ra, moved.path, 0, 0, len - nlen);
-            }
-            if (exact)
-                fresh = 0;   /* the mapping's own site sent its exemplar when it was made */
-        }
-        if (!(c->a[3] & MREMAP_DONTUNMAP)) {
-            st->c_lo = c->a[0];
-            st->c_hi = c->a[0] + len;
-        }
-        st->s_lo = (u64)ret;
-        st->s_hi = (u64)ret + nlen;
-    } else if (nr == NR_BRK || nr == NR_SHMAT) {
-        send = 1;
-        fresh = site_add(pid, c->ip, c->ra, 0, 0, 0, 0);
-    } else {
-        send = 1;    /* shmdt, memfd_create */
+        queried = !overlap && q_lo >= q_hi;
+        overlap = overlap || q_lo < q_hi;
     }
-    if (fresh)
-        send_exemplar(pid, c);
-    if (send)
-        stream(pid, st->tid, c, ret, st->slot_known);
-    update_index(ctx, st);
+    decide(ctx, st, v, overlap, queried);
     return 0;
 }
 
-/* Clearing, one level a run; a level whose wholly covered children had nodes runs the zap
- * step before the next level. */
-static __always_inline void clear_next(void *ctx, struct state_t *st) {
-    if (st->w.level >= 0 && (st->w.reach_l || st->w.reach_r)) {
-        steps.call(ctx, STEP_CLEAR);
-        step_failed();
-        return;
-    }
-    idx_clear_finish(&st->w, st->pid);
-    update_index(ctx, st);
-}
-
+/* Clearing the index, then emptying children a clear covered wholly, then setting. */
 int step_clear(struct bpf_raw_tracepoint_args *ctx) {
     struct state_t *st = current_state();
     if (!st)
         return 0;
-    idx_clear_level(&st->w, st->pid);
-    st->w.level--;
-    if (st->w.zap_f0[0] >= 0 || st->w.zap_f0[1] >= 0) {
+    idx_clear(&st->w, st->pid);
+    s32 *zap = st->w.zap_f0;
+    if (zap[0] >= 0 || zap[1] >= 0 || zap[2] >= 0 || zap[3] >= 0 || zap[4] >= 0 || zap[5] >= 0) {
         steps.call(ctx, STEP_ZAP);
-        step_failed();
+        count(C_STEP_FAILED, 1);   /* a zap not done leaves bits over-set: safe */
     }
-    clear_next(ctx, st);
+    update_index(ctx, st);
     return 0;
 }
 
@@ -467,24 +439,15 @@ int step_zap(struct bpf_raw_tracepoint_args *ctx) {
     struct state_t *st = current_state();
     if (!st)
         return 0;
-    idx_zap(&st->w, st->pid, st->w.level + 1);
-    clear_next(ctx, st);
+    idx_zap(&st->w, st->pid);
+    update_index(ctx, st);
     return 0;
 }
 
-/* Setting, one level a run, then the parents' `any` bits. */
 int step_set(struct bpf_raw_tracepoint_args *ctx) {
     struct state_t *st = current_state();
-    if (!st)
-        return 0;
-    if (!idx_set_level(&st->w, st->pid))
-        return 0;    /* degraded: idx_node said so */
-    if (--st->w.level >= 0 && (st->w.reach_l || st->w.reach_r)) {
-        steps.call(ctx, STEP_SET);
-        step_failed();
-        return 0;
-    }
-    idx_set_finish(&st->w, st->pid);
+    if (st && idx_set(&st->w, st->pid))   /* else degraded: idx_node said so */
+        update_index(ctx, st);             /* the range's next root, if any */
     return 0;
 }
 

@@ -7,17 +7,17 @@
  * libucm's munmap hook makes tens of thousands of no-op munmaps a second in a real UCX process;
  * streamed, they buried the reader.
  *
- * A radix tree of 512-way nodes per process (and per generation: exec and exit start a new one)
- * over the 48-bit address space. A level-0 node covers 2 MiB, level 1 1 GiB, level 2 512 GiB,
- * level 3 (the root) 256 TiB. Every node has two bitmaps over its 512 children:
+ * Radix trees of 512-way nodes per process (and per generation: exec and exit start a new one).
+ * A level-0 node covers 2 MiB, level 1 1 GiB, level 2 (a root) 512 GiB; a range across roots is
+ * walked root by root. Every node has two bitmaps over its 512 children:
  *   full  the child is wholly tracked (at level 0 a child is a page);
  *   any   the child's own node may hold bits (levels 1-3).
  * A range is visited top-down along its two edges only: at each level at most two nodes (the one
  * holding the range's first byte and the one holding its last) are partly covered; the children
  * between are wholly covered and handled by their parent's bits. So a query, a set or a clear
- * visits at most 8 nodes whatever the range's size. Each level is one step of a program that
- * tail-calls itself (the kernel here takes 4096 instructions a program and no loops): the walk's
- * state lives in the per-CPU `state` of mmap_ledger.c.
+ * visits at most 6 nodes a root whatever the range's size. The walk's state lives in the per-CPU
+ * `state` of mmap_ledger.c, whose programs run a query inline and a clear or a set each in a
+ * program of its own (the verifier's budget).
  *
  * The one rule that keeps decisions correct: a page's bit may be set when nothing tracked is
  * there (then an unmap is streamed for nothing, and user space finds it a no-op), but never
@@ -46,8 +46,9 @@ struct idx_walk_t {
     u32 gen; s32 level; u32 reach_l, reach_r;
     u64 pend_node[8];
     s32 pend_bit[8];
-    u64 zap_node[2];          /* a node of this level whose wholly covered children to empty */
-    s32 zap_f0[2], zap_f1[2];  /* those children's bits; zap_f0 < 0: nothing to empty */
+    /* by level (1-2) and side: a node whose wholly covered children to empty, their bits */
+    u64 zap_node[8];
+    s32 zap_f0[8], zap_f1[8];  /* zap_f0 < 0: nothing to empty; 4 to 7 unused */
 };
 
 BPF_F_TABLE("hash", struct idx_key_t, struct idx_node_t, ranges, IDX_MAX, BPF_F_NO_PREALLOC);
@@ -73,20 +74,23 @@ static __always_inline void idx_degrade(void) {
         *d = 1;
 }
 
-/* Start a walk over [a, b) at the root; 0 when it cannot be walked (a range across two roots). */
-static __always_inline int idx_begin(struct idx_walk_t *w, u32 pid, u64 a, u64 b) {
-    if ((a >> 48) != ((b - 1) >> 48))
-        return 0;
+/* Start a walk over [a, b) from its first root; returns where that root ends, or b: the rest of
+ * the range, if any, is walked next from there. */
+static __always_inline u64 idx_begin(struct idx_walk_t *w, u32 pid, u64 a, u64 b) {
+    u64 end = ((a >> IDX_ROOT_SHIFT) + 1) << IDX_ROOT_SHIFT;
     w->a = a;
-    w->b = b;
+    w->b = b < end ? b : end;
     w->gen = idx_gen(pid);
-    w->level = 3;
+    w->level = IDX_ROOT;
     w->reach_l = 1;
     w->reach_r = 1;
     #pragma unroll
     for (int i = 0; i < 8; i++)
         w->pend_bit[i] = -1;
-    return 1;
+    #pragma unroll
+    for (int i = 0; i < 8; i++)
+        w->zap_f0[i] = -1;
+    return w->b;
 }
 
 /* Bits j0..j1 (inclusive, 0..511) that fall in word w. */
@@ -114,13 +118,14 @@ static __always_inline int idx_empty(struct idx_node_t *n) {
     return acc == 0;
 }
 
+/* A locked instruction only when the bits change: most of a walk finds them as wanted. */
 static __always_inline void idx_or(u64 *word, u64 m) {
-    if (m)
+    if ((*word & m) != m)
         __sync_fetch_and_or(word, m);
 }
 
 static __always_inline void idx_andnot(u64 *word, u64 m) {
-    if (m)
+    if (*word & m)
         __sync_fetch_and_and(word, ~m);
 }
 
@@ -244,7 +249,7 @@ static __always_inline int idx_set_level(struct idx_walk_t *w, u32 pid) {
 /* After the last level of a set: the parents' `any` bits, children first. */
 static __always_inline void idx_set_finish(struct idx_walk_t *w, u32 pid) {
     #pragma unroll
-    for (int at = 2; at < 8; at++) {
+    for (int at = 2; at < 2 * (IDX_ROOT + 1); at++) {
         s32 j = w->pend_bit[at];
         if (j < 0)
             continue;
@@ -279,8 +284,7 @@ static __always_inline void idx_release(struct idx_node_t *parent, struct idx_no
 static __always_inline void idx_clear_level(struct idx_walk_t *w, u32 pid) {
     u32 next_l = 0, next_r = 0;
     s32 level = w->level;
-    w->zap_f0[0] = -1;
-    w->zap_f0[1] = -1;
+
     #pragma unroll
     for (int side = 0; side < 2; side++) {
         u64 index;
@@ -290,8 +294,8 @@ static __always_inline void idx_clear_level(struct idx_walk_t *w, u32 pid) {
         if (!n)
             continue;
         struct idx_span_t s = idx_span(w, index);
-        /* Wholly covered children: their `full` bits go; the nodes behind their `any` bits
-         * are emptied by the next step (idx_zap), a separate program for the verifier's sake. */
+        /* Wholly covered children: their `full` bits go; the nodes behind their `any` bits are
+         * emptied afterwards (idx_zap, a program of its own for the verifier's sake). */
         u64 any = 0;
         #pragma unroll
         for (int i = 0; i < 8; i++) {
@@ -300,9 +304,10 @@ static __always_inline void idx_clear_level(struct idx_walk_t *w, u32 pid) {
             any |= n->any[i] & m;
         }
         if (level > 0 && any) {
-            w->zap_node[side] = index;
-            w->zap_f0[side] = s.f0;
-            w->zap_f1[side] = s.f1;
+            int at = ((((level - 1) & 3) << 1) | side) & 7;
+            w->zap_node[at] = index;
+            w->zap_f0[at] = s.f0;
+            w->zap_f1[at] = s.f1;
         }
         if (level == 0)
             continue;
@@ -335,15 +340,17 @@ static __always_inline void idx_clear_level(struct idx_walk_t *w, u32 pid) {
     w->reach_r = next_r;
 }
 
-/* After a level of a clear: on each side, empty the node of the first wholly covered child that
- * has one; the others keep stale bits (over-set: safe, less precise). */
-static __always_inline void idx_zap(struct idx_walk_t *w, u32 pid, s32 level) {
+/* After a clear: on each side of each level, empty the node of the first wholly covered child
+ * that has one; the others, and the grandchildren of an emptied one, keep stale bits (over-set:
+ * safe, less precise). */
+static __always_inline void idx_zap(struct idx_walk_t *w, u32 pid) {
     #pragma unroll
-    for (int side = 0; side < 2; side++) {
-        s32 f0 = w->zap_f0[side], f1 = w->zap_f1[side];
-        if (f0 < 0 || level <= 0)
+    for (int at = 0; at < 4; at++) {
+        s32 f0 = w->zap_f0[at], f1 = w->zap_f1[at];
+        if (f0 < 0)
             continue;
-        u64 index = w->zap_node[side];
+        s32 level = (at >> 1) + 1;
+        u64 index = w->zap_node[at];
         struct idx_node_t *n = idx_node(pid, w->gen, level, index, 0);
         if (!n)
             continue;
@@ -373,7 +380,7 @@ static __always_inline void idx_zap(struct idx_walk_t *w, u32 pid, s32 level) {
  * that still hold something. */
 static __always_inline void idx_clear_finish(struct idx_walk_t *w, u32 pid) {
     #pragma unroll
-    for (int at = 2; at < 8; at++) {
+    for (int at = 2; at < 2 * (IDX_ROOT + 1); at++) {
         s32 j = w->pend_bit[at];
         if (j < 0)
             continue;
@@ -383,4 +390,35 @@ static __always_inline void idx_clear_finish(struct idx_walk_t *w, u32 pid) {
         if (p && c)
             idx_release(p, c, (u32)j);
     }
+}
+
+/* Whole walks of one root, one level a turn of a bounded loop. */
+static __always_inline int idx_query(struct idx_walk_t *w, u32 pid) {
+    for (int turn = 0; turn <= IDX_ROOT; turn++) {
+        if (idx_query_level(w, pid))
+            return 1;
+        if (--w->level < 0 || !(w->reach_l || w->reach_r))
+            return 0;
+    }
+    return 0;
+}
+
+static __always_inline int idx_set(struct idx_walk_t *w, u32 pid) {
+    for (int turn = 0; turn <= IDX_ROOT; turn++) {
+        if (!idx_set_level(w, pid))
+            return 0;
+        if (--w->level < 0 || !(w->reach_l || w->reach_r))
+            break;
+    }
+    idx_set_finish(w, pid);
+    return 1;
+}
+
+static __always_inline void idx_clear(struct idx_walk_t *w, u32 pid) {
+    for (int turn = 0; turn <= IDX_ROOT; turn++) {
+        idx_clear_level(w, pid);
+        if (--w->level < 0 || !(w->reach_l || w->reach_r))
+            break;
+    }
+    idx_clear_finish(w, pid);
 }

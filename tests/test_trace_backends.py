@@ -78,10 +78,10 @@ def test_perf_buffers_stay_bounded_and_powers_of_two():
     assert 64 <= pages <= 4096 and pages & (pages - 1) == 0
 
 
-def test_perf_backend_says_in_one_line_why_not():
+def test_an_unknown_backend_says_in_one_line_which_there_are():
     with pytest.raises(BackendUnavailable) as e:
         choose_backend("perf")
-    assert "\n" not in str(e.value) and "bcc or bpftrace" in str(e.value)
+    assert "\n" not in str(e.value) and "bcc, bpftrace, gdb" in str(e.value)
 
 
 def test_auto_prefers_the_registry_order():

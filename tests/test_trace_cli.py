@@ -131,12 +131,12 @@ def test_recording_holds_events_and_the_ledger_over_time(spawn, leakers, tmp_pat
 
 
 @pytest.mark.bpf
-def test_auto_picks_bcc_says_why_not_the_others_and_min_size_filters(spawn, leakers):
+def test_auto_picks_bcc_and_min_size_filters(spawn, leakers):
     proc = spawn([leakers / "pool_leaker", "--rate", "4M", "--chunk", "1M", "--churn", "50"])
     cp = run_leakhunt("trace-mmap", "--pid", proc.pid, "--duration", "2s", "--min-size", "2M", "--json")
     doc = json.loads(cp.stdout)
-    assert doc["backend"] == "bcc" and "not provided" in doc["backends_unavailable"]["perf"]
-    assert cp.stderr.splitlines()[0].startswith("backend bcc (not available: perf: ")
+    assert doc["backend"] == "bcc" and doc["backends_unavailable"] == {}  # every backend works in CI
+    assert cp.stderr.splitlines()[0] == "backend bcc"
     assert doc["outstanding_bytes"] == 0 and doc["filtered_events"] > 0
 
 

@@ -44,7 +44,7 @@ TOP = 15
     type=click.Choice(["auto", *BACKENDS]),
     default="auto",
     show_default=True,
-    help="tracer: auto picks the first that works here (bcc, bpftrace, perf, gdb)",
+    help="tracer: auto picks the first that works here (bcc, bpftrace, gdb)",
 )
 @duration_option()
 @click.option(

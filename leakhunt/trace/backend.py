@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, str] = {
     "bcc": "leakhunt.trace.bcc:BccBackend",
     "bpftrace": "leakhunt.trace.bpftrace:BpftraceBackend",
-    "perf": "leakhunt.trace.perf:PerfBackend",
     "gdb": "leakhunt.trace.gdb_backend:GdbBackend",
 }
 
@@ -52,6 +51,8 @@ class TraceStats:
 
 class Backend(ABC):
     name: str = "?"
+    #: What a person should know before choosing it where it works (doctor shows it).
+    caveat: str = ""
     #: Traces options.existing (with follow) from its start: a set of pids fixed when it starts.
     takes_existing: bool = False
 

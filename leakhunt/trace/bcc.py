@@ -59,9 +59,13 @@ STACK_BYTES = 4096
 #: process touching 100 GiB of address space in pieces needs ~50k); per-site call counts; the
 #: unwinding rules behind path keys, and how many frames past the caller a path hashes.
 IDX_MAX = 262144
+#: The range index's root level (2: a root covers 512 GiB, three lookups a walk) and how many
+#: roots an unmap's query walks before it streams the call instead (4: 2 TiB).
+IDX_ROOT = 2
+QUERY_ROOTS = 4
 SITES_MAX = 16384
 RULES_MAX = 16384
-PATH_DEPTH = 6
+PATH_DEPTH = 3
 #: Functions of libc and the loader whose syscall instructions get a return-address slot from CFI.
 WRAPPER_FUNCTIONS = (
     "syscall",
@@ -95,14 +99,12 @@ COUNTERS = {
     "C_STEP_FAILED": 15,
     "C_COUNT": 16,
 }
-#: The program's steps after the entry (probes/mmap_ledger.c), each a program of its own that
-#: the one before tail-calls through the `steps` array: name -> (index, function).
+#: The programs after the entry (probes/mmap_ledger.c) that update the range index, each reached
+#: by tail call through the `steps` array: name -> (index, function).
 STEPS = {
-    "STEP_QUERY": (0, "step_query"),
-    "STEP_DECIDE": (1, "step_decide"),
-    "STEP_CLEAR": (2, "step_clear"),
-    "STEP_ZAP": (3, "step_zap"),
-    "STEP_SET": (4, "step_set"),
+    "STEP_CLEAR": (0, "step_clear"),
+    "STEP_ZAP": (1, "step_zap"),
+    "STEP_SET": (2, "step_set"),
 }
 _C_FILTERED, _C_FAILED, _C_FULL = COUNTERS["C_FILTERED"], COUNTERS["C_FAILED"], COUNTERS["C_FULL"]
 _C_UNTRACKED, _C_STEP_FAILED = COUNTERS["C_UNTRACKED"], COUNTERS["C_STEP_FAILED"]
@@ -212,6 +214,9 @@ def cflags(pid: int, options: TraceOptions | None = None) -> list[str]:
         "IDX_MAX": IDX_MAX,
         "RULES_MAX": RULES_MAX,
         "PATH_DEPTH": PATH_DEPTH,
+        "IDX_ROOT": IDX_ROOT,
+        "IDX_ROOT_SHIFT": 21 + 9 * IDX_ROOT,
+        "QUERY_ROOTS": QUERY_ROOTS,
         "RINGBUF_PAGES": ring_pages(options),
         "RARE_PAGES": RARE_PAGES,
         "STACK_BYTES": STACK_BYTES,

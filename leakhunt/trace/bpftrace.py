@@ -120,6 +120,11 @@ def script_text(
 
 class BpftraceBackend(KernelLedgerBackend):
     name = "bpftrace"
+    caveat = (
+        "it cannot decide in the kernel that an unmap touches nothing traced: under libucm's hooks "
+        "(tens of thousands of munmaps of holes a second) it streams every one as text and falls "
+        "behind; auto picks bcc"
+    )
     takes_existing = True
 
     @classmethod

@@ -94,8 +94,8 @@ def _reason(name: str) -> str | None:
 
 
 def _fix(reason: str) -> str:
-    if "not provided" in reason:
-        return "use --backend bcc or bpftrace"
+    if "no such backend" in reason:
+        return "use --backend " + ", ".join(BACKENDS)
     if "pid namespace" in reason:
         return "--backend gdb works from inside a pid namespace"
     return ROOT_FIX if "root" in reason else "run `leakhunt doctor --install`"
