@@ -1,16 +1,20 @@
 """The `leakhunt` command: a click group whose commands live one per module in leakhunt.commands.
 
 Commands are imported only when invoked so that `leakhunt --help` and `leakhunt doctor` start
-fast. Library errors (LeakhuntError) become one line on stderr and exit code 2, as does SIGTERM
-turned into a clean stop.
+fast. Every failure is one line on stderr and exit code 2: library errors (LeakhuntError), the
+operating system's (a full disk, a closed stdout, a permission) and, as "internal error", any
+other (LEAKHUNT_DEBUG=1 prints its traceback). Exit code 1 belongs to ci's "leak found" alone.
+SIGTERM is turned into a clean stop, as Ctrl-C.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import signal
 import sys
+import traceback
 
 import click
 
@@ -88,4 +92,23 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
+    except OSError as e:
+        _say(f"leakhunt: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 2, never 1
+        if os.environ.get("LEAKHUNT_DEBUG"):
+            traceback.print_exc()
+        where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+        at = f" at {os.path.basename(where.filename)}:{where.lineno}" if where else ""
+        _say(f"leakhunt: internal error{at}: {type(e).__name__}: {e} (LEAKHUNT_DEBUG=1 shows the traceback)")
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _say(line: str) -> None:
+    """One line on stderr, even when stderr itself is the trouble."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass

@@ -170,9 +170,9 @@ def test_subprocesses_gate_the_tree_and_stop_it_whole(leakers, tmp_path):
         "-c",
         script,
     )
-    assert cp.returncode == FAIL, "the root shell does not grow, its child does"
+    assert cp.returncode == FAIL, ("the root shell does not grow, its child does", cp.stderr[-2000:])
     pids = Recording.open(tmp_path / "rec").pids()
-    assert len(pids) == 3
+    assert len(pids) == 3, cp.stderr[-2000:]
     deadline = time.monotonic() + 5
     while any(map(_alive, pids)) and time.monotonic() < deadline:
         time.sleep(0.1)
