@@ -9,6 +9,7 @@ JSON, JUnit XML and GitHub Actions annotations.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shlex
 import signal
@@ -31,6 +32,7 @@ PASS, FAIL, ERROR = 0, 1, 2
 #: How long a stopped command gets between SIGINT, SIGTERM and SIGKILL. SIGINT first: a Python
 #: program (and memray tracking it) unwinds and flushes on KeyboardInterrupt, not on SIGTERM.
 STOP_GRACE_S = 5.0
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -138,19 +140,47 @@ def decide(summary: MemorySummary, config: GateConfig) -> tuple[int, str]:
     return PASS, f"within the limit of {limit}: {v.reason}{device}"
 
 
+def _die_with_parent(sig: int) -> Callable[[], None]:
+    """For a child's preexec_fn: the kernel sends it ``sig`` when leakhunt dies, even by SIGKILL
+    (PR_SET_PDEATHSIG: it outlives exec)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def set_it() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+    return set_it
+
+
 class Launched:
     """A command the gate started in its own session, so that it and everything it forked can be
-    stopped together. Stopping is idempotent and escalates SIGINT -> SIGTERM -> SIGKILL."""
+    stopped together. Stopping is idempotent and escalates SIGINT -> SIGTERM -> SIGKILL.
+
+    Nothing outlives leakhunt: the command gets SIGKILL when leakhunt dies, however it dies, and
+    a guard process beside it (a shell waiting for the same signal as SIGTERM) then kills the
+    command's whole process group, the processes it forked included."""
 
     def __init__(self, argv: Sequence[str], role: str, stdout=None) -> None:
         self.argv = list(argv)
         self.role = role
         try:
             self.popen = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stdout, start_new_session=True
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stdout,
+                start_new_session=True,
+                preexec_fn=_die_with_parent(signal.SIGKILL),
             )
         except OSError as e:
             raise BadInput(f"{role} {shlex.join(self.argv)!r} failed to start: {e.strerror or e}") from None
+        guard = f'trap "kill -KILL -{self.popen.pid} 2>/dev/null; exit 0" TERM; while :; do sleep 3600 & wait; done'
+        self._guard = subprocess.Popen(
+            ["sh", "-c", guard],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent(signal.SIGTERM),
+        )
 
     @property
     def pid(self) -> int:
@@ -181,11 +211,14 @@ class Launched:
             except subprocess.TimeoutExpired:
                 continue
         self.popen.poll()
-        # Whatever the command forked and left behind in its session goes too.
+        # Whatever the command forked and left behind in its session goes too; so does the guard.
         try:
             os.killpg(self.popen.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        if self._guard.poll() is None:
+            self._guard.kill()
+            self._guard.wait()
 
     def __enter__(self) -> Launched:
         return self

@@ -20,6 +20,7 @@ import click
 
 from leakhunt import __version__
 from leakhunt.errors import LeakhuntError
+from leakhunt.text import one_line
 
 COMMANDS = {
     "doctor": ("leakhunt.commands.doctor", "which backends work here, and why not"),
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         # command (ci exits 1 that way) instead of raising it.
         code = cli.main(args=argv, prog_name="leakhunt", standalone_mode=False)
     except LeakhuntError as e:
-        click.echo(f"leakhunt: error: {e}", err=True)
+        _say(f"leakhunt: error: {one_line(e)}")
         sys.exit(2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
@@ -93,14 +94,19 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         sys.exit(0)
     except OSError as e:
-        _say(f"leakhunt: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+        _say(
+            f"leakhunt: error: {one_line(e.strerror or e)}"
+            + (f": {one_line(e.filename)}" if e.filename else "")
+        )
         sys.exit(2)
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 2, never 1
         if os.environ.get("LEAKHUNT_DEBUG"):
             traceback.print_exc()
         where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
         at = f" at {os.path.basename(where.filename)}:{where.lineno}" if where else ""
-        _say(f"leakhunt: internal error{at}: {type(e).__name__}: {e} (LEAKHUNT_DEBUG=1 shows the traceback)")
+        _say(
+            f"leakhunt: internal error{at}: {type(e).__name__}: {one_line(e)} (LEAKHUNT_DEBUG=1 shows the traceback)"
+        )
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -16,6 +16,7 @@ machine cuts the last line short, and the reader drops a truncated last line wit
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import os
@@ -30,11 +31,15 @@ from typing import Any
 
 from leakhunt import __version__
 from leakhunt.errors import BadInput, CorruptRecording
+from leakhunt.files import gunzip
 
 FORMAT_VERSION = 1
 SESSION = "session.json"
 SUMMARY = "summary.json"
 SAMPLES = "samples"
+LOCK = ".lock"
+#: What every sample record must hold, numbers all (the rest is optional).
+SAMPLE_KEYS = ("seq", "t", "rss")
 EVENTS = "events"
 NOTES = "notes"
 TREE = "tree"
@@ -59,6 +64,13 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot record {type(obj).__name__}")
 
 
+def _lines(path: Path) -> list[bytes]:
+    try:
+        return path.read_bytes().splitlines()
+    except OSError:
+        return []
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
@@ -69,18 +81,43 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 class SessionWriter:
-    """Appends records to a session directory. Safe to use from several threads."""
+    """Appends records to a session directory. Safe to use from several threads.
+
+    One writer at a time: a lock (``.lock``, flock'ed for the writer's life) stops a second one.
+    A directory that holds a recording already is refused unless ``append``: the run is then a
+    new session of it (its number in ``self.session``), whose snapshots and samples are kept apart
+    from the first session's, so nothing is overwritten or mixed."""
 
     def __init__(
-        self, directory: str | os.PathLike, command: str, meta: dict[str, Any] | None = None
+        self,
+        directory: str | os.PathLike,
+        command: str,
+        meta: dict[str, Any] | None = None,
+        append: bool = False,
     ) -> None:
         self.dir = Path(directory)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / SNAPSHOTS).mkdir(exist_ok=True)
+            self._lock = os.open(self.dir / LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
         except OSError as e:
             raise BadInput(f"cannot create recording directory {self.dir}: {e.strerror}") from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock)
+            raise BadInput(f"{self.dir}: another leakhunt is recording into it") from None
+        exists = (self.dir / SESSION).exists()
+        if exists and not append:
+            os.close(self._lock)
+            raise BadInput(
+                f"{self.dir} holds a recording already: choose a new directory, or --append to add "
+                "this run to it as a new session"
+            )
         self._fds: dict[str, int] = {}
+        # The first session has no note; each one appended later left a "joined" note.
+        joined = sum(1 for n in _lines(self.dir / f"{NOTES}.jsonl") if b'"joined"' in n)
+        self.session = 2 + joined if exists else 1
         session = {
             "format": FORMAT_VERSION,
             "tool": f"leakhunt {__version__}",
@@ -92,10 +129,12 @@ class SessionWriter:
             "python": platform.python_version(),
             **(meta or {}),
         }
-        if (self.dir / SESSION).exists():
+        if exists:
             # A second command recording into the same session (trace-mmap after watch, say):
-            # the session stays the first one's; this one is noted.
-            self.append(NOTES, {"ts": time.time(), "note": "joined", "session": session})
+            # the session stays the first one's; this one is noted, with its number.
+            self.append(
+                NOTES, {"ts": time.time(), "note": "joined", "session": {**session, "number": self.session}}
+            )
         else:
             _write_atomic(self.dir / SESSION, json.dumps(session, indent=2, default=_default).encode())
 
@@ -103,6 +142,8 @@ class SessionWriter:
         self.append_many(stream, (record,))
 
     def append_many(self, stream: str, records: Iterable[Any]) -> None:
+        if self.session > 1 and stream == SAMPLES:  # kept apart from the first session's
+            records = ({**r, "session": self.session} if isinstance(r, dict) else r for r in records)
         data = b"".join(_dumps(r) for r in records)
         if not data:
             return
@@ -123,6 +164,8 @@ class SessionWriter:
         """Store raw smaps text for sample ``seq`` (of ``pid``, in a recording of several
         processes); returns its path relative to the session."""
         rel = f"{SNAPSHOTS}/{seq:06d}.smaps.gz" if pid is None else f"{SNAPSHOTS}/{pid}-{seq:06d}.smaps.gz"
+        if self.session > 1:  # an appended session never overwrites the first one's
+            rel = rel.replace(f"{SNAPSHOTS}/", f"{SNAPSHOTS}/s{self.session}-")
         _write_atomic(self.dir / rel, gzip.compress(smaps_text, compresslevel=1))
         return rel
 
@@ -137,6 +180,9 @@ class SessionWriter:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        if self._lock is not None:
+            os.close(self._lock)  # and with it the flock
+            self._lock = None
 
     def __enter__(self) -> SessionWriter:
         return self
@@ -184,28 +230,50 @@ class Recording:
         return sorted(p.stem for p in self.dir.glob("*.jsonl"))
 
     def records(self, stream: str) -> Iterator[dict[str, Any]]:
-        """Every record of a stream. A truncated last line is dropped and noted; a bad line
-        anywhere else means the file was damaged: CorruptRecording."""
+        """Every record of a stream. A line that is not a JSON object (cut short by a crash,
+        damaged, or not leakhunt's) is skipped and said in ``problems``: one bad line never
+        makes a recording unreadable."""
         path = self.dir / f"{stream}.jsonl"
         if not path.exists():
             return
-        with open(path, "rb") as f:
-            lines = f.read().split(b"\n")
+        try:
+            with open(path, "rb") as f:
+                lines = f.read().split(b"\n")
+        except OSError as e:
+            raise CorruptRecording(f"{path}: unreadable ({e.strerror or e})") from None
         last = len(lines) - 1
         for i, line in enumerate(lines):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                record = json.loads(line)
             except ValueError:
+                record = None
                 if i == last:  # no newline after it: the write was cut short
-                    self.problems.append(f"{path.name}: dropped a truncated last line")
+                    self._problem(f"{path.name}: dropped a truncated last line")
                     continue
-                raise CorruptRecording(f"{path}: line {i + 1} is not JSON") from None
+            if not isinstance(record, dict):
+                self._problem(f"{path.name}: line {i + 1} is not a JSON object: skipped")
+                continue
+            yield record
+
+    def _problem(self, text: str) -> None:
+        if text not in self.problems:
+            self.problems.append(text)
 
     def samples(self, pid: int | None = None) -> list[dict[str, Any]]:
-        """Samples of one process: ``pid``, or the session's own pid in a recording of a tree."""
-        records = list(self.records(SAMPLES))
+        """Samples of one process: ``pid``, or the session's own pid in a recording of a tree.
+        A sample without its sequence number, time or RSS is skipped and said in ``problems``."""
+        records = []
+        for r in self.records(SAMPLES):
+            if r.get("session", 1) != 1:  # a session appended later: its own run, not this one's
+                continue
+            if all(
+                isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for k in SAMPLE_KEYS
+            ):
+                records.append(r)
+            else:
+                self._problem(f"{SAMPLES}.jsonl: a sample without {'/'.join(SAMPLE_KEYS)}: skipped")
         want = pid if pid is not None else self.session.get("pid")
         if want is None:
             return records
@@ -231,9 +299,11 @@ class Recording:
 
     def snapshot_text(self, rel: str) -> bytes:
         try:
-            return gzip.decompress((self.dir / rel).read_bytes())
-        except (OSError, EOFError) as e:
-            raise CorruptRecording(f"{self.dir / rel}: unreadable ({e})") from None
+            return gunzip((self.dir / rel).read_bytes(), path=self.dir / rel)
+        except OSError as e:
+            raise CorruptRecording(f"{self.dir / rel}: unreadable ({e.strerror or e})") from None
+        except BadInput as e:
+            raise CorruptRecording(str(e)) from None
 
     # -- pandas views ----------------------------------------------------------------------------
 

@@ -9,15 +9,33 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.segment import Segment
 from rich.text import Text
 
+from leakhunt.text import printable
 from leakhunt.units import format_bytes, format_rate
 
 _BLOCKS = "▁▂▃▄▅▆▇█"
 
+
+class SafeConsole(Console):
+    """A console for text leakhunt does not control: no markup or emoji codes are read in what it
+    prints (styles come from Text and Table objects only), and every control character in the
+    text, an escape sequence a target put in its command line say, reaches the terminal as a
+    visible escape. The sequences rich writes for its own styles and cursor moves are untouched."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(markup=False, emoji=False, highlight=False, **kwargs)
+
+    def _render_buffer(self, buffer) -> str:
+        return super()._render_buffer(
+            seg if seg.control else Segment(printable(seg.text), seg.style) for seg in buffer
+        )
+
+
 #: Human output goes to stdout; with --json it goes to stderr so stdout stays one JSON document.
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = SafeConsole()
+err = SafeConsole(stderr=True)
 
 
 def console_for(as_json: bool) -> Console:

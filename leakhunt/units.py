@@ -27,7 +27,11 @@ _SIZE_UNITS = {
     "tib": 2**40,
 }
 _TIME_UNITS = {"": 1.0, "ms": 1e-3, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
-_NUMBER = r"\s*(\d+(?:\.\d*)?|\.\d+)\s*"
+# ASCII digits only (\d takes any script's), and few enough of them to stay a finite float.
+_NUMBER = r"\s*([0-9]{1,19}(?:\.[0-9]{0,9})?|\.[0-9]{1,9})\s*"
+#: Past these a value is a typo, and past 2**63 it would overflow what it feeds.
+MAX_SECONDS = 100 * 365 * 86400.0
+MAX_BYTES = 1 << 62
 
 
 def parse_duration(text: str) -> float:
@@ -35,7 +39,10 @@ def parse_duration(text: str) -> float:
     m = re.fullmatch(_NUMBER + r"([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _TIME_UNITS:
         raise ValueError(f"not a duration: {text!r} (try 30s, 5m, 1h)")
-    return float(m.group(1)) * _TIME_UNITS[m.group(2).lower()]
+    seconds = float(m.group(1)) * _TIME_UNITS[m.group(2).lower()]
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"{text!r}: longer than a hundred years")
+    return seconds
 
 
 def parse_size(text: str) -> int:
@@ -43,7 +50,11 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(_NUMBER + r"([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"not a size: {text!r} (try 512KiB, 5MB, 1GiB)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    number, unit = m.group(1), _SIZE_UNITS[m.group(2).lower()]
+    size = int(number) * unit if number.isdigit() else float(number) * unit  # exact when whole
+    if size >= MAX_BYTES:
+        raise ValueError(f"{text!r}: more bytes than any machine has")
+    return int(size)
 
 
 def parse_rate(text: str) -> float:

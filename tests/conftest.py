@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -149,3 +150,9 @@ def leakhunt_json(*args, **kw) -> dict:
     cp = run_leakhunt(*args, "--json", **kw)
     assert cp.returncode in (0, 1), f"exit {cp.returncode}: {cp.stderr}"
     return json.loads(cp.stdout)
+
+
+def read_markdown(path) -> str:
+    """A Markdown file as a reader sees it: the backslash escapes leakhunt puts before anything
+    Markdown would read as syntax (text from the target is data) taken away."""
+    return re.sub(r"\\([\\`*_\[\]<>|#~])", r"\1", Path(path).read_text())

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import run_leakhunt
 
@@ -177,3 +180,42 @@ def test_subprocesses_gate_the_tree_and_stop_it_whole(leakers, tmp_path):
     while any(map(_alive, pids)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(map(_alive, pids))
+
+
+def test_commands_die_with_leakhunt_even_by_sigkill(tmp_path):
+    """ci -- CMD: when leakhunt is killed outright, CMD and what it forked do not live on."""
+    marker = tmp_path / "started"
+    script = f"sleep 300 & sleep 300 & touch {marker}; wait"
+    ci = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "leakhunt",
+            "ci",
+            "--max-slope",
+            "1GB/min",
+            "--duration",
+            "120s",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert ci.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    sh = next(
+        p
+        for p in psutil.Process(ci.pid).children()
+        if p.name() == "sh" and "sleep 300" in " ".join(p.cmdline())
+    )
+    family = [sh, *sh.children(recursive=True)]
+    assert len(family) == 3
+    ci.kill()
+    ci.wait()
+    gone, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]

@@ -7,7 +7,7 @@ import json
 import sys
 
 import pytest
-from conftest import leakhunt_json, run_leakhunt
+from conftest import leakhunt_json, read_markdown, run_leakhunt
 
 pytest.importorskip("memray", reason="memray (the dev extra) is not installed")
 
@@ -64,7 +64,7 @@ def test_run_mode_shows_the_heap_beside_rss(leaker_script, tmp_path):
     assert (tmp_path / "rec" / "memray.bin").is_file()
     report = leakhunt_json("report", tmp_path / "rec", "--markdown", tmp_path / "r.md")
     assert report["heap_data"] and "heap-vs-rss" in report["plots"]
-    assert _gap_share((tmp_path / "r.md").read_text()) > 0.5
+    assert _gap_share(read_markdown(tmp_path / "r.md")) > 0.5
 
 
 @pytest.mark.gdb
@@ -89,7 +89,7 @@ def test_attach_mode_shows_the_heap_beside_rss(leaker_script, spawn, tmp_path):
     assert target.alive(), "the target survives memray's attach and detach"
     assert json.loads(cp.stdout)["heap_growth_bytes"] > 1 << 20
     report = leakhunt_json("report", tmp_path / "rec", "--markdown", tmp_path / "r.md")
-    assert report["heap_data"] and _gap_share((tmp_path / "r.md").read_text()) > 0.5
+    assert report["heap_data"] and _gap_share(read_markdown(tmp_path / "r.md")) > 0.5
 
 
 def test_heap_needs_a_python_command(leakers):
@@ -115,4 +115,4 @@ def test_watch_heap_records_the_heap_stream(leaker_script, spawn, tmp_path):
     assert doc["heap_growth_bytes"] > 1 << 20 and target.alive()
     assert (tmp_path / "rec" / "heap.jsonl").read_text().count("\n") >= 5
     report = leakhunt_json("report", tmp_path / "rec", "--markdown", tmp_path / "r.md")
-    assert report["heap_data"] and _gap_share((tmp_path / "r.md").read_text()) > 0.5
+    assert report["heap_data"] and _gap_share(read_markdown(tmp_path / "r.md")) > 0.5

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import leakhunt_json, run_leakhunt
+from conftest import leakhunt_json, read_markdown, run_leakhunt
 
 from leakhunt.proc.classes import RegionClass
 from leakhunt.proc.sampler import History
@@ -64,7 +64,7 @@ def test_device_leak_with_flat_rss_gets_its_own_section_and_headline(flat_record
     device = doc["device_memory"]
     assert device["available"] and device["leak"]
     assert 24 * MiB < device["slope_bytes_per_s"] < 40 * MiB
-    md = (tmp_path / "r.md").read_text()
+    md = read_markdown(tmp_path / "r.md")
     assert "## Device memory" in md and "tensors kept alive on the GPU" in md
     assert "device memory (NVML)" not in md  # no "not sampled" row when there is a series
 
@@ -84,7 +84,7 @@ def test_recording_without_gpu_says_why_where_device_memory_would_be(flat_record
     assert "Device memory" not in doc["sections"]
     assert doc["device_memory"] == watch_summary["device_memory"]
     row = next(
-        line for line in (tmp_path / "r.md").read_text().splitlines() if "device memory (NVML)" in line
+        line for line in read_markdown(tmp_path / "r.md").splitlines() if "device memory (NVML)" in line
     )
     assert watch_summary["device_memory"]["reason"] in row
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from leakhunt.errors import CorruptRecording
+from leakhunt.errors import BadInput, CorruptRecording
 from leakhunt.record import Recording, SessionWriter
 
 
@@ -32,12 +32,18 @@ def test_truncated_last_line_is_dropped_with_a_note(tmp_path):
     assert not rec.complete
 
 
-def test_damage_in_the_middle_is_an_error(tmp_path):
+def test_damage_in_the_middle_is_skipped_and_said(tmp_path):
+    """One bad line (garbage, a JSON value that is not a record, a sample without its numbers)
+    costs that line, not the recording."""
     w = SessionWriter(tmp_path / "s", "test")
     w.close()
-    (tmp_path / "s" / "events.jsonl").write_bytes(b'{"n": 1}\nGARBAGE\n{"n": 3}\n')
-    with pytest.raises(CorruptRecording, match="line 2"):
-        list(Recording.open(tmp_path / "s").records("events"))
+    (tmp_path / "s" / "events.jsonl").write_bytes(b'{"n": 1}\nGARBAGE\n[]\n{"n": 3}\n')
+    (tmp_path / "s" / "samples.jsonl").write_bytes(b'{"seq": 1}\n{"seq": 2, "t": 1.0, "rss": 4096}\n')
+    rec = Recording.open(tmp_path / "s")
+    assert [r["n"] for r in rec.records("events")] == [1, 3]
+    assert [s["seq"] for s in rec.samples()] == [2]
+    assert any("line 2" in p for p in rec.problems) and any("line 3" in p for p in rec.problems)
+    assert any("without seq/t/rss" in p for p in rec.problems)
 
 
 def test_not_a_recording(tmp_path):
@@ -48,9 +54,34 @@ def test_not_a_recording(tmp_path):
         Recording.open(tmp_path)
 
 
-def test_a_second_command_joins_the_session(tmp_path):
+def test_a_second_command_joins_the_session_only_when_asked(tmp_path):
     SessionWriter(tmp_path / "s", "watch", {"pid": 1}).close()
-    SessionWriter(tmp_path / "s", "trace-mmap", {"pid": 1}).close()
+    with pytest.raises(BadInput, match="holds a recording already"):
+        SessionWriter(tmp_path / "s", "trace-mmap", {"pid": 1})
+    SessionWriter(tmp_path / "s", "trace-mmap", {"pid": 1}, append=True).close()
     rec = Recording.open(tmp_path / "s")
     assert rec.session["command"] == "watch"
     assert rec.notes()[0]["note"] == "joined" and rec.notes()[0]["session"]["command"] == "trace-mmap"
+    assert rec.notes()[0]["session"]["number"] == 2
+
+
+def test_one_writer_at_a_time(tmp_path):
+    first = SessionWriter(tmp_path / "s", "watch", {"pid": 1})
+    with pytest.raises(BadInput, match="another leakhunt is recording"):
+        SessionWriter(tmp_path / "s", "watch", {"pid": 1}, append=True)
+    first.close()
+    SessionWriter(tmp_path / "s", "watch", {"pid": 1}, append=True).close()  # free again
+
+
+def test_an_appended_session_overwrites_nothing_and_mixes_nothing(tmp_path):
+    for run in (1, 2):
+        w = SessionWriter(tmp_path / "s", "watch", {"pid": 1}, append=run > 1)
+        rel = w.snapshot(0, f"run {run}\n".encode())
+        w.append("samples", {"seq": 0, "t": 0.0, "rss": run, "snapshot": rel})
+        w.close()
+    rec = Recording.open(tmp_path / "s")
+    assert [s["rss"] for s in rec.samples()] == [1]  # the first session's run alone
+    texts = sorted(
+        rec.snapshot_text(p.relative_to(rec.dir).as_posix()) for p in (rec.dir / "snapshots").iterdir()
+    )
+    assert texts == [b"run 1\n", b"run 2\n"]

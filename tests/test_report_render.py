@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import leakhunt_json, run_leakhunt
+from conftest import leakhunt_json, read_markdown, run_leakhunt
 
 from leakhunt.record import SessionWriter
 
@@ -71,7 +71,7 @@ def test_html_is_self_contained(leak_report):
 
 def test_markdown_links_plots_written_beside_it(leak_report):
     _, out = leak_report
-    md = (out / "r.md").read_text()
+    md = read_markdown(out / "r.md")
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(links) >= 4 and all((out / link).is_file() for link in links)
     assert "## Reproduce" in md and "leakhunt report" in md
@@ -86,7 +86,7 @@ def test_killed_leakhunt_leaves_an_incomplete_recording_that_still_renders(leak_
     doc = leakhunt_json("report", rec, "--markdown", tmp_path / "k.md")
     assert not doc["complete"] and doc["verdict"] == "leak"
     assert any("truncated" in p for p in doc["problems"])
-    assert "Incomplete recording" in (tmp_path / "k.md").read_text()
+    assert "Incomplete recording" in read_markdown(tmp_path / "k.md")
 
 
 def test_target_that_died_is_reported(leakers, tmp_path):
@@ -94,7 +94,7 @@ def test_target_that_died_is_reported(leakers, tmp_path):
         leakers, tmp_path / "died", ["--rate", "4M", "--chunk", "1M", "--duration", "4"], "20s"
     )
     doc = leakhunt_json("report", rec, "--markdown", tmp_path / "d.md")
-    assert "The target exited during the run" in (tmp_path / "d.md").read_text()
+    assert "The target exited during the run" in read_markdown(tmp_path / "d.md")
     assert doc["summary"]["samples"] >= 6
 
 
@@ -102,7 +102,7 @@ def test_tracer_and_correlator_streams_are_drawn(leak_recording, tmp_path):
     rec = tmp_path / "traced"
     shutil.copytree(leak_recording, rec)
     t0 = json.loads((rec / "samples.jsonl").read_text().splitlines()[0])["ts"]
-    writer = SessionWriter(rec, "investigate")
+    writer = SessionWriter(rec, "investigate", append=True)  # joins the watch recorded just before
     for i in range(10):
         writer.append(
             "ledger",
@@ -146,7 +146,7 @@ def test_tracer_and_correlator_streams_are_drawn(leak_recording, tmp_path):
     writer.close()
     doc = leakhunt_json("report", rec, "--markdown", tmp_path / "t.md")
     assert {"attribution", "outstanding-by-caller"} <= set(doc["plots"]) and doc["tracer_data"]
-    md = (tmp_path / "t.md").read_text()
+    md = read_markdown(tmp_path / "t.md")
     assert "libleakpool.so!lkpool_grow+0x4c" in md and "LKPOOL_MAX_UNRELEASED=1024" in md
     assert "No tracer data" not in md and "lkpool_release+0x10" in md and "(partial stack)" in md
     assert "90% of native memory growth is anonymous memory mapped by" in md
@@ -215,7 +215,7 @@ def test_process_tree_is_reported_by_its_totals_and_per_process(leakers, tmp_pat
         shell.wait()
     doc = leakhunt_json("report", tmp_path / "tree", "--markdown", tmp_path / "t.md")
     assert doc["verdict"] == "leak", "the tree's totals grow although its root does not"
-    md = (tmp_path / "t.md").read_text()
+    md = read_markdown(tmp_path / "t.md")
     rows = md.split("## Processes in the tree", 1)[1].split("\n## ", 1)[0]
     assert "(root)" in rows and rows.count("| leak |") == 1
 
@@ -236,7 +236,7 @@ def test_real_trace_recording_draws_outstanding_bytes_by_caller(leakers, spawn, 
     )
     doc = leakhunt_json("report", tmp_path / "rec", "--markdown", tmp_path / "t.md")
     assert "outstanding-by-caller" in doc["plots"] and doc["tracer_data"]
-    md = (tmp_path / "t.md").read_text()
+    md = read_markdown(tmp_path / "t.md")
     assert "lkpool_grow" in md and "No tracer data" not in md
 
 

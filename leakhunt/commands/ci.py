@@ -19,12 +19,14 @@ from leakhunt import ui
 from leakhunt.analysis.device import device_status_line
 from leakhunt.ci import ERROR, FAIL, Gate, GateConfig, GateResult, error_result
 from leakhunt.commands.options import (
+    COMMAND_LINE,
     RATE,
     duration_option,
     hint_children,
     interval_option,
     json_option,
     record_option,
+    session_writer,
     subprocesses_option,
     warmup_option,
 )
@@ -48,7 +50,11 @@ from leakhunt.units import format_bytes
 @interval_option()
 @warmup_option
 @click.option(
-    "--load", "load", metavar="CMD", help="a load generator to run alongside (one quoted command line)"
+    "--load",
+    "load",
+    type=COMMAND_LINE,
+    metavar="CMD",
+    help="a load generator to run alongside (one quoted command line)",
 )
 @subprocesses_option
 @click.option(
@@ -93,7 +99,7 @@ def command(
         hint_children(pid, subprocesses)
     config = GateConfig(max_slope, duration, interval, warmup, max_device_slope)
     label = shlex.join(command) if command else f"pid {pid}"
-    load_argv = shlex.split(load) if load else None
+    load_argv = load or None
     meta = {
         "pid": pid,
         "cmdline": label,
@@ -104,7 +110,7 @@ def command(
     }
     if heap:
         meta["heap_mode"] = "attach" if pid is not None else "run"
-    writer = SessionWriter(record_dir, "ci", meta) if record_dir else None
+    writer = session_writer(record_dir, "ci", meta) if record_dir else None
     recorder = (TreeRecorder(writer) if subprocesses else SampleRecorder(writer)) if writer else None
     try:
         # A started command's output goes to stderr so that --json keeps stdout one document.
@@ -152,7 +158,9 @@ def _publish(
     elif result.exit_code != ERROR or result.summary is not None:
         console.print(render(result))
     if writer and not as_json:
-        console.print(f"[dim]recorded in {writer.dir} — render it with: leakhunt report {writer.dir}[/]")
+        console.print(
+            Text(f"recorded in {writer.dir} — render it with: leakhunt report {writer.dir}", style="dim")
+        )
 
 
 def render(result: GateResult) -> Group | Text:

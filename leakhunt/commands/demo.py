@@ -87,5 +87,9 @@ def command(leak: str, duration: float, out: str, processes: str, as_json: bool)
             )
         )
     console.print(
-        f"report: [bold]{result.html}[/] (and {result.markdown}); recording: {result.out / 'recording'}"
+        Text.assemble(
+            "report: ",
+            (str(result.html), "bold"),
+            f" (and {result.markdown}); recording: {result.out / 'recording'}",
+        )
     )

@@ -44,11 +44,13 @@ def command(install: bool, extra: tuple[str, ...], quiet: bool, as_json: bool) -
     else:
         if log:
             for action in log.actions:
-                console.print(f"[green]✔[/] {action}")
+                console.print(Text.assemble(("✔", "green"), f" {action}"))
             for failure in log.failures:
-                console.print(f"[red]✘[/] {failure}")
+                console.print(Text.assemble(("✘", "red"), f" {failure}"))
             if not log.actions and not log.failures and not quiet:
-                console.print("[dim]nothing to install: everything leakhunt can fix is in place[/]")
+                console.print(
+                    Text("nothing to install: everything leakhunt can fix is in place", style="dim")
+                )
         shown = [c for c in checks if not quiet or not (c.ok or c.optional)]
         if shown:
             console.print(render(shown))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import socket
 import threading
 import time
 
@@ -11,7 +13,8 @@ from prometheus_client import start_http_server
 
 from leakhunt import ui
 from leakhunt.commands.options import (
-    DURATION,
+    HOST,
+    SPAN,
     duration_option,
     hint_children,
     interval_option,
@@ -35,14 +38,13 @@ from leakhunt.units import format_duration
 )
 @click.option(
     "--host",
+    type=HOST,
     default="127.0.0.1",
     show_default=True,
     help="address to bind (0.0.0.0 exposes it to the network)",
 )
 @interval_option(default="5s")
-@click.option(
-    "--window", type=DURATION, default="15m", show_default=True, help="span the slopes are fitted over"
-)
+@click.option("--window", type=SPAN, default="15m", show_default=True, help="span the slopes are fitted over")
 @click.option(
     "--top-groups",
     type=click.IntRange(0, 50),
@@ -110,6 +112,12 @@ def command(
         raise BadInput(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
     bound = server.server_address[1]
     console = ui.console_for(True)  # stdout is kept for --json; progress goes to stderr
+    if host in ("0.0.0.0", "::") or not ipaddress.ip_address(_resolved(host)).is_loopback:
+        console.print(
+            f"warning: {host} is reachable from the network: anyone there can read every process's "
+            "command line and memory figures (the default, 127.0.0.1, is not)",
+            style="yellow",
+        )
     console.print(
         f"serving http://{host}:{bound}/metrics — {len(fleet.view().targets)} process(es), "
         f"every {format_duration(interval)}",
@@ -173,3 +181,11 @@ def command(
                 }
             )
         )
+
+
+def _resolved(host: str) -> str:
+    """The address a host name binds to (the name itself when it is one)."""
+    try:
+        return socket.getaddrinfo(host, None)[0][4][0]
+    except (OSError, IndexError):
+        return host

@@ -22,6 +22,7 @@ from leakhunt.commands.options import (
     json_option,
     pid_option,
     record_option,
+    session_writer,
     warmup_option,
 )
 from leakhunt.errors import LeakhuntError
@@ -34,7 +35,6 @@ from leakhunt.investigate import (
 )
 from leakhunt.investigate_tree import short_command
 from leakhunt.proc.target import open_target
-from leakhunt.record import SessionWriter
 from leakhunt.trace.backend import BACKENDS
 from leakhunt.units import format_bytes, format_duration, format_rate, format_share
 
@@ -97,7 +97,7 @@ def command(
     console = ui.console_for(as_json)
     hint_children(pid, subprocesses)
     writer = (
-        SessionWriter(
+        session_writer(
             record_dir,
             "investigate",
             {
@@ -146,7 +146,9 @@ def command(
     else:
         console.print(render_result(result))
         if record_dir:
-            console.print(f"[dim]recorded in {record_dir} — the post-mortem: leakhunt report {record_dir}[/]")
+            console.print(
+                Text(f"recorded in {record_dir} — the post-mortem: leakhunt report {record_dir}", style="dim")
+            )
     if result.error:
         raise LeakhuntError(
             f"{result.error} after {format_duration(result.summary.duration_s)}; "
@@ -329,7 +331,9 @@ def render_result(result: InvestigationResult) -> Group:
         head.append(f"\nnot ruled out: {BLIND_SPOT}", style="dim")
     tree = result.processes is not None
     title = f"leakhunt investigate · {result.target.describe()}" + (" and its subprocesses" if tree else "")
-    parts = [Panel(head, title=title, title_align="left", border_style="red" if result.leak else "green")]
+    parts = [
+        Panel(head, title=Text(title), title_align="left", border_style="red" if result.leak else "green")
+    ]
     if tree:
         parts.append(process_table(result.processes))
     if a.growth > 0:

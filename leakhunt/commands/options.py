@@ -2,30 +2,82 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
+import shlex
+
 import click
+from rich.text import Text
 
 from leakhunt import ui
 from leakhunt.proc.tree import children_hint
+from leakhunt.record import SessionWriter
 from leakhunt.units import parse_duration, parse_rate, parse_size
 
 
 class _Parsed(click.ParamType):
-    def __init__(self, name: str, parse) -> None:
+    """A value parsed by one of leakhunt.units' parsers, refused at parse time when it cannot
+    work (``positive``: a zero interval or budget would loop or stop at once)."""
+
+    def __init__(self, name: str, parse, positive: bool = False) -> None:
         self.name = name
         self._parse = parse
+        self._positive = positive
 
     def convert(self, value, param, ctx):
         if not isinstance(value, str):
             return value
         try:
-            return self._parse(value)
+            parsed = self._parse(value)
         except ValueError as e:
             self.fail(str(e), param, ctx)
+        if self._positive and not parsed > 0:
+            self.fail(f"{value!r}: must be more than zero", param, ctx)
+        return parsed
+
+
+class _CommandLine(click.ParamType):
+    """One quoted command line, split the way a shell would, refused when it cannot be."""
+
+    name = "command line"
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        try:
+            argv = shlex.split(value)
+        except ValueError as e:
+            self.fail(f"{value!r}: {e}", param, ctx)
+        if not argv:
+            self.fail("an empty command line", param, ctx)
+        return argv
+
+
+class _Host(click.ParamType):
+    """An address to bind: an IP address or a host name as RFC 1123 spells one."""
+
+    name = "host"
+    _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+    def convert(self, value, param, ctx):
+        try:
+            ipaddress.ip_address(value)
+            return value
+        except ValueError:
+            pass
+        labels = value.rstrip(".").split(".")
+        if len(value) > 253 or not all(self._LABEL.fullmatch(label) for label in labels):
+            self.fail(f"{value!r} is neither an IP address nor a host name", param, ctx)
+        return value
 
 
 DURATION = _Parsed("duration", parse_duration)
+#: A duration that must be more than zero: intervals, budgets, runs.
+SPAN = _Parsed("duration", parse_duration, positive=True)
 SIZE = _Parsed("size", parse_size)
 RATE = _Parsed("rate", parse_rate)
+COMMAND_LINE = _CommandLine()
+HOST = _Host()
 
 
 def pid_option(required: bool = True):
@@ -41,22 +93,36 @@ def json_option(f):
 def duration_option(
     default: str | None = None, help: str = "how long to run (30s, 5m); default: until Ctrl-C"
 ):
-    return click.option("--duration", "-d", type=DURATION, default=default, help=help)
+    return click.option("--duration", "-d", type=SPAN, default=default, help=help)
 
 
 def interval_option(default: str = "1s"):
     return click.option(
-        "--interval", "-i", type=DURATION, default=default, show_default=True, help="time between samples"
+        "--interval", "-i", type=SPAN, default=default, show_default=True, help="time between samples"
     )
 
 
 def record_option(f):
+    f = click.option(
+        "--append",
+        is_flag=True,
+        expose_value=False,
+        callback=lambda ctx, param, value: ctx.meta.__setitem__("leakhunt.append", value),
+        help="with --record: add this run to a recording that exists, as a new session",
+    )(f)
     return click.option(
         "--record",
         "record_dir",
         type=click.Path(file_okay=False),
-        help="append everything seen to this session directory (leakhunt report DIR)",
+        help="record everything seen into this new directory (leakhunt report DIR)",
     )(f)
+
+
+def session_writer(record_dir: str, command: str, meta: dict | None = None) -> SessionWriter:
+    """The recording of a command's --record (and --append) options."""
+    ctx = click.get_current_context(silent=True)
+    append = bool(ctx and ctx.meta.get("leakhunt.append"))
+    return SessionWriter(record_dir, command, meta, append=append)
 
 
 def warmup_option(f):
@@ -79,4 +145,4 @@ def subprocesses_option(f):
 def hint_children(pid: int, subprocesses: bool) -> None:
     """One line on stderr when PID has children that the command, without --subprocesses, leaves out."""
     if not subprocesses and (hint := children_hint(pid)):
-        ui.err.print(f"[yellow]hint:[/] {hint}")
+        ui.err.print(Text.assemble(("hint:", "yellow"), f" {hint}"))

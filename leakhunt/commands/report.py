@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+from rich.text import Text
 
 from leakhunt import ui
 from leakhunt.commands.options import json_option
@@ -62,8 +63,8 @@ def command(directory: str, html_path: str | None, markdown_path: str | None, as
     style = {"bad": "bold white on red", "warn": "black on yellow", "good": "black on green"}.get(
         h.tone, "reverse"
     )
-    console.print(f"[{style}] {h.badge} [/] {h.answer}", highlight=False)
-    console.print(f"[dim]{len(report.sections)} sections, {len(report.figures())} plots[/]")
+    console.print(Text.assemble((f" {h.badge} ", style), f" {h.answer}"))
+    console.print(Text(f"{len(report.sections)} sections, {len(report.figures())} plots", style="dim"))
     for kind, path in written.items():
         console.print(f"{kind}: {path}")
 

@@ -22,11 +22,11 @@ from leakhunt.commands.options import (
     json_option,
     pid_option,
     record_option,
+    session_writer,
 )
 from leakhunt.gdb.cli import gdb_options
 from leakhunt.proc.target import open_target
 from leakhunt.proc.tree import descendants
-from leakhunt.record import SessionWriter
 from leakhunt.trace.backend import BACKENDS, TraceOptions
 from leakhunt.trace.session import BackendChoice, CallerView, TraceSession, choose_backend
 from leakhunt.trace.tree_trace import adopt_existing
@@ -92,7 +92,7 @@ def command(
         extra={"stream_all": all_events, **gdb_extra},
     )
     meta = {"pid": pid, "nspid": list(target.nspid), "cmdline": target.cmdline, "backend": choice.name}
-    writer = SessionWriter(record_dir, "trace-mmap", meta) if record_dir else None
+    writer = session_writer(record_dir, "trace-mmap", meta) if record_dir else None
     session = TraceSession(target, choice.cls(target, options), writer)
     session.start()
     if follow:
@@ -130,7 +130,9 @@ def command(
     else:
         console.print(render(session, choice, duration, final=True, width=console.width))
         if record_dir:
-            console.print(f"[dim]recorded in {record_dir} — render it with: leakhunt report {record_dir}[/]")
+            console.print(
+                Text(f"recorded in {record_dir} — render it with: leakhunt report {record_dir}", style="dim")
+            )
     if why == "target exited":
         # The trace is the evidence and it is complete up to the exit: a result, not an error.
         ui.err.print(

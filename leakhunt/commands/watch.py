@@ -24,6 +24,7 @@ from leakhunt.commands.options import (
     json_option,
     pid_option,
     record_option,
+    session_writer,
     subprocesses_option,
     warmup_option,
 )
@@ -72,7 +73,7 @@ def command(
     console = ui.console_for(as_json)
     hint_children(pid, subprocesses)
     writer = (
-        SessionWriter(
+        session_writer(
             record_dir,
             "watch",
             {
@@ -123,7 +124,9 @@ def command(
         if device_line:
             console.print(Text(device_line, style="bold red" if finding else "dim"))
         if record_dir:
-            console.print(f"[dim]recorded in {record_dir} — render it with: leakhunt report {record_dir}[/]")
+            console.print(
+                Text(f"recorded in {record_dir} — render it with: leakhunt report {record_dir}", style="dim")
+            )
     if lost:
         raise LeakhuntError(
             f"{lost} after {format_duration(summary.duration_s)} "

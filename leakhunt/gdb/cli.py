@@ -13,7 +13,7 @@ import os
 
 import click
 
-from leakhunt.commands.options import DURATION
+from leakhunt.commands.options import SPAN
 from leakhunt.trace.gdb_backend import DEFAULT_MAX_HITS, GDB_ENV, gdb_extra
 
 
@@ -57,7 +57,7 @@ def gdb_options(f):
         ),
         click.option(
             "--gdb-time-budget",
-            type=DURATION,
+            type=SPAN,
             default=None,
             help="gdb backend: detach after this long (30s, 5m); default: the duration",
         ),

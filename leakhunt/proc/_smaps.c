@@ -190,6 +190,7 @@ static PyObject *parse(PyObject *self, PyObject *arg) {
                 const char *d = v;
                 for (; d < eol && (unsigned)(*d - '0') < 10; d++) x = x * 10 + (*d - '0');
                 if (d == v) { irregular = 1; break; }  /* a text field we do not know */
+                if (d - v > 15) { irregular = 1; break; }  /* past what a kernel prints: the line parser says so */
                 const char *rest = skip_spaces(d, eol);
                 int kb = (eol - rest == 2 && rest[0] == 'k' && rest[1] == 'B');
                 if (!kb && rest != eol) { irregular = 1; break; }

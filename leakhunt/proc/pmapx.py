@@ -57,16 +57,17 @@ def parse_pmap_x(data: bytes, source: str = "pmap -X") -> Snapshot:
     kb = [n != "THPeligible" and n != "ProtectionKey" for n in names]
     rows = []
     finished = False
-    for line in lines[2:]:
+    for lineno, line in enumerate(lines[2:], 3):
         if line.strip().startswith("===="):
             finished = True
             break
         m = _ROW.match(line)
         if not m:
-            raise BadInput(f"{source}: not a pmap -X row: {line[:80]!r}")
+            raise BadInput(f"{source}: line {lineno}: not a pmap -X row: {line[:80]!r}")
         rest = m.group(6).split(None, len(names))
-        if len(rest) < len(names) or not all(x.isdigit() for x in rest[: len(names)]):
-            raise BadInput(f"{source}: short pmap -X row: {line[:80]!r}")
+        numbers = rest[: len(names)]
+        if len(rest) < len(names) or not all(x.isascii() and x.isdigit() and len(x) <= 15 for x in numbers):
+            raise BadInput(f"{source}: line {lineno}: a short or damaged pmap -X row: {line[:80]!r}")
         rows.append(
             (
                 m.groups()[:5],

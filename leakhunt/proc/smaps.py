@@ -10,7 +10,6 @@ bench/smaps.py measures the hot path against pmap -X, psutil and `cat`.
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from leakhunt.errors import BadInput
+from leakhunt.files import read_input
 from leakhunt.proc.classes import CLASS_CODE, CLASSES, RegionClass, classify, is_gpu_device
 from leakhunt.proc.target import proc_read
 
@@ -146,22 +146,7 @@ def read_smaps(pid: int) -> Snapshot:
 
 def load_smaps(path: str | os.PathLike) -> Snapshot:
     """A saved smaps file (gzip allowed)."""
-    data = _read_file(path)
-    return parse_smaps(data, source=str(path))
-
-
-def _read_file(path: str | os.PathLike) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise BadInput(f"{path}: {e.strerror}") from None
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise BadInput(f"{path}: corrupt gzip data ({e})") from None
-    return data
+    return parse_smaps(read_input(path), source=str(path))
 
 
 def parse_smaps(data: bytes, *, source: str = "smaps") -> Snapshot:
@@ -264,6 +249,10 @@ def _empty_snapshot() -> Snapshot:
 # -- the line-by-line path ------------------------------------------------------------------------
 
 
+#: No size in smaps comes near this (1 EiB): a number past it is damage, and would overflow.
+MAX_FIELD = 1 << 60
+
+
 def _parse_generic(data: bytes, source: str) -> Snapshot:
     """Any smaps text: fields may differ between entries; missing fields read as zero."""
     header_starts: list[int] = []
@@ -272,7 +261,7 @@ def _parse_generic(data: bytes, source: str) -> Snapshot:
     vmflags: list[str] = []
     names: dict[str, None] = {}
     pos = 0
-    for line in data.split(b"\n")[:-1]:
+    for lineno, line in enumerate(data.split(b"\n")[:-1], 1):
         line_start, pos = pos, pos + len(line) + 1
         if not line.strip():
             continue
@@ -288,17 +277,22 @@ def _parse_generic(data: bytes, source: str) -> Snapshot:
         name, sep, rest = line.partition(b":")
         if not sep:
             raise BadInput(f"{source}: not smaps (line {line[:60]!r})")
-        key = name.decode()
+        key = name.decode("ascii", "replace")
         rest = rest.strip()
         if key == "VmFlags":
-            vmflags[-1] = rest.decode()
+            vmflags[-1] = rest.decode("ascii", "replace")
             continue
         number, _, unit = rest.partition(b" ")
         try:
             value = int(number)
         except ValueError:
+            if unit.strip() == b"kB":  # a size that is not a number: damaged, not a new field
+                raise BadInput(f"{source}: line {lineno}: {key}: {number[:20]!r} is not a number") from None
             continue  # a text field we do not know: keep going, as pmap does
-        entries[-1][key] = value * 1024 if unit == b"kB" else value
+        value = value * 1024 if unit == b"kB" else value
+        if not 0 <= value < MAX_FIELD:
+            raise BadInput(f"{source}: line {lineno}: {key}: {number[:20].decode()} is out of range")
+        entries[-1][key] = value
         names.setdefault(key, None)
     if not header_starts:
         raise BadInput(f"{source}: not smaps (no mapping lines)")

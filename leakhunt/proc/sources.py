@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leakhunt.errors import BadInput
+from leakhunt.files import read_input
 from leakhunt.proc.pmapx import looks_like_pmap, parse_pmap_x
-from leakhunt.proc.smaps import Snapshot, _read_file, parse_smaps, read_smaps
+from leakhunt.proc.smaps import Snapshot, parse_smaps, read_smaps
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ def load(spec: str | os.PathLike) -> LoadedSnapshot:
         return _from_recording(path, "last")
     if not path.exists():
         raise BadInput(f"{spec}: no such file or recording")
-    data = _read_file(path)
+    data = read_input(path)
     if not data.strip():
         raise BadInput(f"{spec}: empty file")
     if looks_like_pmap(data):
@@ -54,6 +55,9 @@ def _from_recording(directory: Path, which: str) -> LoadedSnapshot:
     elif which == "first":
         seq, t, rel = stored[0]
     elif which.isdigit():
+        last = max((s["seq"] for s in rec.samples()), default=stored[-1][0])
+        if int(which) > last:
+            raise BadInput(f"{directory}@{which}: no such sample (the recording has samples 0 to {last})")
         earlier = [s for s in stored if s[0] <= int(which)]
         if not earlier:
             raise BadInput(

@@ -4,9 +4,9 @@ script and no external asset, so it can be attached to a ticket or mailed and op
 from __future__ import annotations
 
 import base64
-from html import escape
 
 from leakhunt.report.blocks import Block, Callout, Code, Facts, Figure, Headline, Para, Report, Section, Table
+from leakhunt.text import html_text as escape
 
 CSS = """
 :root { --ink:#1f2933; --muted:#6b7785; --line:#e4e7eb; --bg:#f7f8fa; --bad:#c62828; --warn:#b26a00;

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.analysis.verdict import MIN_SLOPE
-from leakhunt.errors import CorruptRecording
+from leakhunt.errors import BadInput, CorruptRecording
 from leakhunt.heap import HeapSeries, read_heap
 from leakhunt.proc.classes import RegionClass
 from leakhunt.proc.growth import GroupStat
@@ -174,7 +174,10 @@ def replay(rec: Recording, pid: int | None = None, snapshots: bool = True) -> tu
 
 
 def _load(rec: Recording, rel: str) -> Snapshot:
-    return parse_smaps(rec.snapshot_text(rel), source=rel)
+    try:
+        return parse_smaps(rec.snapshot_text(rel), source=rel)
+    except BadInput as e:  # a damaged snapshot: the rest of the recording still renders
+        raise CorruptRecording(str(e)) from None
 
 
 def _sample(r: dict, empty: Snapshot, unknown: set[str]) -> Sample:
