@@ -73,6 +73,9 @@ def _sigterm(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _sigterm)
+    if sys.stdout is None:  # started with its stdout closed: nowhere to say what it finds
+        _say("leakhunt: error: stdout is closed")
+        sys.exit(2)
     try:
         # Without standalone mode click *returns* the code of a click.exceptions.Exit raised by a
         # command (ci exits 1 that way) instead of raising it.

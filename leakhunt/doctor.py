@@ -134,21 +134,32 @@ def check_ptrace_scope() -> Check:
     )
 
 
+def _is_dir(path: Path) -> bool:
+    """is_dir() that answers False where this user may not look (non-root and tracefs)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def tracefs_root() -> Path | None:
     for root in (TRACEFS, DEBUGFS_TRACING):
-        if (root / "events").is_dir():
+        if _is_dir(root / "events"):
             return root
     return None
 
 
 def check_tracing() -> list[Check]:
     root = tracefs_root()
+    hidden = root is None and os.geteuid() != 0 and os.path.isdir(TRACEFS)
     out = [
         Check(
             "tracefs",
             root is not None,
-            f"mounted at {root}" if root else "not mounted",
-            "" if root else "mount -t tracefs tracefs /sys/kernel/tracing",
+            f"mounted at {root}"
+            if root
+            else ("not readable by this user (the BPF tracers need root)" if hidden else "not mounted"),
+            "" if root else ("run as root" if hidden else "mount -t tracefs tracefs /sys/kernel/tracing"),
             "BPF tracers",
         )
     ]
@@ -156,11 +167,11 @@ def check_tracing() -> list[Check]:
     out.append(
         Check(
             "syscall tracepoints",
-            bool(tp and tp.is_dir()),
+            bool(tp and _is_dir(tp)),
             "syscalls:sys_enter_mmap present"
-            if tp and tp.is_dir()
+            if tp and _is_dir(tp)
             else ("tracefs missing" if root is None else "kernel built without CONFIG_FTRACE_SYSCALLS"),
-            "" if tp and tp.is_dir() else "mount tracefs (leakhunt doctor --install)",
+            "" if tp and _is_dir(tp) else "mount tracefs (leakhunt doctor --install)",
             "BPF tracers",
         )
     )

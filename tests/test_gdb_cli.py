@@ -95,8 +95,8 @@ def test_the_target_exiting_mid_trace_is_said_and_what_was_traced_kept(spawn, le
     proc = spawn([leakers / "pool_leaker", "--rate", "4M", "--churn", "20", "--duration", "3"])
     cp = run_leakhunt("trace-mmap", "--pid", proc.pid, "--backend", "gdb", "--duration", "60s", "--json")
     # trace-mmap's contract for every backend (tests/test_trace_cli.py): the document on stdout,
-    # one line on stderr saying so, exit 0 (issue 6: "leakhunt says so, keeps what it collected").
-    assert cp.returncode == 0, cp.stderr
+    # one line on stderr saying so, and exit 2, as every command whose target exits mid-run.
+    assert cp.returncode == 2, cp.stderr
     assert "exited" in cp.stderr.strip().splitlines()[-1]
     doc = json.loads(cp.stdout)
     assert doc["stopped_because"] == "target exited" and doc["events"] > 0

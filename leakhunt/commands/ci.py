@@ -35,6 +35,7 @@ from leakhunt.heap import HeapRun
 from leakhunt.record import SampleRecorder, SessionWriter, TreeRecorder
 from leakhunt.report import github
 from leakhunt.report.junit import junit_xml
+from leakhunt.text import one_line
 from leakhunt.units import format_bytes
 
 
@@ -143,8 +144,6 @@ def _publish(
     as_json: bool,
     console,
 ) -> None:
-    if junit_path:
-        Path(junit_path).write_bytes(junit_xml(result))
     line = github.publish(result)
     if line:
         # Workflow commands are read from the step's output; stderr when stdout is the JSON.
@@ -161,6 +160,13 @@ def _publish(
         console.print(
             Text(f"recorded in {writer.dir} — render it with: leakhunt report {writer.dir}", style="dim")
         )
+    if result.exit_code == ERROR:  # said on stderr too, where a pipeline's log looks for errors
+        click.echo(f"leakhunt: error: {one_line(result.reason)}", err=True)
+    if junit_path:  # last: a path that cannot be written costs the JUnit file, not the verdict
+        try:
+            Path(junit_path).write_bytes(junit_xml(result))
+        except OSError as e:
+            raise BadInput(f"--junit {junit_path}: {e.strerror or e}") from None
 
 
 def render(result: GateResult) -> Group | Text:

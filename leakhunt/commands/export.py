@@ -7,6 +7,7 @@ import re
 import socket
 import threading
 import time
+from pathlib import Path
 
 import click
 from prometheus_client import start_http_server
@@ -105,6 +106,15 @@ def command(
     )
     for pid in pids:
         hint_children(pid, subprocesses)
+    for directory in ledgers:  # a typo must not pass for a ledger still to come
+        if Path(directory).exists() and not (Path(directory) / "session.json").exists():
+            raise BadInput(f"--ledger {directory}: not a leakhunt recording (no session.json)")
+        if not Path(directory).exists():
+            ui.err.print(
+                f"note: --ledger {directory} does not exist yet: its callers appear once "
+                f"`leakhunt trace-mmap --record {directory}` writes it",
+                style="yellow",
+            )
     fleet.sample_once()  # the first scrape already has figures
     try:
         server, _ = start_http_server(port, addr=host, registry=registry_for(fleet, top_groups))

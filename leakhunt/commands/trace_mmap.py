@@ -134,13 +134,15 @@ def command(
                 Text(f"recorded in {record_dir} — render it with: leakhunt report {record_dir}", style="dim")
             )
     if why == "target exited":
-        # The trace is the evidence and it is complete up to the exit: a result, not an error.
+        # The trace is the evidence and it is complete up to the exit: printed above, and the
+        # exit code says the run ended early (2, as every command whose target exits mid-run).
         ui.err.print(
             f"leakhunt: pid {pid} exited after {format_duration(session.elapsed)}; "
             f"kept what was traced ({document['events']} calls{', recorded' if record_dir else ''})",
             highlight=False,
             soft_wrap=True,
         )
+        raise click.exceptions.Exit(2)
 
 
 def trace_document(session: TraceSession, choice: BackendChoice, record_dir: str | None) -> dict:

@@ -11,6 +11,7 @@ from leakhunt.errors import BadInput
 from leakhunt.files import read_input
 from leakhunt.proc.pmapx import looks_like_pmap, parse_pmap_x
 from leakhunt.proc.smaps import Snapshot, parse_smaps, read_smaps
+from leakhunt.proc.target import open_target
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class LoadedSnapshot:
 
 
 def live(pid: int) -> LoadedSnapshot:
+    open_target(pid)  # a zombie or a kernel thread is refused as every command refuses it
     return LoadedSnapshot(read_smaps(pid), f"pid {pid}", "live")
 
 
