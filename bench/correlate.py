@@ -20,10 +20,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from leakhunt.analysis.correlate import Outstanding, correlate  # noqa: E402
+from leakhunt.analysis.correlate import correlate  # noqa: E402
 from leakhunt.proc.growth import held_between  # noqa: E402
 from leakhunt.proc.smaps import parse_smaps  # noqa: E402
-from leakhunt.trace.events import MAP_ANONYMOUS, MAP_PRIVATE, EventKind, Frame, MmapEvent  # noqa: E402
+from leakhunt.trace.events import (  # noqa: E402
+    MAP_ANONYMOUS,
+    MAP_PRIVATE,
+    EventKind,
+    Frame,
+    MmapEvent,
+    Outstanding,  # noqa: E402
+)
 from leakhunt.trace.ledger import Ledger  # noqa: E402
 
 PAGE = 4096

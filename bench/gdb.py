@@ -37,10 +37,10 @@ from typing import NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from leakhunt.gdb.backend import GdbBackend, gdb_extra  # noqa: E402
 from leakhunt.proc.target import open_target  # noqa: E402
 from leakhunt.trace.backend import TraceOptions  # noqa: E402
 from leakhunt.trace.events import EventKind  # noqa: E402
-from leakhunt.trace.gdb_backend import GdbBackend, gdb_extra  # noqa: E402
 
 TARGET = r"""
 #define _GNU_SOURCE

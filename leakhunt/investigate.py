@@ -393,7 +393,7 @@ class Investigation:
         if why:
             self.notes.append(f"no gdb stack for {top.title}: {why}")
             return None
-        from leakhunt.trace.gdb_backend import gdb_extra
+        from leakhunt.gdb.backend import gdb_extra
 
         extra = gdb_extra(max_hits=GDB_HITS, time_budget=budget)
         try:  # the culprit's own process: in a tree, a child of the target maybe

@@ -9,9 +9,9 @@ import threading
 import pytest
 from test_gdb_support import collect, tracer
 
+from leakhunt.gdb.backend import GdbBackend, gdb_extra
 from leakhunt.proc.target import open_target
 from leakhunt.trace.backend import TraceOptions
-from leakhunt.trace.gdb_backend import GdbBackend, gdb_extra
 
 refserver_launch = pytest.importorskip("refserver.launch", reason="needs the refserver extra")
 loadgen = pytest.importorskip("refserver.loadgen", reason="needs the refserver extra")

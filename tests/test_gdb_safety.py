@@ -16,12 +16,11 @@ from test_gdb_support import alive, collect, makes_progress, tracer, wait_untrac
 
 import leakhunt.gdb.session as session_module
 from leakhunt.errors import AccessDenied
+from leakhunt.gdb.backend import GdbBackend, gdb_extra
 from leakhunt.gdb.guard import INT3
-from leakhunt.gdb.memory import read_memory
 from leakhunt.gdb.preflight import TraceAccess
-from leakhunt.proc.target import open_target
+from leakhunt.proc.target import open_target, read_memory
 from leakhunt.trace.backend import TraceOptions
-from leakhunt.trace.gdb_backend import GdbBackend, gdb_extra
 
 pytestmark = pytest.mark.gdb
 
@@ -31,7 +30,7 @@ DRIVER = textwrap.dedent("""\
     import os, sys, time
     from leakhunt.proc.target import open_target
     from leakhunt.trace.backend import TraceOptions
-    from leakhunt.trace.gdb_backend import GdbBackend, gdb_extra
+    from leakhunt.gdb.backend import GdbBackend, gdb_extra
     backend = GdbBackend(open_target(int(sys.argv[1])), TraceOptions(extra=gdb_extra(max_hits=10**6)))
     backend.start()
     child = os.fork() if sys.argv[2] == "fork" else -1

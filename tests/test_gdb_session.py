@@ -15,13 +15,13 @@ import pytest
 from conftest import need
 from test_gdb_support import collect, makes_progress, tracer
 
+from leakhunt.gdb.backend import GdbBackend, gdb_extra
 from leakhunt.proc.classes import RegionClass
 from leakhunt.proc.growth import held_between, range_growth
 from leakhunt.proc.smaps import read_smaps
 from leakhunt.proc.target import open_target
 from leakhunt.trace.backend import TraceOptions
 from leakhunt.trace.events import EventKind
-from leakhunt.trace.gdb_backend import GdbBackend, gdb_extra
 
 pytestmark = pytest.mark.gdb
 

@@ -8,15 +8,15 @@ import os
 
 import pytest
 
+from leakhunt.gdb.backend import GDB_EVERY, GDB_MAX_HITS, GdbBackend, config_from_options, gdb_extra
 from leakhunt.gdb.budget import Budget, CostMeter
 from leakhunt.gdb.frames import PythonFrame, Symbolizer, caller_of, parse_symbol
 from leakhunt.gdb.guard import INT3, BreakpointGuard
-from leakhunt.gdb.memory import AddressSpace, read_memory, write_memory
+from leakhunt.gdb.memory import AddressSpace
 from leakhunt.gdb.sites import VIA_SYSCALL, VIA_WRAPPER, condition_for, plan_sites
-from leakhunt.proc.target import open_target
+from leakhunt.proc.target import open_target, read_memory, write_memory
 from leakhunt.trace.backend import TraceOptions, backend_class
 from leakhunt.trace.events import EventKind
-from leakhunt.trace.gdb_backend import GDB_EVERY, GDB_MAX_HITS, GdbBackend, config_from_options, gdb_extra
 
 
 def _libc_function(name: str) -> int:

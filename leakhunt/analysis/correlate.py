@@ -19,8 +19,8 @@ from leakhunt.analysis.verdict import MIN_SLOPE
 from leakhunt.proc.classes import CLASSES, RegionClass
 from leakhunt.proc.growth import held_between, shm_pattern
 from leakhunt.proc.smaps import Snapshot
-from leakhunt.trace.events import Frame, Stack
-from leakhunt.units import format_bytes, format_rate, format_share
+from leakhunt.trace.events import Frame, Outstanding
+from leakhunt.units import format_rate, format_share
 
 #: Classes whose growth a mapping tracer can explain, and those we explain by other evidence.
 TRACED_CLASSES = (RegionClass.ANON, RegionClass.SHM, RegionClass.PINNED, RegionClass.HEAP)
@@ -38,18 +38,6 @@ MIN_SHARE = 0.05
 #: 64 MiB on 64-bit) and grows it in place with mprotect: an anonymous region that starts on that
 #: alignment and, with its PROT_NONE reserve, spans at most that much is an arena heap.
 ARENA_HEAP = 64 * 2**20
-
-
-@dataclass(frozen=True)
-class Outstanding:
-    """One traced mapping still held at the end of the window."""
-
-    pid: int
-    start: int
-    length: int
-    caller: Frame | None
-    stack: Stack | None = None
-    ts: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -406,10 +394,3 @@ def correlate(
     culprits = [c for c in culprits if c.share >= min_share and c.slope >= min_slope]
     culprits.sort(key=lambda c: -c.bytes)
     return Attribution(total, by_class, duration_s, culprits)
-
-
-def describe(attribution: Attribution) -> str:
-    return (
-        f"{format_bytes(attribution.growth)} of native growth, {format_share(attribution.explained_fraction)} explained"
-        f"{'' if not attribution.unexplained else f', {format_bytes(attribution.unexplained)} unexplained'}"
-    )

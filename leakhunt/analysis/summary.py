@@ -9,7 +9,7 @@ import numpy as np
 
 from leakhunt.analysis.verdict import MIN_SLOPE, Verdict, judge
 from leakhunt.proc.classes import RegionClass
-from leakhunt.proc.growth import GroupKey, range_growth
+from leakhunt.proc.growth import range_growth
 from leakhunt.proc.sampler import History
 
 TOP_GROUPS = 10
@@ -162,8 +162,3 @@ def summarize(
     return MemorySummary(
         pid, len(history), history.duration_s, series(history.rss), classes, groups, regions, device
     )
-
-
-def group_key_label(key: GroupKey) -> str:
-    klass, path = key
-    return path or f"[{klass.value}]"

@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from leakhunt import ui
+from leakhunt.commands.gdb_options import gdb_options
 from leakhunt.commands.options import (
     SIZE,
     duration_option,
@@ -24,7 +25,6 @@ from leakhunt.commands.options import (
     record_option,
     session_writer,
 )
-from leakhunt.gdb.cli import gdb_options
 from leakhunt.proc.target import open_target
 from leakhunt.proc.tree import descendants
 from leakhunt.trace.backend import BACKENDS, TraceOptions

@@ -18,8 +18,8 @@ from __future__ import annotations
 import struct
 
 from leakhunt.errors import AccessDenied, TargetGone
-from leakhunt.gdb.memory import AddressSpace, read_memory, write_memory
-from leakhunt.proc.target import proc_read
+from leakhunt.gdb.memory import AddressSpace
+from leakhunt.proc.target import proc_read, read_memory, write_memory
 
 INT3 = 0xCC
 AT_ENTRY = 9

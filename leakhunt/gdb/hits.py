@@ -23,10 +23,9 @@ from enum import Enum
 
 from leakhunt.gdb.budget import Budget, CostMeter
 from leakhunt.gdb.frames import PythonFrame, Symbolizer, caller_of
-from leakhunt.gdb.memory import shm_segment_size
 from leakhunt.gdb.mi import Record, mi_quote
 from leakhunt.gdb.sites import ARGUMENTS, Site
-from leakhunt.proc.target import Target
+from leakhunt.proc.target import Target, shm_segment_size
 from leakhunt.trace.events import EventKind, Frame, MmapEvent
 
 #: Kinds whose stacks are worth the cost; releases carry none (unless asked) and are never sampled

@@ -8,14 +8,12 @@ mount namespace) and fall back to /proc/PID/root/PATH, never to our own view of 
 from __future__ import annotations
 
 import bisect
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from leakhunt.errors import AccessDenied, TargetGone
 from leakhunt.proc.smaps import parse_smaps
 from leakhunt.proc.target import PROC, Target, proc_read
-from leakhunt.trace.patched import read_memory  # noqa: F401  (re-exported: the guard and tests read with it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,36 +103,3 @@ class AddressSpace:
     def target_path(self, path: str) -> Path:
         """``path`` as the target sees it (its mount namespace and chroot)."""
         return self.target.root / path.lstrip("/")
-
-
-def write_memory(pid: int, address: int, data: bytes) -> bool:
-    """Write into the target (text pages included: /proc/PID/mem writes with FOLL_FORCE)."""
-    try:
-        fd = os.open(PROC / str(pid) / "mem", os.O_WRONLY)
-    except OSError:
-        return False
-    try:
-        return os.pwrite(fd, data, address) == len(data)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def shm_segment_size(pid: int, shmid: int) -> int:
-    """Size of a System V segment (for shmat events), 0 when unknown.
-
-    /proc/sysvipc/shm lists the segments of the *reader's* IPC namespace: only trust it when the
-    target shares ours."""
-    try:
-        if os.stat(PROC / str(pid) / "ns" / "ipc").st_ino != os.stat(PROC / "self" / "ns" / "ipc").st_ino:
-            return 0
-        with open(PROC / "sysvipc" / "shm") as f:
-            next(f)  # header: key shmid perms size ...
-            for line in f:
-                fields = line.split()
-                if len(fields) > 3 and int(fields[1]) == shmid:
-                    return int(fields[3])
-    except (OSError, ValueError, StopIteration):
-        return 0
-    return 0

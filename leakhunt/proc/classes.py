@@ -31,9 +31,6 @@ class RegionClass(str, Enum):
 CLASSES: tuple[RegionClass, ...] = tuple(RegionClass)
 CLASS_CODE: dict[RegionClass, int] = {c: i for i, c in enumerate(CLASSES)}
 
-#: Classes whose growth is native memory a heap profiler cannot see.
-NATIVE_CLASSES = frozenset({RegionClass.ANON, RegionClass.SHM, RegionClass.PINNED, RegionClass.GPU})
-
 _GPU_DEVICE = re.compile(r"^/dev/(nvidia|dri/|kfd)")
 _SHM_PATH = re.compile(r"^(/dev/shm/|memfd:|/SYSV[0-9a-fA-F]{8}|\[anon_shmem:)")
 _SHARED_ZERO = re.compile(r"^/(dev/zero|anon_hugepage)( \(deleted\))?$")

@@ -187,10 +187,6 @@ class SamplingResult:
     stopped_because: str
     error: Exception | None = None  # TargetGone / AccessDenied that ended the run early
 
-    @property
-    def target_lost(self) -> bool:
-        return self.error is not None
-
 
 class Sampler:
     """Takes samples of one target at a fixed interval."""

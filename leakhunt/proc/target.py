@@ -83,12 +83,6 @@ def read_status(pid: int) -> dict[str, int]:
     return _kb_fields(proc_read(pid, "status"), STATUS_FIELDS + ("Threads",))
 
 
-def read_rollup(pid: int) -> dict[str, int]:
-    """/proc/PID/smaps_rollup: the sums of every smaps field, far cheaper than smaps itself."""
-    text = proc_read(pid, "smaps_rollup")
-    return _kb_fields(text.split(b"\n", 1)[1] if b"\n" in text else b"")
-
-
 @dataclass(frozen=True)
 class Target:
     """A live process, pinned by its start time so that pid reuse cannot fool us."""
@@ -151,3 +145,50 @@ def open_target(pid: int) -> Target:
     # smaps needs ptrace read access: check now so the failure is one line at the start.
     proc_read(pid, "smaps_rollup")
     return Target(pid, int(fields[19]), comm, cmdline, uid, nspid)
+
+
+def read_memory(pid: int, address: int, size: int) -> bytes | None:
+    """Bytes of the target's memory (/proc/PID/mem), None where they cannot be read."""
+    try:
+        fd = os.open(PROC / str(pid) / "mem", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return os.pread(fd, size, address)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def write_memory(pid: int, address: int, data: bytes) -> bool:
+    """Write into the target (text pages included: /proc/PID/mem writes with FOLL_FORCE)."""
+    try:
+        fd = os.open(PROC / str(pid) / "mem", os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        return os.pwrite(fd, data, address) == len(data)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def shm_segment_size(pid: int, shmid: int) -> int:
+    """Size of a System V segment (for shmat events), 0 when unknown.
+
+    /proc/sysvipc/shm lists the segments of the *reader's* IPC namespace: only trust it when the
+    target shares ours."""
+    try:
+        if os.stat(PROC / str(pid) / "ns" / "ipc").st_ino != os.stat(PROC / "self" / "ns" / "ipc").st_ino:
+            return 0
+        with open(PROC / "sysvipc" / "shm") as f:
+            next(f)  # header: key shmid perms size ...
+            for line in f:
+                fields = line.split()
+                if len(fields) > 3 and int(fields[1]) == shmid:
+                    return int(fields[3])
+    except (OSError, ValueError, StopIteration):
+        return 0
+    return 0

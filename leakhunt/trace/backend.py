@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, str] = {
     "bcc": "leakhunt.trace.bcc:BccBackend",
     "bpftrace": "leakhunt.trace.bpftrace:BpftraceBackend",
-    "gdb": "leakhunt.trace.gdb_backend:GdbBackend",
+    "gdb": "leakhunt.gdb.backend:GdbBackend",
 }
 
 
@@ -93,6 +93,11 @@ class Backend(ABC):
         unmapped there without any event reaching user space), as of the last poll() and newer
         than every event it returned; None for backends that stream every event (gdb)."""
         return None
+
+    def add_pid(self, pid: int) -> bool:
+        """Trace one more process while running (with options.follow); False when this backend's
+        set of processes is fixed once it started."""
+        return False
 
     def to_events(self, batch: np.ndarray) -> list[MmapEvent]:
         """A batch poll() returned, as MmapEvents (for recordings)."""

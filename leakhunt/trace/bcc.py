@@ -319,6 +319,16 @@ class BccBackend(KernelLedgerBackend):
     def _slot_installed(self, ip: int, slot: int) -> bool:
         return self._installed.get(ip) == slot
 
+    def add_pid(self, pid: int) -> bool:
+        if self.bpf is None:
+            return False
+        self.bpf[b"traced"][ct.c_uint32(pid)] = ct.c_uint8(1)
+        try:
+            self._install_slots(pid)  # an exec'd child's libc sits elsewhere: its wrappers' slots
+        except (OSError, ValueError, AccessDenied):
+            pass  # without them the caller is still found in user space, from the CFI
+        return True
+
     def _on_exemplar(self, pid: int, ctx: UserContext) -> None:
         """Teach the kernel to step out of this stack's frames, so that its later calls get a
         path key of their own (the caller's caller and beyond): two paths through one caller,

@@ -188,5 +188,18 @@ class MmapEvent:
         )
 
 
+@dataclass(frozen=True)
+class Outstanding:
+    """One traced mapping still held at the end of the window, its caller and stack resolved:
+    what the correlator joins with the regions that grew."""
+
+    pid: int
+    start: int
+    length: int
+    caller: Frame | None
+    stack: Stack | None = None
+    ts: float = 0.0
+
+
 def _basename(path: str) -> str:
     return path.rsplit("/", 1)[-1]

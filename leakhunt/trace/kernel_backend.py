@@ -24,8 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from leakhunt.errors import AccessDenied
-from leakhunt.gdb.memory import shm_segment_size
-from leakhunt.proc.target import PROC
+from leakhunt.proc.target import PROC, shm_segment_size
 from leakhunt.trace.backend import Backend, TraceOptions
 from leakhunt.trace.events import SYSCALL_NUMBERS, EventKind, Frame, MmapEvent, Stack
 from leakhunt.trace.ledger import (

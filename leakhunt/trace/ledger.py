@@ -136,7 +136,9 @@ class KernelState:
     complete_ns: int | None = None
 
 
-class Outstanding(NamedTuple):
+class HeldRange(NamedTuple):
+    """A range the ledger holds: mapped and not unmapped, with its raw site."""
+
     pid: int
     start: int
     end: int
@@ -241,11 +243,11 @@ class Ledger:
             t[4] += int(self._unmapped[sid])
         return {k: tuple(v) for k, v in out.items()}
 
-    def outstanding(self) -> list[Outstanding]:
+    def outstanding(self) -> list[HeldRange]:
         """Every outstanding range; a kernel mapping cut by streamed unmaps gives its live pieces."""
         keys = self._keys
         return [
-            Outstanding(int(pid), int(lo), int(hi), keys[site], int(ts), "kernel" if kernel else "user")
+            HeldRange(int(pid), int(lo), int(hi), keys[site], int(ts), "kernel" if kernel else "user")
             for pid, lo, hi, ts, site, kernel in self._export().tolist()
         ]
 

@@ -10,11 +10,10 @@ user (and any tool that does place uprobes or breakpoints) what is patched and b
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 
-from leakhunt.proc.target import PROC
+from leakhunt.proc.target import read_memory
 from leakhunt.trace.events import Frame
 from leakhunt.trace.unwind import CallerResolver, libc_functions
 
@@ -38,19 +37,6 @@ class PatchedFunction:
         if dest is not None:
             where = f" -> {dest.library}!{dest.symbol}" if dest.symbol and not dest.offset else f" -> {dest}"
         return f"{self.module.rsplit('/', 1)[-1]}!{self.symbol}{where}"
-
-
-def read_memory(pid: int, address: int, size: int) -> bytes | None:
-    try:
-        fd = os.open(PROC / str(pid) / "mem", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        return os.pread(fd, size, address)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 def jump_target(code: bytes, address: int) -> int | None:

@@ -9,35 +9,24 @@ children). Outstanding mappings keep the pid they live in; the correlator never 
 
 from __future__ import annotations
 
-import ctypes as ct
-
-from leakhunt.analysis.correlate import Outstanding
 from leakhunt.errors import AccessDenied, BackendUnavailable, TargetGone
 from leakhunt.proc.target import PROC, Target
 from leakhunt.proc.tree import descendants
 from leakhunt.record import SessionWriter
 from leakhunt.trace.backend import Backend, TraceOptions, TraceStats
+from leakhunt.trace.events import Outstanding
 from leakhunt.trace.patched import find_patched, patched_note
 from leakhunt.trace.session import BackendChoice, TraceSession
 
 
 def add_traced_pid(backend: Backend, pid: int) -> bool:
-    """Add an existing process to a started BCC backend's set of traced pids (its program must
-    have been built with follow). True for one in the set a backend started with (options.existing);
-    False for a backend whose set cannot change while it runs."""
-    bpf = getattr(backend, "bpf", None)
+    """Add an existing process to a following backend's set of traced pids: True when it is
+    traced now (or was from the start: options.existing), False when the backend cannot."""
     if not backend.options.follow:
         return False
-    if bpf is None:
-        return backend.takes_existing and pid in backend.options.existing  # in the set it started with
-    bpf[b"traced"][ct.c_uint32(pid)] = ct.c_uint8(1)
-    install = getattr(backend, "_install_slots", None)
-    if install is not None:
-        try:
-            install(pid)  # an exec'd child's libc sits elsewhere: its wrappers' return-address slots
-        except (OSError, ValueError, AccessDenied):
-            pass  # without them the caller is still found in user space, from the CFI
-    return True
+    if backend.takes_existing and pid in backend.options.existing:
+        return True  # in the set it started with
+    return backend.add_pid(pid)
 
 
 def heap_end(pid: int) -> int | None:

@@ -134,11 +134,6 @@ class CallerResolver:
         self._sites[key] = site
         return site
 
-    def caller_from_stack(self, pid: int, ctx: UserContext) -> int | None:
-        """The wrapper's return address read from a copied stack through the CFI at ip."""
-        slot = self.return_slot(pid, ctx.ip)
-        return ctx.word(ctx.sp + slot) if slot is not None else None
-
     def unwind(self, pid: int, ctx: UserContext, max_depth: int = 32) -> Stack:
         """Frames from the syscall ip outwards through the copied stack, innermost first.
         ``partial`` is False only when the CFI says the outermost frame was reached."""

@@ -14,7 +14,7 @@ import os
 import click
 
 from leakhunt.commands.options import SPAN
-from leakhunt.trace.gdb_backend import DEFAULT_MAX_HITS, GDB_ENV, gdb_extra
+from leakhunt.gdb.backend import DEFAULT_MAX_HITS, GDB_ENV, gdb_extra
 
 
 def gdb_options(f):
