@@ -156,3 +156,15 @@ def read_markdown(path) -> str:
     """A Markdown file as a reader sees it: the backslash escapes leakhunt puts before anything
     Markdown would read as syntax (text from the target is data) taken away."""
     return re.sub(r"\\([\\`*_\[\]<>|#~])", r"\1", Path(path).read_text())
+
+
+def start_tracing(*args, timeout: float = 120) -> subprocess.Popen:
+    """`leakhunt trace-mmap ARGS` in the background, returned once it says it is tracing (the
+    line goes to stderr with --json, to stdout without): from there on every call is seen."""
+    argv = [sys.executable, "-m", "leakhunt", "trace-mmap", *(str(a) for a in args)]
+    tracer = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stream = tracer.stderr if "--json" in argv else tracer.stdout
+    deadline = time.monotonic() + timeout
+    while "tracing pid" not in stream.readline():
+        assert tracer.poll() is None and time.monotonic() < deadline, "trace-mmap did not attach"
+    return tracer

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -127,24 +128,61 @@ def test_json_contract_of_the_processes(trees):
             assert key in p
 
 
-def test_a_child_that_exits_is_reported_not_an_error(leakers):
-    # A shell with two children: the pool leaker, and a sleep that ends mid-run.
-    script = f'"{leakers / "pool_leaker"}" --rate 4M --chunk 256K & sleep 6 & wait'
+def test_a_child_that_exits_is_reported_not_an_error(leakers, tmp_path):
+    # A shell with two children: the pool leaker, and a sleep that ends mid-run (once
+    # investigate has sampled it: killed then, whatever the machine's speed).
+    script = f'"{leakers / "pool_leaker"}" --rate 4M --chunk 256K & sleep 600 & wait'
     shell = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True)
+    rec = tmp_path / "rec"
     try:
         leaker = int(shell.stdout.readline().split()[1])
-        doc, _ = _investigate(shell.pid, "--duration", "30s")
+        sleep = next(p for p in psutil.Process(shell.pid).children() if p.name() == "sleep")
+        inv = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "leakhunt",
+                "investigate",
+                "--pid",
+                str(shell.pid),
+                "--subprocesses",
+                "--duration",
+                "40s",
+                "--record",
+                str(rec),
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while not _sampled(rec, sleep.pid, 3):
+            assert inv.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        sleep.kill()
+        out, err = inv.communicate(timeout=120)
+        doc = json.loads(out)
     finally:
         for child in psutil.Process(shell.pid).children():
             child.terminate()
         shell.terminate()
         shell.wait(10)
     procs = {p["pid"]: p for p in doc["processes"]}
-    sleeper = next(p for p in procs.values() if p["cmdline"].startswith("sleep"))
-    assert sleeper["ended"] == "exited" and sleeper["ended_at_s"] >= 3
+    sleeper = procs[sleep.pid]
+    assert sleeper["ended"] == "exited" and sleeper["ended_at_s"] > 0
     assert any(f"pid {sleeper['pid']}" in n and "exited" in n for n in doc["notes"])
     top = doc["culprits"][0]
     assert (top["pid"], top["symbol"]) == (leaker, "lkpool_grow")
+
+
+def _sampled(rec, pid: int, n: int) -> bool:
+    """Whether a recording in progress holds ``n`` samples of ``pid`` yet."""
+    try:
+        lines = (rec / "samples.jsonl").read_text().splitlines()
+    except OSError:
+        return False
+    return sum(f'"pid":{pid},' in line.replace(" ", "") for line in lines) >= n
 
 
 def test_a_target_with_children_gets_a_hint(leakers, spawn):

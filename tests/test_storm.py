@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import need, run_leakhunt
+from conftest import need, run_leakhunt, start_tracing
 
 pytestmark = [pytest.mark.bpf, pytest.mark.slow]
 DURATION = 8
@@ -94,11 +92,7 @@ def test_sigterm_under_a_storm_ends_at_once_with_what_was_seen(spawn, leakers):
     """Every call streamed (--all-events) at 140k calls a second: the reader's hardest case.
     SIGTERM ends the trace with its summary, and says how much it could not apply."""
     proc = spawn([leakers / "hook_storm", "--holes", "100000", "--pairs", "40000"])
-    cmd = [sys.executable, "-m", "leakhunt", "trace-mmap", "--pid", str(proc.pid), "--all-events", "--json"]
-    tracer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while "tracing pid" not in tracer.stderr.readline():  # attached: from here on it is tracing
-        assert tracer.poll() is None and time.monotonic() < deadline
+    tracer = start_tracing("--pid", proc.pid, "--all-events", "--json")
     time.sleep(3)  # a storm, not a condition: three seconds of it
     tracer.send_signal(signal.SIGTERM)
     out, err = tracer.communicate(timeout=60)

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import leakhunt_json, need, run_leakhunt
+from conftest import leakhunt_json, need, run_leakhunt, start_tracing
 
 from leakhunt.record import Recording
 from leakhunt.report.streams import read_callers
@@ -150,25 +150,8 @@ def rss(pid: int) -> int:
 @pytest.mark.bpf
 def test_the_target_exiting_mid_trace_keeps_what_was_traced(spawn, leakers):
     proc = spawn([leakers / "pool_leaker", "--rate", "4M"])
-    tracer = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "leakhunt",
-            "trace-mmap",
-            "--pid",
-            str(proc.pid),
-            "--duration",
-            "120s",
-            "--json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    tracer = start_tracing("--pid", proc.pid, "--duration", "120s", "--json")
     deadline = time.monotonic() + 120
-    while "tracing pid" not in tracer.stderr.readline():  # attached: from here on it is tracing
-        assert tracer.poll() is None and time.monotonic() < deadline
     # The target leaks a few chunks while traced, then exits on its own accord.
     start = rss(proc.pid)
     while rss(proc.pid) < start + (4 << 20):
@@ -186,15 +169,7 @@ def test_the_target_exiting_mid_trace_keeps_what_was_traced(spawn, leakers):
 @pytest.mark.bpf
 def test_sigterm_ends_with_a_summary_and_the_target_untouched(spawn, leakers):
     proc = spawn([leakers / "pool_leaker", "--rate", "2M"])
-    tracer = subprocess.Popen(
-        [sys.executable, "-m", "leakhunt", "trace-mmap", "--pid", str(proc.pid)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while "tracing pid" not in tracer.stdout.readline():  # attached: from here on it is tracing
-        assert tracer.poll() is None and time.monotonic() < deadline
+    tracer = start_tracing("--pid", proc.pid)
     time.sleep(3)
     tracer.send_signal(signal.SIGTERM)
     out, err = tracer.communicate(timeout=60)
