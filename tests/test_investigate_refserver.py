@@ -42,8 +42,10 @@ def _investigate_under_load(mode: str) -> dict:
                 "refserver.loadgen",
                 "--url",
                 server.url,
+                # Until the investigation ends (terminated below): seven servers and seven BPF
+                # programs loading at once on two cores take what time they take.
                 "--duration",
-                "120",
+                "900",
                 "--concurrency",
                 "4",
                 "--prompt-len",
