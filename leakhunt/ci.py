@@ -114,14 +114,14 @@ def gate_summary(history: History, config: GateConfig) -> MemorySummary:
 def decide(summary: MemorySummary, config: GateConfig) -> tuple[int, str]:
     """PASS or FAIL with the sentence that says why (ERROR when the data cannot decide). With
     ``max_device_slope`` the device memory series (judged at that floor) can fail the gate too."""
-    v = summary.rss.verdict
+    v = summary.verdict
     limit = format_rate(config.max_slope)
     gated = config.max_device_slope is not None and summary.device is not None
     d = summary.device.verdict if gated else None
     failures = []
     if v.leak:
         failures.append(
-            f"RSS grows {format_rate(v.trend.slope)} (95% interval {format_rate(v.trend.lo)} .. "
+            f"{summary.main_label} grows {format_rate(v.trend.slope)} (95% interval {format_rate(v.trend.lo)} .. "
             f"{format_rate(v.trend.hi)}): its lower bound exceeds the limit of {limit}"
         )
     if d is not None and d.leak:

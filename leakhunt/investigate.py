@@ -79,11 +79,12 @@ class Evaluation:
         return self.attribution.culprits[0].title if self.attribution.culprits else None
 
     def to_record(self) -> dict:
-        v = self.summary.rss.verdict
+        v = self.summary.verdict
         return {
             "t": self.t,
             "leak": v.leak,
-            "rss_slope_bytes_per_s": v.trend.slope,
+            "rss_slope_bytes_per_s": self.summary.rss.verdict.trend.slope,
+            "footprint_slope_bytes_per_s": v.trend.slope,
             "slope_interval": [v.trend.lo, v.trend.hi],
             "explained_fraction": self.attribution.explained_fraction,
             "attribution": self.attribution.to_json(),
@@ -118,7 +119,7 @@ class InvestigationResult:
         return self.summary.leak or device_leak_only(self.summary)
 
     def verdict(self) -> str:
-        v = self.summary.rss.verdict
+        v = self.summary.verdict
         if device_leak_only(self.summary):
             return device_finding(self.summary)
         if not v.leak:
@@ -142,7 +143,7 @@ class InvestigationResult:
         return text
 
     def to_json(self) -> dict:
-        v = self.summary.rss.verdict
+        v = self.summary.verdict
         stats = self.stats
         tree = (
             {"subprocesses": True, "processes": self.processes, "tree": self.tree}
@@ -156,9 +157,17 @@ class InvestigationResult:
             "cmdline": self.target.cmdline,
             "leak": self.leak,
             "verdict": self.verdict(),
-            "rss_verdict": v.reason,
-            "rss_slope_bytes_per_s": v.trend.slope,
-            "slope_interval": [v.trend.lo, v.trend.hi],
+            "rss_verdict": self.summary.rss.verdict.reason,
+            "rss_slope_bytes_per_s": self.summary.rss.verdict.trend.slope,
+            "slope_interval": [self.summary.rss.verdict.trend.lo, self.summary.rss.verdict.trend.hi],
+            "footprint_verdict": v.reason,
+            "footprint_bytes_start": self.summary.main.start,
+            "footprint_bytes_end": self.summary.main.end,
+            "footprint_slope_bytes_per_s": v.trend.slope,
+            "footprint_slope_interval": [v.trend.lo, v.trend.hi],
+            "held_shm": self.summary.held_json(),
+            "cgroup": self.summary.cgroup_json(),
+            "dev_shm": self.summary.dev_shm_json(),
             "explained_fraction": self.attribution.explained_fraction,
             "unexplained_bytes": self.attribution.unexplained,
             "culprits": [c.to_json() for c in self.attribution.culprits] if v.leak else [],
@@ -272,7 +281,7 @@ class Investigation:
             outstanding = self.tracer.outstanding(self.target.pid) if self.tracer else []
             first, last = self.history.first, self.history.last
             attribution = correlate(
-                first.snapshot, last.snapshot, outstanding, self.history.duration_s, pid=self.target.pid
+                first.charged(), last.charged(), outstanding, self.history.duration_s, pid=self.target.pid
             )
         ev = Evaluation(self.history.duration_s, summary, attribution)
         self.evaluations.append(ev)

@@ -89,7 +89,7 @@ class TreeMemory:
         for track in self.sampler.live_tracks():
             if len(track.history) >= 2:
                 s = summarize(track.history, warmup_s=warmup)
-                if s.leak and s.rss.growth >= MIN_SHARE * tree.rss.growth:
+                if s.leak and s.main.growth >= MIN_SHARE * tree.main.growth:
                     out.add(track.target.pid)
         return out
 
@@ -103,8 +103,8 @@ class TreeMemory:
             out.append(
                 ProcessEvidence(
                     track.target.pid,
-                    h.first.snapshot,
-                    h.last.snapshot,
+                    h.first.charged(),
+                    h.last.charged(),
                     tracer.outstanding(track.target.pid) if tracer else [],
                     h.duration_s,
                     track.target.pid in leaking,
@@ -142,7 +142,11 @@ class TreeMemory:
                     "slope_interval": [s.rss.verdict.trend.lo, s.rss.verdict.trend.hi],
                     "leak": pid in leaking,
                     "own_verdict_leak": s.leak,
-                    "verdict": s.rss.verdict.reason,
+                    "footprint_bytes_start": s.main.start,
+                    "footprint_bytes_end": s.main.end,
+                    "footprint_slope_bytes_per_s": s.verdict.trend.slope,
+                    "held_shm": s.held_json(),
+                    "verdict": s.verdict.reason,
                     "top_groups": [g.to_json() for g in s.groups[:5]],
                     "culprits": [c.title for c in attribution.culprits if c.pid == pid] if leaking else [],
                 }

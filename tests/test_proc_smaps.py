@@ -136,6 +136,7 @@ def test_the_same_shared_zero_mapping_without_a_gpu_is_shm():
         ("[anon:ucx-pool]", "rw-p", False, RegionClass.ANON),
         ("/dev/shm/sgl_shm_42", "rw-s", False, RegionClass.SHM),
         ("memfd:pytorch (deleted)", "rw-s", False, RegionClass.SHM),
+        ("/memfd:obj (deleted)", "rw-s", False, RegionClass.SHM),
         ("/SYSV00000000 (deleted)", "rw-s", False, RegionClass.SHM),
         ("/dev/zero (deleted)", "rw-s", True, RegionClass.PINNED),
         ("/dev/zero (deleted)", "rw-s", False, RegionClass.SHM),

@@ -18,6 +18,7 @@ from leakhunt.analysis.culprits import KnownCulprit, match
 from leakhunt.analysis.verdict import MIN_SLOPE
 from leakhunt.proc.classes import CLASSES, RegionClass
 from leakhunt.proc.growth import held_between, shm_pattern
+from leakhunt.proc.shmem import object_pattern
 from leakhunt.proc.smaps import Snapshot
 from leakhunt.trace.events import Frame, Outstanding
 from leakhunt.units import format_rate, format_share
@@ -106,7 +107,7 @@ class Attribution:
         top = self.culprits[0]
         what = {
             RegionClass.ANON: "anonymous memory",
-            RegionClass.SHM: "/dev/shm memory",
+            RegionClass.SHM: "shared memory (tmpfs)",
             RegionClass.PINNED: "pinned host memory",
             RegionClass.HEAP: "heap memory",
             RegionClass.GPU: "GPU driver mappings",
@@ -118,6 +119,8 @@ class Attribution:
         else:
             by = f"in {top.library}"
         text = f"{format_share(top.share)} of native memory growth is {what} {by} ({format_rate(top.slope)})"
+        if "; " in top.detail:
+            text += f", {top.detail.split('; ', 1)[1]}"
         if top.known and top.known.remedies:
             text += f"; {top.known.remedies[0]}"
         return text
@@ -152,13 +155,14 @@ def _traced(
         # Segments of one kind (one name pattern) mapped by one caller are one culprit.
         pattern = segment_pattern(after.path[i]) if klass is RegionClass.SHM else ""
         key = (o.pid, f.library if f else "?", (f.symbol or "") if f else "", klass, pattern)
-        acc = by_caller.setdefault(key, [0.0, 0, o, after.path[i]])
+        acc = by_caller.setdefault(key, [0.0, 0, o, after.path[i], 0])
         acc[0] += g
         acc[1] += 1
+        acc[4] += after.path[i].endswith(" (deleted)")
         if o.stack is not None and (acc[2].stack is None or len(o.stack.frames) > len(acc[2].stack.frames)):
             acc[2] = o  # keep the deepest stack as the representative one
     culprits = []
-    for (pid, library, symbol, klass, pattern), (g, n, rep, path) in by_caller.items():
+    for (pid, library, symbol, klass, pattern), (g, n, rep, path, deleted) in by_caller.items():
         if g <= 0:
             continue
         stack = rep.stack.frames if rep.stack else ((rep.caller,) if rep.caller else ())
@@ -182,11 +186,25 @@ def _traced(
                 known,
                 pid,
                 n,
-                f"segments /dev/shm/{pattern}" if pattern else "",
+                _segments_detail(
+                    f"/dev/shm/{pattern}" if path.startswith("/dev/shm/") else object_pattern(path),
+                    n,
+                    deleted,
+                )
+                if pattern
+                else "",
                 origin,
             )
         )
     return culprits
+
+
+def _segments_detail(pattern: str, n: int, deleted: int) -> str:
+    """'segments /dev/shm/x_*' and, when some have no name left, how many only mappings hold."""
+    if not deleted:
+        return f"segments {pattern}"
+    held = "all deleted" if deleted == n else f"{deleted} deleted"
+    return f"segments {pattern}; {n} object{'s' if n != 1 else ''}, {held}: only the mappings keep them"
 
 
 def _traced_growth(before: Snapshot, after: Snapshot, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -260,14 +278,15 @@ def _shm(
             continue
         g = int(after.rss[i]) - h
         path = after.path[i]
-        if g <= 0 or not path.startswith(("/dev/shm/", "memfd:", "/SYSV")):
+        if g <= 0 or not path.startswith(("/dev/shm/", "memfd:", "/memfd:", "/SYSV")):
             continue
-        acc = by_pattern.setdefault(segment_pattern(path), [0, 0, path])
+        acc = by_pattern.setdefault(segment_pattern(path), [0, 0, path, 0])
         acc[0] += g
         acc[1] += 1
+        acc[3] += path.endswith(" (deleted)")
     return [
         Culprit(
-            f"/dev/shm/{pattern}",
+            f"/dev/shm/{pattern}" if path.startswith("/dev/shm/") else object_pattern(path),
             "",
             RegionClass.SHM,
             int(g),
@@ -279,8 +298,9 @@ def _shm(
             match(RegionClass.SHM, shm_name=path),
             pid,
             n,
+            _segments_detail(pattern, n, d),
         )
-        for pattern, (g, n, path) in by_pattern.items()
+        for pattern, (g, n, path, d) in by_pattern.items()
     ]
 
 

@@ -27,14 +27,14 @@ def device_finding(summary: MemorySummary) -> str | None:
     if device is None or not device.verdict.leak:
         return None
     rate = format_rate(device.verdict.trend.slope)
-    if summary.rss.verdict.leak:
+    if summary.verdict.leak:
         return f"device memory grows too: {rate} (NVML)"
     return f"device memory grows {rate} (NVML) while host RSS is flat: tensors kept alive on the GPU"
 
 
 def device_leak_only(summary: MemorySummary) -> bool:
     """Device memory leaks and host RSS does not: the leak every smaps-only view misses."""
-    return summary.device is not None and summary.device.verdict.leak and not summary.rss.verdict.leak
+    return summary.device is not None and summary.device.verdict.leak and not summary.verdict.leak
 
 
 def device_json(summary: MemorySummary | None, unavailable: str | None = None) -> dict:

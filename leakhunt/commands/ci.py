@@ -18,6 +18,7 @@ from rich.text import Text
 from leakhunt import ui
 from leakhunt.analysis.device import device_status_line
 from leakhunt.ci import ERROR, FAIL, Gate, GateConfig, GateResult, error_result
+from leakhunt.commands.charges import charge_lines
 from leakhunt.commands.options import (
     COMMAND_LINE,
     RATE,
@@ -187,14 +188,19 @@ def render(result: GateResult) -> Group | Text:
         table.add_column(col, justify=justify)
     if s is None:
         return head
-    table.add_row(
-        "total",
-        format_bytes(s.rss.end),
-        ui.growth_text(s.rss.growth),
-        ui.rate_text(
-            s.rss.verdict.trend.slope, s.rss.verdict.trend.lo, s.rss.verdict.trend.hi, s.rss.verdict.leak
-        ),
+    rows = (
+        [("footprint (gated)", s.main), ("total RSS", s.rss)] if s.main_label != "RSS" else [("total", s.rss)]
     )
+    if s.held is not None:
+        rows.append(("held shared memory", s.held))
+    for label, series in rows:
+        t = series.verdict.trend
+        table.add_row(
+            label,
+            format_bytes(series.end),
+            ui.growth_text(series.growth),
+            ui.rate_text(t.slope, t.lo, t.hi, series.verdict.leak and series is s.main),
+        )
     for klass, c in sorted(s.classes.items(), key=lambda kv: -kv[1].growth):
         table.add_row(
             klass.value,
@@ -215,4 +221,4 @@ def render(result: GateResult) -> Group | Text:
     for note in result.notes:
         table.add_row(Text(f"note: {note}", style="dim"), "", "", "")
     no_device = device_status_line(s, result.device_unavailable)
-    return Group(head, table, *([Text(no_device, style="dim")] if no_device else []))
+    return Group(head, table, *charge_lines(s), *([Text(no_device, style="dim")] if no_device else []))

@@ -15,6 +15,7 @@ from rich.text import Text
 from leakhunt import ui
 from leakhunt.analysis.correlate import Attribution, Culprit
 from leakhunt.analysis.device import device_finding, device_status_line
+from leakhunt.commands.charges import charge_lines
 from leakhunt.commands.options import (
     DURATION,
     hint_children,
@@ -171,9 +172,9 @@ def render_progress(inv: Investigation) -> Group:
     parts = [text]
     if inv.evaluations:
         ev = inv.evaluations[-1]
-        v = ev.summary.rss.verdict
-        line = Text("RSS ")
-        line.append(format_bytes(ev.summary.rss.end), style="bold")
+        v = ev.summary.verdict
+        line = Text(f"{ev.summary.main_label} ")
+        line.append(format_bytes(ev.summary.main.end), style="bold")
         line.append("  slope ")
         line.append_text(ui.rate_text(v.trend.slope, v.trend.lo, v.trend.hi, v.leak))
         line.append("  ")
@@ -314,15 +315,21 @@ def compact_stack(frames: tuple[str, ...], run: int = 3) -> list[tuple[str, bool
 
 def render_result(result: InvestigationResult) -> Group:
     s = result.summary
-    v = s.rss.verdict
+    v = s.verdict
     a = result.attribution
     head = Text()
     head.append_text(ui.verdict_badge(v.leak, v.plateau))
     head.append("  ")
     head.append(result.verdict() + "\n", style="bold")
-    head.append(f"RSS {format_bytes(s.rss.start)} → {format_bytes(s.rss.end)}  slope ")
+    head.append(f"{s.main_label} {format_bytes(s.main.start)} → {format_bytes(s.main.end)}  slope ")
     head.append_text(ui.rate_text(v.trend.slope, v.trend.lo, v.trend.hi, v.leak))
+    if s.main_label != "RSS":
+        head.append(f"   RSS {format_bytes(s.rss.start)} → {format_bytes(s.rss.end)}  slope ", style="dim")
+        head.append_text(ui.rate_text(s.rss.verdict.trend.slope))
     head.append(f"\n{v.reason}", style="dim")
+    for line in charge_lines(s):
+        head.append("\n")
+        head.append_text(line)
     finding = device_finding(s)
     device_line = finding or device_status_line(s, result.device_unavailable)
     if device_line:

@@ -16,7 +16,8 @@ from rich.text import Text
 
 from leakhunt import ui
 from leakhunt.analysis.device import device_finding, device_json, device_status_line
-from leakhunt.analysis.summary import MemorySummary, SeriesSummary, summarize
+from leakhunt.analysis.summary import MemorySummary, summarize
+from leakhunt.commands.charges import charge_lines, memory_lines, series_line
 from leakhunt.commands.options import (
     duration_option,
     hint_children,
@@ -217,26 +218,16 @@ def _header(target: Target, history: History, interval: float, duration: float |
     return text
 
 
-def _series_line(label: str, series: SeriesSummary, values: list[int]) -> Text:
-    v = series.verdict
-    text = Text(f"{label} ", style="bold")
-    text.append(format_bytes(series.end), style="bold")
-    text.append("  ")
-    text.append_text(ui.growth_text(series.growth))
-    text.append("  slope ")
-    text.append_text(ui.rate_text(v.trend.slope, v.trend.lo, v.trend.hi, v.leak))
-    text.append("  ")
-    text.append_text(ui.verdict_badge(v.leak, v.plateau))
-    text.append("  " + ui.sparkline(values, 32), style="red" if v.leak else "cyan")
-    text.append(f"\n{v.reason}", style="dim")
-    return text
-
-
 def _rss_line(summary: MemorySummary, history: History, label: str = "RSS") -> Text:
-    text = _series_line(label, summary.rss, history.rss)
+    text = Text()
+    lines = memory_lines(summary, history.rss, history.footprint, label)
     if summary.device is not None:
-        text.append("\n")
-        text.append_text(_series_line("device memory (NVML)", summary.device, history.gpu))
+        lines.append(series_line("device memory (NVML)", summary.device, history.gpu))
+    lines += charge_lines(summary)
+    for i, line in enumerate(lines):
+        if i:
+            text.append("\n")
+        text.append_text(line)
     return text
 
 
@@ -404,8 +395,12 @@ def process_documents(result: TreeResult, warmup: float | None) -> list[dict]:
                 "uss_bytes": last.total("Private_Clean") + last.total("Private_Dirty"),
                 "rss_slope_bytes_per_s": s.rss.verdict.trend.slope,
                 "slope_interval": [s.rss.verdict.trend.lo, s.rss.verdict.trend.hi],
+                "footprint_bytes_start": s.main.start,
+                "footprint_bytes_end": s.main.end,
+                "footprint_slope_bytes_per_s": s.verdict.trend.slope,
+                "held_shm": s.held_json(),
                 "leak": s.leak,
-                "verdict": s.rss.verdict.reason,
+                "verdict": s.verdict.reason,
                 "top_groups": [g.to_json() for g in s.groups[:5]],
             }
         )
@@ -446,9 +441,7 @@ def render_tree(
             continue
         s = summarize(h, warmup_s=warmup)
         last = h.last.snapshot
-        state = (
-            Text(track.ended, style="dim") if track.ended else ui.verdict_badge(s.leak, s.rss.verdict.plateau)
-        )
+        state = Text(track.ended, style="dim") if track.ended else ui.verdict_badge(s.leak, s.verdict.plateau)
         table.add_row(
             str(track.target.pid),
             Text(track.target.cmdline),
@@ -456,7 +449,7 @@ def render_tree(
             format_bytes(last.total("Pss")),
             format_bytes(last.total("Private_Clean") + last.total("Private_Dirty")),
             ui.growth_text(s.rss.growth),
-            ui.rate_text(s.rss.verdict.trend.slope, leak=s.leak),
+            ui.rate_text(s.verdict.trend.slope, leak=s.leak),
             state,
             ui.sparkline(h.rss, 12),
         )

@@ -32,7 +32,7 @@ CLASSES: tuple[RegionClass, ...] = tuple(RegionClass)
 CLASS_CODE: dict[RegionClass, int] = {c: i for i, c in enumerate(CLASSES)}
 
 _GPU_DEVICE = re.compile(r"^/dev/(nvidia|dri/|kfd)")
-_SHM_PATH = re.compile(r"^(/dev/shm/|memfd:|/SYSV[0-9a-fA-F]{8}|\[anon_shmem:)")
+_SHM_PATH = re.compile(r"^(/dev/shm/|/?memfd:|/SYSV[0-9a-fA-F]{8}|\[anon_shmem:)")
 _SHARED_ZERO = re.compile(r"^/(dev/zero|anon_hugepage)( \(deleted\))?$")
 _SHARED_OBJECT = re.compile(r"\.so(\.[0-9][\w.]*)?( \(deleted\))?$|/ld-linux[^/]*$")
 

@@ -9,14 +9,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from leakhunt.errors import AccessDenied, TargetGone
 from leakhunt.gpu import NvmlReader
+from leakhunt.proc.cgroup import CgroupReader, CgroupReading, FsUsage, dev_shm_usage
 from leakhunt.proc.classes import RegionClass
 from leakhunt.proc.growth import GroupKey, GroupStat, groups
+from leakhunt.proc.shmem import HeldShm, ShmAccountant, ShmTotals
 from leakhunt.proc.smaps import Snapshot, parse_smaps
 from leakhunt.proc.target import Target, proc_read, read_status
+
+#: /dev/shm is listed for files nobody maps every this many samples (it may hold thousands).
+ORPHANS_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -34,10 +39,25 @@ class Sample:
     groups: dict[GroupKey, GroupStat] = field(default_factory=dict)
     raw: bytes | None = None  # the smaps text, kept only when a recording wants it
     gpu_bytes: int | None = None  # device memory NVML says the process uses (None: not sampled)
+    shm: ShmTotals | None = None  # the shared objects it keeps alive, each measured as an object
+    cgroup: CgroupReading | None = None  # its memory cgroup, as the kernel charges it
+    dev_shm: FsUsage | None = None  # the /dev/shm filesystem it sees
+    held: HeldShm | None = None  # every held object (live samples only; recordings keep totals)
 
     @property
     def rss(self) -> int:
         return sum(self.classes.values())
+
+    def charged(self) -> Snapshot:
+        """The snapshot with shared objects counted whole (HeldShm.charge): what the footprint
+        is made of, mapping by mapping."""
+        return self.held.charge(self.snapshot) if self.held is not None else self.snapshot
+
+    @property
+    def footprint(self) -> int:
+        """What the process keeps alive: its private pages plus its held shared objects whole
+        (RSS counts only the shared pages this process touched)."""
+        return footprint(self.rss, self.shm)
 
     def to_record(self, snapshot_path: str | None = None) -> dict:
         return {
@@ -53,7 +73,15 @@ class Sample:
             "groups": [[c.value, path, g.rss, g.regions] for (c, path), g in self.groups.items() if g.rss],
             "snapshot": snapshot_path,
             **({"gpu_bytes": self.gpu_bytes} if self.gpu_bytes is not None else {}),
+            "footprint": self.footprint,
+            **({"held_shm": self.shm.to_json()} if self.shm is not None else {}),
+            **({"cgroup": self.cgroup.to_json()} if self.cgroup is not None else {}),
+            **({"dev_shm": self.dev_shm.to_json()} if self.dev_shm is not None else {}),
         }
+
+
+def footprint(rss: int, shm: ShmTotals | None) -> int:
+    return rss if shm is None else max(0, rss - shm.rss) + shm.bytes
 
 
 class History:
@@ -71,6 +99,14 @@ class History:
         self.last: Sample | None = None
         self.cost_s: list[float] = []
         self.gpu: list[int] = []  # device memory per sample, when NVML is sampled
+        self.footprint: list[int] = []  # private memory plus held shared objects, per sample
+        self.held: list[int] = []  # held shared objects' bytes, per sample
+        self.cgroup_usage: list[int] = []  # the memory cgroup's charge, when it was read
+        self.dev_shm_used: list[int] = []  # /dev/shm's fill, when it was read
+        self.shm: ShmTotals | None = None  # the latest of each
+        self.cgroup: CgroupReading | None = None
+        self.dev_shm: FsUsage | None = None
+        self.held_objects: HeldShm | None = None
 
     def add(self, sample: Sample) -> None:
         if self.first is None:
@@ -85,6 +121,10 @@ class History:
             {k: g.regions for k, g in sample.groups.items()},
             sample.cost_s,
             sample.gpu_bytes,
+            sample.shm,
+            sample.cgroup,
+            sample.dev_shm,
+            sample.held,
         )
 
     def append(
@@ -97,10 +137,26 @@ class History:
         group_regions: dict[GroupKey, int],
         cost_s: float,
         gpu_bytes: int | None = None,
+        shm: ShmTotals | None = None,
+        cgroup: CgroupReading | None = None,
+        dev_shm: FsUsage | None = None,
+        held: HeldShm | None = None,
     ) -> None:
         """Totals of one sample that are not one snapshot's (a process tree's, say)."""
         if gpu_bytes is not None:
             self.gpu.append(gpu_bytes)
+        self.footprint.append(footprint(rss, shm))
+        self.held.append(shm.bytes if shm is not None else 0)
+        if shm is not None:
+            self.shm = shm
+        if held is not None:
+            self.held_objects = held
+        if cgroup is not None:
+            self.cgroup_usage.append(cgroup.usage_bytes)
+            self.cgroup = cgroup
+        if dev_shm is not None:
+            self.dev_shm_used.append(dev_shm.used_bytes)
+            self.dev_shm = dev_shm
         self.t.append(t)
         self.ts.append(ts)
         self.rss.append(rss)
@@ -207,6 +263,9 @@ class Sampler:
         self._t0 = t0  # the clock's zero; a tree's samplers share one
         self._seq = 0
         self.gpu = gpu
+        self.shm = ShmAccountant(target.pid)
+        self.cgroup = CgroupReader(target.pid)
+        self._orphans: tuple = ()
 
     def take(self) -> Sample:
         """One sample now. Raises TargetGone or AccessDenied."""
@@ -220,6 +279,13 @@ class Sampler:
         if not len(snapshot) and not self.target.alive():
             raise TargetGone(pid, f"process {pid} exited")
         gpu_bytes = self.gpu.used_by({pid})[pid] if self.gpu is not None else None
+        held = self.shm.measure(snapshot, orphans=self._seq % ORPHANS_EVERY == 0)
+        if self._seq % ORPHANS_EVERY == 0:
+            self._orphans = held.orphans
+        else:
+            held = replace(held, orphans=self._orphans)
+        cgroup = self.cgroup.read()
+        dev_shm = dev_shm_usage(pid)
         cost = time.monotonic() - began
         sample = Sample(
             self._seq,
@@ -233,6 +299,10 @@ class Sampler:
             groups(snapshot),
             raw if self.keep_raw else None,
             gpu_bytes,
+            held.totals(),
+            cgroup,
+            dev_shm,
+            held,
         )
         self._seq += 1
         return sample

@@ -23,6 +23,7 @@ from leakhunt.gpu import NvmlReader
 from leakhunt.proc.classes import CLASSES, RegionClass
 from leakhunt.proc.growth import GroupKey, group_path
 from leakhunt.proc.sampler import STOP_INTERRUPTED, History, Pace, Sample, Sampler
+from leakhunt.proc.shmem import HeldShm
 from leakhunt.proc.smaps import Snapshot
 from leakhunt.proc.target import Target, open_target
 
@@ -160,6 +161,8 @@ class TreeSampler:
             raise TargetGone(self.root.target.pid, f"process {self.root.target.pid} exited")
         totals = tree_totals([s.snapshot for s in samples])
         device = sum(s.gpu_bytes for s in samples if s.gpu_bytes) if self.gpu is not None else None
+        held = HeldShm.union([s.held for s in samples if s.held is not None])
+        root = next((s for s in samples if s.pid == self.root.target.pid), None)
         self.tree.append(
             began - self.t0,
             time.time(),
@@ -169,6 +172,10 @@ class TreeSampler:
             totals.group_regions,
             time.monotonic() - began,
             device,
+            held.totals(),
+            root.cgroup if root else None,
+            root.dev_shm if root else None,
+            held,
         )
         self.pss.append(totals.pss)
         self.uss.append(totals.uss)
