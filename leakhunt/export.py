@@ -299,6 +299,7 @@ class FleetCollector(Collector):
             f"{PREFIX}_sample_duration_seconds", "Time the last smaps sample took", labels=proc
         )
         device = DeviceFamilies(proc)
+        charges = ChargeFamilies(proc)
         for target, summary, last, span, sample_cost in view.targets:
             who = [str(target.pid), target.comm]
             total.add_metric(who, last.rss)
@@ -315,8 +316,10 @@ class FleetCollector(Collector):
                 for caller, n in self.fleet.culprits(target.pid):
                     culprit.add_metric(who + [caller], n)
             device.add(who, last, summary)
+            charges.add(who, last, summary)
         yield from (rss, total, slope, leak, plateau, group_rss, group_growth, culprit, window, cost)
         yield from device.families()
+        yield from charges.families()
         if self.fleet.subprocesses:
             yield from _tree_families(view)
         yield GaugeMetricFamily(
@@ -419,6 +422,112 @@ class DeviceFamilies:
 
     def families(self) -> tuple:
         return (self.bytes, self.slope, self.leak, self.plateau)
+
+
+def _bounds(family: GaugeMetricFamily, who: list[str], v) -> None:
+    for bound, value in (("estimate", v.trend.slope), ("lower", v.trend.lo), ("upper", v.trend.hi)):
+        if value == value:  # NaN: not enough samples yet; absent beats a fake zero
+            family.add_metric(who + [bound], value)
+
+
+class ChargeFamilies:
+    """What the kernel charges beyond RSS: the footprint the verdict runs on (private memory plus
+    held shared objects), the held shared memory itself, the memory cgroup and /dev/shm."""
+
+    def __init__(self, proc: list[str]) -> None:
+        g = GaugeMetricFamily
+        self.footprint = g(
+            f"{PREFIX}_footprint_bytes",
+            "Private memory plus the shared objects the process keeps alive, each whole (what the verdict judges)",
+            labels=proc,
+        )
+        self.slope = g(
+            f"{PREFIX}_footprint_slope_bytes_per_second",
+            "Theil-Sen slope of the footprint over the window, with its 95% interval bounds",
+            labels=proc + ["bound"],
+        )
+        self.leak = g(
+            f"{PREFIX}_footprint_leak", "1 when the footprint is judged a leak, else 0", labels=proc
+        )
+        self.held = g(
+            f"{PREFIX}_held_shm_bytes",
+            "Pages of the tmpfs objects (/dev/shm, memfd, SysV, shared anonymous) the process maps, each once",
+            labels=proc,
+        )
+        self.objects = g(
+            f"{PREFIX}_held_shm_objects",
+            "Shared objects the process maps ('all'), and those with no name left ('deleted')",
+            labels=proc + ["state"],
+        )
+        self.orphans = g(
+            f"{PREFIX}_dev_shm_unmapped_bytes",
+            "Bytes of /dev/shm files the process does not map (orphans when nobody does)",
+            labels=proc,
+        )
+        cg = proc + ["cgroup"]
+        self.cg_usage = g(f"{PREFIX}_cgroup_usage_bytes", "The memory cgroup's charge", labels=cg)
+        self.cg_limit = g(f"{PREFIX}_cgroup_limit_bytes", "The memory cgroup's effective limit", labels=cg)
+        self.cg_stat = g(
+            f"{PREFIX}_cgroup_stat_bytes",
+            "The charge by kind (anon, file, shmem, kernel)",
+            labels=cg + ["kind"],
+        )
+        self.cg_oom = g(f"{PREFIX}_cgroup_oom_kills", "OOM kills the memory cgroup has seen", labels=cg)
+        self.cg_eta = g(
+            f"{PREFIX}_cgroup_time_to_limit_seconds",
+            "Seconds until the charge reaches the limit at its slope (absent: not growing, or no limit)",
+            labels=cg,
+        )
+        self.shm_used = g(
+            f"{PREFIX}_dev_shm_used_bytes", "Bytes used in /dev/shm as the process sees it", labels=proc
+        )
+        self.shm_size = g(
+            f"{PREFIX}_dev_shm_size_bytes", "Size of /dev/shm as the process sees it", labels=proc
+        )
+
+    def add(self, who: list[str], last: Sample, summary: MemorySummary | None) -> None:
+        self.footprint.add_metric(who, last.footprint)
+        if last.shm is not None:
+            self.held.add_metric(who, last.shm.bytes)
+            self.objects.add_metric(who + ["all"], last.shm.objects)
+            self.objects.add_metric(who + ["deleted"], last.shm.deleted_objects)
+            self.orphans.add_metric(who, last.shm.orphan_bytes)
+        if summary is not None:
+            _bounds(self.slope, who, summary.verdict)
+            self.leak.add_metric(who, float(summary.leak))
+        if last.cgroup is not None:
+            c = last.cgroup
+            labels = who + [c.path]
+            self.cg_usage.add_metric(labels, c.usage_bytes)
+            if c.limit_bytes is not None:
+                self.cg_limit.add_metric(labels, c.limit_bytes)
+            for kind, value in c.stat.items():
+                self.cg_stat.add_metric(labels + [kind], value)
+            if c.oom_kills is not None:
+                self.cg_oom.add_metric(labels, c.oom_kills)
+            eta = summary.cgroup_charge.time_to_limit_s if summary and summary.cgroup_charge else None
+            if eta is not None:
+                self.cg_eta.add_metric(labels, eta)
+        if last.dev_shm is not None:
+            self.shm_used.add_metric(who, last.dev_shm.used_bytes)
+            self.shm_size.add_metric(who, last.dev_shm.size_bytes)
+
+    def families(self) -> tuple:
+        return (
+            self.footprint,
+            self.slope,
+            self.leak,
+            self.held,
+            self.objects,
+            self.orphans,
+            self.cg_usage,
+            self.cg_limit,
+            self.cg_stat,
+            self.cg_oom,
+            self.cg_eta,
+            self.shm_used,
+            self.shm_size,
+        )
 
 
 class LedgerFeed:

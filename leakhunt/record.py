@@ -386,6 +386,10 @@ class TreeRecorder:
                     "classes": {c.value: v[-1] for c, v in tree.classes.items() if v[-1]},
                     "pids": [s.pid for s in samples],
                     **({"gpu_bytes": tree.gpu[-1]} if len(tree.gpu) == len(tree) else {}),
+                    "footprint": tree.footprint[-1],
+                    **({"held_shm": tree.shm.to_json()} if tree.shm is not None else {}),
+                    **({"cgroup": tree.cgroup.to_json()} if tree.cgroup is not None else {}),
+                    **({"dev_shm": tree.dev_shm.to_json()} if tree.dev_shm is not None else {}),
                 },
             )
 

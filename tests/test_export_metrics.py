@@ -104,6 +104,30 @@ def test_leaking_class_rises_between_two_scrapes(leakers, spawn, exporter):
     assert e.value(second, "leakhunt_group_rss_bytes", pid=leaker.pid, path="[anon]", **{"class": "anon"}) > 0
 
 
+def test_footprint_and_the_kernels_charge(leakers, spawn, exporter):
+    """A memfd leak: RSS flat, the footprint and the cgroup's shmem rise, the footprint judged."""
+    leaker = spawn([leakers / "memfd_leaker", "--rate", "4M", "--chunk", "256K"])
+    e = exporter("--pid", leaker.pid)
+    first = e.scrape()
+    before = e.value(first, "leakhunt_footprint_bytes", pid=leaker.pid)
+    second = _wait_for(e.scrape, lambda m: e.value(m, "leakhunt_footprint_leak", pid=leaker.pid) == 1)
+    assert e.value(second, "leakhunt_footprint_bytes", pid=leaker.pid) - before >= 4 << 20
+    assert (
+        e.value(second, "leakhunt_footprint_slope_bytes_per_second", pid=leaker.pid, bound="lower") > 1 << 20
+    )
+    assert e.value(second, "leakhunt_leak", pid=leaker.pid, **{"class": "total"}) == 0  # RSS is flat
+    objects = e.value(second, "leakhunt_held_shm_objects", pid=leaker.pid, state="all")
+    assert objects and objects == e.value(
+        second, "leakhunt_held_shm_objects", pid=leaker.pid, state="deleted"
+    )
+    assert e.value(second, "leakhunt_held_shm_bytes", pid=leaker.pid) >= objects * 256 * 1024
+    usage = [s for s in second.get("leakhunt_cgroup_usage_bytes", []) if s.labels["pid"] == str(leaker.pid)]
+    assert usage and usage[0].value > 0
+    shmem = e.value(second, "leakhunt_cgroup_stat_bytes", pid=leaker.pid, kind="shmem")
+    assert shmem >= e.value(second, "leakhunt_held_shm_bytes", pid=leaker.pid) * 0.9
+    assert e.value(second, "leakhunt_dev_shm_size_bytes", pid=leaker.pid) > 0
+
+
 def test_binds_loopback_by_default(leakers, spawn, exporter):
     e = exporter("--pid", spawn([leakers / "steady"]).pid)
     listening = [line.split() for line in open("/proc/net/tcp").read().splitlines()[1:]]

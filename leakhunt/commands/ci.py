@@ -1,6 +1,7 @@
 """`leakhunt ci (--pid PID | -- CMD...) --max-slope 5MB/min`: the memory regression gate.
 
-Exit 0 when RSS grows no faster than the limit, 1 when the lower bound of its slope exceeds it,
+Exit 0 when the footprint (RSS plus the shared memory the process holds without touching it)
+grows no faster than the limit, 1 when the lower bound of its slope exceeds it,
 2 when the gate cannot measure (a command that fails to start, a pid that does not exist).
 """
 
@@ -87,8 +88,9 @@ def command(
     """Fail when memory grows faster than --max-slope.
 
     Either gate a running process (--pid) or start COMMAND (after --), sample it for --duration
-    and stop it at the end. Exit 0: within the limit; 1: the lower bound of the RSS slope's 95%
-    interval exceeds it; 2: the gate could not measure.
+    and stop it at the end. Exit 0: within the limit; 1: the lower bound of the footprint slope's
+    95% interval exceeds it (the footprint is RSS plus the shared objects the process maps, each
+    whole: pages it holds without touching count); 2: the gate could not measure.
 
     \b
       leakhunt ci --max-slope 5MB/min --duration 2m -- python -m myserver

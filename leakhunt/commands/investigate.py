@@ -91,8 +91,9 @@ def command(
 ) -> None:
     """Sample PID's memory and trace its mmaps together, then name the caller that holds the growth.
 
-    Prints the RSS slope with its interval, the culprits ranked by the growth they explain (with
-    stack and remedies), and how much of the growth is explained at all.
+    Prints the footprint's slope (RSS plus the shared memory it holds) with its interval, the
+    culprits ranked by the growth they explain (with stack and remedies), and how much of the
+    growth is explained at all.
     """
     target = open_target(pid)
     console = ui.console_for(as_json)

@@ -67,8 +67,9 @@ def command(
 ) -> None:
     """Sample PID's memory every INTERVAL and judge its growth.
 
-    Shows RSS with its slope and confidence interval, a breakdown by region class, and the
-    groups and address ranges that grow most. Ctrl-C ends it with a summary.
+    Shows the footprint (RSS plus the shared memory it holds without touching it) and RSS with
+    their slopes and confidence intervals, the memory cgroup and /dev/shm, a breakdown by region
+    class, and the groups and address ranges that grow most. Ctrl-C ends it with a summary.
     """
     target = open_target(pid)
     console = ui.console_for(as_json)

@@ -19,6 +19,7 @@ from leakhunt.units import format_bytes, format_duration, format_rate, format_sh
 SECTIONS: list[Callable[[ReportData], Section | None]] = [
     memory_sections.recording_state,
     memory_sections.where_memory_is,
+    memory_sections.what_the_kernel_charges,
     device_sections.device_memory,
     evidence_sections.who_mapped_it,
     evidence_sections.outstanding_by_caller,
@@ -89,7 +90,7 @@ def headline(data: ReportData) -> Headline:
                 (),
             )
         return Headline(title, subtitle, "info", "NO DATA", "The recording holds no sample.", ())
-    v = m.rss.verdict
+    v = m.verdict
     if v.leak:
         tone, badge = "bad", "LEAK"
     elif device_leak_only(m):
@@ -112,6 +113,11 @@ def headline(data: ReportData) -> Headline:
     top = m.top_class()
     if v.leak and top is not None:
         answer += f" Most of it is {top.value} memory ({format_bytes(m.classes[top].growth, signed=True)})."
+    if v.leak and m.hidden_shm:
+        answer += (
+            f" RSS grew only {format_bytes(m.rss.growth, signed=True)}: the rest is shared memory the "
+            "process holds without touching it."
+        )
     culprits = data.culprits.culprits if data.culprits else ()
     if culprits:
         share = culprits[0].explained_fraction
@@ -119,10 +125,12 @@ def headline(data: ReportData) -> Headline:
             f" ({format_share(share)} of the growth)." if math.isfinite(share) else "."
         )
     numbers = [
-        ("RSS at the end", format_bytes(m.rss.end)),
-        ("growth", format_bytes(m.rss.growth, signed=True)),
+        (f"{m.main_label} at the end", format_bytes(m.main.end)),
+        ("growth", format_bytes(m.main.growth, signed=True)),
         ("slope", format_rate(v.trend.slope)),
     ]
+    if m.main_label != "RSS":
+        numbers.append(("RSS growth", format_bytes(m.rss.growth, signed=True)))
     if top is not None:
         numbers.append((f"{top.value} growth", format_bytes(m.classes[top].growth, signed=True)))
     if m.device is not None:

@@ -100,6 +100,92 @@ def where_memory_is(data: ReportData) -> Section | None:
     return Section("Where the memory is", "classes", (fig, table))
 
 
+def what_the_kernel_charges(data: ReportData) -> Section | None:
+    """Footprint, held shared memory, the memory cgroup and /dev/shm, when the recording has them."""
+    m, h = data.memory, data.history
+    if m is None or len(h.footprint) != len(h):
+        return None
+    if m.main_label == "RSS" and m.cgroup is None and m.dev_shm is None:
+        return None
+    t = np.asarray(h.t)
+
+    def full(values: list[int]) -> np.ndarray | None:
+        return np.asarray(values, float) if values and len(values) == len(h) else None
+
+    blocks: list = []
+    if m.hidden_shm:
+        blocks.append(
+            Callout(
+                "bad",
+                sentence(
+                    f"The footprint grew {format_bytes(m.main.growth, signed=True)} while RSS grew "
+                    f"{format_bytes(m.rss.growth, signed=True)}"
+                ),
+                "The difference is shared memory the process keeps alive without touching it (a "
+                "receiver's mappings of buffers another process wrote). The memory cgroup charges "
+                "it as shmem, /dev/shm fills with it, and no RSS graph shows it.",
+            )
+        )
+    limit = m.cgroup_charge.limit if m.cgroup_charge else None
+    blocks.append(
+        Figure(
+            "charges",
+            plots.charges(
+                t,
+                np.asarray(h.footprint, float),
+                np.asarray(h.rss, float),
+                full(h.held) if any(h.held) else None,
+                full(h.cgroup_usage),
+                limit,
+                full(h.dev_shm_used),
+                m.verdict.warmup_s,
+            ),
+            "The footprint (private memory plus every shared object the process maps, counted "
+            "whole), RSS, the held shared objects, the memory cgroup's charge and /dev/shm's fill. "
+            "The cgroup and /dev/shm count every process in them, not only the target.",
+        )
+    )
+    facts = [
+        ("footprint", f"{format_bytes(m.main.start)} → {format_bytes(m.main.end)}"),
+        ("footprint slope", f"{format_rate(m.verdict.trend.slope)} {_interval(m.verdict.trend)}"),
+        ("RSS slope", format_rate(m.rss.verdict.trend.slope)),
+    ]
+    if m.shm is not None:
+        facts.append(
+            (
+                "held shared memory",
+                f"{format_bytes(m.shm.bytes)} in {m.shm.objects} objects ({m.shm.deleted_objects} deleted)",
+            )
+        )
+        if m.shm.orphans:
+            facts.append(
+                ("/dev/shm files it does not map", f"{m.shm.orphans}, {format_bytes(m.shm.orphan_bytes)}")
+            )
+    if m.cgroup is not None:
+        c = m.cgroup
+        facts.append(
+            (
+                f"memory cgroup (v{c.version})",
+                f"{c.path}: {format_bytes(c.usage_bytes)}"
+                + (f" of {format_bytes(limit)}" if limit else ", no limit"),
+            )
+        )
+        if c.stat:
+            facts.append(("charged as", ", ".join(f"{k} {format_bytes(v)}" for k, v in c.stat.items())))
+        if c.oom_kills is not None:
+            facts.append(("OOM kills", str(c.oom_kills)))
+        if m.cgroup_charge and m.cgroup_charge.time_to_limit_s is not None:
+            facts.append(("limit reached in", f"~{format_duration(m.cgroup_charge.time_to_limit_s)}"))
+    if m.dev_shm is not None:
+        facts.append(
+            ("/dev/shm", f"{format_bytes(m.dev_shm.used_bytes)} of {format_bytes(m.dev_shm.size_bytes)}")
+        )
+        if m.dev_shm_charge and m.dev_shm_charge.time_to_limit_s is not None:
+            facts.append(("/dev/shm full in", f"~{format_duration(m.dev_shm_charge.time_to_limit_s)}"))
+    blocks.append(Facts(tuple(facts)))
+    return Section("What the kernel charges", "charges", tuple(blocks))
+
+
 def what_grew(data: ReportData) -> Section | None:
     m, h = data.memory, data.history
     if m is None:

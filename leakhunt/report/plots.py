@@ -320,6 +320,44 @@ def device_vs_rss(
     return _growth_png(fig, ax, t, "Device memory versus host RSS: growth since the first sample")
 
 
+def charges(
+    t: np.ndarray,
+    footprint: np.ndarray,
+    rss: np.ndarray,
+    held: np.ndarray | None,
+    cgroup: np.ndarray | None,
+    cgroup_limit: float | None,
+    dev_shm: np.ndarray | None,
+    warmup_s: float,
+) -> bytes:
+    """What the kernel charges against what RSS says, as growth since the first sample: the
+    footprint (private memory plus held shared objects), RSS, the held objects, the memory
+    cgroup's charge (its headroom to the limit in the legend) and /dev/shm's fill."""
+    fig, ax = plt.subplots(figsize=(WIDTH, HEIGHT))
+
+    def line(values: np.ndarray, label: str, **style) -> None:
+        ax.plot(
+            t,
+            values - values[0],
+            label=f"{label} {format_bytes(values[-1] - values[0], signed=True)}",
+            **style,
+        )
+
+    line(footprint, "footprint", color="#d62728", lw=2.2)
+    line(rss, "RSS", color=INK, lw=1.6)
+    if held is not None:
+        line(held, "held shared objects", color=CLASS_COLORS[RegionClass.SHM], lw=1.6)
+    if cgroup is not None:
+        headroom = f" ({format_bytes(cgroup_limit - cgroup[-1])} to its limit)" if cgroup_limit else ""
+        line(cgroup, f"memory cgroup{headroom}", color="#1f77b4", lw=1.4, ls="--")
+    if dev_shm is not None:
+        line(dev_shm, "/dev/shm used", color="#9467bd", lw=1.2, ls=":")
+    _shade_warmup(ax, t[0], warmup_s)
+    return _growth_png(
+        fig, ax, t, "What the kernel charges, and what RSS shows: growth since the first sample"
+    )
+
+
 def attribution(labels: list[str], values: list[float], unexplained: float | None) -> bytes:
     """Bytes each culprit explains, and what nothing explains."""
     names = [_shorten(label, 60) for label in labels] + (["unexplained"] if unexplained else [])

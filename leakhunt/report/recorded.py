@@ -12,9 +12,11 @@ from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.analysis.verdict import MIN_SLOPE
 from leakhunt.errors import BadInput, CorruptRecording
 from leakhunt.heap import HeapSeries, read_heap
+from leakhunt.proc.cgroup import CgroupReading, FsUsage
 from leakhunt.proc.classes import RegionClass
 from leakhunt.proc.growth import GroupStat
 from leakhunt.proc.sampler import History, Sample
+from leakhunt.proc.shmem import ShmTotals
 from leakhunt.proc.smaps import Snapshot, parse_smaps
 from leakhunt.record import EVENTS, TREE, Recording
 from leakhunt.report.streams import (
@@ -117,7 +119,11 @@ def _tree_history(rec: Recording, records: list[dict]) -> History:
     pid = rec.session.get("pid", 0)
     for i, r in enumerate(records):
         classes = {RegionClass(k): int(v) for k, v in r.get("classes", {}).items() if k in _CLASS_NAMES}
-        history.add(Sample(i, r["ts"], r["t"], pid, empty, {}, 0.0, classes, {}, gpu_bytes=_gpu_bytes(r)))
+        history.add(
+            Sample(
+                i, r["ts"], r["t"], pid, empty, {}, 0.0, classes, {}, gpu_bytes=_gpu_bytes(r), **_charges(r)
+            )
+        )
     return history
 
 
@@ -130,7 +136,7 @@ def _processes(rec: Recording, judge: dict) -> tuple[ProcessLine, ...]:
         history, _ = replay(rec, pid, snapshots=False)
         if not len(history):
             continue
-        v = summarize(history, **judge).rss.verdict
+        v = summarize(history, **judge).verdict
         lines.append(
             ProcessLine(
                 pid,
@@ -204,7 +210,18 @@ def _sample(r: dict, empty: Snapshot, unknown: set[str]) -> Sample:
         classes,
         groups,
         gpu_bytes=_gpu_bytes(r),
+        **_charges(r),
     )
+
+
+def _charges(r: dict) -> dict:
+    """Held shared memory, the memory cgroup and /dev/shm of a sample record (absent in
+    recordings made before leakhunt measured them: their footprint is their RSS)."""
+    return {
+        "shm": ShmTotals.from_json(r.get("held_shm")),
+        "cgroup": CgroupReading.from_json(r.get("cgroup")),
+        "dev_shm": FsUsage.from_json(r.get("dev_shm")),
+    }
 
 
 def _gpu_bytes(r: dict) -> int | None:
