@@ -26,7 +26,7 @@ from leakhunt.investigate import InvestigateOptions, Investigation, Investigatio
 from leakhunt.proc.target import open_target
 from leakhunt.record import SessionWriter
 
-LEAK_MODES = ("mmap-hook", "shm", "kv-abort", "pinned", "device", "pyobj", "none")
+LEAK_MODES = ("mmap-hook", "shm", "handoff", "kv-abort", "pinned", "device", "pyobj", "none")
 PROCESS_LAYOUTS = ("api,engine", "api")
 #: Each finished request leaks leak_rate x 256 KiB; at the few requests per second this CPU serves
 #: that is tens of MiB/min: decided within the minute, small enough to leave the machine alone.

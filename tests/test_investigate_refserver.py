@@ -6,7 +6,7 @@ sight rather than accusing anything; --leak none accuses nobody. `leakhunt demo`
 leak in the child of the pid it investigated and says which pid.
 
 One server per mode, all investigated at once (the leak rates stay far above the noise when the
-two cores are shared seven ways)."""
+two cores are shared eight ways)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from refserver.launch import launch  # noqa: E402
 
 pytestmark = pytest.mark.bpf
 
-MODES = ("mmap-hook", "shm", "pinned", "device", "pyobj", "kv-abort", "none")
+MODES = ("mmap-hook", "shm", "handoff", "pinned", "device", "pyobj", "kv-abort", "none")
 ABORTING = {"kv-abort": "0.3"}
 WARMUP_REQUESTS = 200
 
@@ -42,7 +42,7 @@ def _investigate_under_load(mode: str) -> dict:
                 "refserver.loadgen",
                 "--url",
                 server.url,
-                # Until the investigation ends (terminated below): seven servers and seven BPF
+                # Until the investigation ends (terminated below): eight servers and eight BPF
                 # programs loading at once on two cores take what time they take.
                 "--duration",
                 "900",
@@ -60,7 +60,7 @@ def _investigate_under_load(mode: str) -> dict:
         )
         try:
             # Past the start-up plateaus (allocator caches, the prefix cache filling): a number of
-            # requests served, not a time, as seven servers share two cores.
+            # requests served, not a time, as eight servers share two cores.
             assert server.wait_served(WARMUP_REQUESTS, timeout=90), "the load generator does not get through"
             cp = subprocess.run(
                 [
@@ -117,6 +117,17 @@ def test_shm_names_the_leaked_segments(runs):
     assert top["class"] == "shm" and "/dev/shm/refserver-leak-" in top["detail"] + top["library"]
     assert runs["shm"]["doc"]["explained_fraction"] >= 0.95
     assert top["known"] is not None and any("/dev/shm" in r for r in top["remedies"])
+
+
+def test_handoff_payloads_are_held_by_the_engine_outside_rss(runs):
+    """The API process writes, the engine maps and never reads: the engine's footprint, not its RSS."""
+    top = _top(runs["handoff"])
+    doc = runs["handoff"]["doc"]
+    assert top["class"] == "shm" and "refserver-handoff-" in top["detail"] and "all deleted" in top["detail"]
+    assert top["known"]["id"] == "refserver-handoff" and doc["explained_fraction"] >= 0.8
+    engine = next(p for p in doc["processes"] if p["pid"] == runs["handoff"]["engine"])
+    assert engine["rss_slope_bytes_per_s"] < 0.2 * engine["footprint_slope_bytes_per_s"]
+    assert engine["held_shm"]["deleted_objects"] >= 50
 
 
 def test_pinned_buffers_are_the_engines_anonymous_mappings(runs):

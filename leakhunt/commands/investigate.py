@@ -232,11 +232,14 @@ def process_table(processes: list[dict]) -> Table:
         box=None,
         pad_edge=False,
     )
+    # The footprint when shared objects add to any process's RSS (that is what each is judged on).
+    held = any(p.get("footprint_bytes_end", p["rss_bytes_end"]) != p["rss_bytes_end"] for p in processes)
+    key = "footprint" if held else "rss"
     # Numbers keep their width; the command is cut short and the culprits fold.
     for col, justify, width in (
         ("pid", "right", 7),
         ("command", "left", None),
-        ("RSS", "right", 9),
+        ("footprint" if held else "RSS", "right", 9),
         ("growth", "right", 10),
         ("slope /min", "right", 15),
         ("", "left", 8),
@@ -260,9 +263,9 @@ def process_table(processes: list[dict]) -> Table:
         table.add_row(
             str(p["pid"]),
             Text(short_command(p["cmdline"])),
-            format_bytes(p["rss_bytes_end"]),
-            ui.growth_text(p["rss_bytes_end"] - p["rss_bytes_start"]),
-            ui.rate_text(p["rss_slope_bytes_per_s"], leak=p["leak"]),
+            format_bytes(p[f"{key}_bytes_end"]),
+            ui.growth_text(p[f"{key}_bytes_end"] - p[f"{key}_bytes_start"]),
+            ui.rate_text(p[f"{key}_slope_bytes_per_s"], leak=p["leak"]),
             state,
             Text(", ".join(p["culprits"])),
         )

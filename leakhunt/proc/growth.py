@@ -30,6 +30,10 @@ class GroupStat:
 
 
 _DIGITS = re.compile(r"\d+")
+#: A name's parts between separators; a part that is a number or a hex id (a pid, a counter, a
+#: request's uuid piece) stands for any.
+_PARTS = re.compile(r"[^-_./: ()]+")
+_HEX_ID = re.compile(r"[0-9a-fA-F]*[0-9][0-9a-fA-F]*")
 _SHM_CODE = CLASSES.index(RegionClass.SHM)
 
 
@@ -37,9 +41,17 @@ def shm_pattern(path: str) -> str:
     """'/dev/shm/sgl_shm_mm_8812_3' -> '/dev/shm/sgl_shm_mm_*_*': segments of one kind, one name.
 
     A server that leaks a segment per request has thousands of them; each its own group would
-    rank below any single anonymous group however much they hold together.
+    rank below any single anonymous group however much they hold together. Numbers and hex ids
+    ('cmpl-3f2acd9e') become '*'; digits inside a word ('buf1') too.
     """
-    return _DIGITS.sub("*", path)
+
+    def part(m: re.Match) -> str:
+        text = m.group(0)
+        return "*" if _HEX_ID.fullmatch(text) else _DIGITS.sub("*", text)
+
+    if path.startswith("/SYSV"):  # /SYSV<key in hex>: every key is one kind
+        return "/SYSV*" + path[13:]
+    return _PARTS.sub(part, path)
 
 
 def group_path(code: int, path: str) -> str:

@@ -179,10 +179,17 @@ class HeldShm:
         if not len(self.rows):
             return snapshot
         values = snapshot.values.copy()
-        col = snapshot.field_names.index("Rss")
         size = (snapshot.end[self.rows] - snapshot.start[self.rows]).astype(np.float64)
         share = size / np.maximum(self.mapped[self.owner], 1)
-        values[self.rows, col] = np.rint(self.held[self.owner] * share).astype(np.int64)
+        charged = np.rint(self.held[self.owner] * share).astype(np.int64)
+        names = snapshot.field_names
+        # every page of an object is shared (a tree counts it once, by device, inode and offset)
+        for name in ("Rss", "Shared_Dirty"):
+            if name in names:
+                values[self.rows, names.index(name)] = charged
+        for name in ("Shared_Clean", "Private_Clean", "Private_Dirty"):
+            if name in names:
+                values[self.rows, names.index(name)] = 0
         return replace(snapshot, values=values)
 
     @property
