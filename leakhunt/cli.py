@@ -32,6 +32,7 @@ COMMANDS = {
     "report": ("leakhunt.commands.report", "HTML and Markdown post-mortem from a recording"),
     "ci": ("leakhunt.commands.ci", "fail when memory grows faster than a limit"),
     "export": ("leakhunt.commands.export", "Prometheus metrics for a fleet"),
+    "top": ("leakhunt.commands.top", "every process on the node ranked by footprint growth"),
     "demo": ("leakhunt.commands.demo", "reference server + load + investigate + report"),
 }
 

@@ -28,6 +28,7 @@ from leakhunt.proc.target import Target, open_target
 from leakhunt.proc.tree import descendants
 from leakhunt.record import SampleRecorder, SessionWriter
 from leakhunt.trace.backend import TraceOptions, TraceStats, backend_class
+from leakhunt.trace.creators import CreatorTracer
 from leakhunt.trace.events import EventKind, Frame, Stack
 from leakhunt.trace.session import BackendChoice, choose_backend
 from leakhunt.trace.tree_trace import TreeTrace
@@ -66,6 +67,7 @@ class InvestigateOptions:
     gdb_stacks: bool = True
     min_decide_s: float = MIN_DECIDE_S
     subprocesses: bool = False  # the whole tree under the pid, children that come later too
+    creators: bool = True  # trace who creates shared objects on the host (BCC), for shm culprits
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,7 @@ class Investigation:
         self.history = History()
         self.evaluations: list[Evaluation] = []
         self.tracer: TreeTrace | None = None
+        self.creators: CreatorTracer | None = None
         self.choice: BackendChoice | None = None
         self.no_tracer: str | None = None
         self.notes: list[str] = []
@@ -253,6 +256,13 @@ class Investigation:
         self.tracer = TreeTrace(self.target, self.choice, options, self.writer)
         # Started before the children are listed: one forked in between is followed by the backend.
         self.tracer.start()
+        if self.options.creators and self.choice.name != "gdb":
+            creators = CreatorTracer()
+            try:
+                creators.start()
+                self.creators = creators
+            except BackendUnavailable as e:
+                self.notes.append(f"who creates shared objects is not traced: {e.reason}")
         for child in self.tree.existing() if self.tree else ():
             self.tracer.adopt(child, existed=True)
 
@@ -283,6 +293,8 @@ class Investigation:
             attribution = correlate(
                 first.charged(), last.charged(), outstanding, self.history.duration_s, pid=self.target.pid
             )
+        if self.creators is not None:
+            attribution = with_creators(attribution, self.creators)
         ev = Evaluation(self.history.duration_s, summary, attribution)
         self.evaluations.append(ev)
         if self.writer:
@@ -345,6 +357,8 @@ class Investigation:
         finally:
             if self.tracer:
                 self.tracer.stop(reason)
+            if self.creators:
+                self.creators.stop()
             if self.tree:
                 self.tree.finish()
             elif self.recorder:
@@ -443,6 +457,21 @@ class Investigation:
 def _same_caller(caller: Frame | None, stack: Stack, library: str, symbol: str) -> bool:
     frames = ((caller,) if caller else ()) + stack.frames
     return any(f.library == library and (f.symbol or "") == symbol for f in frames)
+
+
+def with_creators(attribution: Attribution, creators: CreatorTracer) -> Attribution:
+    """Shared-object culprits with who created their objects (the holder is the culprit's pid)."""
+    from dataclasses import replace
+
+    out = []
+    for c in attribution.culprits:
+        pattern = c.segments or (c.library if c.evidence == "shm segment names" else None)
+        if pattern:
+            found = creators.of(pattern)
+            if found:
+                c = replace(c, created_by=tuple(x.to_json() for x in found[:5]))
+        out.append(c)
+    return replace(attribution, culprits=out)
 
 
 def _with_stack(attribution: Attribution, gdb: dict) -> Attribution:

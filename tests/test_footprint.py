@@ -171,6 +171,18 @@ def test_ci_gates_the_footprint(leakers, spawn):
 
 
 @pytest.mark.bpf
+def test_investigate_names_memfds_held_untouched(leakers, spawn):
+    """The process that creates, fills (through the descriptor) and holds: it is its own creator."""
+    p = spawn([leakers / "memfd_leaker", "--rate", "4M", "--chunk", "256K"])
+    doc = leakhunt_json("investigate", "--pid", p.pid, "--duration", "40s")
+    assert doc["leak"] and doc["explained_fraction"] >= 0.8, doc["verdict"]
+    top = doc["culprits"][0]
+    assert top["class"] == "shm" and top["known"]["id"] == "leakhunt-fixture-memfd"
+    assert top["created_by"][0]["pid"] == p.pid and top["created_by"][0]["origin"] == "memfd_leaker!main"
+    assert "created by itself" in doc["verdict"]
+
+
+@pytest.mark.bpf
 def test_investigate_names_the_object_the_parent_holds(leakers, spawn):
     """A child writes, the parent keeps: the parent's traced mmaps of the deleted segments."""
     p = spawn([leakers / "shm_handoff", "--rate", "4M", "--chunk", "256K"])
@@ -180,6 +192,12 @@ def test_investigate_names_the_object_the_parent_holds(leakers, spawn):
     assert top["class"] == "shm" and top["known"]["id"] == "leakhunt-fixture-handoff"
     assert "lk_handoff_" in top["detail"] and "all deleted" in top["detail"]
     assert abs(doc["rss_slope_bytes_per_s"]) < 0.1 * MiB
+    # the writer is the child: its shm_open, from its main, found host-wide
+    child = int(open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()[0])
+    creator = top["created_by"][0]
+    assert creator["pid"] == child and creator["origin"] == "shm_handoff!main", creator
+    assert creator["objects"] >= 10 and creator["bytes"] >= creator["objects"] * 256 * 1024
+    assert f"created by pid {child}" in doc["verdict"]
 
 
 @pytest.mark.bpf
@@ -197,4 +215,8 @@ def test_torch_dataloader_batches_kept_in_shared_memory(spawn):
     assert top["class"] == "shm" and top["known"]["id"] == "torch-shared-fd", top
     assert top["library"].startswith("libtorch") or "libtorch" in " ".join(top["stack"])
     assert doc["held_shm"]["deleted_objects"] >= 20
+    workers = {int(x) for x in open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()}
+    creators = top["created_by"]
+    assert creators and {c["pid"] for c in creators} <= workers, (creators, workers)  # the workers made them
+    assert all("libtorch" in c["origin"] and "shm_open" in " ".join(c["stack"]) for c in creators)
     assert doc["rss_slope_bytes_per_s"] < 0.25 * doc["footprint_slope_bytes_per_s"]

@@ -57,6 +57,14 @@ class Culprit:
     mappings: int = 0  # outstanding mappings (or segments) behind it
     detail: str = ""  # e.g. the /dev/shm name pattern of the segments it maps
     origin: str = ""  # the first frame outside the C library, when the caller is in it
+    created_by: tuple[dict, ...] = ()  # shared objects: who created them (trace.creators.Creator.to_json)
+
+    @property
+    def segments(self) -> str | None:
+        """The name pattern of the shared objects behind this culprit, when it stands for some."""
+        if self.detail.startswith("segments "):
+            return self.detail.split(";")[0].removeprefix("segments ")
+        return None
 
     @property
     def title(self) -> str:
@@ -79,6 +87,7 @@ class Culprit:
             "mappings": self.mappings,
             "detail": self.detail,
             "origin": self.origin,
+            "created_by": list(self.created_by),
         }
 
 
@@ -119,6 +128,18 @@ class Attribution:
         else:
             by = f"in {top.library}"
         text = f"{format_share(top.share)} of native memory growth is {what} {by} ({format_rate(top.slope)})"
+        if top.created_by:
+            c = top.created_by[0]
+            who = (
+                "itself"
+                if c["pid"] == top.pid
+                else f"pid {c['pid']} ({c['command'].split(' ')[0].rsplit('/', 1)[-1]})"
+            )
+            text += f", created by {who}" + (f" via {c['origin'].split('(')[0]}" if c["origin"] else "")
+            if len(top.created_by) > 1:
+                text += (
+                    f" and {len(top.created_by) - 1} other process{'es' if len(top.created_by) > 2 else ''}"
+                )
         if "; " in top.detail:
             text += f", {top.detail.split('; ', 1)[1]}"
         if top.known and top.known.remedies:

@@ -286,6 +286,15 @@ def _culprit_detail(c: Culprit, source: str) -> Text:
         text.append(f"stack ({source}{', partial' if c.stack_partial else ''}):\n", style="dim")
         for line, dim in compact_stack(c.stack):
             text.append(f"    {line}\n", style="dim" if dim else "")
+    for creator in c.created_by:
+        who = "itself" if creator["pid"] == c.pid else f"pid {creator['pid']}"
+        text.append(f"created by {who}", style="bold")
+        text.append(f" ({creator['command'][:70]}): {creator['objects']} objects", style="dim")
+        if creator["bytes"]:
+            text.append(f", {format_bytes(creator['bytes'])} sized", style="dim")
+        text.append("\n")
+        for line, dim in compact_stack(tuple(creator["stack"])[:12]):
+            text.append(f"    {line}\n", style="dim" if dim else "")
     if c.known:
         text.append("known culprit: ", style="dim")
         text.append(f"{c.known.name}\n", style="bold")
