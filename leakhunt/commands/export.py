@@ -80,7 +80,8 @@ def command(
 ) -> None:
     """Serve Prometheus metrics of the processes given by --pid and/or --match.
 
-    Per process: RSS by region class, slopes over --window with their 95% bounds, leak and
+    Per process: RSS by region class, the footprint (RSS plus held shared memory), the memory
+    cgroup and /dev/shm, slopes over --window with their 95% bounds, leak and
     plateau verdicts, the top growing groups, and device memory (NVML) with its slope and
     verdict where there is a GPU. With --subprocesses, every process under each --pid too (each
     with its own series, labelled with its tree in leakhunt_process_tree) and each tree's totals
