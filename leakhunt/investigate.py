@@ -30,6 +30,7 @@ from leakhunt.record import SampleRecorder, SessionWriter
 from leakhunt.trace.backend import TraceOptions, TraceStats, backend_class
 from leakhunt.trace.creators import CreatorTracer
 from leakhunt.trace.events import EventKind, Frame, Stack
+from leakhunt.trace.faults import FaultTracer
 from leakhunt.trace.session import BackendChoice, choose_backend
 from leakhunt.trace.tree_trace import TreeTrace
 
@@ -68,6 +69,7 @@ class InvestigateOptions:
     min_decide_s: float = MIN_DECIDE_S
     subprocesses: bool = False  # the whole tree under the pid, children that come later too
     creators: bool = True  # trace who creates shared objects on the host (BCC), for shm culprits
+    faults: bool = True  # count the target's page faults (BCC): growth no mmap explains, by first touch
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,7 @@ class Investigation:
         self.evaluations: list[Evaluation] = []
         self.tracer: TreeTrace | None = None
         self.creators: CreatorTracer | None = None
+        self.faults: FaultTracer | None = None
         self.choice: BackendChoice | None = None
         self.no_tracer: str | None = None
         self.notes: list[str] = []
@@ -263,6 +266,14 @@ class Investigation:
                 self.creators = creators
             except BackendUnavailable as e:
                 self.notes.append(f"who creates shared objects is not traced: {e.reason}")
+        if self.options.faults and self.choice.name != "gdb":
+            pids = (self.target.pid, *(descendants(self.target.pid) if follow else ()))
+            faults = FaultTracer(pids)
+            try:
+                faults.start()
+                self.faults = faults
+            except BackendUnavailable as e:
+                self.notes.append(f"page faults are not counted: {e.reason}")
         for child in self.tree.existing() if self.tree else ():
             self.tracer.adopt(child, existed=True)
 
@@ -271,6 +282,8 @@ class Investigation:
             for child in self.tree.take():
                 if self.tracer:
                     self.tracer.adopt(child)
+                if self.faults:
+                    self.faults.add_pid(child.pid)
             self.notes += self.tree.ended_notes()
             return
         sample: Sample = self.sampler.take()
@@ -285,13 +298,20 @@ class Investigation:
         if self.tree:
             self.leaking = self.tree.leaking(summary, self.options.warmup)
             attribution = correlate_tree(
-                self.tree.evidence(self.tracer, self.leaking), self.history.duration_s
+                self.tree.evidence(self.tracer, self.leaking),
+                self.history.duration_s,
+                faults=self.faults.view() if self.faults else None,
             )
         else:
             outstanding = self.tracer.outstanding(self.target.pid) if self.tracer else []
             first, last = self.history.first, self.history.last
             attribution = correlate(
-                first.charged(), last.charged(), outstanding, self.history.duration_s, pid=self.target.pid
+                first.charged(),
+                last.charged(),
+                outstanding,
+                self.history.duration_s,
+                pid=self.target.pid,
+                faults=self.faults.view() if self.faults else None,
             )
         if self.creators is not None:
             attribution = with_creators(attribution, self.creators)
@@ -359,6 +379,8 @@ class Investigation:
                 self.tracer.stop(reason)
             if self.creators:
                 self.creators.stop()
+            if self.faults:
+                self.faults.stop()
             if self.tree:
                 self.tree.finish()
             elif self.recorder:

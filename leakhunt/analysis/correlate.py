@@ -15,12 +15,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from leakhunt.analysis.culprits import KnownCulprit, match
+from leakhunt.analysis.touched import known_for, touched
 from leakhunt.analysis.verdict import MIN_SLOPE
 from leakhunt.proc.classes import CLASSES, RegionClass
 from leakhunt.proc.growth import held_between, shm_pattern
 from leakhunt.proc.shmem import object_pattern
 from leakhunt.proc.smaps import Snapshot
 from leakhunt.trace.events import Frame, Outstanding
+from leakhunt.trace.faults import FaultView, allocator_of
 from leakhunt.units import format_rate, format_share
 
 #: Classes whose growth a mapping tracer can explain, and those we explain by other evidence.
@@ -121,7 +123,9 @@ class Attribution:
             RegionClass.HEAP: "heap memory",
             RegionClass.GPU: "GPU driver mappings",
         }.get(top.klass, f"{top.klass.value} memory")
-        if top.evidence.startswith("traced"):
+        if top.evidence == "page faults":
+            by = f"filled by {top.library}'s {top.symbol} (first touch, by its page faults)"
+        elif top.evidence.startswith("traced"):
             by = f"mapped by {top.library}'s {top.symbol}" if top.symbol else f"mapped by {top.library}"
             if top.origin:
                 by += f" (called from {top.origin.split('+')[0]})"
@@ -370,6 +374,35 @@ def _arenas(
     ]
 
 
+def _touched_culprits(
+    found: dict[tuple, list], faults: FaultView, duration: float, total: int, pid: int
+) -> list[Culprit]:
+    out = []
+    for (library, symbol, klass), (g, pages, toucher, allocators) in found.items():
+        if g <= 0:
+            continue
+        via = f"; allocator {', '.join(sorted(allocators))}" if allocators else ""
+        sampled = " (sampled, scaled)" if faults.sampled else ""
+        out.append(
+            Culprit(
+                library,
+                symbol,
+                klass,
+                int(g),
+                g / duration if duration > 0 else 0.0,
+                g / total if total > 0 else 0.0,
+                "page faults",
+                tuple(str(f) for f in toucher.stack.frames),
+                toucher.stack.partial,
+                known_for(toucher, klass),
+                pid,
+                0,
+                f"first touched {int(pages)} pages{sampled}{via}",
+            )
+        )
+    return out
+
+
 def _by_class(
     klass: RegionClass, growth: int, duration: float, total: int, pid: int | None, label: str, evidence: str
 ) -> Culprit:
@@ -397,11 +430,22 @@ def correlate(
     pid: int | None = None,
     min_share: float = MIN_SHARE,
     min_slope: float = MIN_SLOPE,
+    faults: FaultView | None = None,
 ) -> Attribution:
-    """Attribute the native growth between two snapshots of one process."""
+    """Attribute the native growth between two snapshots of one process. With ``faults`` (the
+    page-fault source), growth of anonymous and heap regions no traced mapping covers goes to the
+    code that faulted their pages in."""
     ca, cb = before.class_totals(), after.class_totals()
     by_class = {c: cb[c] - ca[c] for c in NATIVE_GROWTH_CLASSES}
     total = sum(max(0, g) for g in by_class.values())
+    # With page faults, memory an allocator mapped goes to the code that filled it, when the
+    # faults say who that was; the allocator's own mmap is the answer only where they do not.
+    by_allocator: list[Outstanding] = []
+    if faults is not None and pid is not None:
+        by_allocator = [o for o in outstanding if o.caller is not None and allocator_of(o.caller)]
+        if by_allocator:
+            mine = {id(o) for o in by_allocator}
+            outstanding = [o for o in outstanding if id(o) not in mine]
     culprits = _traced(before, after, outstanding, duration_s, total)
 
     # Ranges a traced mapping already covers must not be counted again by name.
@@ -409,6 +453,15 @@ def correlate(
     if outstanding:
         lo = np.array([o.start for o in outstanding], np.uint64)
         covered = {i for i in _region_at(after, lo) if i is not None}
+    if faults is not None and pid is not None:
+        found, used = touched(before, after, faults, pid, covered)
+        covered |= used
+        culprits += _touched_culprits(found, faults, duration_s, total, pid)
+        rest = [o for o in by_allocator if _region_at(after, np.array([o.start], np.uint64))[0] not in used]
+        culprits += _traced(before, after, rest, duration_s, total)
+        if rest:
+            lo = np.array([o.start for o in rest], np.uint64)
+            covered |= {i for i in _region_at(after, lo) if i is not None}
     culprits += _shm(before, after, duration_s, total, covered, pid)
     for arena in _arenas(before, after, duration_s, total, covered, pid):
         # Arena heaps mapped before tracing and the ones traced since are one culprit: malloc's.

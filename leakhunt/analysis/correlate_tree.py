@@ -23,6 +23,7 @@ from leakhunt.analysis.verdict import MIN_SLOPE
 from leakhunt.proc.classes import RegionClass
 from leakhunt.proc.smaps import Snapshot
 from leakhunt.proc.tree import tree_totals
+from leakhunt.trace.faults import FaultView
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ def correlate_tree(
     duration_s: float,
     min_share: float = MIN_SHARE,
     min_slope: float = MIN_SLOPE,
+    faults: FaultView | None = None,
 ) -> Attribution:
     """Attribute the native growth of the live processes of a tree.
 
@@ -59,7 +61,14 @@ def correlate_tree(
         if leaking and p.pid not in leaking:
             continue
         culprits += correlate(
-            p.before, p.after, p.outstanding, p.duration_s, pid=p.pid, min_share=0.0, min_slope=0.0
+            p.before,
+            p.after,
+            p.outstanding,
+            p.duration_s,
+            pid=p.pid,
+            min_share=0.0,
+            min_slope=0.0,
+            faults=faults,
         ).culprits
     culprits = [replace(c, share=c.bytes / total if total > 0 else 0.0) for c in shared_once(culprits)]
     culprits = [c for c in culprits if c.share >= min_share and c.slope >= min_slope]

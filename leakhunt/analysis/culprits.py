@@ -84,3 +84,7 @@ def match(
         if not (c.module or c.symbol or c.shm) and klass in c.classes:
             return c  # a class-only entry (GPU driver mappings)
     return None
+
+
+def by_id(culprit_id: str) -> KnownCulprit | None:
+    return next((c for c in known_culprits() if c.id == culprit_id), None)

@@ -1,0 +1,103 @@
+"""Growth attributed by first touch: the code whose page faults filled the regions that grew.
+
+Used by the correlator for the growth no traced mapping explains: regions mapped before tracing
+began, arenas grown with mprotect or brk, segments an allocator reserved and commits by touching.
+Each growing region's growth goes to the code that faulted its pages in (trace.faults), in
+proportion to the pages each faulted there, up to the pages faulted at all (what was touched
+before the fault source started, or not seen, stays unexplained).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from leakhunt.analysis.culprits import by_id, match
+from leakhunt.proc.classes import CLASSES, RegionClass
+from leakhunt.proc.growth import held_between
+from leakhunt.proc.smaps import Snapshot
+from leakhunt.trace.faults import BUCKET_SHIFT, FaultView, Toucher
+
+PAGE = 4096
+BUCKET = 1 << BUCKET_SHIFT
+#: Region classes whose growth faults can explain (private anonymous memory and the brk heap).
+TOUCHED_CLASSES = (RegionClass.ANON, RegionClass.HEAP)
+
+
+def _label(frame) -> tuple[str, str]:
+    library = (frame.module or "?").rsplit("/", 1)[-1]
+    return library, frame.symbol or f"+{frame.offset:#x}"
+
+
+def touched(
+    before: Snapshot, after: Snapshot, view: FaultView, pid: int, covered: set[int]
+) -> tuple[dict[tuple, list], set[int]]:
+    """(library, symbol, class) -> [bytes, pages faulted, Toucher, allocators]; and the regions
+    the faults explained (some of) the growth of."""
+    by_bucket: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for (p, ip, bucket), pages in view.pages.items():
+        if p == pid and pages > 0:
+            by_bucket[bucket].append((ip, pages))
+    out: dict[tuple, list] = {}
+    used: set[int] = set()
+    if not by_bucket:
+        return out, used
+    codes = [CLASSES.index(c) for c in TOUCHED_CLASSES]
+    rows = [i for i in np.flatnonzero(np.isin(after.classes, codes)).tolist() if i not in covered]
+    if not rows:
+        return out, used
+    idx = np.array(rows)
+    growth = after.rss[idx].astype(np.float64) - held_between(before, after.start[idx], after.end[idx])
+    for i, g in zip(rows, growth.tolist()):
+        if g <= 0:
+            continue
+        lo, hi = int(after.start[i]), int(after.end[i])
+        per_ip: Counter = Counter()
+        for b in range(lo >> BUCKET_SHIFT, ((hi - 1) >> BUCKET_SHIFT) + 1):
+            entries = by_bucket.get(b)
+            if not entries:
+                continue
+            overlap = (min(hi, (b + 1) << BUCKET_SHIFT) - max(lo, b << BUCKET_SHIFT)) / BUCKET
+            for ip, pages in entries:
+                per_ip[ip] += pages * overlap
+        faulted = sum(per_ip.values())
+        if faulted <= 0:
+            continue
+        explained = min(g, faulted * PAGE)
+        used.add(i)
+        klass = CLASSES[after.classes[i]]
+        for ip, pages in per_ip.items():
+            touchers = view.touchers.get((pid, ip))
+            if not touchers:
+                continue
+            n = sum(touchers.values())
+            for toucher, k in touchers.items():
+                weight = pages * k / n
+                key = (*_label(toucher.caller), klass)
+                acc = out.setdefault(key, [0.0, 0.0, toucher, set()])
+                acc[0] += explained * weight / faulted
+                acc[1] += weight
+                if toucher.allocator:
+                    acc[3].add(toucher.allocator)
+                if len(toucher.stack.frames) > len(acc[2].stack.frames):
+                    acc[2] = toucher
+    return out, used
+
+
+#: Allocator families (trace.faults.allocator_of) and the known culprit that advises on each.
+ALLOCATOR_CULPRITS = {
+    "jemalloc": "jemalloc",
+    "mimalloc": "mimalloc",
+    "tcmalloc": "tcmalloc",
+    "glibc malloc": "glibc-malloc",
+    "pymalloc": "python-heap",
+}
+
+
+def known_for(toucher: Toucher, klass: RegionClass):
+    """What the caller's own code is known for, else the advice for the allocator it went through."""
+    known = match(klass, toucher.caller, tuple(toucher.stack.frames))
+    if known is None and toucher.allocator:
+        known = by_id(ALLOCATOR_CULPRITS.get(toucher.allocator, ""))
+    return known

@@ -1,0 +1,286 @@
+"""Page-fault evidence (probes/page_faults.c, BCC): the code that fills memory, page by page.
+
+Memory that an allocator reserved once and commits by touching grows with no mmap in the window;
+the page fault that allocates each page is the event to follow. The kernel counts not-present
+faults of the traced pids by (pid, faulting ip, 2 MiB bucket); exemplars carry a copy of the
+stack, unwound here with the mmap tracer's DWARF machinery, so that a fault in memset or inside
+jemalloc is put on the code above them. At high fault rates one fault in N is counted (N a power
+of two, set from the rate each second) and the counts are scaled back; that is said.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from leakhunt import resources
+from leakhunt.errors import BackendUnavailable
+from leakhunt.trace.events import Frame, Stack
+from leakhunt.trace.unwind import CallerResolver, UserContext, is_wrapper_module
+
+PROBE = "page_faults.c"
+BUCKET_SHIFT = 21
+FAULT_KEYS = 131072
+STACK_BYTES = 4096
+EXEMPLAR_EVERY = 64
+#: Counted faults per second above which sampling starts (per second, all CPUs).
+SAMPLED_RATE = 20_000
+#: Exemplars kept per (pid, ip): enough to split a memset's faults among its callers.
+EXEMPLARS_PER_SITE = 64
+
+#: Allocator families, by the module their code is in (or, for pymalloc, by function).
+ALLOCATOR_MODULES = {
+    "libjemalloc": "jemalloc",
+    "libmimalloc": "mimalloc",
+    "libtcmalloc": "tcmalloc",
+}
+PYMALLOC_SYMBOLS = (
+    "_PyObject_Malloc",
+    "pymalloc_",
+    "new_arena",
+    "_PyObject_Calloc",
+    "_PyMem_",
+    "_PyObject_Arena",
+    "allocate_from_new_pool",
+)
+GLIBC_MALLOC_SYMBOLS = (
+    "malloc",
+    "__libc_malloc",
+    "calloc",
+    "__libc_calloc",
+    "realloc",
+    "_int_malloc",
+    "_int_realloc",
+    "sysmalloc",
+    "tcache",
+    "sbrk",
+    "__sbrk",
+    "brk",
+    "__brk",
+    "new_heap",
+    "grow_heap",
+    "alloc_new_heap",
+    "arena_get2",
+)
+
+
+def _base(path: str | None) -> str:
+    return (path or "").rsplit("/", 1)[-1]
+
+
+def allocator_of(frame: Frame) -> str | None:
+    """The allocator family a frame belongs to, None for any other code."""
+    name = _base(frame.module)
+    for prefix, family in ALLOCATOR_MODULES.items():
+        if name.startswith(prefix):
+            return family
+    symbol = frame.symbol or ""
+    if name.startswith("libpython") and symbol.startswith(PYMALLOC_SYMBOLS):
+        return "pymalloc"
+    if is_wrapper_module(frame.module) and symbol.startswith(GLIBC_MALLOC_SYMBOLS):
+        return "glibc malloc"
+    return None
+
+
+def _is_machinery(frame: Frame) -> bool:
+    """Frames that only move bytes or hand out memory: the culprit is above them."""
+    return (
+        is_wrapper_module(frame.module)
+        or allocator_of(frame) is not None
+        or _base(frame.module).startswith("libstdc++")
+    )
+
+
+PYTHON_OBJECTS = "Python objects (pymalloc)"
+
+
+def _is_interpreter(frame: Frame) -> bool:
+    name = _base(frame.module)
+    return name.startswith("libpython") or name.startswith("python3")
+
+
+def cflags() -> list[str]:
+    defines = {
+        "BUCKET_SHIFT": BUCKET_SHIFT,
+        "FAULT_KEYS": FAULT_KEYS,
+        "STACK_BYTES": STACK_BYTES,
+        "EXEMPLAR_EVERY": EXEMPLAR_EVERY,
+    }
+    return [f"-D{k}={v}" for k, v in defines.items()]
+
+
+class _Exemplar(ct.Structure):
+    _fields_ = [
+        ("pid", ct.c_uint32),
+        ("tid", ct.c_uint32),
+        ("ip", ct.c_uint64),
+        ("sp", ct.c_uint64),
+        ("bp", ct.c_uint64),
+        ("addr", ct.c_uint64),
+        ("nbytes", ct.c_uint32),
+        ("pad", ct.c_uint32),
+        ("stack", ct.c_uint8 * STACK_BYTES),
+    ]
+
+
+class _Key(ct.Structure):
+    _fields_ = [("pid", ct.c_uint32), ("pad", ct.c_uint32), ("ip", ct.c_uint64), ("bucket", ct.c_uint64)]
+
+
+@dataclass(frozen=True)
+class Toucher:
+    """Who faulted pages in: the first frame above the allocator and the string routines."""
+
+    caller: Frame
+    allocator: str | None
+    stack: Stack
+
+
+@dataclass
+class FaultView:
+    """What the fault source saw, for the correlator: pages by (pid, ip, bucket), scaled for
+    sampling, and for each (pid, ip) the touchers its exemplars name."""
+
+    pages: dict[tuple[int, int, int], float] = field(default_factory=dict)
+    touchers: dict[tuple[int, int], Counter] = field(default_factory=dict)  # (pid, ip) -> Counter[Toucher]
+    sampled: bool = False
+    seen: int = 0
+
+
+class FaultTracer:
+    """Runs probes/page_faults.c for a set of pids."""
+
+    def __init__(self, pids: tuple[int, ...]) -> None:
+        self.pids = set(pids)
+        self.bpf = None
+        self.every = 1
+        self._base: dict[tuple[int, int, int], float] = {}  # counts folded in at an earlier rate
+        self._touchers: dict[tuple[int, int], Counter] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._resolver = CallerResolver()
+        self._last_seen = 0
+        self._last_t = 0.0
+        self.sampled_ever = False
+        self.lost = 0
+        self._final: FaultView | None = None
+
+    def start(self) -> None:
+        from leakhunt.trace.bcc import BccBackend  # noqa: PLC0415
+
+        reason = BccBackend.unavailable_reason()
+        if reason:
+            raise BackendUnavailable("bcc", reason)
+        from bcc import BPF  # noqa: PLC0415
+
+        try:
+            self.bpf = BPF(text=resources.probe(PROBE).read_text().encode(), cflags=cflags())
+        except Exception as e:  # BCC raises bare Exception for compile and load errors
+            raise BackendUnavailable("bcc", f"cannot load {PROBE}: {str(e).splitlines()[0]}") from None
+        self.bpf[b"config"][ct.c_int(0)] = ct.c_uint64(1)
+        for pid in self.pids:
+            self.bpf[b"traced"][ct.c_uint32(pid)] = ct.c_uint8(1)
+        self.bpf[b"exemplars"].open_perf_buffer(self._on_exemplar, page_cnt=256, lost_cb=self._on_lost)
+        self._last_t = time.monotonic()
+        self._thread = threading.Thread(target=self._poll, name="page-faults", daemon=True)
+        self._thread.start()
+
+    def add_pid(self, pid: int) -> None:
+        if self.bpf is not None and pid not in self.pids:
+            self.pids.add(pid)
+            self.bpf[b"traced"][ct.c_uint32(pid)] = ct.c_uint8(1)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.bpf.perf_buffer_poll(timeout=200)
+                self._adapt()
+            except Exception:  # noqa: BLE001 - evidence, never a reason to fail
+                time.sleep(0.2)
+
+    def _counter(self, i: int) -> int:
+        return int(sum(getattr(v, "value", v) for v in self.bpf[b"counters"][ct.c_int(i)]))
+
+    def _adapt(self) -> None:
+        """Once a second: one fault in N counted, N the power of two that keeps the counted rate
+        under SAMPLED_RATE. Counts so far are folded in at their own N first."""
+        now = time.monotonic()
+        if now - self._last_t < 1.0:
+            return
+        seen = self._counter(0)
+        rate = (seen - self._last_seen) / (now - self._last_t)
+        self._last_seen, self._last_t = seen, now
+        every = 1
+        while rate / every > SAMPLED_RATE and every < 1 << 16:
+            every *= 2
+        if every != self.every:
+            with self._lock:
+                self._fold()
+                self.every = every
+                self.bpf[b"config"][ct.c_int(0)] = ct.c_uint64(every)
+            self.sampled_ever = self.sampled_ever or every > 1
+
+    def _fold(self) -> None:
+        table = self.bpf[b"faults"]
+        for k, v in table.items():
+            key = (k.pid, k.ip, k.bucket)
+            self._base[key] = self._base.get(key, 0.0) + v.value * self.every
+        table.clear()
+
+    def _on_lost(self, count: int) -> None:
+        self.lost += count
+
+    def _on_exemplar(self, _cpu, data, _size) -> None:
+        x = ct.cast(data, ct.POINTER(_Exemplar)).contents
+        site = (int(x.pid), int(x.ip))
+        with self._lock:
+            counter = self._touchers.setdefault(site, Counter())
+            if sum(counter.values()) >= EXEMPLARS_PER_SITE:
+                return
+        ctx = UserContext(int(x.ip), int(x.sp), int(x.bp), bytes(x.stack[: x.nbytes]))
+        try:
+            stack = self._resolver.unwind(int(x.pid), ctx)
+        except Exception:  # noqa: BLE001 - the process is gone, or its maps changed
+            return
+        # the faulting ip is where the page was touched, not a return address: unwind() already
+        # resolves the first frame as such
+        frames = stack.frames
+        allocator = next((a for a in map(allocator_of, frames) if a), None)
+        if allocator == "pymalloc":
+            # The interpreter's frames only say "a Python object": the culprit is an extension
+            # module above them, or the Python heap itself (memray names the Python line).
+            above = next((f for f in frames if not _is_machinery(f) and not _is_interpreter(f)), None)
+            if above is None:
+                interpreter = next(f for f in frames if _is_interpreter(f))
+                above = Frame(interpreter.address, interpreter.module, PYTHON_OBJECTS, 0)
+        else:
+            above = next((f for f in frames if not _is_machinery(f)), None)
+        toucher = Toucher(above or frames[0], allocator, Stack(frames[:24], stack.partial, "bpf+dwarf"))
+        with self._lock:
+            counter[toucher] += 1
+
+    def view(self) -> FaultView:
+        """Pages so far by (pid, ip, bucket), scaled for sampling, and the touchers (after stop:
+        what it saw until then)."""
+        if self.bpf is None:
+            return self._final or FaultView()
+        with self._lock:
+            pages = dict(self._base)
+            for k, v in self.bpf[b"faults"].items():
+                key = (k.pid, k.ip, k.bucket)
+                pages[key] = pages.get(key, 0.0) + v.value * self.every
+            touchers = {site: Counter(c) for site, c in self._touchers.items()}
+        return FaultView(pages, touchers, self.sampled_ever or self.every > 1, self._counter(0))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2)
+        if self.bpf is not None:
+            self._final = self.view()
+            self.bpf.cleanup()
+            self.bpf = None
