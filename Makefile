@@ -11,8 +11,9 @@ STAMP := $(VENV)/.installed
 .PHONY: setup demo test lint bench clean leakers gpu-wheels gpu-check
 
 # What the tests and benchmarks need from the OS besides leakhunt's own backends: a real libucm
-# (UCX) to test against; strace, perf and BCC's memleak (bpfcc-tools) as benchmark peers.
-TEST_PACKAGES := libucx0 libucx-dev strace linux-perf bpfcc-tools
+# (UCX) to test against; strace, perf and BCC's memleak (bpfcc-tools) as benchmark peers; Debian's
+# jemalloc and mimalloc for the page-fault tests (an application library above a real allocator).
+TEST_PACKAGES := libucx0 libucx-dev strace linux-perf bpfcc-tools libjemalloc-dev libmimalloc-dev
 
 setup: $(STAMP)
 	$(BIN)/leakhunt doctor --install --quiet $(addprefix --with ,$(TEST_PACKAGES))

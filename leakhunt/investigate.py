@@ -12,6 +12,7 @@ unexplained rather than guessed.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -213,6 +214,8 @@ class Investigation:
         self.tracer: TreeTrace | None = None
         self.creators: CreatorTracer | None = None
         self.faults: FaultTracer | None = None
+        self._loader: threading.Thread | None = None
+        self._stopping = threading.Event()
         self.choice: BackendChoice | None = None
         self.no_tracer: str | None = None
         self.notes: list[str] = []
@@ -259,23 +262,43 @@ class Investigation:
         self.tracer = TreeTrace(self.target, self.choice, options, self.writer)
         # Started before the children are listed: one forked in between is followed by the backend.
         self.tracer.start()
-        if self.options.creators and self.choice.name != "gdb":
-            creators = CreatorTracer()
-            try:
-                creators.start()
-                self.creators = creators
-            except BackendUnavailable as e:
-                self.notes.append(f"who creates shared objects is not traced: {e.reason}")
-        if self.options.faults and self.choice.name != "gdb":
-            pids = (self.target.pid, *(descendants(self.target.pid) if follow else ()))
-            faults = FaultTracer(pids)
-            try:
-                faults.start()
-                self.faults = faults
-            except BackendUnavailable as e:
-                self.notes.append(f"page faults are not counted: {e.reason}")
+        if self.choice.name != "gdb":
+            # Compiled in the background, one after the other: sampling starts now, and these
+            # two only add evidence once they are loaded.
+            if self.options.creators:
+                self.creators = CreatorTracer()
+            if self.options.faults:
+                self.faults = FaultTracer(
+                    (self.target.pid, *(descendants(self.target.pid) if follow else ()))
+                )
+            self._loader = threading.Thread(target=self._load_extras, name="bpf-extras", daemon=True)
+            self._loader.start()
         for child in self.tree.existing() if self.tree else ():
             self.tracer.adopt(child, existed=True)
+
+    def _load_extras(self) -> None:
+        for name, tracer, what in (
+            ("creators", self.creators, "who creates shared objects is not traced"),
+            ("faults", self.faults, "page faults are not counted"),
+        ):
+            if tracer is None or self._stopping.is_set():
+                continue
+            try:
+                tracer.start()
+            except BackendUnavailable as e:
+                self.notes.append(f"{what}: {e.reason}")
+                setattr(self, name, None)
+            except Exception as e:  # noqa: BLE001 - extra evidence must never end an investigation
+                self.notes.append(f"{what}: {type(e).__name__}: {e}")
+                setattr(self, name, None)
+
+    def _stop_extras(self) -> None:
+        self._stopping.set()
+        if self._loader is not None:
+            self._loader.join(60)  # a compile in progress: it finishes, then stops at once
+        for tracer in (self.creators, self.faults):
+            if tracer is not None:
+                tracer.stop()
 
     def _sample(self) -> None:
         if self.tree:
@@ -377,10 +400,7 @@ class Investigation:
         finally:
             if self.tracer:
                 self.tracer.stop(reason)
-            if self.creators:
-                self.creators.stop()
-            if self.faults:
-                self.faults.stop()
+            self._stop_extras()
             if self.tree:
                 self.tree.finish()
             elif self.recorder:

@@ -182,17 +182,20 @@ class FaultTracer:
         except Exception as e:  # BCC raises bare Exception for compile and load errors
             raise BackendUnavailable("bcc", f"cannot load {PROBE}: {str(e).splitlines()[0]}") from None
         self.bpf[b"config"][ct.c_int(0)] = ct.c_uint64(1)
-        for pid in self.pids:
-            self.bpf[b"traced"][ct.c_uint32(pid)] = ct.c_uint8(1)
+        with self._lock:
+            for pid in self.pids:
+                self.bpf[b"traced"][ct.c_uint32(pid)] = ct.c_uint8(1)
         self.bpf[b"exemplars"].open_perf_buffer(self._on_exemplar, page_cnt=256, lost_cb=self._on_lost)
         self._last_t = time.monotonic()
         self._thread = threading.Thread(target=self._poll, name="page-faults", daemon=True)
         self._thread.start()
 
     def add_pid(self, pid: int) -> None:
-        if self.bpf is not None and pid not in self.pids:
+        """Trace this pid too (before start: it is installed with the others)."""
+        with self._lock:
             self.pids.add(pid)
-            self.bpf[b"traced"][ct.c_uint32(pid)] = ct.c_uint8(1)
+            if self.bpf is not None:
+                self.bpf[b"traced"][ct.c_uint32(pid)] = ct.c_uint8(1)
 
     def _poll(self) -> None:
         while not self._stop.is_set():

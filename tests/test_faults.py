@@ -1,0 +1,71 @@
+"""Growth without syscalls: investigate names the code that fills memory by its page faults.
+
+Real processes whose RSS grows with few or no mmaps in the window: 1 GiB reserved PROT_NONE and
+committed chunk by chunk, an application library (libappcache) keeping records through Debian's
+jemalloc and mimalloc and through glibc's malloc, and a Python object leak (pymalloc). The right
+answer is the code above the allocator, with the allocator named and its own tools advised.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import leakhunt_json, need
+from test_investigate import _investigate_all
+
+pytestmark = pytest.mark.bpf
+ROOT = Path(__file__).resolve().parents[1]
+
+SUBJECTS = {
+    "reserve": ["reserve_leaker", "--rate", "4M", "--chunk", "256K"],
+    "glibc": ["alloc_leaker_glibc", "--rate", "4M", "--chunk", "16K"],
+    "jemalloc": ["alloc_leaker_jemalloc", "--rate", "4M", "--chunk", "16K"],
+    "mimalloc": ["alloc_leaker_mimalloc", "--rate", "4M", "--chunk", "16K"],
+}
+
+
+@pytest.fixture(scope="module")
+def docs(leakers):
+    for name in ("alloc_leaker_jemalloc", "alloc_leaker_mimalloc"):
+        need(
+            (leakers / name).exists(),
+            f"{name} needs libjemalloc-dev and libmimalloc-dev (make setup installs them)",
+        )
+    return _investigate_all(leakers, SUBJECTS, "40s", batch=4)
+
+
+def _top(doc: dict) -> dict:
+    assert doc["leak"] is True, doc["verdict"]
+    assert doc["explained_fraction"] >= 0.8, doc["verdict"]
+    return doc["culprits"][0]
+
+
+def test_reserved_then_touched_is_named_by_the_filler(docs):
+    top = _top(docs["reserve"])
+    assert (top["library"], top["symbol"]) == ("reserve_leaker", "lk_fill_record"), top
+    assert top["evidence"] == "page faults" and top["class"] == "anon"
+    assert "memset" in top["stack"][0]  # the fault is in the string routine; the culprit above it
+
+
+@pytest.mark.parametrize(
+    "allocator, known", [("glibc", "glibc-malloc"), ("jemalloc", "jemalloc"), ("mimalloc", "mimalloc")]
+)
+def test_the_caller_above_the_allocator(docs, allocator, known):
+    top = _top(docs[allocator])
+    assert (top["library"], top["symbol"]) == ("libappcache.so", "appcache_put"), top
+    assert top["evidence"] == "page faults" and top["known"]["id"] == known
+    assert f"allocator {'glibc malloc' if allocator == 'glibc' else allocator}" in top["detail"]
+    assert "libappcache.so's appcache_put" in docs[allocator]["verdict"]
+
+
+def test_python_objects_point_at_the_python_heap(spawn):
+    p = spawn([sys.executable, ROOT / "fixtures/leakers/pyobj_leaker.py", "--rate", "4M"])
+
+    doc = leakhunt_json("investigate", "--pid", p.pid, "--duration", "40s", "--no-gdb-stacks")
+    assert doc["leak"] is True, doc["verdict"]
+    top = doc["culprits"][0]
+    assert top["symbol"] == "Python objects (pymalloc)" and top["known"]["id"] == "python-heap", top
+    assert any("memray" in r for r in top["remedies"])
+    assert doc["explained_fraction"] >= 0.7, doc["verdict"]
