@@ -69,3 +69,13 @@ def test_python_objects_point_at_the_python_heap(spawn):
     assert top["symbol"] == "Python objects (pymalloc)" and top["known"]["id"] == "python-heap", top
     assert any("memray" in r for r in top["remedies"])
     assert doc["explained_fraction"] >= 0.7, doc["verdict"]
+
+
+def test_trace_mmap_faults_shows_who_fills_memory(leakers, spawn):
+    p = spawn([leakers / "alloc_leaker_jemalloc", "--rate", "4M", "--chunk", "16K"])
+    doc = leakhunt_json("trace-mmap", "--pid", p.pid, "--duration", "8s", "--faults")
+    faults = doc["faults"]
+    top = faults["by_caller"][0]
+    assert faults["seen"] > 1000 and (top["library"], top["symbol"]) == ("libappcache.so", "appcache_put")
+    assert top["allocators"] == ["jemalloc"] and top["bytes"] > 4 * 2**20
+    assert any("libjemalloc" in f for f in top["stack"])

@@ -196,7 +196,8 @@ def test_investigate_names_the_object_the_parent_holds(leakers, spawn):
     child = int(open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()[0])
     creator = top["created_by"][0]
     assert creator["pid"] == child and creator["origin"] == "shm_handoff!main", creator
-    assert creator["objects"] >= 10 and creator["bytes"] >= creator["objects"] * 256 * 1024
+    # sizes come from the creator's ftruncate, which may land after the last creation was read
+    assert creator["objects"] >= 10 and creator["bytes"] >= (creator["objects"] - 2) * 256 * 1024
     assert f"created by pid {child}" in doc["verdict"]
 
 

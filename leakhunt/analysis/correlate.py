@@ -394,7 +394,7 @@ def _touched_culprits(
                 "page faults",
                 tuple(str(f) for f in toucher.stack.frames),
                 toucher.stack.partial,
-                known_for(toucher, klass),
+                known_for(toucher, klass, allocators),
                 pid,
                 0,
                 f"first touched {int(pages)} pages{sampled}{via}",

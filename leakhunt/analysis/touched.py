@@ -3,8 +3,9 @@
 Used by the correlator for the growth no traced mapping explains: regions mapped before tracing
 began, arenas grown with mprotect or brk, segments an allocator reserved and commits by touching.
 Each growing region's growth goes to the code that faulted its pages in (trace.faults), in
-proportion to the pages each faulted there, up to the pages faulted at all (what was touched
-before the fault source started, or not seen, stays unexplained).
+proportion to the pages each faulted there. The fault source starts a few seconds into a run, so
+it sees a sample of the faults: when it saw at least SAMPLE_ENOUGH of a region's growth, the
+whole growth is shared out in those proportions; otherwise only the pages it saw are explained.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from leakhunt.trace.faults import BUCKET_SHIFT, FaultView, Toucher
 
 PAGE = 4096
 BUCKET = 1 << BUCKET_SHIFT
+#: Faulted pages, as a share of a region's growth, that stand for all of it.
+SAMPLE_ENOUGH = 0.25
 #: Region classes whose growth faults can explain (private anonymous memory and the brk heap).
 TOUCHED_CLASSES = (RegionClass.ANON, RegionClass.HEAP)
 
@@ -64,7 +67,7 @@ def touched(
         faulted = sum(per_ip.values())
         if faulted <= 0:
             continue
-        explained = min(g, faulted * PAGE)
+        explained = g if faulted * PAGE >= SAMPLE_ENOUGH * g else faulted * PAGE
         used.add(i)
         klass = CLASSES[after.classes[i]]
         for ip, pages in per_ip.items():
@@ -80,7 +83,11 @@ def touched(
                 acc[1] += weight
                 if toucher.allocator:
                     acc[3].add(toucher.allocator)
-                if len(toucher.stack.frames) > len(acc[2].stack.frames):
+                # the stack through the allocator says more than a memset's
+                if (bool(toucher.allocator), len(toucher.stack.frames)) > (
+                    bool(acc[2].allocator),
+                    len(acc[2].stack.frames),
+                ):
                     acc[2] = toucher
     return out, used
 
@@ -95,9 +102,10 @@ ALLOCATOR_CULPRITS = {
 }
 
 
-def known_for(toucher: Toucher, klass: RegionClass):
+def known_for(toucher: Toucher, klass: RegionClass, allocators: set[str] = frozenset()):
     """What the caller's own code is known for, else the advice for the allocator it went through."""
     known = match(klass, toucher.caller, tuple(toucher.stack.frames))
-    if known is None and toucher.allocator:
-        known = by_id(ALLOCATOR_CULPRITS.get(toucher.allocator, ""))
+    for allocator in (toucher.allocator, *sorted(allocators)):
+        if known is None and allocator:
+            known = by_id(ALLOCATOR_CULPRITS.get(allocator, ""))
     return known

@@ -25,9 +25,11 @@ from leakhunt.commands.options import (
     record_option,
     session_writer,
 )
+from leakhunt.errors import BackendUnavailable
 from leakhunt.proc.target import open_target
 from leakhunt.proc.tree import descendants
 from leakhunt.trace.backend import BACKENDS, TraceOptions
+from leakhunt.trace.faults import FaultTracer, FaultView, by_toucher, toucher_json
 from leakhunt.trace.session import BackendChoice, CallerView, TraceSession, choose_backend
 from leakhunt.trace.tree_trace import adopt_existing
 from leakhunt.units import format_bytes, format_duration
@@ -61,6 +63,12 @@ TOP = 15
     help="send every call to user space (and --record) instead of pairing mmap/munmap in the kernel; "
     "costs more at high rates",
 )
+@click.option(
+    "--faults",
+    is_flag=True,
+    help="also count the pages each caller faults in (BCC): growth that needs no mmap (allocators "
+    "committing what they reserved), by the code above the allocator",
+)
 @record_option
 @json_option
 @gdb_options
@@ -71,6 +79,7 @@ def command(
     follow: bool,
     min_size: int,
     all_events: bool,
+    faults: bool,
     record_dir: str | None,
     as_json: bool,
     gdb_extra: dict,
@@ -97,6 +106,14 @@ def command(
     session.start()
     if follow:
         session.backend.stats.notes.extend(adopt_existing(session))
+    fault_tracer = None
+    if faults:
+        fault_tracer = FaultTracer((pid, *(descendants(pid) if follow else ())))
+        try:
+            fault_tracer.start()
+        except BackendUnavailable as e:
+            session.stop()
+            raise BackendUnavailable("bcc", f"--faults: {e.reason}", e.fix) from None
     console.print(
         Text(
             f"tracing {target.describe()}{' and its subprocesses' if follow else ''} with "
@@ -113,7 +130,7 @@ def command(
         now = time.monotonic()
         if show_live and now - last[0] >= REFRESH_S:
             last[0] = now
-            live.update(render(s, choice, duration, width=console.width), refresh=True)
+            live.update(render(s, choice, duration, width=console.width, faults=fault_tracer), refresh=True)
 
     if show_live:
         live.start()
@@ -122,13 +139,22 @@ def command(
     finally:
         if show_live:
             live.stop()
+        if fault_tracer is not None:
+            fault_tracer.stop()
     document = trace_document(session, choice, record_dir)
+    if fault_tracer is not None:
+        view = fault_tracer.view()
+        document["faults"] = {
+            "seen": view.seen,
+            "sampled": view.sampled,
+            "by_caller": [toucher_json(*row) for row in by_toucher(view)[:TOP]],
+        }
     if writer:
         writer.finish({"command": "trace-mmap", **document})
     if as_json:
         ui.emit_json(ui.clean_json(document))
     else:
-        console.print(render(session, choice, duration, final=True, width=console.width))
+        console.print(render(session, choice, duration, final=True, width=console.width, faults=fault_tracer))
         if record_dir:
             console.print(
                 Text(f"recorded in {record_dir} — render it with: leakhunt report {record_dir}", style="dim")
@@ -271,7 +297,12 @@ def _top_stack(callers: list[CallerView]) -> Text:
 
 
 def render(
-    session: TraceSession, choice: BackendChoice, duration: float | None, final: bool = False, width: int = 80
+    session: TraceSession,
+    choice: BackendChoice,
+    duration: float | None,
+    final: bool = False,
+    width: int = 80,
+    faults: FaultTracer | None = None,
 ) -> Group:
     callers = session.callers()
     parts = [
@@ -290,6 +321,32 @@ def render(
             style="bold",
         ),
     )
+    if faults is not None:
+        parts += [Text(""), _fault_table(faults.view())]
     for note in session.backend.stats.notes:
         parts.append(Text(f"note: {note}", style="yellow"))
     return Group(*parts)
+
+
+def _fault_table(view: FaultView) -> Table:
+    sampled = ", sampled and scaled" if view.sampled else ""
+    table = Table(
+        title=f"pages faulted in, by the code above the allocator ({view.seen} faults seen{sampled})",
+        title_justify="left",
+        box=None,
+        pad_edge=False,
+    )
+    for col, justify in (("caller", "left"), ("allocator", "left"), ("bytes", "right"), ("pages", "right")):
+        table.add_column(col, justify=justify)
+    rows = by_toucher(view)[:TOP]
+    for row in rows:
+        doc = toucher_json(*row)
+        table.add_row(
+            Text(f"{doc['library']}!{doc['symbol']}"),
+            ", ".join(doc["allocators"]),
+            format_bytes(doc["bytes"]),
+            str(doc["pages"]),
+        )
+    if not rows:
+        table.add_row(Text("no page faults yet", style="dim"), "", "", "")
+    return table

@@ -150,6 +150,45 @@ class FaultView:
     seen: int = 0
 
 
+def caller_label(frame: Frame) -> tuple[str, str]:
+    return _base(frame.module) or "?", frame.symbol or f"+{frame.offset:#x}"
+
+
+def by_toucher(view: FaultView) -> list[tuple[tuple[str, str], float, set[str], Toucher]]:
+    """Pages faulted in by each caller ((library, symbol): a (pid, ip)'s pages split over its
+    exemplars' touchers), with the allocators they went through and the deepest stack seen, most
+    pages first; faults of an ip without an exemplar are left out."""
+    per_site: dict[tuple[int, int], float] = {}
+    for (pid, ip, _bucket), pages in view.pages.items():
+        per_site[(pid, ip)] = per_site.get((pid, ip), 0.0) + pages
+    out: dict[tuple[str, str], list] = {}
+    for site, pages in per_site.items():
+        touchers = view.touchers.get(site)
+        if not touchers:
+            continue
+        n = sum(touchers.values())
+        for toucher, k in touchers.items():
+            acc = out.setdefault(caller_label(toucher.caller), [0.0, set(), toucher])
+            acc[0] += pages * k / n
+            if toucher.allocator:
+                acc[1].add(toucher.allocator)
+            if toucher.allocator and not acc[2].allocator:
+                acc[2] = toucher  # the stack through the allocator says more
+    rows = [(label, pages, allocators, t) for label, (pages, allocators, t) in out.items()]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def toucher_json(label: tuple[str, str], pages: float, allocators: set[str], toucher: Toucher) -> dict:
+    return {
+        "library": label[0],
+        "symbol": label[1],
+        "allocators": sorted(allocators),
+        "pages": round(pages),
+        "bytes": round(pages * 4096),
+        "stack": [str(f) for f in toucher.stack.frames],
+    }
+
+
 class FaultTracer:
     """Runs probes/page_faults.c for a set of pids."""
 
