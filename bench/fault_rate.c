@@ -19,15 +19,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench.h"
+
 #define WINDOW (64UL << 20)
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static double tv(struct timeval t) { return t.tv_sec + t.tv_usec / 1e6; }
 
 int main(int argc, char **argv) {
     long count = 500000;

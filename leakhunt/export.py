@@ -371,13 +371,17 @@ def _tree_families(view: FleetView) -> Iterator:
     yield from (member, rss, pss, uss, count)
 
 
+def _bounds(family: GaugeMetricFamily, who: list[str], v) -> None:
+    for bound, value in (("estimate", v.trend.slope), ("lower", v.trend.lo), ("upper", v.trend.hi)):
+        if value == value:  # NaN: not enough samples yet; absent beats a fake zero
+            family.add_metric(who + [bound], value)
+
+
 def _judged(summary: MemorySummary, who: list[str], slope, leak, plateau) -> None:
     series = [("total", summary.rss)] + [(k.value, s) for k, s in summary.classes.items()]
     for name, s in series:
         v = s.verdict
-        for bound, value in (("estimate", v.trend.slope), ("lower", v.trend.lo), ("upper", v.trend.hi)):
-            if value == value:  # NaN: not enough samples yet; absent beats a fake zero
-                slope.add_metric(who + [name, bound], value)
+        _bounds(slope, who + [name], v)
         leak.add_metric(who + [name], float(v.leak))
         plateau.add_metric(who + [name], float(v.plateau))
 
@@ -414,20 +418,12 @@ class DeviceFamilies:
         if summary is None or summary.device is None:
             return
         v = summary.device.verdict
-        for bound, value in (("estimate", v.trend.slope), ("lower", v.trend.lo), ("upper", v.trend.hi)):
-            if value == value:  # NaN: not enough samples yet
-                self.slope.add_metric(who + [bound], value)
+        _bounds(self.slope, who, v)
         self.leak.add_metric(who, float(v.leak))
         self.plateau.add_metric(who, float(v.plateau))
 
     def families(self) -> tuple:
         return (self.bytes, self.slope, self.leak, self.plateau)
-
-
-def _bounds(family: GaugeMetricFamily, who: list[str], v) -> None:
-    for bound, value in (("estimate", v.trend.slope), ("lower", v.trend.lo), ("upper", v.trend.hi)):
-        if value == value:  # NaN: not enough samples yet; absent beats a fake zero
-            family.add_metric(who + [bound], value)
 
 
 class ChargeFamilies:

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import ctypes as ct
 import threading
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from leakhunt import resources
-from leakhunt.errors import BackendUnavailable
 from leakhunt.proc.shmem import object_pattern
 from leakhunt.proc.target import PROC
 from leakhunt.text import one_line
 from leakhunt.trace.events import Stack
+from leakhunt.trace.perf_program import PerfProgram
 from leakhunt.trace.unwind import CallerResolver, UserContext, is_wrapper_module
 
 PROBE = "shm_creators.c"
@@ -131,47 +129,23 @@ def _command(pid: int) -> str:
     return one_line(raw.replace(b"\0", b" ").decode("utf-8", "replace").strip())[:120]
 
 
-class CreatorTracer:
+class CreatorTracer(PerfProgram):
     """Runs probes/shm_creators.c and keeps, per (pid, pattern), who created what."""
 
+    probe = PROBE
+
     def __init__(self) -> None:
-        self.bpf = None
+        super().__init__()
         self.creators: dict[tuple[int, str], Creator] = {}
         self._fds: dict[tuple[int, int], tuple[int, str]] = {}  # (pid, fd) -> creator key
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._resolver = CallerResolver()
         self.events = 0
-        self.lost = 0
 
-    def start(self) -> None:
-        from leakhunt.trace.bcc import BccBackend  # noqa: PLC0415 - BCC's checks, loaded only here
+    def cflags(self) -> list[str]:
+        return cflags()
 
-        reason = BccBackend.unavailable_reason()
-        if reason:
-            raise BackendUnavailable("bcc", reason)
-        from bcc import BPF  # noqa: PLC0415
-
-        try:
-            self.bpf = BPF(text=resources.probe(PROBE).read_text().encode(), cflags=cflags())
-        except Exception as e:  # BCC raises bare Exception for compile and load errors
-            raise BackendUnavailable("bcc", f"cannot load {PROBE}: {str(e).splitlines()[0]}") from None
-        self.bpf[b"events"].open_perf_buffer(self._on_event, page_cnt=64, lost_cb=self._on_lost)
-        self._thread = threading.Thread(target=self._poll, name="shm-creators", daemon=True)
-        self._thread.start()
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.bpf.perf_buffer_poll(timeout=100)
-            except Exception:  # noqa: BLE001 - the tracer is evidence, never a reason to fail
-                time.sleep(0.1)
-
-    def _on_lost(self, count: int) -> None:
-        self.lost += count
-
-    def _on_event(self, _cpu, data, _size) -> None:
+    def on_event(self, data) -> None:
         e = ct.cast(data, ct.POINTER(_Event)).contents
         self.events += 1
         with self._lock:
@@ -203,14 +177,6 @@ class CreatorTracer:
                     creator.stack = self._resolver.unwind(int(e.pid), ctx)
                 except Exception:  # noqa: BLE001 - a process gone before we read its maps
                     pass
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(2)
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
 
     def of(self, pattern: str, shmids: Iterable[int] = ()) -> list[Creator]:
         """The creators of objects of this pattern (SysV: of these shmids), most objects first."""

@@ -16,9 +16,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from leakhunt import resources
-from leakhunt.errors import BackendUnavailable
 from leakhunt.trace.events import Frame, Stack
+from leakhunt.trace.perf_program import PerfProgram
 from leakhunt.trace.unwind import CallerResolver, UserContext, is_wrapper_module
 
 PROBE = "page_faults.c"
@@ -126,10 +125,6 @@ class _Exemplar(ct.Structure):
     ]
 
 
-class _Key(ct.Structure):
-    _fields_ = [("pid", ct.c_uint32), ("pad", ct.c_uint32), ("ip", ct.c_uint64), ("bucket", ct.c_uint64)]
-
-
 @dataclass(frozen=True)
 class Toucher:
     """Who faulted pages in: the first frame above the allocator and the string routines."""
@@ -189,45 +184,42 @@ def toucher_json(label: tuple[str, str], pages: float, allocators: set[str], tou
     }
 
 
-class FaultTracer:
+class FaultTracer(PerfProgram):
     """Runs probes/page_faults.c for a set of pids."""
 
+    probe = PROBE
+    buffer = b"exemplars"
+    pages = 256
+    poll_ms = 200
+
     def __init__(self, pids: tuple[int, ...]) -> None:
+        super().__init__()
         self.pids = set(pids)
-        self.bpf = None
         self.every = 1
         self._base: dict[tuple[int, int, int], float] = {}  # counts folded in at an earlier rate
         self._touchers: dict[tuple[int, int], Counter] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._resolver = CallerResolver()
         self._last_seen = 0
         self._last_t = 0.0
         self.sampled_ever = False
-        self.lost = 0
         self._final: FaultView | None = None
 
-    def start(self) -> None:
-        from leakhunt.trace.bcc import BccBackend  # noqa: PLC0415
+    def cflags(self) -> list[str]:
+        return cflags()
 
-        reason = BccBackend.unavailable_reason()
-        if reason:
-            raise BackendUnavailable("bcc", reason)
-        from bcc import BPF  # noqa: PLC0415
-
-        try:
-            self.bpf = BPF(text=resources.probe(PROBE).read_text().encode(), cflags=cflags())
-        except Exception as e:  # BCC raises bare Exception for compile and load errors
-            raise BackendUnavailable("bcc", f"cannot load {PROBE}: {str(e).splitlines()[0]}") from None
+    def setup(self) -> None:
         self.bpf[b"config"][ct.c_int(0)] = ct.c_uint64(1)
         with self._lock:
             for pid in self.pids:
                 self.bpf[b"traced"][ct.c_uint32(pid)] = ct.c_uint8(1)
-        self.bpf[b"exemplars"].open_perf_buffer(self._on_exemplar, page_cnt=256, lost_cb=self._on_lost)
         self._last_t = time.monotonic()
-        self._thread = threading.Thread(target=self._poll, name="page-faults", daemon=True)
-        self._thread.start()
+
+    def tick(self) -> None:
+        self._adapt()
+
+    def finish(self) -> None:
+        self._final = self.view()
 
     def add_pid(self, pid: int) -> None:
         """Trace this pid too (before start: it is installed with the others)."""
@@ -235,14 +227,6 @@ class FaultTracer:
             self.pids.add(pid)
             if self.bpf is not None:
                 self.bpf[b"traced"][ct.c_uint32(pid)] = ct.c_uint8(1)
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.bpf.perf_buffer_poll(timeout=200)
-                self._adapt()
-            except Exception:  # noqa: BLE001 - evidence, never a reason to fail
-                time.sleep(0.2)
 
     def _counter(self, i: int) -> int:
         return int(sum(getattr(v, "value", v) for v in self.bpf[b"counters"][ct.c_int(i)]))
@@ -273,10 +257,7 @@ class FaultTracer:
             self._base[key] = self._base.get(key, 0.0) + v.value * self.every
         table.clear()
 
-    def _on_lost(self, count: int) -> None:
-        self.lost += count
-
-    def _on_exemplar(self, _cpu, data, _size) -> None:
+    def on_event(self, data) -> None:
         x = ct.cast(data, ct.POINTER(_Exemplar)).contents
         site = (int(x.pid), int(x.ip))
         with self._lock:
@@ -317,12 +298,3 @@ class FaultTracer:
                 pages[key] = pages.get(key, 0.0) + v.value * self.every
             touchers = {site: Counter(c) for site, c in self._touchers.items()}
         return FaultView(pages, touchers, self.sampled_ever or self.every > 1, self._counter(0))
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(2)
-        if self.bpf is not None:
-            self._final = self.view()
-            self.bpf.cleanup()
-            self.bpf = None
