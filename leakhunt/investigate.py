@@ -410,6 +410,7 @@ class Investigation:
                 f"{self.target.describe()}: {reason} before a second sample; nothing to judge"
             )
         final = self.evaluate()
+        final = Evaluation(final.t, final.summary.with_true_orphans(), final.attribution)
         gdb = None
         if self.options.gdb_stacks and error is None and final.summary.leak and reason != STOP_INTERRUPTED:
             gdb = self._deepen(final)

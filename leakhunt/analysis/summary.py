@@ -3,7 +3,7 @@ each with a verdict. watch, investigate, ci, report and export all render this o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -12,7 +12,7 @@ from leakhunt.proc.cgroup import CgroupReading, FsUsage, time_to
 from leakhunt.proc.classes import RegionClass
 from leakhunt.proc.growth import range_growth
 from leakhunt.proc.sampler import History
-from leakhunt.proc.shmem import HeldShm, ShmTotals
+from leakhunt.proc.shmem import HeldShm, ShmTotals, true_orphans
 
 TOP_GROUPS = 10
 TOP_REGIONS = 10
@@ -178,6 +178,17 @@ class MemorySummary:
             "top_regions": [r.to_json() for r in self.regions],
             "device_memory": {"available": True, **self.device.to_json()} if self.device else None,
         }
+
+    def with_true_orphans(self) -> MemorySummary:
+        """The /dev/shm files this process does not map narrowed to those no process on the host
+        maps or holds open (a scan of every process: for a run's final summary, not each sample)."""
+        if self.held_objects is None or not self.held_objects.orphans:
+            return self
+        held = true_orphans(self.held_objects)
+        shm = self.shm
+        if shm is not None:
+            shm = replace(shm, orphans=len(held.orphans), orphan_bytes=held.orphan_bytes)
+        return replace(self, held_objects=held, shm=shm)
 
     def held_json(self) -> dict:
         doc = self.held_objects.to_json() if self.held_objects is not None else None

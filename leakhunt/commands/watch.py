@@ -189,7 +189,7 @@ def _watch_one(
     result = sampler.run(duration, on_sample)
     if recorder:
         recorder.flush_last()
-    summary = summarize(result.history, warmup_s=warmup)
+    summary = summarize(result.history, warmup_s=warmup).with_true_orphans()
     live.final = Group(
         Text(f"summary — stopped: {result.stopped_because}", style="bold"),
         render_one(target, result.history, summary, interval, None),
