@@ -31,7 +31,7 @@ from leakhunt.record import SampleRecorder, SessionWriter
 from leakhunt.trace.backend import TraceOptions, TraceStats, backend_class
 from leakhunt.trace.creators import CreatorTracer
 from leakhunt.trace.events import EventKind, Frame, Stack
-from leakhunt.trace.faults import FaultTracer
+from leakhunt.trace.faults import FaultTracer, allocator_of
 from leakhunt.trace.session import BackendChoice, choose_backend
 from leakhunt.trace.tree_trace import TreeTrace
 
@@ -50,6 +50,8 @@ MIN_DECIDE_S = 15.0
 CONFIDENT_EXPLAINED = 0.9
 CONFIDENT_REPEATS = 3
 EVALUATE_EVERY_S = 2.0
+#: Below this share of the growth explained by mmaps, the page-fault source is started.
+FAULTS_BELOW = 0.8
 #: The longest the tracer's turn between samples runs at once.
 POLL_S = 0.25
 #: The gdb pass that deepens a shallow stack: its budget, so the target is stopped only briefly.
@@ -214,7 +216,8 @@ class Investigation:
         self.tracer: TreeTrace | None = None
         self.creators: CreatorTracer | None = None
         self.faults: FaultTracer | None = None
-        self._loader: threading.Thread | None = None
+        self._loaders: list[threading.Thread] = []
+        self._extras_possible = False
         self._stopping = threading.Event()
         self.choice: BackendChoice | None = None
         self.no_tracer: str | None = None
@@ -262,26 +265,46 @@ class Investigation:
         self.tracer = TreeTrace(self.target, self.choice, options, self.writer)
         # Started before the children are listed: one forked in between is followed by the backend.
         self.tracer.start()
-        if self.choice.name != "gdb":
-            # Compiled in the background, one after the other: sampling starts now, and these
-            # two only add evidence once they are loaded.
-            if self.options.creators:
-                self.creators = CreatorTracer()
-            if self.options.faults:
-                self.faults = FaultTracer(
-                    (self.target.pid, *(descendants(self.target.pid) if follow else ()))
-                )
-            self._loader = threading.Thread(target=self._load_extras, name="bpf-extras", daemon=True)
-            self._loader.start()
+        # The creators and page-fault sources are started by the evaluations that need them
+        # (shared memory held, growth the mmaps do not explain or an allocator mapped): most
+        # investigations never pay for them.
+        self._extras_possible = self.choice.name != "gdb"
         for child in self.tree.existing() if self.tree else ():
             self.tracer.adopt(child, existed=True)
 
-    def _load_extras(self) -> None:
+    def _want_extras(self, summary: MemorySummary, attribution: Attribution) -> None:
+        """Start, in the background, the evidence this evaluation says is missing."""
+        if not self._extras_possible or self._stopping.is_set():
+            return
+        wanted = []
+        held_grows = summary.held is not None and summary.held.growth > 0
+        if (
+            self.options.creators
+            and self.creators is None
+            and (held_grows or any(c.segments for c in attribution.culprits))
+        ):
+            self.creators = CreatorTracer()
+            wanted.append("creators")
+        top = attribution.culprits[0] if attribution.culprits else None
+        through_allocator = top is not None and top.evidence.startswith("traced") and _allocator_culprit(top)
+        unexplained = summary.main.growth > 0 and attribution.explained_fraction < FAULTS_BELOW
+        if self.options.faults and self.faults is None and (unexplained or through_allocator):
+            pids = (self.target.pid, *(descendants(self.target.pid) if self.options.subprocesses else ()))
+            self.faults = FaultTracer(pids)
+            wanted.append("faults")
+        if wanted:
+            loader = threading.Thread(
+                target=self._load_extras, args=(wanted,), name="bpf-extras", daemon=True
+            )
+            self._loaders.append(loader)
+            loader.start()
+
+    def _load_extras(self, wanted: list[str]) -> None:
         for name, tracer, what in (
             ("creators", self.creators, "who creates shared objects is not traced"),
             ("faults", self.faults, "page faults are not counted"),
         ):
-            if tracer is None or self._stopping.is_set():
+            if name not in wanted or tracer is None or self._stopping.is_set():
                 continue
             try:
                 tracer.start()
@@ -294,8 +317,8 @@ class Investigation:
 
     def _stop_extras(self) -> None:
         self._stopping.set()
-        if self._loader is not None:
-            self._loader.join(60)  # a compile in progress: it finishes, then stops at once
+        for loader in self._loaders:
+            loader.join(60)  # a compile in progress: it finishes, then stops at once
         for tracer in (self.creators, self.faults):
             if tracer is not None:
                 tracer.stop()
@@ -338,6 +361,7 @@ class Investigation:
             )
         if self.creators is not None:
             attribution = with_creators(attribution, self.creators)
+        self._want_extras(summary, attribution)
         ev = Evaluation(self.history.duration_s, summary, attribution)
         self.evaluations.append(ev)
         if self.writer:
@@ -500,6 +524,11 @@ class Investigation:
 def _same_caller(caller: Frame | None, stack: Stack, library: str, symbol: str) -> bool:
     frames = ((caller,) if caller else ()) + stack.frames
     return any(f.library == library and (f.symbol or "") == symbol for f in frames)
+
+
+def _allocator_culprit(c) -> bool:
+    """A traced culprit whose caller is an allocator's own code (malloc's sysmalloc, jemalloc)."""
+    return allocator_of(Frame(0, c.library, c.symbol or None)) is not None
 
 
 def with_creators(attribution: Attribution, creators: CreatorTracer) -> Attribution:

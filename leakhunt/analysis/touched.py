@@ -3,9 +3,10 @@
 Used by the correlator for the growth no traced mapping explains: regions mapped before tracing
 began, arenas grown with mprotect or brk, segments an allocator reserved and commits by touching.
 Each growing region's growth goes to the code that faulted its pages in (trace.faults), in
-proportion to the pages each faulted there. The fault source starts a few seconds into a run, so
-it sees a sample of the faults: when it saw at least SAMPLE_ENOUGH of a region's growth, the
-whole growth is shared out in those proportions; otherwise only the pages it saw are explained.
+proportion to the pages each faulted there. The fault source starts some seconds into a run (when
+the mmaps do not explain the growth), so it sees a sample of the faults: once it saw at least
+SAMPLE_ENOUGH of a region's growth, the whole growth is shared out in those proportions; before
+that the region is left to the other evidence (a traced mapping, the arena shape).
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ def touched(
             for ip, pages in entries:
                 per_ip[ip] += pages * overlap
         faulted = sum(per_ip.values())
-        if faulted <= 0:
-            continue
-        explained = g if faulted * PAGE >= SAMPLE_ENOUGH * g else faulted * PAGE
+        if faulted * PAGE < SAMPLE_ENOUGH * g:
+            continue  # too little seen yet to speak for this region
+        explained = g
         used.add(i)
         klass = CLASSES[after.classes[i]]
         for ip, pages in per_ip.items():
