@@ -18,15 +18,18 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 
-from leakhunt.proc.shmem import REFRESH_EVERY, kind_of
-from leakhunt.proc.target import PROC
+from leakhunt.errors import LeakhuntError
+from leakhunt.proc.shmem import ShmAccountant
+from leakhunt.proc.smaps import Snapshot, parse_smaps
+from leakhunt.proc.target import PROC, kb_fields, proc_read, read_cmdline
 
 #: A process's address space is re-listed at least this often (ticks) even when VmSize is still.
 MAPS_EVERY = 6
+#: The counters a tick reads from /proc/PID/status.
+NODE_FIELDS = ("VmSize", "VmRSS", "RssShmem")
 #: Samples kept per process for its slope (older ones drop off).
 WINDOW = 720
 
-_SHMEM_PATH = re.compile(r"^(/dev/shm/|/?memfd:|/SYSV|/dev/zero|/anon_hugepage|\[anon_shmem:)")
 _POD = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
 _CONTAINER = re.compile(
     r"(?:docker|cri-containerd|crio|containerd|libpod)[-/]([0-9a-f]{12,64})|/([0-9a-f]{64})(?:\.scope)?$"
@@ -67,32 +70,30 @@ def parse_placement(text: str) -> Placement:
 
 
 def _status(pid: int) -> dict[str, int] | None:
+    """The kernel's memory counters; None for kernel threads and processes gone or not ours."""
     try:
-        with open(PROC / str(pid) / "status", "rb") as f:
-            text = f.read()
-    except OSError:
+        status = kb_fields(proc_read(pid, "status"), NODE_FIELDS)
+    except LeakhuntError:
         return None
-    out: dict[str, int] = {}
-    for line in text.split(b"\n"):
-        key, _, value = line.partition(b":")
-        if key in (b"VmRSS", b"RssShmem", b"VmSize"):
-            out[key.decode()] = int(value.split()[0]) * 1024
-        elif key == b"NSpid":
-            out["nspid"] = int(value.split()[-1])
-    return out if "VmSize" in out else None  # kernel threads have no memory
+    return status if "VmSize" in status else None  # kernel threads have no memory
+
+
+def _nspid(pid: int) -> int:
+    """The pid inside the process's own pid namespace (the last of NSpid)."""
+    try:
+        for line in (PROC / str(pid) / "status").read_bytes().splitlines():
+            if line.startswith(b"NSpid:"):
+                return int(line.split()[-1])
+    except (OSError, ValueError):
+        pass
+    return pid
 
 
 def _command(pid: int) -> str:
     try:
-        raw = (PROC / str(pid) / "cmdline").read_bytes()
-    except OSError:
+        return read_cmdline(pid)
+    except LeakhuntError:
         return ""
-    if not raw:
-        try:
-            return "[" + (PROC / str(pid) / "comm").read_text().strip() + "]"
-        except OSError:
-            return ""
-    return raw.replace(b"\0", b" ").decode("utf-8", "replace").strip()
 
 
 @dataclass
@@ -101,14 +102,14 @@ class ProcessTrack:
     command: str
     place: Placement
     nspid: int
+    shm: ShmAccountant  # its shared objects, measured whole (as watch does, from maps here)
     t: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
     rss: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
     footprint: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
     held: int = 0
     vmsize: int = -1
     maps_tick: int = -MAPS_EVERY
-    objects: dict = field(default_factory=dict)  # (dev, inode) -> [bytes, range, tick measured]
-    tmpfs: set = field(default_factory=set)
+    maps: Snapshot | None = None  # the latest /proc/PID/maps (no page-table walk: no RSS fields)
 
 
 class NodeSampler:
@@ -163,14 +164,16 @@ class NodeSampler:
                 if not self._keep(pid, command, place):
                     continue
                 track = self.tracks[pid] = ProcessTrack(
-                    pid, command, place, status.get("nspid", pid), tmpfs=self._memory_fs(pid)
+                    pid, command, place, _nspid(pid), ShmAccountant(pid, tmpfs=self._memory_fs(pid))
                 )
             seen.add(pid)
             if status["VmSize"] != track.vmsize or self.tick_no - track.maps_tick >= MAPS_EVERY:
-                self._objects(track)
+                self._maps(track)
                 track.vmsize = status["VmSize"]
                 track.maps_tick = self.tick_no
-            self._refresh(track)
+            if track.maps is not None:
+                # new objects at once, the others one in REFRESH_EVERY ticks (ShmAccountant)
+                track.held = track.shm.measure(track.maps).bytes
             rss = status.get("VmRSS", 0)
             track.t.append(t)
             track.rss.append(rss)
@@ -178,39 +181,9 @@ class NodeSampler:
         for pid in [p for p in self.tracks if p not in seen]:
             self.ended.append(self.tracks.pop(pid))
 
-    def _objects(self, track: ProcessTrack) -> None:
-        """The shmem-backed objects the process maps now (from maps: no page-table walk)."""
+    def _maps(self, track: ProcessTrack) -> None:
+        """The process's mappings now, from maps (no page-table walk)."""
         try:
-            with open(PROC / str(track.pid) / "maps", "rb") as f:
-                lines = f.read().split(b"\n")
-        except OSError:
-            return
-        found: dict = {}
-        for line in lines:
-            parts = line.split(None, 5)
-            if len(parts) < 6:
-                continue
-            path = parts[5].decode("utf-8", "replace")
-            dev = parts[3].decode()
-            if not (_SHMEM_PATH.match(path) or dev in track.tmpfs):
-                continue
-            key = (dev, int(parts[4]))
-            if key not in found:
-                old = track.objects.get(key)
-                found[key] = (
-                    old if old is not None else [None, parts[0].decode(), -REFRESH_EVERY, kind_of(path)]
-                )
-        track.objects = found
-
-    def _refresh(self, track: ProcessTrack) -> None:
-        base = PROC / str(track.pid) / "map_files"
-        total = 0
-        for key, obj in track.objects.items():
-            if obj[0] is None or (hash(key) + self.tick_no) % REFRESH_EVERY == 0:
-                try:
-                    obj[0] = os.stat(base / obj[1]).st_blocks * 512
-                except OSError:
-                    obj[0] = obj[0] or 0
-                obj[2] = self.tick_no
-            total += obj[0]
-        track.held = total
+            track.maps = parse_smaps(proc_read(track.pid, "maps"), source=f"/proc/{track.pid}/maps")
+        except LeakhuntError:
+            pass

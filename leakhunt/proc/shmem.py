@@ -310,9 +310,9 @@ def memory_fs_devices(pid: int) -> set[str]:
 class ShmAccountant:
     """Measures the shared objects of one process, sample after sample (keeps the stat cache)."""
 
-    def __init__(self, pid: int, dev_shm: Path | None = None) -> None:
+    def __init__(self, pid: int, dev_shm: Path | None = None, tmpfs: set[str] | None = None) -> None:
         self.pid = pid
-        self.tmpfs = memory_fs_devices(pid)
+        self.tmpfs = memory_fs_devices(pid) if tmpfs is None else tmpfs
         # the last measure: object keys (sorted), bytes, size, resident bytes when measured
         self._cache: tuple[np.ndarray, ...] = (np.zeros(0, np.int64),) * 4
         self._seq = 0
@@ -321,7 +321,7 @@ class ShmAccountant:
 
     def rows(self, snap: Snapshot) -> np.ndarray:
         """Indices of the mappings that are shared objects held in memory."""
-        mask = np.isin(snap.classes, _SHM_CODES)
+        mask = (snap.classes == _SHM_CODES[0]) | (snap.classes == _SHM_CODES[1])
         files = np.flatnonzero(snap.classes == _FILE_CODE)
         for i in files.tolist():
             if snap.dev[i] in self.tmpfs and snap.perms[i][3:4] == "s":
@@ -389,7 +389,7 @@ class ShmAccountant:
         else:
             fresh = known
         todo = np.flatnonzero(~fresh | ((keys + seq) % REFRESH_EVERY == 0))
-        fd = self._dirfd()
+        fd = self._dirfd() if len(todo) else None
         starts = snap.start[rows[todo]].tolist()
         ends = snap.end[rows[todo]].tolist()
         for j, a, b in zip(todo.tolist(), starts, ends):

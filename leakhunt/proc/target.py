@@ -61,15 +61,14 @@ def proc_read(pid: int, name: str) -> bytes:
     return b"".join(chunks)
 
 
-def _kb_fields(text: bytes, keep: tuple[str, ...] | None = None) -> dict[str, int]:
+def kb_fields(text: bytes, keep: tuple[str, ...] | None = None) -> dict[str, int]:
     out: dict[str, int] = {}
+    wanted = None if keep is None else {k.encode() for k in keep}
     for line in text.splitlines():
         name, sep, rest = line.partition(b":")
-        if not sep:
+        if not sep or (wanted is not None and name not in wanted):
             continue
         key = name.decode()
-        if keep is not None and key not in keep:
-            continue
         parts = rest.split()
         if len(parts) == 2 and parts[1] == b"kB" and parts[0].isdigit():
             out[key] = int(parts[0]) * 1024
@@ -80,7 +79,7 @@ def _kb_fields(text: bytes, keep: tuple[str, ...] | None = None) -> dict[str, in
 
 def read_status(pid: int) -> dict[str, int]:
     """Memory fields of /proc/PID/status in bytes, plus Threads."""
-    return _kb_fields(proc_read(pid, "status"), STATUS_FIELDS + ("Threads",))
+    return kb_fields(proc_read(pid, "status"), STATUS_FIELDS + ("Threads",))
 
 
 @dataclass(frozen=True)
@@ -113,6 +112,11 @@ class Target:
         return f"pid {self.pid} ({self.cmdline[:60] or self.comm}{inside})"
 
 
+def read_cmdline(pid: int) -> str:
+    """The command line, arguments joined by spaces ('' for a kernel thread). Raises TargetGone."""
+    return proc_read(pid, "cmdline").replace(b"\0", b" ").decode(errors="replace").strip()
+
+
 def _stat_fields(pid: int) -> list[str]:
     stat = proc_read(pid, "stat").decode(errors="replace")
     # comm may contain spaces and parentheses: split after the last ')'.
@@ -139,7 +143,7 @@ def open_target(pid: int) -> Target:
     comm = info.get("Name", "").strip()
     uid = int(info.get("Uid", "0").split()[0])
     nspid = tuple(int(x) for x in info.get("NSpid", str(pid)).split()) or (pid,)
-    cmdline = proc_read(pid, "cmdline").replace(b"\0", b" ").decode(errors="replace").strip()
+    cmdline = read_cmdline(pid)
     if not cmdline:
         raise TargetGone(pid, f"pid {pid} ({comm}) is a kernel thread: it has no user memory")
     # smaps needs ptrace read access: check now so the failure is one line at the start.

@@ -18,8 +18,9 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from leakhunt.errors import LeakhuntError
 from leakhunt.proc.shmem import object_pattern
-from leakhunt.proc.target import PROC
+from leakhunt.proc.target import read_cmdline
 from leakhunt.text import one_line
 from leakhunt.trace.events import Stack
 from leakhunt.trace.perf_program import PerfProgram
@@ -123,10 +124,9 @@ class Creator:
 
 def _command(pid: int) -> str:
     try:
-        raw = (PROC / str(pid) / "cmdline").read_bytes()
-    except OSError:
+        return one_line(read_cmdline(pid))[:120]
+    except LeakhuntError:  # gone (or not ours) before we looked
         return ""
-    return one_line(raw.replace(b"\0", b" ").decode("utf-8", "replace").strip())[:120]
 
 
 class CreatorTracer(PerfProgram):
