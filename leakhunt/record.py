@@ -32,6 +32,7 @@ from typing import Any
 from leakhunt import __version__
 from leakhunt.errors import BadInput, CorruptRecording
 from leakhunt.files import gunzip
+from leakhunt.proc.sampler import charge_record
 
 FORMAT_VERSION = 1
 SESSION = "session.json"
@@ -386,10 +387,7 @@ class TreeRecorder:
                     "classes": {c.value: v[-1] for c, v in tree.classes.items() if v[-1]},
                     "pids": [s.pid for s in samples],
                     **({"gpu_bytes": tree.gpu[-1]} if len(tree.gpu) == len(tree) else {}),
-                    "footprint": tree.footprint[-1],
-                    **({"held_shm": tree.shm.to_json()} if tree.shm is not None else {}),
-                    **({"cgroup": tree.cgroup.to_json()} if tree.cgroup is not None else {}),
-                    **({"dev_shm": tree.dev_shm.to_json()} if tree.dev_shm is not None else {}),
+                    **charge_record(tree.footprint[-1], tree.shm, tree.cgroup, tree.dev_shm),
                 },
             )
 

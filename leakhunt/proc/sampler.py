@@ -73,11 +73,20 @@ class Sample:
             "groups": [[c.value, path, g.rss, g.regions] for (c, path), g in self.groups.items() if g.rss],
             "snapshot": snapshot_path,
             **({"gpu_bytes": self.gpu_bytes} if self.gpu_bytes is not None else {}),
-            "footprint": self.footprint,
-            **({"held_shm": self.shm.to_json()} if self.shm is not None else {}),
-            **({"cgroup": self.cgroup.to_json()} if self.cgroup is not None else {}),
-            **({"dev_shm": self.dev_shm.to_json()} if self.dev_shm is not None else {}),
+            **charge_record(self.footprint, self.shm, self.cgroup, self.dev_shm),
         }
+
+
+def charge_record(
+    footprint_bytes: int, shm: ShmTotals | None, cgroup: CgroupReading | None, dev_shm: FsUsage | None
+) -> dict:
+    """The footprint and the kernel's charges as a sample (or a tree's tick) records them."""
+    return {
+        "footprint": footprint_bytes,
+        **({"held_shm": shm.to_json()} if shm is not None else {}),
+        **({"cgroup": cgroup.to_json()} if cgroup is not None else {}),
+        **({"dev_shm": dev_shm.to_json()} if dev_shm is not None else {}),
+    }
 
 
 def footprint(rss: int, shm: ShmTotals | None) -> int:
