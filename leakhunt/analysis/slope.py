@@ -48,10 +48,11 @@ class Trend:
 NO_TREND = Trend(math.nan, math.nan, math.nan, math.nan, 0, 0.0, math.nan, math.nan)
 
 
-def _thin(t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if len(t) <= MAX_POINTS:
+def thin(t: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_points`` bucket medians of a long series (the shape, not the noise)."""
+    if len(t) <= max_points:
         return t, y
-    edges = np.linspace(0, len(t), MAX_POINTS + 1).astype(int)
+    edges = np.linspace(0, len(t), max_points + 1).astype(int)
     return (
         np.array([np.median(t[a:b]) for a, b in zip(edges[:-1], edges[1:])]),
         np.array([np.median(y[a:b]) for a, b in zip(edges[:-1], edges[1:])]),
@@ -68,7 +69,7 @@ def fit(t, y, confidence: float = 0.95) -> Trend:
         return Trend(
             math.nan, math.nan, math.nan, math.nan, len(t), float(np.ptp(t)), y[0], y[-1], confidence
         )
-    tt, yy = _thin(t, y)
+    tt, yy = thin(t, y)
     if np.ptp(yy) == 0:  # a flat line: theilslopes' interval degenerates, the answer is exact
         return Trend(0.0, 0.0, 0.0, float(yy[0]), len(t), float(t[-1] - t[0]), y[0], y[-1], confidence)
     res = theilslopes(yy, tt, alpha=confidence)
