@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SUBJECTS = {
     "reserve": ["reserve_leaker", "--rate", "4M", "--chunk", "256K"],
+    # ten times the faults, all given back: in the same mapping as the records
+    "churn": ["reserve_leaker", "--rate", "4M", "--chunk", "256K", "--churn", "5"],
     "glibc": ["alloc_leaker_glibc", "--rate", "4M", "--chunk", "16K"],
     "jemalloc": ["alloc_leaker_jemalloc", "--rate", "4M", "--chunk", "16K"],
     "mimalloc": ["alloc_leaker_mimalloc", "--rate", "4M", "--chunk", "16K"],
@@ -47,6 +49,19 @@ def test_reserved_then_touched_is_named_by_the_filler(docs):
     assert (top["library"], top["symbol"]) == ("reserve_leaker", "lk_fill_record"), top
     assert top["evidence"] == "page faults" and top["class"] == "anon"
     assert "memset" in top["stack"][0]  # the fault is in the string routine; the culprit above it
+    assert top["mapped_by"] == "before tracing" and top["filled_fraction"] > 0.9, top
+    assert "mapped before tracing, " in docs["reserve"]["verdict"]
+
+
+def test_pages_given_back_are_netted_out(docs):
+    """lk_scratch_pass makes ten faults for each of lk_fill_record's, in the same mapping, and
+    gives every page back with MADV_DONTNEED: what counts is the pages each keeps."""
+    doc = docs["churn"]
+    top = _top(doc)
+    assert (top["library"], top["symbol"]) == ("reserve_leaker", "lk_fill_record"), top
+    assert top["share"] >= 0.8 and top["filled_fraction"] >= 0.8, top
+    scratch = [c for c in doc["culprits"] if c["symbol"] == "lk_scratch_pass"]
+    assert not scratch or scratch[0]["share"] < 0.1, scratch
 
 
 @pytest.mark.parametrize(

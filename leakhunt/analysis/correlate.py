@@ -9,6 +9,7 @@ never spread over the culprits. Memory classes a tracer does not see get their o
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -60,6 +61,10 @@ class Culprit:
     detail: str = ""  # e.g. the /dev/shm name pattern of the segments it maps
     origin: str = ""  # the first frame outside the C library, when the caller is in it
     created_by: tuple[dict, ...] = ()  # shared objects: who created them (trace.creators.Creator.to_json)
+    # First-touch culprits: who mapped the regions it filled ("libX.so!fn", or "before tracing"),
+    # and the share of those regions' growth that it filled.
+    mapped_by: str = ""
+    filled: float = 0.0
 
     @property
     def segments(self) -> str | None:
@@ -90,6 +95,8 @@ class Culprit:
             "detail": self.detail,
             "origin": self.origin,
             "created_by": list(self.created_by),
+            "mapped_by": self.mapped_by or None,
+            "filled_fraction": self.filled if self.mapped_by else None,
         }
 
 
@@ -125,6 +132,9 @@ class Attribution:
         }.get(top.klass, f"{top.klass.value} memory")
         if top.evidence == "page faults":
             by = f"filled by {top.library}'s {top.symbol} (first touch, by its page faults)"
+            if top.mapped_by:
+                mapped = top.mapped_by if top.mapped_by == "before tracing" else f"by {top.mapped_by}"
+                by = f"mapped {mapped}, {format_share(top.filled)} of it {by}"
         elif top.evidence.startswith("traced"):
             by = f"mapped by {top.library}'s {top.symbol}" if top.symbol else f"mapped by {top.library}"
             if top.origin:
@@ -374,13 +384,40 @@ def _arenas(
     ]
 
 
+def _mappers(
+    after: Snapshot, by_allocator: Sequence[Outstanding], regions: dict[int, float]
+) -> dict[int, str]:
+    """Who mapped each region the faults explain: the allocator call the tracer saw map it, the
+    brk heap, or nobody seen (it was mapped before tracing)."""
+    out = {i: "brk" if CLASSES[after.classes[i]] is RegionClass.HEAP else "before tracing" for i in regions}
+    if by_allocator:
+        at = _region_at(after, np.array([o.start for o in by_allocator], np.uint64))
+        for o, i in zip(by_allocator, at):
+            if i in out and o.caller is not None:
+                c = o.caller
+                out[i] = f"{c.library}!{c.symbol}" if c.symbol else c.library
+    return out
+
+
 def _touched_culprits(
-    found: dict[tuple, list], faults: FaultView, duration: float, total: int, pid: int
+    found: dict[tuple, list],
+    faults: FaultView,
+    duration: float,
+    total: int,
+    pid: int,
+    growth: dict[int, float],
+    mappers: dict[int, str],
 ) -> list[Culprit]:
     out = []
-    for (library, symbol, klass), (g, pages, toucher, allocators) in found.items():
+    for (library, symbol, klass), (g, pages, toucher, allocators, regions) in found.items():
         if g <= 0:
             continue
+        by_mapper: Counter = Counter()
+        for i, filled in regions.items():
+            by_mapper[mappers[i]] += filled
+        mapper = by_mapper.most_common(1)[0][0]
+        mapped = [i for i in regions if mappers[i] == mapper]
+        filled = sum(regions[i] for i in mapped) / max(1.0, sum(growth[i] for i in mapped))
         via = f"; allocator {', '.join(sorted(allocators))}" if allocators else ""
         sampled = " (sampled, scaled)" if faults.sampled else ""
         out.append(
@@ -398,6 +435,8 @@ def _touched_culprits(
                 pid,
                 0,
                 f"first touched {int(pages)} pages{sampled}{via}",
+                mapped_by=mapper,
+                filled=min(1.0, filled),
             )
         )
     return out
@@ -455,8 +494,9 @@ def correlate(
         covered = {i for i in _region_at(after, lo) if i is not None}
     if faults is not None and pid is not None:
         found, used = touched(before, after, faults, pid, covered)
-        covered |= used
-        culprits += _touched_culprits(found, faults, duration_s, total, pid)
+        covered.update(used)
+        mappers = _mappers(after, by_allocator, used)
+        culprits += _touched_culprits(found, faults, duration_s, total, pid, used, mappers)
         rest = [o for o in by_allocator if _region_at(after, np.array([o.start], np.uint64))[0] not in used]
         culprits += _traced(before, after, rest, duration_s, total)
         if rest:

@@ -19,7 +19,7 @@ from leakhunt.analysis.culprits import by_id, match
 from leakhunt.proc.classes import CLASSES, RegionClass
 from leakhunt.proc.growth import held_between
 from leakhunt.proc.smaps import Snapshot
-from leakhunt.trace.faults import BUCKET_SHIFT, FaultView, Toucher
+from leakhunt.trace.faults import BUCKET_SHIFT, FaultView, Site, Toucher
 
 PAGE = 4096
 BUCKET = 1 << BUCKET_SHIFT
@@ -36,15 +36,16 @@ def _label(frame) -> tuple[str, str]:
 
 def touched(
     before: Snapshot, after: Snapshot, view: FaultView, pid: int, covered: set[int]
-) -> tuple[dict[tuple, list], set[int]]:
-    """(library, symbol, class) -> [bytes, pages faulted, Toucher, allocators]; and the regions
-    the faults explained (some of) the growth of."""
-    by_bucket: dict[int, list[tuple[int, float]]] = defaultdict(list)
-    for (p, ip, bucket), pages in view.pages.items():
+) -> tuple[dict[tuple, list], dict[int, float]]:
+    """(library, symbol, class) -> [bytes, pages faulted, Toucher, allocators, Counter of the
+    bytes it filled in each region (by index in ``after``)]; and the regions the faults explained
+    (some of) the growth of, with their growth."""
+    by_bucket: dict[int, list[tuple[Site, float]]] = defaultdict(list)
+    for (p, site, bucket), pages in view.pages.items():
         if p == pid and pages > 0:
-            by_bucket[bucket].append((ip, pages))
+            by_bucket[bucket].append((site, pages))
     out: dict[tuple, list] = {}
-    used: set[int] = set()
+    used: dict[int, float] = {}
     if not by_bucket:
         return out, used
     codes = [CLASSES.index(c) for c in TOUCHED_CLASSES]
@@ -57,31 +58,32 @@ def touched(
         if g <= 0:
             continue
         lo, hi = int(after.start[i]), int(after.end[i])
-        per_ip: Counter = Counter()
+        per_site: Counter = Counter()
         for b in range(lo >> BUCKET_SHIFT, ((hi - 1) >> BUCKET_SHIFT) + 1):
             entries = by_bucket.get(b)
             if not entries:
                 continue
             overlap = (min(hi, (b + 1) << BUCKET_SHIFT) - max(lo, b << BUCKET_SHIFT)) / BUCKET
-            for ip, pages in entries:
-                per_ip[ip] += pages * overlap
-        faulted = sum(per_ip.values())
+            for site, pages in entries:
+                per_site[site] += pages * overlap
+        faulted = sum(per_site.values())
         if faulted * PAGE < SAMPLE_ENOUGH * g:
             continue  # too little seen yet to speak for this region
         explained = g
-        used.add(i)
+        used[i] = g
         klass = CLASSES[after.classes[i]]
-        for ip, pages in per_ip.items():
-            touchers = view.touchers.get((pid, ip))
+        for site, pages in per_site.items():
+            touchers = view.touchers.get((pid, site))
             if not touchers:
                 continue
             n = sum(touchers.values())
             for toucher, k in touchers.items():
                 weight = pages * k / n
                 key = (*_label(toucher.caller), klass)
-                acc = out.setdefault(key, [0.0, 0.0, toucher, set()])
+                acc = out.setdefault(key, [0.0, 0.0, toucher, set(), Counter()])
                 acc[0] += explained * weight / faulted
                 acc[1] += weight
+                acc[4][i] += explained * weight / faulted
                 if toucher.allocator:
                     acc[3].add(toucher.allocator)
                 # the stack through the allocator says more than a memset's

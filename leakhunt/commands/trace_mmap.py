@@ -147,6 +147,7 @@ def command(
         document["faults"] = {
             "seen": view.seen,
             "sampled": view.sampled,
+            "given_back_pages": view.given_back,
             "by_caller": [toucher_json(*row) for row in by_toucher(view)[:TOP]],
         }
     if writer:
@@ -331,7 +332,10 @@ def render(
 def _fault_table(view: FaultView) -> Table:
     sampled = ", sampled and scaled" if view.sampled else ""
     table = Table(
-        title=f"pages faulted in, by the code above the allocator ({view.seen} faults seen{sampled})",
+        title=(
+            f"pages faulted in and still held, by the code above the allocator ({view.seen} faults "
+            f"seen, {view.given_back} pages given back since{sampled})"
+        ),
         title_justify="left",
         box=None,
         pad_edge=False,

@@ -46,6 +46,10 @@ MAP_FIXED_NOREPLACE = 0x100000
 MREMAP_MAYMOVE = 1
 MREMAP_FIXED = 2
 MREMAP_DONTUNMAP = 4
+#: madvise: its number (not an EventKind: only the fault source follows it) and the advice values
+#: that give pages back.
+NR_MADVISE = 28
+MADV_GIVE_BACK = {"MADV_DONTNEED": 4, "MADV_FREE": 8, "MADV_REMOVE": 9, "MADV_DONTNEED_LOCKED": 24}
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,12 @@
 """Page-fault evidence (probes/page_faults.c, BCC): the code that fills memory, page by page.
 
 Memory that an allocator reserved once and commits by touching grows with no mmap in the window;
-the page fault that allocates each page is the event to follow. The kernel counts not-present
-faults of the traced pids by (pid, faulting ip, 2 MiB bucket); exemplars carry a copy of the
-stack, unwound here with the mmap tracer's DWARF machinery, so that a fault in memset or inside
-jemalloc is put on the code above them. At high fault rates one fault in N is counted (N a power
-of two, set from the rate each second) and the counts are scaled back; that is said.
+the page fault that allocates each page is the event to follow. The kernel keeps the pages the
+traced pids faulted in, by (pid, 2 MiB bucket, faulting ip), net of the pages given back since
+(munmap, MADV_DONTNEED and kin, MAP_FIXED, mremap); exemplars carry a copy of the stack, unwound
+here with the mmap tracer's DWARF machinery, so that a fault in memset or inside jemalloc is put on
+the code above them. At high fault rates one fault in N is counted with weight N (N a power of
+two, set from the rate each second); that is said.
 """
 
 from __future__ import annotations
@@ -14,20 +15,37 @@ import ctypes as ct
 import threading
 import time
 from collections import Counter
+from contextlib import suppress
 from dataclasses import dataclass, field
 
-from leakhunt.trace.events import Frame, Stack
+from leakhunt.trace.events import (
+    MADV_GIVE_BACK,
+    MAP_FIXED,
+    MAP_FIXED_NOREPLACE,
+    NR_MADVISE,
+    SYSCALL_NUMBERS,
+    EventKind,
+    Frame,
+    Stack,
+)
 from leakhunt.trace.perf_program import PerfProgram
 from leakhunt.trace.unwind import CallerResolver, UserContext, is_wrapper_module
 
 PROBE = "page_faults.c"
 BUCKET_SHIFT = 21
-FAULT_KEYS = 131072
+#: (pid, bucket) entries: 128 GiB of faulted memory, each entry about 1 KiB, allocated on use.
+BUCKETS_MAX = 65536
+#: Faulting ips a bucket keeps apart (the rest share one slot).
+SLOTS = 14
+#: Whole buckets a give-back clears in the kernel; a larger range is sent here to clear.
+WHOLE_MAX = 64
 STACK_BYTES = 4096
 EXEMPLAR_EVERY = 64
 #: Counted faults per second above which sampling starts (per second, all CPUs).
 SAMPLED_RATE = 20_000
-#: Exemplars kept per (pid, ip): enough to split a memset's faults among its callers.
+#: The largest sampling shift: one fault in 2**15 (an owner byte holds the shift in 4 bits).
+MAX_SHIFT = 15
+#: Exemplars kept per (pid, site): enough to split a site's faults among its callers' callers.
 EXEMPLARS_PER_SITE = 64
 
 #: Allocator families, by the module their code is in (or, for pymalloc, by function).
@@ -104,10 +122,19 @@ def _is_interpreter(frame: Frame) -> bool:
 def cflags() -> list[str]:
     defines = {
         "BUCKET_SHIFT": BUCKET_SHIFT,
-        "FAULT_KEYS": FAULT_KEYS,
+        "BUCKETS_MAX": BUCKETS_MAX,
+        "SLOTS": SLOTS,
+        "WHOLE_MAX": WHOLE_MAX,
         "STACK_BYTES": STACK_BYTES,
         "EXEMPLAR_EVERY": EXEMPLAR_EVERY,
+        "NR_MADVISE": NR_MADVISE,
+        "MAP_FIXED": MAP_FIXED,
+        "MAP_FIXED_NOREPLACE": MAP_FIXED_NOREPLACE,
+        **MADV_GIVE_BACK,
     }
+    defines.update(
+        {f"NR_{k.name}": SYSCALL_NUMBERS[k] for k in (EventKind.MMAP, EventKind.MUNMAP, EventKind.MREMAP)}
+    )
     return [f"-D{k}={v}" for k, v in defines.items()]
 
 
@@ -116,6 +143,7 @@ class _Exemplar(ct.Structure):
         ("pid", ct.c_uint32),
         ("tid", ct.c_uint32),
         ("ip", ct.c_uint64),
+        ("ra", ct.c_uint64),
         ("sp", ct.c_uint64),
         ("bp", ct.c_uint64),
         ("addr", ct.c_uint64),
@@ -123,6 +151,15 @@ class _Exemplar(ct.Structure):
         ("pad", ct.c_uint32),
         ("stack", ct.c_uint8 * STACK_BYTES),
     ]
+
+
+#: Where pages were faulted in: (faulting ip, return address of the function it is in; 0 until
+#: the kernel was told where that is).
+Site = tuple[int, int]
+
+
+class _Range(ct.Structure):
+    _fields_ = [("pid", ct.c_uint32), ("pad", ct.c_uint32), ("first", ct.c_uint64), ("count", ct.c_uint64)]
 
 
 @dataclass(frozen=True)
@@ -137,12 +174,15 @@ class Toucher:
 @dataclass
 class FaultView:
     """What the fault source saw, for the correlator: pages by (pid, ip, bucket), scaled for
-    sampling, and for each (pid, ip) the touchers its exemplars name."""
+    sampling, and for each (pid, site) the touchers its exemplars name. A site is (faulting ip,
+    return address of its function), ``Site`` here."""
 
-    pages: dict[tuple[int, int, int], float] = field(default_factory=dict)
-    touchers: dict[tuple[int, int], Counter] = field(default_factory=dict)  # (pid, ip) -> Counter[Toucher]
+    pages: dict[tuple[int, Site, int], float] = field(default_factory=dict)  # live, net of give-backs
+    touchers: dict[tuple[int, Site], Counter] = field(default_factory=dict)  # -> Counter[Toucher]
     sampled: bool = False
-    seen: int = 0
+    seen: int = 0  # faults seen
+    given_back: int = 0  # counted pages given back since (munmap, MADV_DONTNEED, ...), in weight
+    dropped: int = 0  # faults not counted (the bucket table was full) and give-backs cut short
 
 
 def caller_label(frame: Frame) -> tuple[str, str]:
@@ -150,12 +190,12 @@ def caller_label(frame: Frame) -> tuple[str, str]:
 
 
 def by_toucher(view: FaultView) -> list[tuple[tuple[str, str], float, set[str], Toucher]]:
-    """Pages faulted in by each caller ((library, symbol): a (pid, ip)'s pages split over its
+    """Pages faulted in by each caller ((library, symbol): a (pid, site)'s pages split over its
     exemplars' touchers), with the allocators they went through and the deepest stack seen, most
     pages first; faults of an ip without an exemplar are left out."""
-    per_site: dict[tuple[int, int], float] = {}
-    for (pid, ip, _bucket), pages in view.pages.items():
-        per_site[(pid, ip)] = per_site.get((pid, ip), 0.0) + pages
+    per_site: dict[tuple[int, Site], float] = {}
+    for (pid, site, _bucket), pages in view.pages.items():
+        per_site[(pid, site)] = per_site.get((pid, site), 0.0) + pages
     out: dict[tuple[str, str], list] = {}
     for site, pages in per_site.items():
         touchers = view.touchers.get(site)
@@ -196,8 +236,8 @@ class FaultTracer(PerfProgram):
         super().__init__()
         self.pids = set(pids)
         self.every = 1
-        self._base: dict[tuple[int, int, int], float] = {}  # counts folded in at an earlier rate
-        self._touchers: dict[tuple[int, int], Counter] = {}
+        self._touchers: dict[tuple[int, Site], Counter] = {}
+        self._slotted: set[int] = set()  # ips whose return-address slot was looked up
         self._lock = threading.Lock()
         self._resolver = CallerResolver()
         self._last_seen = 0
@@ -209,7 +249,12 @@ class FaultTracer(PerfProgram):
         return cflags()
 
     def setup(self) -> None:
-        self.bpf[b"config"][ct.c_int(0)] = ct.c_uint64(1)
+        from bcc import BPF  # noqa: PLC0415 - loaded by PerfProgram.start already
+
+        self.bpf[b"config"][ct.c_int(0)] = ct.c_uint64(0)
+        give_back = self.bpf.load_func(b"give_back", BPF.RAW_TRACEPOINT)
+        self.bpf[b"steps"][ct.c_int(0)] = ct.c_int(give_back.fd)
+        self.bpf[b"ranges"].open_perf_buffer(lambda _cpu, data, _size: self._on_range(data), page_cnt=8)
         with self._lock:
             for pid in self.pids:
                 self.bpf[b"traced"][ct.c_uint32(pid)] = ct.c_uint8(1)
@@ -232,39 +277,49 @@ class FaultTracer(PerfProgram):
         return int(sum(getattr(v, "value", v) for v in self.bpf[b"counters"][ct.c_int(i)]))
 
     def _adapt(self) -> None:
-        """Once a second: one fault in N counted, N the power of two that keeps the counted rate
-        under SAMPLED_RATE. Counts so far are folded in at their own N first."""
+        """Once a second: one fault in N counted (with weight N), N the power of two that keeps
+        the counted rate under SAMPLED_RATE. Pages keep the weight they were counted with, so a
+        change of N needs nothing else."""
         now = time.monotonic()
         if now - self._last_t < 1.0:
             return
         seen = self._counter(0)
         rate = (seen - self._last_seen) / (now - self._last_t)
         self._last_seen, self._last_t = seen, now
-        every = 1
-        while rate / every > SAMPLED_RATE and every < 1 << 16:
-            every *= 2
-        if every != self.every:
-            with self._lock:
-                self._fold()
-                self.every = every
-                self.bpf[b"config"][ct.c_int(0)] = ct.c_uint64(every)
-            self.sampled_ever = self.sampled_ever or every > 1
+        shift = 0
+        while rate / (1 << shift) > SAMPLED_RATE and shift < MAX_SHIFT:
+            shift += 1
+        if 1 << shift != self.every:
+            self.every = 1 << shift
+            self.bpf[b"config"][ct.c_int(0)] = ct.c_uint64(shift)
+            self.sampled_ever = self.sampled_ever or shift > 0
 
-    def _fold(self) -> None:
-        table = self.bpf[b"faults"]
-        for k, v in table.items():
-            key = (k.pid, k.ip, k.bucket)
-            self._base[key] = self._base.get(key, 0.0) + v.value * self.every
-        table.clear()
+    def _on_range(self, data) -> None:
+        """A large range given back: its whole buckets go (the kernel cleared the edges)."""
+        r = ct.cast(data, ct.POINTER(_Range)).contents
+        table = self.bpf[b"buckets"]
+        lo, hi = int(r.first), int(r.first) + int(r.count)
+        gone = [k for k in table.keys() if k.pid == r.pid and lo <= k.bucket < hi]
+        for k in gone:
+            with suppress(KeyError):
+                del table[k]
 
     def on_event(self, data) -> None:
         x = ct.cast(data, ct.POINTER(_Exemplar)).contents
-        site = (int(x.pid), int(x.ip))
+        pid, ip = int(x.pid), int(x.ip)
+        site = (pid, (ip, int(x.ra)))
         with self._lock:
             counter = self._touchers.setdefault(site, Counter())
             if sum(counter.values()) >= EXEMPLARS_PER_SITE:
                 return
-        ctx = UserContext(int(x.ip), int(x.sp), int(x.bp), bytes(x.stack[: x.nbytes]))
+        if ip not in self._slotted:
+            # From now on the kernel tells this ip's callers apart by its return address.
+            self._slotted.add(ip)
+            with suppress(Exception):
+                slot = self._resolver.return_slot(pid, ip)
+                if slot is not None and self.bpf is not None:
+                    self.bpf[b"ra_slot"][ct.c_uint64(ip)] = ct.c_uint32(slot)
+        ctx = UserContext(ip, int(x.sp), int(x.bp), bytes(x.stack[: x.nbytes]))
         try:
             stack = self._resolver.unwind(int(x.pid), ctx)
         except Exception:  # noqa: BLE001 - the process is gone, or its maps changed
@@ -287,14 +342,23 @@ class FaultTracer(PerfProgram):
             counter[toucher] += 1
 
     def view(self) -> FaultView:
-        """Pages so far by (pid, ip, bucket), scaled for sampling, and the touchers (after stop:
-        what it saw until then)."""
+        """Live pages so far by (pid, ip, bucket), in counted weight, and the touchers (after
+        stop: what it saw until then)."""
         if self.bpf is None:
             return self._final or FaultView()
+        pages: dict[tuple[int, Site, int], float] = {}
+        for k, v in self.bpf[b"buckets"].items():
+            for slot in range(SLOTS + 1):
+                if v.weight[slot] > 0:
+                    key = (k.pid, (int(v.ip[slot]), int(v.ra[slot])), k.bucket)
+                    pages[key] = pages.get(key, 0.0) + v.weight[slot]
         with self._lock:
-            pages = dict(self._base)
-            for k, v in self.bpf[b"faults"].items():
-                key = (k.pid, k.ip, k.bucket)
-                pages[key] = pages.get(key, 0.0) + v.value * self.every
             touchers = {site: Counter(c) for site, c in self._touchers.items()}
-        return FaultView(pages, touchers, self.sampled_ever or self.every > 1, self._counter(0))
+        return FaultView(
+            pages,
+            touchers,
+            self.sampled_ever or self.every > 1,
+            self._counter(0),
+            self._counter(1),
+            self._counter(2),
+        )
