@@ -32,6 +32,7 @@ from leakhunt.trace.backend import TraceOptions, TraceStats, backend_class
 from leakhunt.trace.creators import CreatorTracer
 from leakhunt.trace.events import EventKind, Frame, Stack
 from leakhunt.trace.faults import FaultTracer, allocator_of
+from leakhunt.trace.faults_bpftrace import BpftraceFaultTracer, fault_source
 from leakhunt.trace.session import BackendChoice, choose_backend
 from leakhunt.trace.tree_trace import TreeTrace
 
@@ -215,7 +216,7 @@ class Investigation:
         self.evaluations: list[Evaluation] = []
         self.tracer: TreeTrace | None = None
         self.creators: CreatorTracer | None = None
-        self.faults: FaultTracer | None = None
+        self.faults: FaultTracer | BpftraceFaultTracer | None = None
         self._loaders: list[threading.Thread] = []
         self._extras_possible = False
         self._stopping = threading.Event()
@@ -290,7 +291,7 @@ class Investigation:
         unexplained = summary.main.growth > 0 and attribution.explained_fraction < FAULTS_BELOW
         if self.options.faults and self.faults is None and (unexplained or through_allocator):
             pids = (self.target.pid, *(descendants(self.target.pid) if self.options.subprocesses else ()))
-            self.faults = FaultTracer(pids)
+            self.faults = fault_source(pids, self.choice.name if self.choice else "auto")
             wanted.append("faults")
         if wanted:
             loader = threading.Thread(

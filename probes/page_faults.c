@@ -106,14 +106,13 @@ static __always_inline s64 release(struct bucket_t *b, u32 p, u64 keep) {
 /* The raw tracepoint: (address, user pt_regs, error_code), without the perf record the plain
  * tracepoint fills for every fault before the program runs (half the cost at 10k faults/s). */
 RAW_TRACEPOINT_PROBE(page_fault_user) {
+    if (ctx->args[2] & 1)
+        return 0;
     u32 pid = bpf_get_current_pid_tgid() >> 32;
     if (!traced.lookup(&pid))
         return 0;
     u64 address = ctx->args[0];
     struct pt_regs *regs = (struct pt_regs *)ctx->args[1];
-    u64 error_code = ctx->args[2];
-    if (error_code & 1)
-        return 0;
     bump(0, 1);
     int zero = 0, one = 1;
     u64 *shift = config.lookup(&zero);

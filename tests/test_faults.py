@@ -94,3 +94,19 @@ def test_trace_mmap_faults_shows_who_fills_memory(leakers, spawn):
     assert faults["seen"] > 1000 and (top["library"], top["symbol"]) == ("libappcache.so", "appcache_put")
     assert top["allocators"] == ["jemalloc"] and top["bytes"] > 4 * 2**20
     assert any("libjemalloc" in f for f in top["stack"])
+
+
+def test_bpftrace_counts_faults_as_far_as_it_can(leakers, spawn):
+    """The bpftrace source: counts and exemplars in the kernel, no netting, and it says so."""
+    p = spawn([leakers / "reserve_leaker", "--rate", "4M", "--chunk", "256K"])
+    trace = leakhunt_json(
+        "trace-mmap", "--pid", p.pid, "--duration", "6s", "--faults", "--backend", "bpftrace"
+    )
+    top = trace["faults"]["by_caller"][0]
+    assert (top["library"], top["symbol"]) == ("reserve_leaker", "lk_fill_record"), top
+    assert top["bytes"] > 8 * 2**20 and trace["faults"]["given_back_pages"] is None
+
+    doc = leakhunt_json("investigate", "--pid", p.pid, "--duration", "40s", "--backend", "bpftrace")
+    top = _top(doc)
+    assert (top["library"], top["symbol"]) == ("reserve_leaker", "lk_fill_record"), top
+    assert "not netted out: bpftrace" in top["detail"] and top["mapped_by"] == "before tracing"

@@ -420,6 +420,8 @@ def _touched_culprits(
         filled = sum(regions[i] for i in mapped) / max(1.0, sum(growth[i] for i in mapped))
         via = f"; allocator {', '.join(sorted(allocators))}" if allocators else ""
         sampled = " (sampled, scaled)" if faults.sampled else ""
+        if not faults.netted:
+            sampled += " (faults counted, pages given back not netted out: bpftrace)"
         out.append(
             Culprit(
                 library,

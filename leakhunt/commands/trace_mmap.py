@@ -30,6 +30,7 @@ from leakhunt.proc.target import open_target
 from leakhunt.proc.tree import descendants
 from leakhunt.trace.backend import BACKENDS, TraceOptions
 from leakhunt.trace.faults import FaultTracer, FaultView, by_toucher, toucher_json
+from leakhunt.trace.faults_bpftrace import BpftraceFaultTracer, fault_source
 from leakhunt.trace.session import BackendChoice, CallerView, TraceSession, choose_backend
 from leakhunt.trace.tree_trace import adopt_existing
 from leakhunt.units import format_bytes, format_duration
@@ -66,8 +67,9 @@ TOP = 15
 @click.option(
     "--faults",
     is_flag=True,
-    help="also count the pages each caller faults in (BCC): growth that needs no mmap (allocators "
-    "committing what they reserved), by the code above the allocator",
+    help="also count the pages each caller faults in and still holds: growth that needs no mmap "
+    "(allocators committing what they reserved), by the code above the allocator (BCC; with "
+    "--backend bpftrace, faults counted without netting out the pages given back)",
 )
 @record_option
 @json_option
@@ -108,12 +110,12 @@ def command(
         session.backend.stats.notes.extend(adopt_existing(session))
     fault_tracer = None
     if faults:
-        fault_tracer = FaultTracer((pid, *(descendants(pid) if follow else ())))
+        fault_tracer = fault_source((pid, *(descendants(pid) if follow else ())), choice.name)
         try:
             fault_tracer.start()
         except BackendUnavailable as e:
             session.stop()
-            raise BackendUnavailable("bcc", f"--faults: {e.reason}", e.fix) from None
+            raise BackendUnavailable(e.backend, f"--faults: {e.reason}", e.fix) from None
     console.print(
         Text(
             f"tracing {target.describe()}{' and its subprocesses' if follow else ''} with "
@@ -147,7 +149,7 @@ def command(
         document["faults"] = {
             "seen": view.seen,
             "sampled": view.sampled,
-            "given_back_pages": view.given_back,
+            "given_back_pages": view.given_back if view.netted else None,
             "by_caller": [toucher_json(*row) for row in by_toucher(view)[:TOP]],
         }
     if writer:
@@ -303,7 +305,7 @@ def render(
     duration: float | None,
     final: bool = False,
     width: int = 80,
-    faults: FaultTracer | None = None,
+    faults: FaultTracer | BpftraceFaultTracer | None = None,
 ) -> Group:
     callers = session.callers()
     parts = [
@@ -331,11 +333,14 @@ def render(
 
 def _fault_table(view: FaultView) -> Table:
     sampled = ", sampled and scaled" if view.sampled else ""
+    held = (
+        f"pages faulted in and still held, by the code above the allocator ({view.seen} faults seen, "
+        f"{view.given_back} pages given back since{sampled})"
+    )
+    if not view.netted:
+        held = f"pages faulted in, by the code above the allocator ({view.seen} faults; bpftrace: not netted)"
     table = Table(
-        title=(
-            f"pages faulted in and still held, by the code above the allocator ({view.seen} faults "
-            f"seen, {view.given_back} pages given back since{sampled})"
-        ),
+        title=held,
         title_justify="left",
         box=None,
         pad_edge=False,

@@ -119,6 +119,28 @@ def _is_interpreter(frame: Frame) -> bool:
     return name.startswith("libpython") or name.startswith("python3")
 
 
+def toucher_of(resolver: CallerResolver, pid: int, ctx: UserContext) -> Toucher | None:
+    """The code above the allocator and the string routines in an exemplar's stack (None when the
+    process is gone or its maps changed). The faulting ip is where the page was touched, not a
+    return address: unwind() resolves the first frame as such."""
+    try:
+        stack = resolver.unwind(pid, ctx)
+    except Exception:  # noqa: BLE001 - the process is gone, or its maps changed
+        return None
+    frames = stack.frames
+    allocator = next((a for a in map(allocator_of, frames) if a), None)
+    if allocator == "pymalloc":
+        # The interpreter's frames only say "a Python object": the culprit is an extension
+        # module above them, or the Python heap itself (memray names the Python line).
+        above = next((f for f in frames if not _is_machinery(f) and not _is_interpreter(f)), None)
+        if above is None:
+            interpreter = next(f for f in frames if _is_interpreter(f))
+            above = Frame(interpreter.address, interpreter.module, PYTHON_OBJECTS, 0)
+    else:
+        above = next((f for f in frames if not _is_machinery(f)), None)
+    return Toucher(above or frames[0], allocator, Stack(frames[:24], stack.partial, "bpf+dwarf"))
+
+
 def cflags() -> list[str]:
     defines = {
         "BUCKET_SHIFT": BUCKET_SHIFT,
@@ -182,7 +204,8 @@ class FaultView:
     sampled: bool = False
     seen: int = 0  # faults seen
     given_back: int = 0  # counted pages given back since (munmap, MADV_DONTNEED, ...), in weight
-    dropped: int = 0  # faults not counted (the bucket table was full) and give-backs cut short
+    dropped: int = 0  # faults not counted (the bucket table was full)
+    netted: bool = True  # False: counts of faults, pages given back not taken off (bpftrace)
 
 
 def caller_label(frame: Frame) -> tuple[str, str]:
@@ -319,25 +342,11 @@ class FaultTracer(PerfProgram):
                 slot = self._resolver.return_slot(pid, ip)
                 if slot is not None and self.bpf is not None:
                     self.bpf[b"ra_slot"][ct.c_uint64(ip)] = ct.c_uint32(slot)
-        ctx = UserContext(ip, int(x.sp), int(x.bp), bytes(x.stack[: x.nbytes]))
-        try:
-            stack = self._resolver.unwind(int(x.pid), ctx)
-        except Exception:  # noqa: BLE001 - the process is gone, or its maps changed
+        toucher = toucher_of(
+            self._resolver, pid, UserContext(ip, int(x.sp), int(x.bp), bytes(x.stack[: x.nbytes]))
+        )
+        if toucher is None:
             return
-        # the faulting ip is where the page was touched, not a return address: unwind() already
-        # resolves the first frame as such
-        frames = stack.frames
-        allocator = next((a for a in map(allocator_of, frames) if a), None)
-        if allocator == "pymalloc":
-            # The interpreter's frames only say "a Python object": the culprit is an extension
-            # module above them, or the Python heap itself (memray names the Python line).
-            above = next((f for f in frames if not _is_machinery(f) and not _is_interpreter(f)), None)
-            if above is None:
-                interpreter = next(f for f in frames if _is_interpreter(f))
-                above = Frame(interpreter.address, interpreter.module, PYTHON_OBJECTS, 0)
-        else:
-            above = next((f for f in frames if not _is_machinery(f)), None)
-        toucher = Toucher(above or frames[0], allocator, Stack(frames[:24], stack.partial, "bpf+dwarf"))
         with self._lock:
             counter[toucher] += 1
 
