@@ -26,7 +26,7 @@
  *
  * The faulting ip is usually memset, memcpy or the allocator itself; the code above it is found
  * in user space by DWARF unwinding of exemplars: the first fault of each (pid, site) and then one
- * in EXEMPLAR_EVERY counted faults per CPU are sent with the user registers (the tracepoint's)
+ * in EXEMPLAR_EVERY counted faults per CPU (of sites user space wants more of) are sent with the user registers (the tracepoint's)
  * and STACK_BYTES of stack. At high rates only one fault in 2^config[0] is counted (per-CPU
  * tick), with that weight; `counters` keep every fault seen, the weight given back and every
  * fault dropped because the bucket table was full.
@@ -65,9 +65,12 @@ struct job_t {                                                  /* one give-back
 
 BPF_HASH(traced, u32, u8, 4096);
 BPF_F_TABLE("hash", struct bucket_key_t, struct bucket_t, buckets, BUCKETS_MAX, BPF_F_NO_PREALLOC);
-BPF_HASH(seen, struct site_t, u8, 65536);
+BPF_HASH(seen, struct site_t, u8, 65536); /* 1: exemplar sent; 2: user space has enough */
 BPF_HASH(ra_slot, u64, u32, 65536);      /* ip -> offset from sp of its function's return address */
-BPF_ARRAY(config, u64, 1);               /* [0]: log2 of N, counting one fault in N (0: all) */
+BPF_ARRAY(config, u64, 2);               /* [0]: log2 of N, counting one fault in N (0: all);
+                                           [1]: return-address slots installed so far */
+struct slot_cache_t { u64 ip; u64 gen; u64 slot; };   /* slot + 1; 0: none */
+BPF_PERCPU_ARRAY(slot_cache, struct slot_cache_t, 1);
 BPF_PERCPU_ARRAY(ticks, u64, 2);         /* [0]: sampling tick, [1]: exemplar tick */
 BPF_PERCPU_ARRAY(counters, u64, 3);      /* seen, weight given back, dropped (table full) */
 BPF_PERCPU_ARRAY(scratch, struct exemplar_t, 1);
@@ -125,10 +128,21 @@ RAW_TRACEPOINT_PROBE(page_fault_user) {
         return 0;
     u64 ip = 0, sp = 0, ra = 0;
     bpf_probe_read_kernel(&ip, sizeof(ip), &regs->ip);
-    u32 *slot_at = ra_slot.lookup(&ip);
-    if (slot_at) {
+    /* the slot of ip's return address: the last ip looked up on this CPU is kept (one fault
+     * loop faults at one ip), until user space installs another slot (config[1] counts them) */
+    struct slot_cache_t *sc = slot_cache.lookup(&zero);
+    u64 *gen = config.lookup(&one);
+    if (!sc || !gen)
+        return 0;
+    if (sc->ip != ip || sc->gen != *gen) {
+        u32 *slot_at = ra_slot.lookup(&ip);
+        sc->ip = ip;
+        sc->gen = *gen;
+        sc->slot = slot_at ? *slot_at + 1 : 0;
+    }
+    if (sc->slot) {
         bpf_probe_read_kernel(&sp, sizeof(sp), &regs->sp);
-        bpf_probe_read_user(&ra, sizeof(ra), (void *)(sp + *slot_at));
+        bpf_probe_read_user(&ra, sizeof(ra), (void *)(sp + sc->slot - 1));
     }
 
     struct bucket_key_t k = {pid, 0, address >> BUCKET_SHIFT};
@@ -165,8 +179,8 @@ RAW_TRACEPOINT_PROBE(page_fault_user) {
     b->owner[p] = (slot + 1) | (s << 4);
     __sync_fetch_and_add(&b->weight[slot], 1LL << s);
 
+    struct site_t st = {pid, 0, ip, ra};
     if (send) {
-        struct site_t st = {pid, 0, ip, ra};
         send = 0;
         if (!seen.lookup(&st)) {
             u8 yes = 1;
@@ -177,7 +191,12 @@ RAW_TRACEPOINT_PROBE(page_fault_user) {
     u64 *xt = ticks.lookup(&one);
     if (!send && xt) {
         (*xt)++;
-        send = (*xt % EXEMPLAR_EVERY) == 0;
+        if ((*xt % EXEMPLAR_EVERY) == 0) {
+            /* an exemplar costs microseconds (a page of stack read and sent): none for a site
+             * user space has enough of (it sets 2) */
+            u8 *have = seen.lookup(&st);
+            send = !have || *have != 2;
+        }
     }
     if (!send)
         return 0;

@@ -261,6 +261,7 @@ class FaultTracer(PerfProgram):
         self.every = 1
         self._touchers: dict[tuple[int, Site], Counter] = {}
         self._slotted: set[int] = set()  # ips whose return-address slot was looked up
+        self._slots_installed = 0
         self._lock = threading.Lock()
         self._resolver = CallerResolver()
         self._last_seen = 0
@@ -336,12 +337,17 @@ class FaultTracer(PerfProgram):
             if sum(counter.values()) >= EXEMPLARS_PER_SITE:
                 return
         if ip not in self._slotted:
-            # From now on the kernel tells this ip's callers apart by its return address.
+            # A fault in code that only moves bytes or hands out memory (memset, an allocator):
+            # from now on the kernel tells its callers apart by its return address. Elsewhere the
+            # ip says enough, and the user-stack read it would cost every fault is spared.
             self._slotted.add(ip)
             with suppress(Exception):
-                slot = self._resolver.return_slot(pid, ip)
-                if slot is not None and self.bpf is not None:
-                    self.bpf[b"ra_slot"][ct.c_uint64(ip)] = ct.c_uint32(slot)
+                if _is_machinery(self._resolver.modules(pid).frame(ip, is_return=False)):
+                    slot = self._resolver.return_slot(pid, ip)
+                    if slot is not None and self.bpf is not None:
+                        self.bpf[b"ra_slot"][ct.c_uint64(ip)] = ct.c_uint32(slot)
+                        self._slots_installed += 1  # the kernel's per-CPU caches start again
+                        self.bpf[b"config"][ct.c_int(1)] = ct.c_uint64(self._slots_installed)
         toucher = toucher_of(
             self._resolver, pid, UserContext(ip, int(x.sp), int(x.bp), bytes(x.stack[: x.nbytes]))
         )
@@ -349,6 +355,10 @@ class FaultTracer(PerfProgram):
             return
         with self._lock:
             counter[toucher] += 1
+            enough = sum(counter.values()) >= EXEMPLARS_PER_SITE
+        if enough and self.bpf is not None:
+            with suppress(Exception):  # the kernel stops sending this site's exemplars
+                self.bpf[b"seen"][self.bpf[b"seen"].Key(pid, 0, *site[1])] = ct.c_uint8(2)
 
     def view(self) -> FaultView:
         """Live pages so far by (pid, ip, bucket), in counted weight, and the touchers (after
