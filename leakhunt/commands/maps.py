@@ -4,6 +4,7 @@ and path and sorted by size. FILE is a saved smaps (gzip too), `pmap -X` output 
 from __future__ import annotations
 
 import click
+import numpy as np
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -32,14 +33,13 @@ def command(file: str | None, pid: int | None, top: int, as_json: bool) -> None:
     if as_json:
         ui.emit_json(doc)
     else:
-        ui.out.print(render(loaded.snapshot, loaded.label, top))
+        ui.out.print(render(doc, top))
 
 
 def maps_document(snap: Snapshot, label: str, top: int = 0) -> dict:
     g = sorted(groups(snap).items(), key=lambda kv: (-kv[1].rss, kv[0][0].value, kv[0][1]))
-    regions_by_class: dict = {}
-    for code in snap.classes.tolist():
-        regions_by_class[CLASSES[code]] = regions_by_class.get(CLASSES[code], 0) + 1
+    counts = np.bincount(snap.classes, minlength=len(CLASSES)).tolist() if len(snap) else [0] * len(CLASSES)
+    regions_by_class = {c: n for c, n in zip(CLASSES, counts) if n}
     rss = snap.class_totals()
     pss = snap.class_totals("Pss")
     swap = snap.class_totals("Swap")
@@ -74,8 +74,9 @@ def maps_document(snap: Snapshot, label: str, top: int = 0) -> dict:
     }
 
 
-def render(snap: Snapshot, label: str, top: int) -> Group:
-    doc = maps_document(snap, label, top)
+def render(doc: dict, top: int) -> Group:
+    """The document of maps_document() as tables."""
+    label = doc["source"]
     total = max(doc["rss_bytes"], 1)
     head = Text()
     head.append("leakhunt maps ", style="bold")

@@ -10,8 +10,6 @@ import click
 from rich.text import Text
 
 from leakhunt import ui
-from leakhunt.proc.tree import children_hint
-from leakhunt.record import SessionWriter
 from leakhunt.units import parse_duration, parse_rate, parse_size
 
 
@@ -118,10 +116,12 @@ def record_option(f):
     )(f)
 
 
-def session_writer(record_dir: str, command: str, meta: dict | None = None) -> SessionWriter:
+def session_writer(record_dir: str, command: str, meta: dict | None = None):
     """The recording of a command's --record (and --append) options."""
     ctx = click.get_current_context(silent=True)
     append = bool(ctx and ctx.meta.get("leakhunt.append"))
+    from leakhunt.record import SessionWriter  # noqa: PLC0415 - not on the paths that do not record
+
     return SessionWriter(record_dir, command, meta, append=append)
 
 
@@ -144,5 +144,7 @@ def subprocesses_option(f):
 
 def hint_children(pid: int, subprocesses: bool) -> None:
     """One line on stderr when PID has children that the command, without --subprocesses, leaves out."""
+    from leakhunt.proc.tree import children_hint  # noqa: PLC0415 - psutil and the tree sampler
+
     if not subprocesses and (hint := children_hint(pid)):
         ui.err.print(Text.assemble(("hint:", "yellow"), f" {hint}"))
