@@ -105,8 +105,10 @@ class Fleet:
         culprits: CulpritSource | None = None,
         device: bool = True,
         subprocesses: bool = False,
+        full_every: int = 1,
     ) -> None:
         self.interval = interval
+        self.full_every = full_every
         self.subprocesses = subprocesses
         self._trees: tuple[TreeFigures, ...] = ()
         self.window_s = window_s
@@ -171,7 +173,9 @@ class Fleet:
             key = (target.pid, target.start_time)
             if key not in self._watched:
                 self._watched[key] = Watched(
-                    target, Sampler(target, self.interval, gpu=self.device), root=root
+                    target,
+                    Sampler(target, self.interval, gpu=self.device, full_every=self.full_every),
+                    root=root,
                 )
                 self._discovered += 1
 

@@ -17,6 +17,7 @@ from leakhunt.commands.options import (
     HOST,
     SPAN,
     duration_option,
+    full_every_option,
     hint_children,
     interval_option,
     json_option,
@@ -45,6 +46,7 @@ from leakhunt.units import format_duration
     help="address to bind (0.0.0.0 exposes it to the network)",
 )
 @interval_option(default="5s")
+@full_every_option(default=6)
 @click.option("--window", type=SPAN, default="15m", show_default=True, help="span the slopes are fitted over")
 @click.option(
     "--top-groups",
@@ -71,6 +73,7 @@ def command(
     port: int,
     host: str,
     interval: float,
+    full_every: int,
     window: float,
     top_groups: int,
     ledgers: tuple[str, ...],
@@ -104,6 +107,7 @@ def command(
         window,
         culprits=LedgerFeed(ledgers) if ledgers else None,
         subprocesses=subprocesses,
+        full_every=full_every,
     )
     for pid in pids:
         hint_children(pid, subprocesses)

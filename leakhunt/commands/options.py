@@ -100,6 +100,18 @@ def interval_option(default: str = "1s"):
     )
 
 
+def full_every_option(default: int = 10):
+    return click.option(
+        "--full-every",
+        type=click.IntRange(1, 10_000),
+        default=default,
+        show_default=True,
+        help="a full smaps sample every N samples, and whenever RSS moved by 8 MiB (or 2%) since "
+        "the last; the others read /proc/PID/status only, without the target's mmap_lock (1: every "
+        "sample full)",
+    )
+
+
 def record_option(f):
     f = click.option(
         "--append",

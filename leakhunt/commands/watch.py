@@ -20,6 +20,7 @@ from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.commands.charges import charge_lines, memory_lines, series_line
 from leakhunt.commands.options import (
     duration_option,
+    full_every_option,
     hint_children,
     interval_option,
     json_option,
@@ -46,6 +47,7 @@ REFRESH_S = 1.0
 @interval_option()
 @duration_option()
 @warmup_option
+@full_every_option()
 @subprocesses_option
 @click.option(
     "--heap",
@@ -60,6 +62,7 @@ def command(
     interval: float,
     duration: float | None,
     warmup: float | None,
+    full_every: int,
     subprocesses: bool,
     heap: bool,
     record_dir: str | None,
@@ -98,9 +101,13 @@ def command(
     try:
         with live:
             if subprocesses:
-                document, lost, summary = _watch_tree(target, interval, duration, warmup, writer, live, gpu)
+                document, lost, summary = _watch_tree(
+                    target, interval, duration, warmup, writer, live, gpu, full_every
+                )
             else:
-                document, lost, summary = _watch_one(target, interval, duration, warmup, writer, live, gpu)
+                document, lost, summary = _watch_one(
+                    target, interval, duration, warmup, writer, live, gpu, full_every
+                )
     finally:
         if heap_run:
             heap_run.finish()
@@ -176,9 +183,10 @@ def _watch_one(
     writer: SessionWriter | None,
     live: LiveView,
     gpu: NvmlReader | None,
+    full_every: int = 1,
 ):
     recorder = SampleRecorder(writer) if writer else None
-    sampler = Sampler(target, interval, keep_raw=writer is not None, gpu=gpu)
+    sampler = Sampler(target, interval, keep_raw=writer is not None, gpu=gpu, full_every=full_every)
 
     def on_sample(sample: Sample, history: History) -> None:
         if recorder:
@@ -196,6 +204,7 @@ def _watch_one(
     )
     document = {
         **summary.to_json(),
+        "full_samples": sampler.full_samples,
         "pid": target.pid,
         "nspid": list(target.nspid),
         "cmdline": target.cmdline,
@@ -335,8 +344,9 @@ def _watch_tree(
     writer: SessionWriter | None,
     live: LiveView,
     gpu: NvmlReader | None,
+    full_every: int = 1,
 ):
-    tree_sampler = TreeSampler(target, interval, keep_raw=writer is not None, gpu=gpu)
+    tree_sampler = TreeSampler(target, interval, keep_raw=writer is not None, gpu=gpu, full_every=full_every)
     recorder = TreeRecorder(writer) if writer else None
 
     def on_tick(samples: list[Sample], sampler: TreeSampler, tree: History) -> None:

@@ -99,13 +99,21 @@ class TreeSampler:
     """Samples a pid and all its descendants every interval, picking up new children as they come."""
 
     def __init__(
-        self, root: Target, interval: float = 1.0, keep_raw: bool = False, gpu: NvmlReader | None = None
+        self,
+        root: Target,
+        interval: float = 1.0,
+        keep_raw: bool = False,
+        gpu: NvmlReader | None = None,
+        full_every: int = 1,
     ) -> None:
         self.interval = interval
+        self.full_every = full_every
         self.keep_raw = keep_raw
         self.gpu = gpu
         self.t0 = time.monotonic()
-        self.root = ProcessTrack(root, Sampler(root, interval, keep_raw, t0=self.t0, gpu=gpu))
+        self.root = ProcessTrack(
+            root, Sampler(root, interval, keep_raw, t0=self.t0, gpu=gpu, full_every=full_every)
+        )
         self.tracks: dict[int, ProcessTrack] = {root.pid: self.root}
         self.skipped: dict[int, str] = {}  # children we could not read, and why
         self.tree = History()  # the deduplicated totals, one entry per tick
@@ -129,7 +137,9 @@ class TreeSampler:
                 continue
             track = ProcessTrack(
                 target,
-                Sampler(target, self.interval, self.keep_raw, t0=self.t0, gpu=self.gpu),
+                Sampler(
+                    target, self.interval, self.keep_raw, t0=self.t0, gpu=self.gpu, full_every=self.full_every
+                ),
                 first_seen=time.monotonic() - self.t0,
             )
             self.tracks[child.pid] = track
@@ -160,14 +170,23 @@ class TreeSampler:
         if self.root.ended is not None:
             raise TargetGone(self.root.target.pid, f"process {self.root.target.pid} exited")
         totals = tree_totals([s.snapshot for s in samples])
+        # A cheap sample (Sampler.full_every) stands on its last full snapshot: what moved since,
+        # by its status counters, is added on top (as the process's own, private pages).
+        classes, rss = dict(totals.classes), totals.rss
+        for s in samples:
+            if not s.full:
+                for klass, v in s.snapshot.class_totals().items():
+                    moved = s.classes.get(klass, 0) - v
+                    classes[klass] = classes.get(klass, 0) + moved
+                    rss += moved
         device = sum(s.gpu_bytes for s in samples if s.gpu_bytes) if self.gpu is not None else None
         held = HeldShm.union([s.held for s in samples if s.held is not None])
         root = next((s for s in samples if s.pid == self.root.target.pid), None)
         self.tree.append(
             began - self.t0,
             time.time(),
-            totals.rss,
-            totals.classes,
+            rss,
+            classes,
             totals.groups,
             totals.group_regions,
             time.monotonic() - began,

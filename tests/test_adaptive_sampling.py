@@ -1,0 +1,59 @@
+"""Adaptive sampling: cheap samples (status counters) between full smaps reads must judge as well
+as full sampling. Both watch the same real process at once, so they see the same growth."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+SUBJECTS = {
+    "pool": (["pool_leaker", "--rate", "1M", "--chunk", "64K"], True),  # mmap'd pool: anon
+    "malloc": (["malloc_leaker", "--rate", "1M", "--chunk", "16K"], True),  # the brk heap
+    "steady": (["steady"], False),
+}
+
+
+def _watch(pid: int, full_every: int) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "leakhunt", "watch", "--pid", str(pid), "--duration", "20s"]
+    argv += ["--full-every", str(full_every), "--json"]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def docs(leakers):
+    procs = {
+        name: subprocess.Popen([leakers / argv[0], *argv[1:]], stdout=subprocess.PIPE, text=True)
+        for name, (argv, _) in SUBJECTS.items()
+    }
+    runs = {}
+    try:
+        for p in procs.values():
+            assert p.stdout.readline().startswith("ready")
+        runs = {(name, n): _watch(p.pid, n) for name, p in procs.items() for n in (1, 10)}
+        out = {}
+        for key, r in runs.items():
+            stdout, stderr = r.communicate(timeout=120)
+            assert r.returncode == 0, f"{key}: {stderr}"
+            out[key] = json.loads(stdout)
+        return out
+    finally:
+        for p in [*procs.values(), *runs.values()]:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+@pytest.mark.parametrize("name", SUBJECTS)
+def test_cheap_samples_judge_as_full_ones_do(docs, name):
+    full, adaptive = docs[(name, 1)], docs[(name, 10)]
+    assert full["leak"] is adaptive["leak"] is SUBJECTS[name][1], (full["verdict"], adaptive["verdict"])
+    assert adaptive["full_samples"] <= full["full_samples"] / 2, adaptive["full_samples"]
+    if SUBJECTS[name][1]:
+        a, b = full["rss_slope_bytes_per_s"], adaptive["rss_slope_bytes_per_s"]
+        assert abs(a - b) <= 0.05 * a, (a, b)
+        top_full, top_adaptive = full["top_groups"][0], adaptive["top_groups"][0]
+        assert (top_full["class"], top_full["path"]) == (top_adaptive["class"], top_adaptive["path"])
+        assert abs(top_full["slope_bytes_per_s"] - top_adaptive["slope_bytes_per_s"]) <= 0.1 * a
