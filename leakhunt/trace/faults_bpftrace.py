@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import struct
 import subprocess
@@ -20,9 +19,8 @@ from collections import Counter
 
 from leakhunt import resources
 from leakhunt.errors import BackendUnavailable
-from leakhunt.trace.bpftrace import pt_regs_offset
+from leakhunt.trace.bpftrace import BpftraceBackend, pt_regs_offset
 from leakhunt.trace.faults import BUCKET_SHIFT, EXEMPLAR_EVERY, EXEMPLARS_PER_SITE, FaultView, toucher_of
-from leakhunt.trace.kernel_backend import root_problem
 from leakhunt.trace.unwind import CallerResolver, UserContext
 
 PROBE = "page_faults.bt"
@@ -67,14 +65,7 @@ class BpftraceFaultTracer:
 
     @staticmethod
     def unavailable_reason() -> str | None:
-        problem = root_problem()
-        if problem:
-            return problem
-        if shutil.which("bpftrace") is None:
-            return "bpftrace is not installed"
-        if not os.path.exists("/sys/kernel/btf/vmlinux"):
-            return "the kernel has no BTF (/sys/kernel/btf/vmlinux), which the probe needs for task_struct"
-        return None
+        return BpftraceBackend.unavailable_reason()  # the same needs: root, bpftrace, BTF
 
     def add_pid(self, pid: int) -> None:
         """bpftrace takes its pids at start: one that comes later is not counted."""
