@@ -57,3 +57,22 @@ def test_cheap_samples_judge_as_full_ones_do(docs, name):
         top_full, top_adaptive = full["top_groups"][0], adaptive["top_groups"][0]
         assert (top_full["class"], top_full["path"]) == (top_adaptive["class"], top_adaptive["path"])
         assert abs(top_full["slope_bytes_per_s"] - top_adaptive["slope_bytes_per_s"]) <= 0.1 * a
+
+
+def test_history_stays_bounded_and_keeps_the_whole_run():
+    """A day at 1 Hz: the series are thinned, the slope and the first and last points are kept."""
+    from leakhunt.analysis.summary import summarize
+    from leakhunt.proc.classes import RegionClass
+    from leakhunt.proc.sampler import MAX_POINTS, History
+
+    h = History()
+    day = 86_400
+    for i in range(day):
+        rss = 100 * 2**20 + 1024 * i  # 1 KiB/s
+        h.append(float(i), 1e9 + i, rss, {RegionClass.ANON: rss}, {(RegionClass.ANON, ""): rss}, {}, 0.001)
+    assert len(h) <= MAX_POINTS and h.samples == day
+    assert h.t[0] == 0.0 and h.t[-1] == day - 1 and h.t == sorted(h.t)
+    assert all(len(s) == len(h) for s in (h.ts, h.rss, h.footprint, h.group_rss, h.classes[RegionClass.ANON]))
+    summary = summarize(h)
+    assert summary.samples == day
+    assert abs(summary.rss.verdict.trend.slope - 1024) < 1, summary.rss.verdict.trend

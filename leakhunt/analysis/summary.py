@@ -276,7 +276,7 @@ def summarize(
     rss = series(history.rss)
     return MemorySummary(
         pid,
-        len(history),
+        history.samples or len(history),
         history.duration_s,
         rss,
         classes,

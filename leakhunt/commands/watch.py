@@ -221,7 +221,7 @@ def _header(target: Target, history: History, interval: float, duration: float |
     text.append("leakhunt watch ", style="bold")
     text.append(f"{target.describe()}\n", style="cyan")
     text.append(
-        f"{elapsed} · {len(history)} samples every {format_duration(interval)} · {what} · "
+        f"{elapsed} · {history.samples} samples every {format_duration(interval)} · {what} · "
         f"sample cost {cost:.0f} ms",
         style="dim",
     )

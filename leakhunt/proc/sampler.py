@@ -121,9 +121,14 @@ def footprint(rss: int, shm: ShmTotals | None) -> int:
 
 class History:
     """What a run keeps of its samples: totals and group sizes for every sample, full
-    snapshots only of the first and the latest (a big process's snapshot is megabytes)."""
+    snapshots only of the first and the latest (a big process's snapshot is megabytes).
+
+    Bounded, so that a watch or an exporter left running for days does not grow: past MAX_POINTS
+    the older half is thinned to every other point (the first one kept), so the series keep the
+    whole run at a resolution that falls with age, and ``samples`` still counts every sample."""
 
     def __init__(self) -> None:
+        self.samples = 0  # every sample added, thinned or not
         self.t: list[float] = []
         self.ts: list[float] = []
         self.rss: list[int] = []
@@ -200,6 +205,33 @@ class History:
             series.append(classes.get(c, 0))
         self.group_rss.append(group_rss)
         self.group_regions = group_regions
+        self.samples += 1
+        if len(self.t) > MAX_POINTS:
+            self._thin()
+
+    def _series(self) -> list[list]:
+        return [
+            self.t,
+            self.ts,
+            self.rss,
+            self.cost_s,
+            self.group_rss,
+            self.footprint,
+            self.held,
+            self.gpu,
+            self.cgroup_usage,
+            self.dev_shm_used,
+            *self.classes.values(),
+        ]
+
+    def _thin(self) -> None:
+        """Every other point of the older half. Series kept beside every sample are thinned
+        alike; the ones kept only when there was a reading (gpu, cgroup) on their own."""
+        n = len(self.t)
+        for series in self._series():
+            if len(series) == n or len(series) > MAX_POINTS:
+                half = len(series) // 2
+                series[:] = series[:half:2] + series[half:]
 
     def __len__(self) -> int:
         return len(self.t)
@@ -217,6 +249,9 @@ class History:
     def duration_s(self) -> float:
         return self.t[-1] - self.t[0] if self.t else 0.0
 
+
+#: Points a History keeps of each series before it thins the older half (a day at 1 Hz in 4k).
+MAX_POINTS = 4096
 
 STOP_DURATION = "duration reached"
 STOP_INTERRUPTED = "interrupted"
