@@ -27,6 +27,9 @@ from leakhunt.errors import BadInput
 from leakhunt.export import Fleet, LedgerFeed, registry_for
 from leakhunt.units import format_duration
 
+#: A full smaps read every 30 s at the default 5 s interval.
+EXPORT_FULL_EVERY = 6
+
 
 @click.command("export")
 @click.option("--pid", "-p", "pids", type=int, multiple=True, help="a process to export (repeatable)")
@@ -46,7 +49,7 @@ from leakhunt.units import format_duration
     help="address to bind (0.0.0.0 exposes it to the network)",
 )
 @interval_option(default="5s")
-@full_every_option(default=6)
+@full_every_option(default=EXPORT_FULL_EVERY, records=False)
 @click.option("--window", type=SPAN, default="15m", show_default=True, help="span the slopes are fitted over")
 @click.option(
     "--top-groups",
@@ -73,7 +76,7 @@ def command(
     port: int,
     host: str,
     interval: float,
-    full_every: int,
+    full_every: int | None,
     window: float,
     top_groups: int,
     ledgers: tuple[str, ...],
@@ -107,7 +110,7 @@ def command(
         window,
         culprits=LedgerFeed(ledgers) if ledgers else None,
         subprocesses=subprocesses,
-        full_every=full_every,
+        full_every=full_every or EXPORT_FULL_EVERY,
     )
     for pid in pids:
         hint_children(pid, subprocesses)

@@ -100,16 +100,28 @@ def interval_option(default: str = "1s"):
     )
 
 
-def full_every_option(default: int = 10):
+#: --full-every when it is not given: a recording wants every sample's snapshot.
+FULL_EVERY = 10
+FULL_EVERY_RECORDING = 1
+
+
+def full_every_option(default: int = FULL_EVERY, records: bool = True):
+    when = f"{default}; {FULL_EVERY_RECORDING} with --record" if records else str(default)
     return click.option(
         "--full-every",
         type=click.IntRange(1, 10_000),
-        default=default,
-        show_default=True,
-        help="a full smaps sample every N samples, and whenever RSS moved by 8 MiB (or 2%) since "
-        "the last; the others read /proc/PID/status only, without the target's mmap_lock (1: every "
-        "sample full)",
+        default=None,
+        help=f"a full smaps sample every N samples, and whenever RSS or the address space moved by "
+        f"8 MiB (or 2%) since the last; the others read /proc/PID/status only, without the target's "
+        f"mmap_lock (1: every sample full) [default: {when}]",
     )
+
+
+def full_every(value: int | None, record_dir: str | None, default: int = FULL_EVERY) -> int:
+    """--full-every as given, else the default for a run that records or not."""
+    if value is not None:
+        return value
+    return FULL_EVERY_RECORDING if record_dir else default
 
 
 def record_option(f):

@@ -30,6 +30,7 @@ from leakhunt.commands.options import (
     subprocesses_option,
     warmup_option,
 )
+from leakhunt.commands.options import full_every as resolve_full_every
 from leakhunt.errors import LeakhuntError
 from leakhunt.gpu import NvmlReader
 from leakhunt.heap import HeapRun
@@ -62,7 +63,7 @@ def command(
     interval: float,
     duration: float | None,
     warmup: float | None,
-    full_every: int,
+    full_every: int | None,
     subprocesses: bool,
     heap: bool,
     record_dir: str | None,
@@ -74,6 +75,7 @@ def command(
     their slopes and confidence intervals, the memory cgroup and /dev/shm, a breakdown by region
     class, and the groups and address ranges that grow most. Ctrl-C ends it with a summary.
     """
+    full_every = resolve_full_every(full_every, record_dir)
     target = open_target(pid)
     console = ui.console_for(as_json)
     hint_children(pid, subprocesses)
