@@ -26,7 +26,9 @@ def test_trace_mmap_with_gdb_names_the_pool_with_its_full_stack(spawn, leakers):
     assert doc["backend"] == "gdb" and doc["stopped_because"] == "duration"
     top = doc["by_caller"][0]
     assert (top["library"], top["symbol"]) == ("libleakpool.so", "lkpool_grow")
-    assert top["outstanding_bytes"] == doc["outstanding_bytes"] > 0  # the churn is all given back
+    # the churn is given back: at most one 1 MiB pair is cut by the window's end (mmap seen, its
+    # munmap after the detach)
+    assert top["outstanding_bytes"] > 0 and doc["outstanding_bytes"] - top["outstanding_bytes"] <= 2**20
     symbols = [frame.split("!")[1].split("+")[0] for frame in top["stack"]]
     assert tuple(symbols[:5]) == POOL_CHAIN and not top["stack_partial"]
     details = doc["backend_details"]
