@@ -22,7 +22,8 @@ pytestmark = pytest.mark.bpf
 TREES = {
     "existing-bcc": (["--late", "0"], ["--backend", "bcc"]),
     "existing-bpftrace": (["--late", "0"], ["--backend", "bpftrace"]),
-    "later": (["--late", "8"], []),
+    # late enough that three tracers compiling at once on two cores are running by then
+    "later": (["--late", "15"], []),
 }
 
 

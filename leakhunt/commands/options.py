@@ -106,7 +106,7 @@ FULL_EVERY_RECORDING = 1
 
 
 def full_every_option(default: int = FULL_EVERY, records: bool = True):
-    when = f"{default}; {FULL_EVERY_RECORDING} with --record" if records else str(default)
+    when = f"{default}; {FULL_EVERY_RECORDING} with --record or --subprocesses" if records else str(default)
     return click.option(
         "--full-every",
         type=click.IntRange(1, 10_000),
@@ -117,11 +117,12 @@ def full_every_option(default: int = FULL_EVERY, records: bool = True):
     )
 
 
-def full_every(value: int | None, record_dir: str | None, default: int = FULL_EVERY) -> int:
-    """--full-every as given, else the default for a run that records or not."""
+def full_every(value: int | None, every_snapshot: object, default: int = FULL_EVERY) -> int:
+    """--full-every as given, else the default for a run that wants every snapshot (a recording,
+    a tree) or not."""
     if value is not None:
         return value
-    return FULL_EVERY_RECORDING if record_dir else default
+    return FULL_EVERY_RECORDING if every_snapshot else default
 
 
 def record_option(f):

@@ -75,7 +75,8 @@ def command(
     their slopes and confidence intervals, the memory cgroup and /dev/shm, a breakdown by region
     class, and the groups and address ranges that grow most. Ctrl-C ends it with a summary.
     """
-    full_every = resolve_full_every(full_every, record_dir)
+    # A tree's shared pages are counted once from every process's snapshot: it reads them all.
+    full_every = resolve_full_every(full_every, record_dir or subprocesses)
     target = open_target(pid)
     console = ui.console_for(as_json)
     hint_children(pid, subprocesses)
