@@ -19,7 +19,7 @@ from leakhunt.analysis.culprits import by_id, match
 from leakhunt.proc.classes import CLASSES, RegionClass
 from leakhunt.proc.growth import held_between
 from leakhunt.proc.smaps import Snapshot
-from leakhunt.trace.faults import BUCKET_SHIFT, FaultView, Site, Toucher
+from leakhunt.trace.faults import BUCKET_SHIFT, FaultView, Site, Toucher, allocators_by_caller
 
 PAGE = 4096
 BUCKET = 1 << BUCKET_SHIFT
@@ -92,6 +92,9 @@ def touched(
                     len(acc[2].stack.frames),
                 ):
                     acc[2] = toucher
+    through = allocators_by_caller(view)
+    for (library, symbol, _klass), acc in out.items():
+        acc[3] |= through.get((library, symbol), set())
     return out, used
 
 

@@ -219,6 +219,13 @@ def by_toucher(view: FaultView) -> list[tuple[tuple[str, str], float, set[str], 
     per_site: dict[tuple[int, Site], float] = {}
     for (pid, site, _bucket), pages in view.pages.items():
         per_site[(pid, site)] = per_site.get((pid, site), 0.0) + pages
+    # The allocator a caller goes through shows in the exemplars of the allocator's own faults,
+    # whose pages may all have been given back or faulted again by the caller since: every
+    # exemplar counts for naming it, live pages or not.
+    through = allocators_by_caller(view)
+    through_stack = {
+        caller_label(t.caller): t for touchers in view.touchers.values() for t in touchers if t.allocator
+    }
     out: dict[tuple[str, str], list] = {}
     for site, pages in per_site.items():
         touchers = view.touchers.get(site)
@@ -226,14 +233,28 @@ def by_toucher(view: FaultView) -> list[tuple[tuple[str, str], float, set[str], 
             continue
         n = sum(touchers.values())
         for toucher, k in touchers.items():
-            acc = out.setdefault(caller_label(toucher.caller), [0.0, set(), toucher])
+            label = caller_label(toucher.caller)
+            acc = out.setdefault(label, [0.0, set(through.get(label, ())), toucher])
             acc[0] += pages * k / n
             if toucher.allocator:
                 acc[1].add(toucher.allocator)
             if toucher.allocator and not acc[2].allocator:
                 acc[2] = toucher  # the stack through the allocator says more
+    for label, acc in out.items():
+        if not acc[2].allocator and label in through_stack:
+            acc[2] = through_stack[label]  # a stack through the allocator says more than memcpy's
     rows = [(label, pages, allocators, t) for label, (pages, allocators, t) in out.items()]
     return sorted(rows, key=lambda r: -r[1])
+
+
+def allocators_by_caller(view: FaultView) -> dict[tuple[str, str], set[str]]:
+    """(library, symbol) -> the allocators any exemplar of that caller went through."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for touchers in view.touchers.values():
+        for toucher in touchers:
+            if toucher.allocator:
+                out.setdefault(caller_label(toucher.caller), set()).add(toucher.allocator)
+    return out
 
 
 def toucher_json(label: tuple[str, str], pages: float, allocators: set[str], toucher: Toucher) -> dict:
