@@ -84,17 +84,15 @@ def touched(
                 acc[0] += explained * weight / faulted
                 acc[1] += weight
                 acc[4][i] += explained * weight / faulted
-                if toucher.allocator:
-                    acc[3].add(toucher.allocator)
                 # the stack through the allocator says more than a memset's
                 if (bool(toucher.allocator), len(toucher.stack.frames)) > (
                     bool(acc[2].allocator),
                     len(acc[2].stack.frames),
                 ):
                     acc[2] = toucher
-    through = allocators_by_caller(view)
+    through = allocators_by_caller(view)  # every exemplar's allocator, live pages or not
     for (library, symbol, _klass), acc in out.items():
-        acc[3] |= through.get((library, symbol), set())
+        acc[3] |= through.get((library, symbol), (set(), None))[0]
     return out, used
 
 

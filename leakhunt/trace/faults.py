@@ -223,9 +223,6 @@ def by_toucher(view: FaultView) -> list[tuple[tuple[str, str], float, set[str], 
     # whose pages may all have been given back or faulted again by the caller since: every
     # exemplar counts for naming it, live pages or not.
     through = allocators_by_caller(view)
-    through_stack = {
-        caller_label(t.caller): t for touchers in view.touchers.values() for t in touchers if t.allocator
-    }
     out: dict[tuple[str, str], list] = {}
     for site, pages in per_site.items():
         touchers = view.touchers.get(site)
@@ -234,26 +231,23 @@ def by_toucher(view: FaultView) -> list[tuple[tuple[str, str], float, set[str], 
         n = sum(touchers.values())
         for toucher, k in touchers.items():
             label = caller_label(toucher.caller)
-            acc = out.setdefault(label, [0.0, set(through.get(label, ())), toucher])
+            allocators, via = through.get(label, (set(), None))
+            acc = out.setdefault(label, [0.0, allocators, via or toucher])
             acc[0] += pages * k / n
-            if toucher.allocator:
-                acc[1].add(toucher.allocator)
-            if toucher.allocator and not acc[2].allocator:
-                acc[2] = toucher  # the stack through the allocator says more
-    for label, acc in out.items():
-        if not acc[2].allocator and label in through_stack:
-            acc[2] = through_stack[label]  # a stack through the allocator says more than memcpy's
+            if toucher.allocator and acc[2] is via:
+                acc[2] = toucher  # a stack through the allocator says more; one with live pages most
     rows = [(label, pages, allocators, t) for label, (pages, allocators, t) in out.items()]
     return sorted(rows, key=lambda r: -r[1])
 
 
-def allocators_by_caller(view: FaultView) -> dict[tuple[str, str], set[str]]:
-    """(library, symbol) -> the allocators any exemplar of that caller went through."""
-    out: dict[tuple[str, str], set[str]] = {}
+def allocators_by_caller(view: FaultView) -> dict[tuple[str, str], tuple[set[str], Toucher]]:
+    """(library, symbol) -> the allocators any exemplar of that caller went through, and one such
+    exemplar (its stack shows the allocator)."""
+    out: dict[tuple[str, str], tuple[set[str], Toucher]] = {}
     for touchers in view.touchers.values():
         for toucher in touchers:
             if toucher.allocator:
-                out.setdefault(caller_label(toucher.caller), set()).add(toucher.allocator)
+                out.setdefault(caller_label(toucher.caller), (set(), toucher))[0].add(toucher.allocator)
     return out
 
 
