@@ -1,7 +1,8 @@
 """bench/own_cost: what leakhunt costs to leave running, on a process with 50k mappings at 1 Hz.
 
 Contenders, in the same run, on the same target (fixtures/leakers/manymaps, steady):
-  watch             `leakhunt watch --pid P --interval 1s` (adaptive: a full smaps read every 10)
+  watch             `leakhunt watch --pid P --interval 1s` (adaptive: a full smaps read every 10
+                    samples, backing off to every 80 while nothing changes)
   watch full        the same with --full-every 1 (every sample a full read, as before)
   pmap -X loop      `pmap -X P` once a second, what people run by hand
 Each is measured as a process: CPU seconds (its own and its children's) over the wall time, and

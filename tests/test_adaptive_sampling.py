@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -76,3 +77,27 @@ def test_history_stays_bounded_and_keeps_the_whole_run():
     summary = summarize(h)
     assert summary.samples == day
     assert abs(summary.rss.verdict.trend.slope - 1024) < 1, summary.rss.verdict.trend
+
+
+def _full_reads(leakers, argv: list[str], takes: int, pause: float) -> int:
+    from leakhunt.proc.sampler import Sampler
+    from leakhunt.proc.target import open_target
+
+    proc = subprocess.Popen([leakers / argv[0], *argv[1:]], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        sampler = Sampler(open_target(proc.pid), full_every=2)
+        for _ in range(takes):
+            sampler.take()
+            time.sleep(pause)
+        return sampler.full_samples
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_full_reads_back_off_while_nothing_changes_and_come_back_when_it_does(leakers):
+    """A steady process: full reads at samples 0, 2, 6, 14, 30 (the gap doubles to 8 x 2), not
+    every second one. A process growing 2 MiB between samples keeps the cadence of --full-every."""
+    assert _full_reads(leakers, ["steady"], 40, 0.0) <= 6
+    assert _full_reads(leakers, ["pool_leaker", "--rate", "8M", "--chunk", "64K"], 20, 0.25) >= 9

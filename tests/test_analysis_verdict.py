@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from leakhunt.analysis.slope import fit
+from leakhunt.analysis.slope import fit, theil_sen
 from leakhunt.analysis.verdict import judge
 
 MiB = 2**20
@@ -67,3 +72,36 @@ def test_a_few_seconds_of_creep_is_too_little_to_call():
     t = np.arange(0, 8, 1.0)
     v = judge(t, 300 * MiB + 4096 * np.floor(t * 0.95), warmup_s=0)
     assert not v.leak and "too little to call" in v.reason
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 40), min_size=3, max_size=60),
+    st.lists(st.integers(-5, 5), min_size=60, max_size=60),
+    st.sampled_from([0.95, 0.9, 0.99, 0.05]),
+)
+def test_theil_sen_matches_scipy_ties_and_all(xs, ys, confidence):
+    """The numpy Theil-Sen (leakhunt does not import scipy: 68 MB of RSS) gives scipy's answers,
+    interval included, on series with repeated times and repeated values."""
+    from scipy.stats import theilslopes
+
+    x = np.array(xs, np.float64)
+    y = np.array(ys[: len(xs)], np.float64) * MiB + 3 * MiB * x
+    if np.ptp(x) == 0:
+        return
+    ref = theilslopes(y, x, alpha=confidence)
+    ours = theil_sen(y, x, confidence)
+    np.testing.assert_allclose(
+        ours, (ref.slope, ref.intercept, ref.low_slope, ref.high_slope), equal_nan=True
+    )
+
+
+def test_sampling_commands_do_not_import_scipy_pandas_or_matplotlib():
+    """What a watch or an exporter left running for hours carries in its RSS: no heavy imports."""
+    code = (
+        "import sys, leakhunt.commands.watch, leakhunt.commands.export, leakhunt.commands.top, "
+        "leakhunt.analysis.slope\n"
+        "print(','.join(m for m in ('scipy', 'pandas', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -111,9 +111,9 @@ def full_every_option(default: int = FULL_EVERY, records: bool = True):
         "--full-every",
         type=click.IntRange(1, 10_000),
         default=None,
-        help=f"a full smaps sample every N samples, and whenever RSS or the address space moved by "
-        f"8 MiB (or 2%) since the last; the others read /proc/PID/status only, without the target's "
-        f"mmap_lock (1: every sample full) [default: {when}]",
+        help=f"a full smaps sample every N samples (up to 8N while they find nothing new), and "
+        f"whenever RSS or the address space moved by 8 MiB (or 2%) since the last; the others read "
+        f"/proc/PID/status only, without the target's mmap_lock (1: every sample full) [default: {when}]",
     )
 
 

@@ -7,7 +7,10 @@ samples are cheap: /proc/PID/status, whose RSS counters the kernel keeps without
 last full snapshot stands for the mappings, with the change in anonymous, file and shmem pages put
 on the classes that grew between the last two full ones. A full sample is taken every
 ``full_every`` samples, and as soon as the RSS or the address space's size moved by more than
-MOVED since the last full one.
+MOVED since the last full one. While full samples find nothing new (RSS and size within QUIET of
+the last one) the gap between them doubles, up to BACKOFF times ``full_every``: a steady process
+with 50k mappings costs a read every 80 s instead of every 10, and a change brings the cadence
+back at once.
 
 It copes with the target going away or changing credentials mid-run: it keeps every sample it
 has and says why it stopped, instead of raising away the evidence.
@@ -35,6 +38,10 @@ ORPHANS_EVERY = 10
 #: more) calls for a full one: the mappings behind the change are worth reading.
 MOVED = 8 * 2**20
 MOVED_SHARE = 0.02
+#: A full sample within this of the last one (RSS and address space) found nothing new: the next
+#: comes twice as late, up to BACKOFF times ``full_every`` samples.
+QUIET = 2**20
+BACKOFF = 8
 #: Where a cheap sample puts the change of each status counter: on the class of these that grew
 #: most between the last two full samples, else on the first.
 COUNTER_CLASSES = {
@@ -333,6 +340,7 @@ class Sampler:
         self.target = target
         self.interval = interval
         self.full_every = full_every
+        self._gap = full_every  # samples between full ones now (backs off while nothing changes)
         self._full: list[Sample] = []  # the last two full samples
         self.full_samples = 0
         self.keep_raw = keep_raw
@@ -356,7 +364,7 @@ class Sampler:
         # The address space's size too: shared objects mapped but never touched (held memfds,
         # /dev/shm segments) grow the footprint with no RSS.
         mapped = status.get("VmSize", 0) - last.status.get("VmSize", 0)
-        if self._seq - last.seq >= self.full_every or abs(rss - last.rss) > moved or abs(mapped) > moved:
+        if self._seq - last.seq >= self._gap or abs(rss - last.rss) > moved or abs(mapped) > moved:
             return self._take_full()
         return self._take_cheap(began, status, last)
 
@@ -433,6 +441,10 @@ class Sampler:
             held,
         )
         self._seq += 1
+        if self._full and self.full_every > 1:
+            before = self._full[-1].status
+            quiet = all(abs(status.get(k, 0) - before.get(k, 0)) <= QUIET for k in ("VmRSS", "VmSize"))
+            self._gap = min(self._gap * 2, self.full_every * BACKOFF) if quiet else self.full_every
         self._full = [*self._full[-1:], sample]
         self.full_samples += 1
         return sample
