@@ -60,7 +60,7 @@ def test_image_entry_point_is_the_real_command():
     entry = json.loads(next(line for line in lines if line.startswith("ENTRYPOINT ")).split(" ", 1)[1])
     cmd = json.loads(next(line for line in lines if line.startswith("CMD ")).split(" ", 1)[1])
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert entry == ["leakhunt"] and scripts["leakhunt"] == "leakhunt.cli:main"
+    assert entry == ["leakhunt"] and scripts["leakhunt"] == "leakhunt.__main__:main"
     _parses(cmd)
     assert any(line.startswith("FROM debian:bookworm") for line in lines)  # what leakhunt is tested on
     assert re.search(r"apt-get install[^\n]*\\\n[^\n]*python3-bpfcc", "\n".join(lines))

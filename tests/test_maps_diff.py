@@ -88,3 +88,25 @@ def test_missing_file_and_missing_arguments():
     assert run_leakhunt("maps", "/nonexistent/smaps").returncode == 2
     cp = run_leakhunt("maps")
     assert cp.returncode == 2 and "--pid" in cp.stderr
+
+
+def test_maps_reads_the_target_ahead_of_its_imports(leakers, spawn):
+    """`maps --pid P` starts reading P's smaps before importing numpy and rich (leakhunt.prefetch);
+    what it hands over is that process's smaps, once, and nothing is read for other commands."""
+    from leakhunt import prefetch
+    from leakhunt.proc.smaps import parse_smaps
+    from leakhunt.proc.target import proc_read
+
+    proc = spawn([leakers / "steady"])
+    proc.popen.send_signal(signal.SIGSTOP)
+    try:
+        prefetch.start(["leakhunt", "maps", "--top", "5", f"--pid={proc.pid}"])
+        ahead = prefetch.take(proc.pid, "smaps")
+        now = proc_read(proc.pid, "smaps")
+    finally:
+        proc.popen.send_signal(signal.SIGCONT)
+    assert ahead is not None and len(parse_smaps(ahead)) == len(parse_smaps(now)) > 10
+    assert prefetch.take(proc.pid, "smaps") is None  # handed over once
+    for argv in (["leakhunt", "watch", "--pid", str(proc.pid)], ["leakhunt", "maps", "--pid", "x1"]):
+        prefetch.start(argv)
+        assert prefetch.take(proc.pid, "smaps") is None

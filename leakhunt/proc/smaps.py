@@ -17,15 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from leakhunt import prefetch
 from leakhunt.errors import BadInput
 from leakhunt.files import read_input
 from leakhunt.proc.classes import CLASS_CODE, CLASSES, RegionClass, classify, is_gpu_device
-from leakhunt.proc.target import proc_read
-
-try:
-    from leakhunt.proc import _smaps
-except ImportError:  # built without a C compiler: the line parser does all the work
-    _smaps = None
+from leakhunt.proc.target import _smaps, proc_read  # _smaps: None without a C compiler (line parser)
 
 _UPPER_A, _UPPER_Z = 65, 90
 _HEADER = re.compile(
@@ -141,7 +137,10 @@ class Snapshot:
 
 def read_smaps(pid: int) -> Snapshot:
     """One snapshot of a live process (TargetGone / AccessDenied as proc_read raises them)."""
-    return parse_smaps(proc_read(pid, "smaps"), source=f"/proc/{pid}/smaps")
+    raw = prefetch.take(pid, "smaps")
+    if raw is None:
+        raw = proc_read(pid, "smaps")
+    return parse_smaps(raw, source=f"/proc/{pid}/smaps")
 
 
 def load_smaps(path: str | os.PathLike) -> Snapshot:

@@ -13,6 +13,11 @@ from pathlib import Path
 
 from leakhunt.errors import AccessDenied, TargetGone
 
+try:
+    from leakhunt.proc import _smaps
+except ImportError:  # built without a C compiler: reads in pieces from Python
+    _smaps = None
+
 PROC = Path(os.environ.get("LEAKHUNT_PROC", "/proc"))
 
 #: /proc/PID/status fields we keep (kB in the file, bytes here), besides Threads.
@@ -35,20 +40,35 @@ STATUS_FIELDS = (
 )
 
 
-def proc_read(pid: int, name: str) -> bytes:
-    """Read /proc/PID/NAME whole; map the errors a disappearing or foreign process causes."""
+#: Reads of /proc files in pieces of this size, where the C helper (_smaps.read_fd: the whole file
+#: in one call, without the GIL) is not built: a 1 MiB buffer is a fresh mmap each time (glibc's
+#: threshold), and its page faults made a 35 MB smaps read 25% slower than 128 KiB pieces do.
+READ_CHUNK = 128 * 1024
+
+
+def _proc_open(pid: int, name: str) -> int:
+    """Open /proc/PID/NAME. For smaps, smaps_rollup, maps and mem the kernel checks ptrace read
+    access at open: the errors a disappearing or foreign process causes come from here."""
     path = PROC / str(pid) / name
     try:
-        fd = os.open(path, os.O_RDONLY)
+        return os.open(path, os.O_RDONLY)
     except (FileNotFoundError, ProcessLookupError):
         raise TargetGone(pid) from None
     except PermissionError:
         raise AccessDenied(
             f"cannot read {path}: permission denied (run as root or as the process owner)"
         ) from None
+
+
+def proc_read(pid: int, name: str) -> bytes:
+    """Read /proc/PID/NAME whole; map the errors a disappearing or foreign process causes."""
+    path = PROC / str(pid) / name
+    fd = _proc_open(pid, name)
     try:
+        if _smaps is not None:
+            return _smaps.read_fd(fd)
         chunks = []
-        while chunk := os.read(fd, 1 << 20):
+        while chunk := os.read(fd, READ_CHUNK):
             chunks.append(chunk)
     except ProcessLookupError:
         raise TargetGone(pid, f"process {pid} exited") from None
@@ -146,8 +166,9 @@ def open_target(pid: int) -> Target:
     cmdline = read_cmdline(pid)
     if not cmdline:
         raise TargetGone(pid, f"pid {pid} ({comm}) is a kernel thread: it has no user memory")
-    # smaps needs ptrace read access: check now so the failure is one line at the start.
-    proc_read(pid, "smaps_rollup")
+    # smaps needs ptrace read access: check now so the failure is one line at the start. Opening
+    # is the check (reading smaps_rollup would walk every page table of a large process for it).
+    os.close(_proc_open(pid, "smaps_rollup"))
     return Target(pid, int(fields[19]), comm, cmdline, uid, nspid)
 
 
