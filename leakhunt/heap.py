@@ -80,18 +80,20 @@ def run_mode_argv(argv: list[str], capture: Path) -> list[str]:
 
 
 class HeapTracker:
-    """memray attached to a running interpreter for the length of a run; ``stop`` detaches."""
+    """memray attached to a running interpreter for the length of a run; ``stop`` detaches. If
+    leakhunt dies first, a watchdog memray's payload carries into the target deactivates the
+    tracker within a second or two (leakhunt.heap_attach)."""
 
     def __init__(self, pid: int, capture: Path, max_duration_s: float | None) -> None:
         _require_memray()
         self.pid = pid
         self.capture = Path(capture)
         self._attached = False
-        argv = [sys.executable, "-m", "memray", "attach", "--force", "-o", str(self.capture)]
+        argv = [sys.executable, "-m", "leakhunt.heap_attach", str(pid), str(self.capture), str(os.getpid())]
         if max_duration_s:
             argv += ["--duration", str(int(max_duration_s) + 1)]
         # gdb/lldb inject memray into the target; a failure is one line from memray.
-        cp = subprocess.run([*argv, str(pid)], capture_output=True, text=True, timeout=120)
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         if cp.returncode != 0:
             why = (cp.stderr.strip() or cp.stdout.strip()).splitlines()
             raise BackendUnavailable(

@@ -4,8 +4,14 @@ mmap syscalls, in run mode (`ci --heap -- python ...`) and attach mode (`ci --he
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 from conftest import leakhunt_json, read_markdown, run_leakhunt
 
@@ -116,3 +122,39 @@ def test_watch_heap_records_the_heap_stream(leaker_script, spawn, tmp_path):
     assert (tmp_path / "rec" / "heap.jsonl").read_text().count("\n") >= 5
     report = leakhunt_json("report", tmp_path / "rec", "--markdown", tmp_path / "r.md")
     assert report["heap_data"] and _gap_share(read_markdown(tmp_path / "r.md")) > 0.5
+
+
+def _tracking(pid: int, capture: str) -> bool:
+    """Whether the target still has memray's capture file open (the tracker writes it)."""
+    fds = Path(f"/proc/{pid}/fd")
+    return any(os.readlink(fd).startswith(capture) for fd in fds.iterdir() if fd.is_symlink())
+
+
+@pytest.mark.gdb
+def test_memray_stops_tracking_when_leakhunt_is_killed(leaker_script, spawn, tmp_path):
+    """SIGKILL leaves no detach to run: the watchdog leakhunt carries into the target with memray's
+    payload deactivates the tracker once leakhunt is gone, and the target runs on, not stopped."""
+    target = spawn([sys.executable, leaker_script])
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "leakhunt", "watch", "--pid", str(target.pid), "--heap", "--json"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _tracking(target.pid, "/tmp/leakhunt-heap-"):
+            assert watch.poll() is None, watch.stderr.read().decode()
+            assert time.monotonic() < deadline, "memray never attached"
+            time.sleep(0.2)
+        os.killpg(watch.pid, signal.SIGKILL)
+        watch.wait()
+        deadline = time.monotonic() + 10
+        while _tracking(target.pid, "/tmp/leakhunt-heap-"):
+            assert time.monotonic() < deadline, "memray still tracks 10 s after leakhunt died"
+            time.sleep(0.2)
+    finally:
+        if watch.poll() is None:
+            os.killpg(watch.pid, signal.SIGKILL)
+            watch.wait()
+    assert target.alive() and psutil.Process(target.pid).status() != psutil.STATUS_STOPPED
