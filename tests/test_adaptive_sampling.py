@@ -70,10 +70,22 @@ def test_history_stays_bounded_and_keeps_the_whole_run():
     day = 86_400
     for i in range(day):
         rss = 100 * 2**20 + 1024 * i  # 1 KiB/s
-        h.append(float(i), 1e9 + i, rss, {RegionClass.ANON: rss}, {(RegionClass.ANON, ""): rss}, {}, 0.001)
+        h.append(
+            float(i),
+            1e9 + i,
+            rss,
+            {RegionClass.ANON: rss},
+            {(RegionClass.ANON, ""): rss},
+            {},
+            0.001,
+            pss=rss,
+            uss=i,
+        )
     assert len(h) <= MAX_POINTS and h.samples == day
     assert h.t[0] == 0.0 and h.t[-1] == day - 1 and h.t == sorted(h.t)
-    assert all(len(s) == len(h) for s in (h.ts, h.rss, h.footprint, h.group_rss, h.classes[RegionClass.ANON]))
+    series = (h.ts, h.rss, h.footprint, h.group_rss, h.classes[RegionClass.ANON], h.pss, h.uss)
+    assert all(len(s) == len(h) for s in series)
+    assert h.uss[0] == 0 and h.uss[-1] == day - 1  # a tree's PSS and USS are thinned with the rest
     summary = summarize(h)
     assert summary.samples == day
     assert abs(summary.rss.verdict.trend.slope - 1024) < 1, summary.rss.verdict.trend

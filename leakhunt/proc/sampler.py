@@ -150,6 +150,8 @@ class History:
         self.held: list[int] = []  # held shared objects' bytes, per sample
         self.cgroup_usage: list[int] = []  # the memory cgroup's charge, when it was read
         self.dev_shm_used: list[int] = []  # /dev/shm's fill, when it was read
+        self.pss: list[int] = []  # a tree's PSS and USS, per tick (TreeSampler)
+        self.uss: list[int] = []
         self.shm: ShmTotals | None = None  # the latest of each
         self.cgroup: CgroupReading | None = None
         self.dev_shm: FsUsage | None = None
@@ -188,8 +190,13 @@ class History:
         cgroup: CgroupReading | None = None,
         dev_shm: FsUsage | None = None,
         held: HeldShm | None = None,
+        pss: int | None = None,
+        uss: int | None = None,
     ) -> None:
         """Totals of one sample that are not one snapshot's (a process tree's, say)."""
+        if pss is not None and uss is not None:
+            self.pss.append(pss)
+            self.uss.append(uss)
         if gpu_bytes is not None:
             self.gpu.append(gpu_bytes)
         self.footprint.append(footprint(rss, shm))
@@ -228,6 +235,8 @@ class History:
             self.gpu,
             self.cgroup_usage,
             self.dev_shm_used,
+            self.pss,
+            self.uss,
             *self.classes.values(),
         ]
 

@@ -116,9 +116,7 @@ class TreeSampler:
         )
         self.tracks: dict[int, ProcessTrack] = {root.pid: self.root}
         self.skipped: dict[int, str] = {}  # children we could not read, and why
-        self.tree = History()  # the deduplicated totals, one entry per tick
-        self.pss: list[int] = []
-        self.uss: list[int] = []
+        self.tree = History()  # the deduplicated totals (PSS and USS too), one entry per tick
 
     def discover(self) -> list[ProcessTrack]:
         """Start tracking children that appeared since the last call; returns the new tracks."""
@@ -195,10 +193,18 @@ class TreeSampler:
             root.cgroup if root else None,
             root.dev_shm if root else None,
             held,
+            totals.pss,
+            totals.uss,
         )
-        self.pss.append(totals.pss)
-        self.uss.append(totals.uss)
         return samples
+
+    @property
+    def pss(self) -> list[int]:
+        return self.tree.pss
+
+    @property
+    def uss(self) -> list[int]:
+        return self.tree.uss
 
     def run(
         self,
