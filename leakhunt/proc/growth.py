@@ -59,23 +59,22 @@ def group_path(code: int, path: str) -> str:
 
 
 def groups(snapshot: Snapshot) -> dict[GroupKey, GroupStat]:
-    """RSS, region count, virtual size and PSS by (class, path); /dev/shm segments by name pattern."""
-    sums: dict[tuple[int, str], list[int]] = {}
-    rss = snapshot.rss.tolist()
-    pss = snapshot.column("Pss").tolist()
-    size = (snapshot.end - snapshot.start).tolist()
-    for code, path, r, p, s in zip(snapshot.classes.tolist(), snapshot.path, rss, pss, size):
-        if code == _SHM_CODE:
-            path = shm_pattern(path)
-        acc = sums.get((code, path))
-        if acc is None:
-            sums[(code, path)] = [r, 1, s, p]
-        else:
-            acc[0] += r
-            acc[1] += 1
-            acc[2] += s
-            acc[3] += p
-    return {(CLASSES[code], path): GroupStat(*acc) for (code, path), acc in sums.items()}
+    """RSS, region count, virtual size and PSS by (class, path); /dev/shm segments by name pattern.
+    One dict lookup per region names its group; the sums are numpy's (exact, int64)."""
+    ids: dict[tuple[int, str], int] = {}
+    row = [
+        ids.setdefault((code, shm_pattern(path) if code == _SHM_CODE else path), len(ids))
+        for code, path in zip(snapshot.classes.tolist(), snapshot.path)
+    ]
+    index = np.array(row, np.intp)
+    sums = np.zeros((len(ids), 4), np.int64)
+    for j, column in enumerate(
+        (snapshot.rss, np.ones(len(index), np.int64), snapshot.end - snapshot.start, snapshot.column("Pss"))
+    ):
+        np.add.at(sums[:, j], index, np.asarray(column, np.int64))
+    return {
+        (CLASSES[code], path): GroupStat(*acc) for (code, path), acc in zip(ids, sums.tolist(), strict=True)
+    }
 
 
 def held_between(snapshot: Snapshot, lo: np.ndarray, hi: np.ndarray, field: str = "Rss") -> np.ndarray:

@@ -209,15 +209,9 @@ def _assemble(
 ) -> Snapshot:
     """Classify every region (once per distinct path and permissions) and build the Snapshot."""
     gpu_process = any(is_gpu_device(p) for p in set(paths))
-    cache: dict[tuple[str, str], int] = {}
-    codes = np.fromiter(
-        (
-            cache[key] if key in cache else cache.setdefault(key, CLASS_CODE[classify(*key, gpu_process)])
-            for key in zip(paths, perms)
-        ),
-        np.uint8,
-        count=len(paths),
-    )
+    keys = list(zip(paths, perms))
+    code = {key: CLASS_CODE[classify(*key, gpu_process)] for key in dict.fromkeys(keys)}
+    codes = np.fromiter(map(code.__getitem__, keys), np.uint8, count=len(keys))
     return Snapshot(start, end, offset, inode, perms, devs, paths, names, values, vmflags, codes, gpu_process)
 
 
