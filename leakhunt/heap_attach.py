@@ -8,6 +8,10 @@ memray's own attach payload through memray's own injection channel (gdb or lldb)
 watchdog thread that deactivates the tracker once leakhunt's process is gone: checked each second
 by pid and start time, so that a reused pid is not taken for it. gdb's guard gives the same
 promise for breakpoints. It runs as its own process, so that leakhunt never imports memray.
+
+What an attach leaves in the target, by memray's design: its extension module, and one pipe pair
+its native tracker opens once per process and reuses for every later tracker (memray never closes
+it; closing it from outside would break the next attach).
 """
 
 from __future__ import annotations
