@@ -74,11 +74,20 @@ def _lines(path: Path) -> list[bytes]:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _naming(e, path) from None
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """The error with the file it was about (a write's ENOSPC names none): one line says where."""
+    return e if e.filename else OSError(e.errno, e.strerror, str(path))
 
 
 class SessionWriter:
@@ -154,9 +163,12 @@ class SessionWriter:
                 self.dir / f"{stream}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
             )
         view = memoryview(data)
-        while view:  # O_APPEND writes of regular files are whole, but be correct if one is not
-            n = os.write(fd, view)
-            view = view[n:]
+        try:
+            while view:  # O_APPEND writes of regular files are whole, but be correct if one is not
+                n = os.write(fd, view)
+                view = view[n:]
+        except OSError as e:
+            raise _naming(e, self.dir / f"{stream}.jsonl") from None
 
     def note(self, text: str, **extra: Any) -> None:
         self.append(NOTES, {"ts": time.time(), "note": text, **extra})

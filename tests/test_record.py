@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from leakhunt.errors import BadInput, CorruptRecording
@@ -85,3 +87,37 @@ def test_an_appended_session_overwrites_nothing_and_mixes_nothing(tmp_path):
         rec.snapshot_text(p.relative_to(rec.dir).as_posix()) for p in (rec.dir / "snapshots").iterdir()
     )
     assert texts == [b"run 1\n", b"run 2\n"]
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 16 KiB tmpfs: a disk that fills during a run (mounting needs root)."""
+    from conftest import have_root, need
+
+    need(have_root(), "mounting a small tmpfs needs root")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_ends_the_run_in_one_line_and_keeps_what_was_written(tiny_fs, leakers, spawn):
+    """ENOSPC while recording: exit 2, one line naming the file, no traceback, the target untouched,
+    and the recording as far as it got still renders."""
+    from conftest import run_leakhunt
+
+    target = spawn([leakers / "pool_leaker", "--rate", "1M", "--chunk", "64K"])
+    rec = tiny_fs / "rec"
+    cp = run_leakhunt(
+        "watch", "--pid", target.pid, "--interval", "0.2s", "--duration", "60s", "--record", rec
+    )
+    err = cp.stderr.strip().splitlines()
+    assert cp.returncode == 2 and len(err) == 1, cp.stderr
+    assert "No space left on device" in err[0] and str(rec) in err[0] and "Traceback" not in cp.stderr
+    assert target.alive()
+    assert not list(rec.rglob(".*.tmp")), "a half-written snapshot was left behind"
+    report = run_leakhunt("report", rec, "--markdown", tiny_fs.parent / "r.md")
+    assert report.returncode == 0, report.stderr
