@@ -39,8 +39,11 @@ class Exporter:
             stdout=subprocess.DEVNULL,
             text=True,
         )
-        line = self.proc.stderr.readline()
-        assert line.startswith("serving http://127.0.0.1:"), line + self.proc.stderr.read()
+        said = []  # notes may come first (a --ledger that a tracer has not created yet)
+        while not (line := self.proc.stderr.readline()).startswith("serving http://127.0.0.1:"):
+            said.append(line)
+            if not line:  # it exited: EOF (reading on while it runs would never return)
+                raise AssertionError(f"export exited with {self.proc.wait()}: {''.join(said)}")
 
     def scrape(self) -> dict[str, list]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=30) as r:
