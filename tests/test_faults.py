@@ -110,3 +110,24 @@ def test_bpftrace_counts_faults_as_far_as_it_can(leakers, spawn):
     top = _top(doc)
     assert (top["library"], top["symbol"]) == ("reserve_leaker", "lk_fill_record"), top
     assert "not netted out: bpftrace" in top["detail"] and top["mapped_by"] == "before tracing"
+
+
+def test_the_allocator_that_mapped_a_bucket_is_found_by_address():
+    """MappedBy: a held mapping whose stack goes through an allocator names it for every 2 MiB
+    bucket it overlaps, partly or whole, in its own pid only; other mappings name nothing."""
+    from leakhunt.trace.events import Frame, Stack
+    from leakhunt.trace.faults import MappedBy
+
+    je = Stack(
+        (
+            Frame(0x1000, "/usr/lib/libc.so.6", "mmap64"),
+            Frame(0x2000, "/usr/lib/libjemalloc.so.2", "je_pages_map"),
+        )
+    )
+    app = Stack((Frame(0x3000, "/srv/app", "main"),))
+    mb = 1 << 20
+    mapped = MappedBy([(7, 3 * mb, 9 * mb, je), (7, 20 * mb, 22 * mb, app), (8, 40 * mb, 41 * mb, je)])
+    assert [mapped.bucket(7, b) is not None for b in range(6)] == [False, True, True, True, True, False]
+    assert mapped.bucket(7, 1)[0] == "jemalloc" and mapped.bucket(7, 1)[1] is je
+    assert mapped.bucket(7, 10) is None  # held, but mapped by the application itself
+    assert mapped.bucket(8, 20) is not None and mapped.bucket(9, 20) is None

@@ -29,7 +29,7 @@ from leakhunt.errors import BackendUnavailable
 from leakhunt.proc.target import open_target
 from leakhunt.proc.tree import descendants
 from leakhunt.trace.backend import BACKENDS, TraceOptions
-from leakhunt.trace.faults import FaultTracer, FaultView, by_toucher, toucher_json
+from leakhunt.trace.faults import FaultTracer, FaultView, MappedBy, by_toucher, toucher_json
 from leakhunt.trace.faults_bpftrace import BpftraceFaultTracer, fault_source
 from leakhunt.trace.session import BackendChoice, CallerView, TraceSession, choose_backend
 from leakhunt.trace.tree_trace import adopt_existing
@@ -150,7 +150,7 @@ def command(
             "seen": view.seen,
             "sampled": view.sampled,
             "given_back_pages": view.given_back if view.netted else None,
-            "by_caller": [toucher_json(*row) for row in by_toucher(view)[:TOP]],
+            "by_caller": [toucher_json(*row) for row in by_toucher(view, mapped_by(session))[:TOP]],
         }
     if writer:
         writer.finish({"command": "trace-mmap", **document})
@@ -325,13 +325,21 @@ def render(
         ),
     )
     if faults is not None:
-        parts += [Text(""), _fault_table(faults.view())]
+        parts += [Text(""), _fault_table(faults.view(), mapped_by(session))]
     for note in session.backend.stats.notes:
         parts.append(Text(f"note: {note}", style="yellow"))
     return Group(*parts)
 
 
-def _fault_table(view: FaultView) -> Table:
+def mapped_by(session: TraceSession) -> MappedBy:
+    """The traced mappings still held, for naming the allocator that mapped faulted pages."""
+    info = session.ledger.site_info
+    return MappedBy(
+        (o.pid, o.start, o.end, info.get(o.site, (None, None))[1]) for o in session.ledger.outstanding()
+    )
+
+
+def _fault_table(view: FaultView, mapping: MappedBy | None = None) -> Table:
     sampled = ", sampled and scaled" if view.sampled else ""
     held = (
         f"pages faulted in and still held, by the code above the allocator ({view.seen} faults seen, "
@@ -347,7 +355,7 @@ def _fault_table(view: FaultView) -> Table:
     )
     for col, justify in (("caller", "left"), ("allocator", "left"), ("bytes", "right"), ("pages", "right")):
         table.add_column(col, justify=justify)
-    rows = by_toucher(view)[:TOP]
+    rows = by_toucher(view, mapping)[:TOP]
     for row in rows:
         doc = toucher_json(*row)
         table.add_row(

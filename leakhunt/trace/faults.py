@@ -11,10 +11,12 @@ two, set from the rate each second); that is said.
 
 from __future__ import annotations
 
+import bisect
 import ctypes as ct
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
 
@@ -212,13 +214,48 @@ def caller_label(frame: Frame) -> tuple[str, str]:
     return _base(frame.module) or "?", frame.symbol or f"+{frame.offset:#x}"
 
 
-def by_toucher(view: FaultView) -> list[tuple[tuple[str, str], float, set[str], Toucher]]:
+class MappedBy:
+    """Which allocator mapped the memory of a bucket: the traced mappings still held whose stacks go
+    through an allocator, per pid, sorted by address. An allocator that hands out pages it mapped
+    earlier need not fault in its own code while it is traced (jemalloc's large allocations are
+    touched only by their callers): the mmap that made the memory names it."""
+
+    def __init__(self, held: Iterable[tuple[int, int, int, Stack | None]]) -> None:
+        per_pid: dict[int, list[tuple[int, int, str, Stack]]] = {}
+        for pid, start, end, stack in held:
+            allocator = next((a for a in map(allocator_of, stack.frames) if a), None) if stack else None
+            if allocator:
+                per_pid.setdefault(pid, []).append((start, end, allocator, stack))
+        self._ranges = {pid: sorted(ranges, key=lambda r: r[0]) for pid, ranges in per_pid.items()}
+        self._starts = {pid: [r[0] for r in ranges] for pid, ranges in self._ranges.items()}
+
+    def bucket(self, pid: int, bucket: int) -> tuple[str, Stack] | None:
+        """(allocator, its mmap's stack) for a held allocator mapping in the bucket, else None."""
+        starts = self._starts.get(pid)
+        if not starts:
+            return None
+        lo, hi = bucket << BUCKET_SHIFT, (bucket + 1) << BUCKET_SHIFT
+        i = bisect.bisect_left(starts, hi) - 1  # the last mapping starting below the bucket's end
+        if i >= 0 and self._ranges[pid][i][1] > lo:
+            return self._ranges[pid][i][2:]
+        return None
+
+
+def by_toucher(
+    view: FaultView, mapped_by: MappedBy | None = None
+) -> list[tuple[tuple[str, str], float, set[str], Toucher]]:
     """Pages faulted in by each caller ((library, symbol): a (pid, site)'s pages split over its
     exemplars' touchers), with the allocators they went through and the deepest stack seen, most
-    pages first; faults of an ip without an exemplar are left out."""
+    pages first; faults of an ip without an exemplar are left out. ``mapped_by``: the traced
+    mappings, whose allocators count for the pages faulted in them."""
     per_site: dict[tuple[int, Site], float] = {}
-    for (pid, site, _bucket), pages in view.pages.items():
+    mapping: dict[tuple[int, Site], tuple[str, Stack]] = {}
+    for (pid, site, bucket), pages in view.pages.items():
         per_site[(pid, site)] = per_site.get((pid, site), 0.0) + pages
+        if mapped_by is not None and pages > 0 and (pid, site) not in mapping:
+            found = mapped_by.bucket(pid, bucket)
+            if found:
+                mapping[(pid, site)] = found
     # The allocator a caller goes through shows in the exemplars of the allocator's own faults,
     # whose pages may all have been given back or faulted again by the caller since: every
     # exemplar counts for naming it, live pages or not.
@@ -232,10 +269,15 @@ def by_toucher(view: FaultView) -> list[tuple[tuple[str, str], float, set[str], 
         for toucher, k in touchers.items():
             label = caller_label(toucher.caller)
             allocators, via = through.get(label, (set(), None))
-            acc = out.setdefault(label, [0.0, allocators, via or toucher])
+            acc = out.setdefault(label, [0.0, set(allocators), via or toucher])
             acc[0] += pages * k / n
             if toucher.allocator and acc[2] is via:
                 acc[2] = toucher  # a stack through the allocator says more; one with live pages most
+            if site in mapping:
+                allocator, stack = mapping[site]
+                acc[1].add(allocator)
+                if not acc[2].allocator:  # no exemplar went through it: show the mmap that did
+                    acc[2] = Toucher(acc[2].caller, allocator, stack)
     rows = [(label, pages, allocators, t) for label, (pages, allocators, t) in out.items()]
     return sorted(rows, key=lambda r: -r[1])
 
