@@ -173,12 +173,15 @@ class Launched:
             )
         except OSError as e:
             raise BadInput(f"{role} {shlex.join(self.argv)!r} failed to start: {e.strerror or e}") from None
-        guard = f'trap "kill -KILL -{self.popen.pid} 2>/dev/null; exit 0" TERM; while :; do sleep 3600 & wait; done'
+        # The guard is a process group of its own: its trap takes the command's group and then
+        # its own (the sleep it waits on included), and stop() kills that group whole.
+        guard = f'trap "kill -KILL -{self.popen.pid} 2>/dev/null; kill -KILL 0" TERM; while :; do sleep 3600 & wait; done'
         self._guard = subprocess.Popen(
             ["sh", "-c", guard],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
             preexec_fn=_die_with_parent(signal.SIGTERM),
         )
 
@@ -216,9 +219,11 @@ class Launched:
             os.killpg(self.popen.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        if self._guard.poll() is None:
-            self._guard.kill()
-            self._guard.wait()
+        try:
+            os.killpg(self._guard.pid, signal.SIGKILL)  # the shell and its sleep
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._guard.wait()
 
     def __enter__(self) -> Launched:
         return self

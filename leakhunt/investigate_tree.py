@@ -139,7 +139,7 @@ class TreeMemory:
                     "pss_bytes": last.total("Pss"),
                     "uss_bytes": last.total("Private_Clean") + last.total("Private_Dirty"),
                     "rss_slope_bytes_per_s": s.rss.verdict.trend.slope,
-                    "slope_interval": [s.rss.verdict.trend.lo, s.rss.verdict.trend.hi],
+                    "slope_interval": s.rss.verdict.trend.interval,
                     "leak": pid in leaking,
                     "own_verdict_leak": s.leak,
                     "footprint_bytes_start": s.main.start,

@@ -213,9 +213,29 @@ def test_commands_die_with_leakhunt_even_by_sigkill(tmp_path):
         for p in psutil.Process(ci.pid).children()
         if p.name() == "sh" and "sleep 300" in " ".join(p.cmdline())
     )
-    family = [sh, *sh.children(recursive=True)]
-    assert len(family) == 3
+    assert len([sh, *sh.children(recursive=True)]) == 3
+    family = psutil.Process(ci.pid).children(recursive=True)  # the command's guard and its sleep too
+    assert len(family) == 5, [p.cmdline() for p in family]
     ci.kill()
     ci.wait()
     gone, alive = psutil.wait_procs(family, timeout=10)
     assert not alive, [p.cmdline() for p in alive]
+
+
+def test_a_finished_gate_leaves_no_process_behind(leakers):
+    """ci -- CMD run to its end: the command, its guard and the guard's sleep are all gone."""
+    before = {p.pid for p in psutil.process_iter()}
+    cp = run_leakhunt(
+        "ci", "--max-slope", "1GB/min", "--duration", "4s", "--interval", "0.2s", "--", leakers / "steady"
+    )
+    assert cp.returncode == 0, cp.stderr
+    time.sleep(0.5)
+    left = [
+        p.info["cmdline"]
+        for p in psutil.process_iter(["ppid", "name", "cmdline", "status"])
+        if p.pid not in before
+        and p.info["ppid"] == 1
+        and p.info["name"] in ("sh", "sleep", "steady")
+        and p.info["status"] != psutil.STATUS_ZOMBIE  # killed, not yet reaped by init
+    ]
+    assert not left, left

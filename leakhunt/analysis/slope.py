@@ -39,13 +39,10 @@ class Trend:
         """Growth explained by the trend over the fitted window, bytes."""
         return self.slope * self.duration_s
 
-    def to_dict(self) -> dict:
-        return {
-            "slope_bytes_per_s": self.slope,
-            "slope_interval": [self.lo, self.hi],
-            "samples": self.samples,
-            "duration_s": self.duration_s,
-        }
+    @property
+    def interval(self) -> list[float]:
+        """[lo, hi]: the JSON documents' ``slope_interval``."""
+        return [self.lo, self.hi]
 
 
 NO_TREND = Trend(math.nan, math.nan, math.nan, math.nan, 0, 0.0, math.nan, math.nan)

@@ -35,7 +35,7 @@ class SeriesSummary:
             "rss_bytes_start": self.start,
             "rss_growth_bytes": self.growth,
             "slope_bytes_per_s": v.trend.slope,
-            "slope_interval": [v.trend.lo, v.trend.hi],
+            "slope_interval": v.trend.interval,
             "leak": v.leak,
         }
 
@@ -160,12 +160,12 @@ class MemorySummary:
             "rss_bytes_end": self.rss.end,
             "rss_growth_bytes": self.rss.growth,
             "rss_slope_bytes_per_s": rss.trend.slope,
-            "slope_interval": [rss.trend.lo, rss.trend.hi],
+            "slope_interval": rss.trend.interval,
             "footprint_bytes_start": main.start,
             "footprint_bytes_end": main.end,
             "footprint_growth_bytes": main.growth,
             "footprint_slope_bytes_per_s": v.trend.slope,
-            "footprint_slope_interval": [v.trend.lo, v.trend.hi],
+            "footprint_slope_interval": v.trend.interval,
             "leak": v.leak,
             "plateau": v.plateau,
             "verdict": v.reason,

@@ -43,15 +43,6 @@ class Verdict:
     warmup_s: float
     reason: str  # one sentence a person can read
 
-    def to_dict(self) -> dict:
-        return {
-            "leak": self.leak,
-            "plateau": self.plateau,
-            "warmup_s": self.warmup_s,
-            "reason": self.reason,
-            **self.trend.to_dict(),
-        }
-
 
 def default_warmup(duration_s: float) -> float:
     """10% of the run, at most 30 s: enough to skip start-up allocation, not to hide a leak."""

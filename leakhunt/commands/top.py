@@ -44,7 +44,7 @@ def judged(track: ProcessTrack) -> dict:
         return _line(track, float(np.polyfit(t, fp, 1)[0]), [math.nan, math.nan], False)
     v = judge(t, fp, warmup_s=0.0, min_slope=MIN_SLOPE)
     slope = v.trend.slope if v.trend.samples >= 3 else 0.0
-    return _line(track, slope if slope == slope else 0.0, [v.trend.lo, v.trend.hi], v.leak)
+    return _line(track, slope if slope == slope else 0.0, v.trend.interval, v.leak)
 
 
 def _line(track: ProcessTrack, slope: float, interval: list[float], leak: bool) -> dict:

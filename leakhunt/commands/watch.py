@@ -408,7 +408,7 @@ def process_documents(result: TreeResult, warmup: float | None) -> list[dict]:
                 "pss_bytes": last.total("Pss"),
                 "uss_bytes": last.total("Private_Clean") + last.total("Private_Dirty"),
                 "rss_slope_bytes_per_s": s.rss.verdict.trend.slope,
-                "slope_interval": [s.rss.verdict.trend.lo, s.rss.verdict.trend.hi],
+                "slope_interval": s.rss.verdict.trend.interval,
                 "footprint_bytes_start": s.main.start,
                 "footprint_bytes_end": s.main.end,
                 "footprint_slope_bytes_per_s": s.verdict.trend.slope,
