@@ -5,9 +5,9 @@ byte, and on a process with 50k mappings the kernel spends about as long formatt
 The read needs none of those imports, so the entry point starts it on a thread before them: the
 kernel walks the target's mappings on one core while Python imports on the other. The thread
 reads with the C helper, which holds no GIL for the whole file (the kernel hands smaps out a few
-KB per read, and a Python loop would wait for the GIL ten thousand times). ``take`` hands the bytes over. Anything unusual (another command, a pid that is not a
-number, an error while reading) leaves nothing to take, and the ordinary read runs and reports
-errors as it always does.
+KB per read, and a Python loop would wait for the GIL ten thousand times). ``take`` hands the
+bytes over. Anything unusual (another command, a pid that is not a number, an error while
+reading) leaves nothing to take, and the ordinary read runs and reports errors as it always does.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def start(argv: list[str]) -> None:
         except ImportError:
             return  # read in pieces from Python, this thread would wait for the GIL at each
         try:
-            fd = os.open(f"/proc/{pid}/smaps", os.O_RDONLY)
+            fd = os.open(f"{os.environ.get('LEAKHUNT_PROC', '/proc')}/{pid}/smaps", os.O_RDONLY)
         except OSError:
             return
         try:
