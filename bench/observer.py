@@ -20,8 +20,8 @@ Printed, per condition: requests/s, p50 and p99 request latency, and the server'
 its mmap_lock (tracepoint mmap_lock:mmap_lock_start_locking -> acquire_returned in the server's
 threads), with the time other tasks (leakhunt's smaps reads) held that lock; then each ratio
 against unobserved. A bpftrace program measures the lock in every condition, unobserved too.
-(The other tasks' holds are found by the server's mm, learnt from its own lock events: "?" when
-it took its lock not once in a run, or bpftrace had to be killed. Kernels from 6.17 read /proc/PID/maps and smaps under per-VMA
+(The other tasks' holds are found by the server's mm, learnt from its threads' system calls: "?"
+when bpftrace had to be killed. Kernels from 6.17 read /proc/PID/maps and smaps under per-VMA
 locks, which these tracepoints do not see: there the hold is near zero by design.)
 
 Goals (issue 17): under watch, throughput within 3% and p99 within 5% of unobserved; under
@@ -62,10 +62,11 @@ GOALS = {"watch": (0.03, 0.05), "investigate": (0.10, 0.10), "trace-mmap": None}
 SETTLE_TIMEOUT_S = 90
 
 #: The server's waits for its own mmap_lock, and how long tasks of other processes held a lock
-#: not their own (reading a process's smaps, maps or memory), by mm. The server's mm is the one
-#: its own threads lock most (a fork also locks the child's).
+#: not their own (reading a process's smaps, maps or memory), by mm. The server's mm is its
+#: threads' own (curtask->mm at their system calls: they need not take the lock in a run).
 LOCK_PROGRAM = r"""
-tracepoint:mmap_lock:mmap_lock_start_locking /pid == $1/ { @start[tid] = nsecs; @own[(uint64)args->mm] = count(); }
+tracepoint:raw_syscalls:sys_enter /pid == $1/ { @own[(uint64)curtask->mm] = count(); }
+tracepoint:mmap_lock:mmap_lock_start_locking /pid == $1/ { @start[tid] = nsecs; }
 tracepoint:mmap_lock:mmap_lock_acquire_returned /pid == $1 && @start[tid]/ {
   $d = nsecs - @start[tid]; @wait_ns = sum($d); @waits = count(); @max_wait_ns = max($d);
   delete(@start[tid]);
