@@ -59,3 +59,9 @@ def markdown_fence(text: object) -> str:
 def html_text(text: object) -> str:
     """For HTML text and attribute values."""
     return html.escape(printable(text))
+
+
+def short_command(cmdline: str) -> str:
+    """'/opt/venv/bin/python3 -m engine 6' -> 'python3 -m engine 6': the program's name, not its path."""
+    program, _, rest = cmdline.partition(" ")
+    return f"{program.rsplit('/', 1)[-1]} {rest}".strip()

@@ -10,12 +10,21 @@ import sys
 import pytest
 from conftest import run_leakhunt
 
+from leakhunt.cli import COMMANDS
+
 
 def test_help_lists_the_commands():
     cp = run_leakhunt("--help")
     assert cp.returncode == 0
-    for name in ("doctor", "watch"):
-        assert name in cp.stdout
+    listed = {line.split()[0] for line in cp.stdout.split("Commands:", 1)[1].splitlines() if line.strip()}
+    assert listed == set(COMMANDS)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_help(name):
+    cp = run_leakhunt(name, "--help")
+    assert cp.returncode == 0 and "Traceback" not in cp.stderr, cp.stderr
+    assert cp.stdout.startswith(f"Usage: leakhunt {name}"), cp.stdout[:200]
 
 
 def test_bad_duration_is_a_usage_error():

@@ -181,19 +181,20 @@ def test_deep_stack_from_gdb_when_the_bpf_stack_is_shallow(leakers, spawn):
     proc = spawn([leakers / "pool_leaker", "--rate", "8M", "--chunk", "256K"])
     inv = Investigation(open_target(proc.pid), InvestigateOptions())
     shallow = Culprit(
-        "libleakpool.so",
-        "lkpool_grow",
-        RegionClass.ANON,
-        1,
-        1.0,
-        1.0,
-        "traced mmap",
-        ("libleakpool.so!lkpool_grow+0x2c",),
-        True,
+        library="libleakpool.so",
+        symbol="lkpool_grow",
+        klass=RegionClass.ANON,
+        bytes=1,
+        slope=1.0,
+        share=1.0,
+        evidence="traced mmap",
+        stack=("libleakpool.so!lkpool_grow+0x2c",),
+        stack_partial=True,
     )
-    found = inv._deepen(Evaluation(0.0, None, Attribution(1, {}, 1.0, [shallow])))
-    assert found and found["stacks"] >= 1
-    text = " ".join(found["stack"])
+    attribution = Attribution(growth=1, growth_by_class={}, duration_s=1.0, culprits=[shallow])
+    found = inv._deepen(Evaluation(t=0.0, summary=None, attribution=attribution))
+    assert found is not None and found.stacks >= 1 and found.culprit == "libleakpool.so!lkpool_grow"
+    text = " ".join(found.stack)
     assert "lkpool_mpool_get" in text and "lkpool_event_dispatch" in text and "main" in text
     assert proc.alive()
     status = open(f"/proc/{proc.pid}/status").read()

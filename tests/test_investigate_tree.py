@@ -5,6 +5,7 @@ that exits reported, not an error; a target with children and no flag gets a hin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 from conftest import run_leakhunt
+
+from leakhunt.analysis.processes import ProcessReport
 
 MiB = 2**20
 pytestmark = pytest.mark.bpf
@@ -90,6 +93,10 @@ def test_the_leaking_child_is_the_culprit_with_its_pid(trees, name):
     assert doc["verdict"].startswith(f"pid {child['pid']} (") and f"a child of pid {root}" in doc["verdict"]
     assert child["culprits"] == ["tree!leaking"]
     assert all(not p["culprits"] for p in doc["processes"] if p is not child)
+    # The same document as watch's (test_watch_tree), and the pid given is the root.
+    fields = {f.name for f in dataclasses.fields(ProcessReport)}
+    assert all(set(p) == fields for p in doc["processes"])
+    assert [p["pid"] for p in doc["processes"] if p["root"]] == [root]
     assert doc["lost_events"] == 0
 
 

@@ -3,8 +3,12 @@ the watch began), and a shared segment resident in all three that must be counte
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from conftest import leakhunt_json, run_leakhunt
+
+from leakhunt.analysis.processes import ProcessReport
 
 MiB = 2**20
 
@@ -49,19 +53,16 @@ def test_shared_segment_is_counted_once(tree_doc):
     assert abs(doc["rss_bytes_end"] - doc["tree"]["pss_bytes_end"]) < 4 * MiB
 
 
-def test_process_entries_have_the_contract_fields(tree_doc):
-    _, doc = tree_doc
-    for p in doc["processes"]:
-        for key in (
-            "pid",
-            "cmdline",
-            "rss_bytes_start",
-            "rss_bytes_end",
-            "rss_slope_bytes_per_s",
-            "leak",
-            "top_groups",
-        ):
-            assert key in p
+def test_process_entries_are_the_one_per_process_document(tree_doc):
+    """watch and investigate (test_investigate_tree) write ProcessReport's fields, no more, no less."""
+    root, doc = tree_doc
+    fields = {f.name for f in dataclasses.fields(ProcessReport)}
+    assert all(set(p) == fields for p in doc["processes"]), [
+        sorted(set(p) ^ fields) for p in doc["processes"]
+    ]
+    assert [p["pid"] for p in doc["processes"] if p["root"]] == [root]
+    assert all(p["ppid"] == root for p in doc["processes"] if not p["root"])
+    assert set(doc["tree"]) >= {"rss_counting", "pss_bytes_end", "uss_bytes_end", "unreadable"}
 
 
 def test_a_target_with_children_gets_a_hint(leakers, spawn):

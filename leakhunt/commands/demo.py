@@ -8,9 +8,9 @@ import click
 from rich.text import Text
 
 from leakhunt import ui
-from leakhunt.commands.investigate import render_progress, render_result
 from leakhunt.commands.options import DURATION, json_option
 from leakhunt.demo import LEAK_MODES, PROCESS_LAYOUTS, run_demo
+from leakhunt.render.investigate import render_progress, render_result
 
 
 @click.command("demo")
@@ -57,7 +57,7 @@ def command(leak: str, duration: float, out: str, processes: str, as_json: bool)
             console.print(Text(f"· {step}", style="dim"))
 
         def on_update(inv, evaluation) -> None:
-            status.update(render_progress(inv))
+            status.update(render_progress(inv.progress()))
 
         result = run_demo(
             leak, Path(out), duration, progress=progress, on_update=on_update, processes=processes

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import click
-from rich.table import Table
 from rich.text import Text
 
 from leakhunt import doctor, ui
 from leakhunt.commands.options import json_option
 from leakhunt.errors import LeakhuntError
+from leakhunt.render.doctor import render
 
 
 @click.command("doctor")
@@ -56,20 +56,3 @@ def command(install: bool, extra: tuple[str, ...], quiet: bool, as_json: bool) -
             console.print(render(shown))
     if log and log.failures:
         raise LeakhuntError(f"doctor --install could not fix everything: {log.failures[0]}")
-
-
-def render(checks: list[doctor.Check]) -> Table:
-    table = Table(title="leakhunt doctor", title_justify="left")
-    table.add_column("")
-    table.add_column("check")
-    table.add_column("status", overflow="fold")
-    table.add_column("needed by", style="dim")
-    table.add_column("fix", overflow="fold")
-    for c in checks:
-        mark = (
-            Text("✔", style="green")
-            if c.ok
-            else Text("–" if c.optional else "✘", style="yellow" if c.optional else "red")
-        )
-        table.add_row(mark, Text(c.name), Text(c.detail), Text(c.needed_by), Text(c.fix))
-    return table

@@ -9,10 +9,9 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from leakhunt import ui
+from leakhunt import sources, ui
 from leakhunt.commands.options import json_option
 from leakhunt.errors import BadInput
-from leakhunt.proc import sources
 from leakhunt.proc.classes import CLASSES
 from leakhunt.proc.growth import groups
 from leakhunt.proc.smaps import Snapshot

@@ -20,10 +20,10 @@ from leakhunt import ui
 from leakhunt.analysis.slope import thin
 from leakhunt.analysis.verdict import MIN_GROWTH, MIN_SLOPE, judge
 from leakhunt.commands.options import duration_option, interval_option, json_option
-from leakhunt.commands.watch import LiveView
 from leakhunt.errors import BadInput
 from leakhunt.proc.node import NodeSampler, ProcessTrack
 from leakhunt.proc.sampler import Pace
+from leakhunt.render.live import LiveView
 from leakhunt.text import one_line
 from leakhunt.units import format_bytes, format_duration
 

@@ -129,6 +129,13 @@ class Snapshot:
     def total(self, name: str) -> int:
         return int(self.column(name).sum())
 
+    def private(self) -> np.ndarray:
+        """Each region's pages that no other process maps (USS, region by region)."""
+        return self.column("Private_Clean") + self.column("Private_Dirty")
+
+    def uss(self) -> int:
+        return int(self.private().sum())
+
     def class_totals(self, name: str = "Rss") -> dict[RegionClass, int]:
         """Sum of one field by region class (every class present, zero when absent)."""
         sums = np.bincount(self.classes, weights=self.column(name), minlength=len(CLASSES))

@@ -36,6 +36,7 @@ class ProcessTrack:
     sampler: Sampler
     history: History = field(default_factory=History)
     first_seen: float = 0.0  # seconds since the tree's first sample
+    ppid: int | None = None  # its parent when it was first seen
     ended: str | None = None  # why it stopped being sampled ("exited", "permission lost")
     ended_at: float | None = None
 
@@ -58,7 +59,7 @@ def tree_totals(snapshots: list[Snapshot]) -> TreeTotals:
     shared: dict[tuple, tuple[int, RegionClass, str]] = {}
     pss = uss = 0
     for snap in snapshots:
-        private = snap.column("Private_Clean") + snap.column("Private_Dirty")
+        private = snap.private()
         shared_now = snap.column("Shared_Clean") + snap.column("Shared_Dirty")
         pss += snap.total("Pss")
         uss += int(private.sum())
@@ -112,7 +113,9 @@ class TreeSampler:
         self.gpu = gpu
         self.t0 = time.monotonic()
         self.root = ProcessTrack(
-            root, Sampler(root, interval, keep_raw, t0=self.t0, gpu=gpu, full_every=full_every)
+            root,
+            Sampler(root, interval, keep_raw, t0=self.t0, gpu=gpu, full_every=full_every),
+            ppid=_ppid(root.pid),
         )
         self.tracks: dict[int, ProcessTrack] = {root.pid: self.root}
         self.skipped: dict[int, str] = {}  # children we could not read, and why
@@ -139,6 +142,7 @@ class TreeSampler:
                     target, self.interval, self.keep_raw, t0=self.t0, gpu=self.gpu, full_every=self.full_every
                 ),
                 first_seen=time.monotonic() - self.t0,
+                ppid=_ppid(child.pid),
             )
             self.tracks[child.pid] = track
             new.append(track)
@@ -231,6 +235,13 @@ class TreeSampler:
         return TreeResult(
             self.root, list(self.tracks.values()), self.tree, self.pss, self.uss, reason or pace.reason, error
         )
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return psutil.Process(pid).ppid()
+    except psutil.Error:
+        return None  # exited
 
 
 def descendants(pid: int) -> tuple[int, ...]:

@@ -1,8 +1,9 @@
 """`investigate`: the sampler and the best tracer together, the correlator over both, and gdb for
 a full stack of the top caller when the BPF stack is shallow. Stops as soon as the verdict is
-confident, or at the duration. With ``subprocesses`` the target is the whole tree under the pid
-(investigate_tree.py): every process attributed on its own, the tree judged with shared memory
-counted once.
+confident, or at the duration. With ``subprocesses`` the target is the whole tree under the pid:
+every process attributed on its own, the tree judged with shared memory counted once. What is
+sampled and how it is attributed is the memory strategy's (memory.py); the loop is the same for
+one process and for a tree.
 
 The loop is single-threaded: between two smaps samples it polls the tracer, so events flow into
 the ledger while the sampler keeps its pace. Tracing starts before the first sample, so every
@@ -15,20 +16,20 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
-from leakhunt.analysis.correlate import Attribution, correlate
-from leakhunt.analysis.correlate_tree import correlate_tree
-from leakhunt.analysis.device import device_finding, device_json, device_leak_only, open_nvml
+from leakhunt.analysis.correlate import Attribution
+from leakhunt.analysis.device import open_nvml
 from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.analysis.verdict import MIN_SLOPE
 from leakhunt.errors import AccessDenied, BackendUnavailable, LeakhuntError, TargetGone
-from leakhunt.investigate_tree import TreeMemory, short_command
-from leakhunt.proc.sampler import STOP_DURATION, STOP_INTERRUPTED, History, Pace, Sample, Sampler
+from leakhunt.investigate.memory import ProcessMemory, TreeMemory
+from leakhunt.investigate.results import Evaluation, GdbPass, InvestigationResult, Progress
+from leakhunt.proc.sampler import STOP_DURATION, STOP_INTERRUPTED, Pace
 from leakhunt.proc.target import Target, open_target
 from leakhunt.proc.tree import descendants
-from leakhunt.record import SampleRecorder, SessionWriter
-from leakhunt.trace.backend import TraceOptions, TraceStats, backend_class
+from leakhunt.record import SessionWriter
+from leakhunt.trace.backend import TraceOptions, backend_class
 from leakhunt.trace.creators import CreatorTracer
 from leakhunt.trace.events import EventKind, Frame, Stack
 from leakhunt.trace.faults import FaultTracer, allocator_of
@@ -37,12 +38,6 @@ from leakhunt.trace.session import BackendChoice, choose_backend
 from leakhunt.trace.tree_trace import TreeTrace
 
 STOP_CONFIDENT = "verdict confident"
-#: What a no-leak verdict cannot rule out, said with it.
-BLIND_SPOT = (
-    "memory is judged as the process maps it: a leak inside memory allocated up front (the blocks "
-    "of a preallocated KV cache, an object pool) grows nothing here; the application's own pool "
-    "metrics show it"
-)
 VERDICT = "verdict"
 STACKS = "stacks"
 #: Never decide before this much evidence, whatever the numbers say.
@@ -76,128 +71,6 @@ class InvestigateOptions:
     faults: bool = True  # count the target's page faults (BCC): growth no mmap explains, by first touch
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    t: float
-    summary: MemorySummary
-    attribution: Attribution
-
-    @property
-    def top(self) -> str | None:
-        return self.attribution.culprits[0].title if self.attribution.culprits else None
-
-    def to_record(self) -> dict:
-        v = self.summary.verdict
-        return {
-            "t": self.t,
-            "leak": v.leak,
-            "rss_slope_bytes_per_s": self.summary.rss.verdict.trend.slope,
-            "footprint_slope_bytes_per_s": v.trend.slope,
-            "slope_interval": v.trend.interval,
-            "explained_fraction": self.attribution.explained_fraction,
-            "attribution": self.attribution.to_json(),
-        }
-
-
-@dataclass
-class InvestigationResult:
-    target: Target
-    choice: BackendChoice | None
-    no_tracer: str | None  # why there was no tracer, if there was none
-    history: History
-    summary: MemorySummary
-    attribution: Attribution
-    evaluations: list[Evaluation]
-    stopped_because: str
-    error: Exception | None = None  # the target was lost mid-run
-    tracer: TreeTrace | None = None
-    gdb: dict | None = None  # the deep-stack pass: what it found and cost
-    notes: list[str] = field(default_factory=list)
-    processes: list[dict] | None = None  # with subprocesses: one document per process of the tree
-    tree: dict | None = None  # with subprocesses: how the tree's totals count
-    device_unavailable: str | None = None  # why device memory (NVML) was not sampled
-
-    @property
-    def stats(self) -> TraceStats | None:
-        return self.tracer.stats if self.tracer else None
-
-    @property
-    def leak(self) -> bool:
-        """Host RSS leaks, or device memory does while RSS is flat (the leak smaps cannot see)."""
-        return self.summary.leak or device_leak_only(self.summary)
-
-    def verdict(self) -> str:
-        v = self.summary.verdict
-        if device_leak_only(self.summary):
-            return device_finding(self.summary)
-        if not v.leak:
-            return f"no leak: {v.reason}"
-        top = self.attribution.culprits[0] if self.attribution.culprits else None
-        if self.processes is not None and top is not None and top.pid is not None:
-            return f"{self.where(top.pid)}: {self.attribution.sentence()}"
-        return self.attribution.sentence()
-
-    def where(self, pid: int) -> str:
-        """'pid 124 (python -m engine), a child of pid 123': a process of the tree, for people."""
-        doc = next((p for p in self.processes or () if p["pid"] == pid), None)
-        text = f"pid {pid}" + (f" ({short_command(doc['cmdline'])[:60]})" if doc and doc["cmdline"] else "")
-        if pid != self.target.pid:
-            parent = doc.get("ppid") if doc else None
-            text += (
-                f", a child of pid {self.target.pid}"
-                if parent == self.target.pid
-                else f", under pid {self.target.pid}"
-            )
-        return text
-
-    def to_json(self) -> dict:
-        v = self.summary.verdict
-        stats = self.stats
-        tree = (
-            {"subprocesses": True, "processes": self.processes, "tree": self.tree}
-            if self.processes is not None
-            else {}
-        )
-        return {
-            "command": "investigate",
-            "pid": self.target.pid,
-            "nspid": list(self.target.nspid),
-            "cmdline": self.target.cmdline,
-            "leak": self.leak,
-            "verdict": self.verdict(),
-            "rss_verdict": self.summary.rss.verdict.reason,
-            "rss_slope_bytes_per_s": self.summary.rss.verdict.trend.slope,
-            "slope_interval": self.summary.rss.verdict.trend.interval,
-            "footprint_verdict": v.reason,
-            "footprint_bytes_start": self.summary.main.start,
-            "footprint_bytes_end": self.summary.main.end,
-            "footprint_slope_bytes_per_s": v.trend.slope,
-            "footprint_slope_interval": v.trend.interval,
-            "held_shm": self.summary.held_json(),
-            "cgroup": self.summary.cgroup_json(),
-            "dev_shm": self.summary.dev_shm_json(),
-            "explained_fraction": self.attribution.explained_fraction,
-            "unexplained_bytes": self.attribution.unexplained,
-            "culprits": [c.to_json() for c in self.attribution.culprits] if v.leak else [],
-            "growing_not_leaking": [c.to_json() for c in self.attribution.culprits] if not v.leak else [],
-            "blind_spot": None if v.leak else BLIND_SPOT,
-            "attribution": self.attribution.to_json(),
-            "duration_s": self.summary.duration_s,
-            "samples": self.summary.samples,
-            "stopped_because": self.stopped_because,
-            "backend": self.choice.name if self.choice else None,
-            "backends_unavailable": self.choice.unavailable if self.choice else {},
-            "no_tracer": self.no_tracer,
-            "events": stats.events if stats else 0,
-            "lost_events": stats.lost_events if stats else 0,
-            "gdb": self.gdb,
-            "memory": self.summary.to_json(),
-            "device_memory": device_json(self.summary, self.device_unavailable),
-            "notes": self.notes + (list(stats.notes) if stats else []),
-            **tree,
-        }
-
-
 class Investigation:
     """One run of investigate over one target."""
 
@@ -212,7 +85,6 @@ class Investigation:
         self.options = options
         self.writer = writer
         self.on_update = on_update
-        self.history = History()
         self.evaluations: list[Evaluation] = []
         self.tracer: TreeTrace | None = None
         self.creators: CreatorTracer | None = None
@@ -224,16 +96,9 @@ class Investigation:
         self.no_tracer: str | None = None
         self.notes: list[str] = []
         self._gpu, self.device_unavailable = open_nvml()
-        self.tree: TreeMemory | None = None
-        self.leaking: set[int] = set()  # with a tree: the processes that leak, at the last evaluation
-        self.sampler: Sampler | None = None
-        self.recorder: SampleRecorder | None = None
-        if options.subprocesses:
-            self.tree = TreeMemory(target, options.interval, writer is not None, self._gpu, writer)
-            self.history = self.tree.history
-        else:
-            self.sampler = Sampler(target, options.interval, keep_raw=writer is not None, gpu=self._gpu)
-            self.recorder = SampleRecorder(writer) if writer else None
+        strategy = TreeMemory if options.subprocesses else ProcessMemory
+        self.memory: ProcessMemory | TreeMemory = strategy(target, options.interval, self._gpu, writer)
+        self.history = self.memory.history
         self.started = 0.0
 
     @property
@@ -270,7 +135,7 @@ class Investigation:
         # (shared memory held, growth the mmaps do not explain or an allocator mapped): most
         # investigations never pay for them.
         self._extras_possible = self.choice.name != "gdb"
-        for child in self.tree.existing() if self.tree else ():
+        for child in self.memory.existing():
             self.tracer.adopt(child, existed=True)
 
     def _want_extras(self, summary: MemorySummary, attribution: Attribution) -> None:
@@ -290,8 +155,7 @@ class Investigation:
         through_allocator = top is not None and top.evidence.startswith("traced") and _allocator_culprit(top)
         unexplained = summary.main.growth > 0 and attribution.explained_fraction < FAULTS_BELOW
         if self.options.faults and self.faults is None and (unexplained or through_allocator):
-            pids = (self.target.pid, *(descendants(self.target.pid) if self.options.subprocesses else ()))
-            self.faults = fault_source(pids, self.choice.name if self.choice else "auto")
+            self.faults = fault_source(self.memory.pids(), self.choice.name if self.choice else "auto")
             wanted.append("faults")
         if wanted:
             loader = threading.Thread(
@@ -325,45 +189,24 @@ class Investigation:
                 tracer.stop()
 
     def _sample(self) -> None:
-        if self.tree:
-            for child in self.tree.take():
-                if self.tracer:
-                    self.tracer.adopt(child)
-                if self.faults:
-                    self.faults.add_pid(child.pid)
-            self.notes += self.tree.ended_notes()
-            return
-        sample: Sample = self.sampler.take()
-        self.history.add(sample)
-        if self.recorder:
-            self.recorder(sample)
+        born, notes = self.memory.take()
+        for child in born:
+            if self.tracer:
+                self.tracer.adopt(child)
+            if self.faults:
+                self.faults.add_pid(child.pid)
+        self.notes += notes
 
     def evaluate(self) -> Evaluation:
         # The verdict's floor is the noise of one serving process: a tree has that much per process.
-        floor = MIN_SLOPE * (len(self.tree.sampler.live_tracks()) if self.tree else 1)
+        floor = MIN_SLOPE * (self.memory.processes or 1)
         summary = summarize(self.history, warmup_s=self.options.warmup, min_slope=floor, pid=self.target.pid)
-        if self.tree:
-            self.leaking = self.tree.leaking(summary, self.options.warmup)
-            attribution = correlate_tree(
-                self.tree.evidence(self.tracer, self.leaking),
-                self.history.duration_s,
-                faults=self.faults.view() if self.faults else None,
-            )
-        else:
-            outstanding = self.tracer.outstanding(self.target.pid) if self.tracer else []
-            first, last = self.history.first, self.history.last
-            attribution = correlate(
-                first.charged(),
-                last.charged(),
-                outstanding,
-                self.history.duration_s,
-                pid=self.target.pid,
-                faults=self.faults.view() if self.faults else None,
-            )
+        faults = self.faults.view() if self.faults else None
+        attribution = self.memory.attribute(summary, self.options.warmup, self.tracer, faults)
         if self.creators is not None:
             attribution = with_creators(attribution, self.creators)
         self._want_extras(summary, attribution)
-        ev = Evaluation(self.history.duration_s, summary, attribution)
+        ev = Evaluation(t=self.history.duration_s, summary=summary, attribution=attribution)
         self.evaluations.append(ev)
         if self.writer:
             self.writer.append(VERDICT, ev.to_record())
@@ -426,46 +269,53 @@ class Investigation:
             if self.tracer:
                 self.tracer.stop(reason)
             self._stop_extras()
-            if self.tree:
-                self.tree.finish()
-            elif self.recorder:
-                self.recorder.flush_last()
+            self.memory.finish()
         if len(self.history) < 2:
             raise LeakhuntError(
                 f"{self.target.describe()}: {reason} before a second sample; nothing to judge"
             )
         final = self.evaluate()
-        final = Evaluation(final.t, final.summary.with_true_orphans(), final.attribution)
+        final = replace(final, summary=final.summary.with_true_orphans())
         gdb = None
         if self.options.gdb_stacks and error is None and final.summary.leak and reason != STOP_INTERRUPTED:
             gdb = self._deepen(final)
-            if gdb and gdb.get("stack"):
-                final = Evaluation(final.t, final.summary, _with_stack(final.attribution, gdb))
+            if gdb and gdb.stack:
+                final = replace(final, attribution=_with_stack(final.attribution, gdb))
                 if self.writer:
                     self.writer.append(VERDICT, final.to_record())
         if self._gpu:
             self._gpu.close()
-        result = InvestigationResult(
-            self.target,
-            self.choice,
-            self.no_tracer,
-            self.history,
-            final.summary,
-            final.attribution,
-            self.evaluations,
-            reason,
-            error,
-            self.tracer,
-            gdb,
-            self.notes,
+        return InvestigationResult(
+            target=self.target,
+            choice=self.choice,
+            no_tracer=self.no_tracer,
+            history=self.history,
+            summary=final.summary,
+            attribution=final.attribution,
+            evaluations=self.evaluations,
+            stopped_because=reason,
+            error=error,
+            stats=self.tracer.stats if self.tracer else None,
+            gdb=gdb,
+            notes=self.notes,
+            processes=self.memory.reports(final.summary, self.options.warmup, final.attribution),
+            tree=self.memory.document(),
             device_unavailable=self.device_unavailable,
         )
-        if self.tree:
-            result.processes = self.tree.documents(self.options.warmup, final.attribution, self.leaking)
-            result.tree = self.tree.tree_document()
-        return result
 
-    def _deepen(self, ev: Evaluation) -> dict | None:
+    def progress(self) -> Progress:
+        return Progress(
+            target=self.target.describe(),
+            elapsed_s=self.elapsed,
+            duration_s=self.options.duration,
+            samples=len(self.history),
+            processes=self.memory.processes,
+            tracer=self.choice.name if self.choice else f"no tracer ({self.no_tracer})",
+            events=self.tracer.stats.events if self.tracer else 0,
+            last=self.evaluations[-1] if self.evaluations else None,
+        )
+
+    def _deepen(self, ev: Evaluation) -> GdbPass | None:
         """Full stacks for the top traced caller from a short, budgeted gdb session."""
         top = next((c for c in ev.attribution.culprits if c.evidence == "traced mmap"), None)
         # Deep enough when the unwinder got past the caller's own frames (a stack cut at the
@@ -511,15 +361,15 @@ class Investigation:
             backend.stop()
         details = backend.details() if hasattr(backend, "details") else {}
         best = max(stacks, key=lambda s: len(s.frames), default=None)
-        return {
-            "culprit": top.title,
-            "stacks": len(stacks),
-            "stack": [str(f) for f in best.frames] if best else [],
-            "stack_partial": best.partial if best else True,
-            "hits": details.get("hits"),
-            "cost": details.get("cost"),
-            "end": details.get("end"),
-        }
+        return GdbPass(
+            culprit=top.title,
+            stacks=len(stacks),
+            stack=tuple(str(f) for f in best.frames) if best else (),
+            stack_partial=best.partial if best else True,
+            hits=details.get("hits"),
+            cost=details.get("cost"),
+            end=details.get("end"),
+        )
 
 
 def _same_caller(caller: Frame | None, stack: Stack, library: str, symbol: str) -> bool:
@@ -534,8 +384,6 @@ def _allocator_culprit(c) -> bool:
 
 def with_creators(attribution: Attribution, creators: CreatorTracer) -> Attribution:
     """Shared-object culprits with who created their objects (the holder is the culprit's pid)."""
-    from dataclasses import replace
-
     out = []
     for c in attribution.culprits:
         pattern = c.segments or (c.library if c.evidence == "shm segment names" else None)
@@ -547,13 +395,9 @@ def with_creators(attribution: Attribution, creators: CreatorTracer) -> Attribut
     return replace(attribution, culprits=out)
 
 
-def _with_stack(attribution: Attribution, gdb: dict) -> Attribution:
-    from dataclasses import replace
-
+def _with_stack(attribution: Attribution, gdb: GdbPass) -> Attribution:
     culprits = [
-        replace(c, stack=tuple(gdb["stack"]), stack_partial=gdb["stack_partial"])
-        if c.title == gdb["culprit"]
-        else c
+        replace(c, stack=gdb.stack, stack_partial=gdb.stack_partial) if c.title == gdb.culprit else c
         for c in attribution.culprits
     ]
     return replace(attribution, culprits=culprits)
