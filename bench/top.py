@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from leakhunt.commands.top import ranked  # noqa: E402
 from leakhunt.proc.node import NodeSampler  # noqa: E402
+from leakhunt.top import ranked  # noqa: E402
 
 INTERVAL_S = 5.0
 GOAL = 0.02

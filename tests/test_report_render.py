@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import leakhunt_json, read_markdown, run_leakhunt
 
+from leakhunt.analysis.correlate import Attribution, Culprit
+from leakhunt.analysis.culprits import KnownCulprit
+from leakhunt.proc.classes import RegionClass
 from leakhunt.record import SessionWriter
 
 
@@ -98,6 +101,44 @@ def test_target_that_died_is_reported(leakers, tmp_path):
     assert doc["summary"]["samples"] >= 6
 
 
+def _leakpool_attribution() -> Attribution:
+    known = KnownCulprit(
+        id="leakpool",
+        name="leak pool",
+        explanation="an invalidation queue that grows",
+        remedies=("LKPOOL_MAX_UNRELEASED=1024",),
+        references=(),
+        classes=frozenset({RegionClass.ANON}),
+    )
+    culprit = Culprit(
+        library="libleakpool.so",
+        symbol="lkpool_grow",
+        klass=RegionClass.ANON,
+        bytes=40 << 20,
+        slope=4 << 20,
+        share=40 / 44,
+        evidence="traced mmap",
+        stack=("libleakpool.so!lkpool_grow+0x4c", "libleakpool.so!lkpool_release+0x10"),
+        stack_partial=True,
+        known=known,
+        pid=1,
+        mappings=40,
+    )
+    return Attribution(
+        growth=44 << 20, growth_by_class={RegionClass.ANON: 44 << 20}, duration_s=10.0, culprits=[culprit]
+    )
+
+
+def test_attribution_reads_back_as_it_was_written():
+    """The report reads investigate's typed results back: what to_json() writes, from_json() returns."""
+    written = _leakpool_attribution()
+    read = Attribution.from_json(json.loads(json.dumps(written.to_json())))
+    assert read.to_json() == written.to_json()
+    assert read.sentence() == written.sentence() and read.culprits[0].known.remedies == (
+        "LKPOOL_MAX_UNRELEASED=1024",
+    )
+
+
 def test_tracer_and_correlator_streams_are_drawn(leak_recording, tmp_path):
     rec = tmp_path / "traced"
     shutil.copytree(leak_recording, rec)
@@ -114,43 +155,18 @@ def test_tracer_and_correlator_streams_are_drawn(leak_recording, tmp_path):
                 ],
             },
         )
-    # The shape of analysis/correlate.py's Attribution.to_json().
-    writer.append(
-        "verdict",
-        {
-            "growth_bytes": 44 << 20,
-            "explained_bytes": 40 << 20,
-            "unexplained_bytes": 4 << 20,
-            "explained_fraction": 0.9,
-            "verdict": "90% of native memory growth is anonymous memory mapped by "
-            "libleakpool.so's lkpool_grow",
-            "culprits": [
-                {
-                    "library": "libleakpool.so",
-                    "symbol": "lkpool_grow",
-                    "class": "anon",
-                    "bytes": 40 << 20,
-                    "slope_bytes_per_s": 4 << 20,
-                    "share": 0.9,
-                    "evidence": "traced mmap",
-                    "stack": ["libleakpool.so!lkpool_grow+0x4c", "libleakpool.so!lkpool_release+0x10"],
-                    "stack_partial": True,
-                    "known": {"name": "leak pool", "explanation": "an invalidation queue that grows"},
-                    "remedies": ["LKPOOL_MAX_UNRELEASED=1024"],
-                    "pid": 1,
-                    "mappings": 40,
-                }
-            ],
-        },
-    )
+    # What investigate writes: a verdict record whose attribution is Attribution.to_json().
+    attribution = _leakpool_attribution()
+    writer.append("verdict", {"t": 9.0, "leak": True, "attribution": attribution.to_json()})
     writer.close()
     doc = leakhunt_json("report", rec, "--markdown", tmp_path / "t.md")
     assert {"attribution", "outstanding-by-caller"} <= set(doc["plots"]) and doc["tracer_data"]
     md = read_markdown(tmp_path / "t.md")
     assert "libleakpool.so!lkpool_grow+0x4c" in md and "LKPOOL_MAX_UNRELEASED=1024" in md
     assert "No tracer data" not in md and "lkpool_release+0x10" in md and "(partial stack)" in md
-    assert "90% of native memory growth is anonymous memory mapped by" in md
-    assert "Top culprit: libleakpool.so!lkpool_grow (90% of the growth)" in doc["answer"]
+    assert "91% of native memory growth is anonymous memory mapped by" in md
+    assert "Top culprit: libleakpool.so!lkpool_grow (91% of the growth)" in doc["answer"]
+    assert "an invalidation queue that grows" in md
 
 
 def test_not_a_recording_is_one_line_and_exit_2(tmp_path):

@@ -99,6 +99,37 @@ class Culprit:
             "filled_fraction": self.filled if self.mapped_by else None,
         }
 
+    @classmethod
+    def from_json(cls, doc: dict) -> Culprit:
+        """Read back what to_json() wrote (a recording's verdict stream or summary). Keys a newer
+        writer adds are ignored and missing ones default, so old recordings still read."""
+        known = doc.get("known")
+        if isinstance(known, dict):
+            # The remedies a culprit carries are its known culprit's (to_json writes them twice).
+            known = KnownCulprit.from_json(
+                {**known, "remedies": known.get("remedies") or doc.get("remedies")}
+            )
+        klass = doc.get("class")
+        return cls(
+            library=str(doc.get("library", "?")),
+            symbol=str(doc.get("symbol") or ""),
+            klass=RegionClass(klass) if klass in RegionClass._value2member_map_ else RegionClass.ANON,
+            bytes=int(doc.get("bytes") or 0),
+            slope=float(doc.get("slope_bytes_per_s") or 0.0),
+            share=float(doc.get("share") or 0.0),
+            evidence=str(doc.get("evidence", "")),
+            stack=tuple(str(f) for f in doc.get("stack") or ()),
+            stack_partial=bool(doc.get("stack_partial", True)),
+            known=known if isinstance(known, KnownCulprit) else None,
+            pid=doc.get("pid"),
+            mappings=int(doc.get("mappings") or 0),
+            detail=str(doc.get("detail") or ""),
+            origin=str(doc.get("origin") or ""),
+            created_by=tuple(c for c in doc.get("created_by") or () if isinstance(c, dict)),
+            mapped_by=str(doc.get("mapped_by") or ""),
+            filled=float(doc.get("filled_fraction") or 0.0),
+        )
+
 
 @dataclass(frozen=True)
 class Attribution:
@@ -169,7 +200,21 @@ class Attribution:
             "growth_by_class": {c.value: v for c, v in self.growth_by_class.items()},
             "culprits": [c.to_json() for c in self.culprits],
             "verdict": self.sentence(),
+            "duration_s": self.duration_s,
         }
+
+    @classmethod
+    def from_json(cls, doc: dict) -> Attribution:
+        """Read back what to_json() wrote; sentence() and the fractions are derived again."""
+        by_class = doc.get("growth_by_class") or {}
+        return cls(
+            growth=int(doc.get("growth_bytes") or 0),
+            growth_by_class={
+                RegionClass(k): int(v) for k, v in by_class.items() if k in RegionClass._value2member_map_
+            },
+            duration_s=float(doc.get("duration_s") or 0.0),
+            culprits=[Culprit.from_json(c) for c in doc.get("culprits") or () if isinstance(c, dict)],
+        )
 
 
 def _traced(

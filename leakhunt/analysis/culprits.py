@@ -34,6 +34,18 @@ class KnownCulprit:
             "references": list(self.references),
         }
 
+    @classmethod
+    def from_json(cls, doc: dict) -> KnownCulprit:
+        """Read back what to_json() wrote (the matching rules are not recorded)."""
+        return cls(
+            id=str(doc.get("id", "")),
+            name=str(doc.get("name", "")),
+            explanation=str(doc.get("explanation", "")),
+            remedies=tuple(str(r) for r in doc.get("remedies") or ()),
+            references=tuple(str(r) for r in doc.get("references") or ()),
+            classes=frozenset(),
+        )
+
 
 @cache
 def known_culprits() -> tuple[KnownCulprit, ...]:

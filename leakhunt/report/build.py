@@ -6,7 +6,6 @@ None when the recording has nothing for it. Renderers (html.py, markdown.py) dra
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 
@@ -118,12 +117,9 @@ def headline(data: ReportData) -> Headline:
             f" RSS grew only {format_bytes(m.rss.growth, signed=True)}: the rest is shared memory the "
             "process holds without touching it."
         )
-    culprits = data.culprits.culprits if data.culprits else ()
+    culprits = data.attribution.culprits if data.attribution else ()
     if culprits:
-        share = culprits[0].explained_fraction
-        answer += f" Top culprit: {culprits[0].label}" + (
-            f" ({format_share(share)} of the growth)." if math.isfinite(share) else "."
-        )
+        answer += f" Top culprit: {culprits[0].title} ({format_share(culprits[0].share)} of the growth)."
     numbers = [
         (f"{m.main_label} at the end", format_bytes(m.main.end)),
         ("growth", format_bytes(m.main.growth, signed=True)),

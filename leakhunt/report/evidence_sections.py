@@ -72,7 +72,7 @@ def heap_versus_rss(data: ReportData) -> Section | None:
 
 def no_tracer_data(data: ReportData) -> Section | None:
     """Placed late: without tracer data the memory sections are the story."""
-    if data.culprits is not None and data.culprits.culprits:
+    if data.attribution is not None and data.attribution.culprits:
         return None
     blocks = []
     if not data.has_tracer_data:
@@ -121,61 +121,41 @@ def no_tracer_data(data: ReportData) -> Section | None:
 
 def who_mapped_it(data: ReportData) -> Section | None:
     """Placed early: when the correlator named culprits they are the answer."""
-    culprits = data.culprits
-    if culprits is None or not culprits.culprits:
+    a = data.attribution
+    if a is None or not a.culprits:
         return None
-    cs = culprits.culprits
-    total = sum(c.bytes for c in cs)
-    unexplained = culprits.unexplained_bytes if math.isfinite(culprits.unexplained_bytes) else None
-    if (
-        unexplained is None
-        and math.isfinite(culprits.explained_fraction)
-        and 0 < culprits.explained_fraction < 1
-    ):
-        unexplained = total / culprits.explained_fraction - total
-    blocks = []
-    if culprits.sentence:
-        blocks.append(Callout("bad", sentence(culprits.sentence)))
-    blocks.append(
+    cs = a.culprits
+    blocks = [
+        Callout("bad", sentence(a.sentence())),
         Figure(
             "attribution",
-            plots.attribution([c.label for c in cs], [c.bytes for c in cs], unexplained),
+            plots.attribution([c.title for c in cs], [c.bytes for c in cs], a.unexplained),
             "Growth each caller's outstanding mappings explain (mapped, never unmapped, inside the "
             "regions that grew), and what no traced mapping explains.",
-        )
-    )
-    if math.isfinite(culprits.explained_fraction):
-        explained = format_share(culprits.explained_fraction)
-        blocks.append(Para(f"The culprits below explain {explained} of the growth."))
-    blocks.append(
+        ),
+        Para(f"The culprits below explain {format_share(a.explained_fraction)} of the growth."),
         Table(
             ("caller", "bytes", "slope", "share of growth", "evidence"),
             tuple(
-                (
-                    c.label,
-                    format_bytes(c.bytes),
-                    format_rate(c.slope),
-                    format_share(c.explained_fraction) if math.isfinite(c.explained_fraction) else "",
-                    c.evidence,
-                )
+                (c.title, format_bytes(c.bytes), format_rate(c.slope), format_share(c.share), c.evidence)
                 for c in cs
             ),
             align="lrrrl",
             code_columns=(0,),
-        )
-    )
+        ),
+    ]
     for c in cs:
-        if c.explanation:
-            blocks.append(Para(f"{c.label}: {c.explanation}"))
+        if c.known and c.known.explanation:
+            blocks.append(Para(f"{c.title}: {c.known.explanation}"))
         if c.stack:
             blocks.append(
                 Code(
                     "\n".join(c.stack) + ("\n... (partial stack)" if c.stack_partial else ""),
-                    caption=f"stack of {c.label}, innermost frame first",
+                    caption=f"stack of {c.title}, innermost frame first",
                 )
             )
-        if c.remedies:
-            blocks.append(Facts(tuple(("remedy", r) for r in c.remedies)))
+        if c.known and c.known.remedies:
+            blocks.append(Facts(tuple(("remedy", r) for r in c.known.remedies)))
     return Section("Who mapped it", "culprits", tuple(blocks))
 
 

@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from leakhunt.analysis.correlate import Attribution
 from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.analysis.verdict import MIN_SLOPE
 from leakhunt.errors import BadInput, CorruptRecording
@@ -21,10 +22,9 @@ from leakhunt.proc.smaps import Snapshot, parse_smaps
 from leakhunt.record import EVENTS, TREE, Recording
 from leakhunt.report.streams import (
     CallerSeries,
-    Culprits,
     TracerTotals,
+    read_attribution,
     read_callers,
-    read_culprits,
     read_event_counts,
     read_tracer_totals,
 )
@@ -51,7 +51,7 @@ class ReportData:
     history: History
     memory: MemorySummary | None  # None when the recording has no sample at all
     heap: HeapSeries | None
-    culprits: Culprits | None
+    attribution: Attribution | None  # the correlator's last word (investigate recordings)
     callers: CallerSeries | None
     tracer: TracerTotals | None
     event_counts: dict[str, int]  # mmap/munmap/... events recorded, by kind
@@ -68,7 +68,7 @@ class ReportData:
         return (
             bool(self.event_counts)
             or self.callers is not None
-            or self.culprits is not None
+            or self.attribution is not None
             or self.tracer is not None
         )
 
@@ -102,7 +102,7 @@ def load(directory: str | Path) -> ReportData:
         history,
         memory,
         read_heap(rec, t0),
-        read_culprits(rec),
+        read_attribution(rec),
         read_callers(rec, t0),
         read_tracer_totals(rec),
         read_event_counts(rec, EVENTS),

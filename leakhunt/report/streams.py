@@ -1,20 +1,14 @@
-"""Readers of the tracer and correlator streams a recording may hold, normalised to the plain
-records the report draws. The one place that knows their on-disk shape:
+"""Readers of the tracer and correlator streams a recording may hold, read back into the types
+their writers wrote. The one place that knows their on-disk shape:
 
-``ledger.jsonl`` (trace-mmap --record): periodic outstanding bytes by caller::
+``ledger.jsonl`` (trace-mmap --record, trace.session): periodic outstanding bytes by caller::
 
-    {"ts": 1716.2, "callers": [{"caller": "libleakpool.so!lkpool_grow+0x4c", "bytes": 8388608,
+    {"ts": 1716.2, "callers": [{"caller": "libleakpool.so!lkpool_grow", "bytes": 8388608,
                                 "mappings": 8}, ...]}
 
-``verdict.jsonl`` or ``attribution.jsonl`` (investigate; the last record counts), or an
-"attribution" object (or a "culprits" list) in summary.json: analysis/correlate.py's
-``Attribution.to_json()``::
-
-    {"growth_bytes": 123, "explained_fraction": 0.95, "unexplained_bytes": 6, "verdict": "93% of ...",
-     "culprits": [{"library": "libucm.so", "symbol": "ucm_orig_mmap_syscall", "bytes": 117,
-                   "slope_bytes_per_s": 4.0, "share": 0.93, "evidence": "traced mmap",
-                   "stack": ["frame", ...], "stack_partial": true,
-                   "known": {"name": ..., "explanation": ...}, "remedies": ["UCX_MEM_MMAP_HOOK_MODE=none"]}]}
+``verdict.jsonl`` (investigate; the last record counts): investigate.results' Evaluation
+``to_record()``, whose "attribution" is analysis.correlate's ``Attribution.to_json()``, read back
+with ``Attribution.from_json()``; summary.json's "attribution" when there is no verdict stream.
 
 Unknown keys are ignored and missing ones default, so that the report survives the streams'
 shapes growing.
@@ -29,32 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from leakhunt.analysis.correlate import Attribution
 from leakhunt.record import Recording
-from leakhunt.trace.events import Stack
 
 LEDGER = "ledger"
-VERDICT_STREAMS = ("verdict", "attribution")
-
-
-@dataclass(frozen=True)
-class Culprit:
-    label: str  # who: library!symbol, or the caller frame
-    bytes: int  # outstanding bytes it explains
-    slope: float  # bytes/s, NaN when unknown
-    explained_fraction: float  # of the total anonymous growth, NaN when unknown
-    stack: tuple[str, ...]  # frames innermost first, as text
-    stack_partial: bool
-    remedies: tuple[str, ...]
-    explanation: str = ""  # what the known culprit is, when it is a known one
-    evidence: str = ""  # how it was found: "traced mmap", "shm segment names", ...
-
-
-@dataclass(frozen=True)
-class Culprits:
-    culprits: tuple[Culprit, ...]
-    explained_fraction: float  # of all growth, NaN when unknown
-    unexplained_bytes: float = float("nan")
-    sentence: str = ""  # the correlator's one-line verdict
+VERDICT = "verdict"
 
 
 @dataclass(frozen=True)
@@ -73,64 +46,19 @@ def _float(value, default=float("nan")) -> float:
         return default
 
 
-def _stack_lines(raw) -> tuple[tuple[str, ...], bool]:
-    if isinstance(raw, dict):
-        stack = Stack.from_record(raw)
-        return tuple(str(f) for f in stack.frames), stack.partial
-    if isinstance(raw, list):
-        return tuple(str(f) for f in raw), False
-    if isinstance(raw, str):
-        return tuple(part.strip() for part in raw.split("<-")), False
-    return (), True
-
-
-def _remedy_text(raw) -> str:
-    if isinstance(raw, dict):
-        parts = [str(raw[k]) for k in ("title", "fix", "text", "env", "command") if raw.get(k)]
-        return " — ".join(parts)
-    return str(raw)
-
-
-def _culprit(raw: dict) -> Culprit:
-    label = raw.get("caller") or "!".join(str(raw[k]) for k in ("library", "symbol") if raw.get(k)) or "?"
-    stack, partial = _stack_lines(raw.get("stack"))
-    partial = bool(raw.get("stack_partial", partial))
-    known = raw.get("known") if isinstance(raw.get("known"), dict) else {}
-    return Culprit(
-        str(label),
-        int(_float(raw.get("bytes", raw.get("outstanding_bytes")), 0)),
-        _float(raw.get("slope_bytes_per_s")),
-        _float(raw.get("explained_fraction", raw.get("share"))),
-        stack,
-        partial,
-        tuple(_remedy_text(r) for r in raw.get("remedies") or ()),
-        str(known.get("explanation", "")),
-        str(raw.get("evidence", "")),
-    )
-
-
-def _last_verdict(rec: Recording) -> dict | None:
-    for stream in VERDICT_STREAMS:
-        last = next(iter(deque(rec.records(stream), maxlen=1)), None)
-        if isinstance(last, dict):
-            return last.get("attribution", last) if isinstance(last.get("attribution"), dict) else last
-    summary = rec.summary or {}
-    if isinstance(summary.get("attribution"), dict):
-        return summary["attribution"]
-    return summary if summary.get("culprits") else None
-
-
-def read_culprits(rec: Recording) -> Culprits | None:
-    last = _last_verdict(rec)
-    if not last or not isinstance(last.get("culprits"), list):
+def read_attribution(rec: Recording) -> Attribution | None:
+    """The correlator's last word: the last record of the verdict stream (investigate), else the
+    summary's attribution. None when neither holds culprits to show."""
+    last = next(iter(deque(rec.records(VERDICT), maxlen=1)), None)
+    doc = last.get("attribution") if isinstance(last, dict) else None
+    if not isinstance(doc, dict):
+        doc = (rec.summary or {}).get("attribution")
+    if not isinstance(doc, dict):
         return None
-    culprits = tuple(_culprit(c) for c in last["culprits"] if isinstance(c, dict))
-    return Culprits(
-        culprits,
-        _float(last.get("explained_fraction")),
-        _float(last.get("unexplained_bytes")),
-        str(last.get("verdict", "") if isinstance(last.get("verdict"), str) else ""),
-    )
+    try:
+        return Attribution.from_json(doc)
+    except (TypeError, ValueError, AttributeError):
+        return None  # a record cut or written by hand: the report goes on without culprits
 
 
 def read_callers(rec: Recording, t0: float | None, top: int = 8) -> CallerSeries | None:

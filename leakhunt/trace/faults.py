@@ -293,17 +293,6 @@ def allocators_by_caller(view: FaultView) -> dict[tuple[str, str], tuple[set[str
     return out
 
 
-def toucher_json(label: tuple[str, str], pages: float, allocators: set[str], toucher: Toucher) -> dict:
-    return {
-        "library": label[0],
-        "symbol": label[1],
-        "allocators": sorted(allocators),
-        "pages": round(pages),
-        "bytes": round(pages * 4096),
-        "stack": [str(f) for f in toucher.stack.frames],
-    }
-
-
 class FaultTracer(PerfProgram):
     """Runs probes/page_faults.c for a set of pids."""
 

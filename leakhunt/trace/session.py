@@ -22,6 +22,7 @@ Recording (``--record DIR``, through leakhunt.record.SessionWriter), streams:
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -105,6 +106,23 @@ def _fix(reason: str) -> str:
 class CallerView:
     totals: CallerTotals
     rate: float  # outstanding bytes/s over the last RATE_WINDOW_S (NaN until known)
+
+    def to_json(self) -> dict:
+        c = self.totals
+        return {
+            "library": c.library,
+            "symbol": c.symbol,
+            "caller": c.label,
+            "frame": str(c.caller) if c.caller else None,
+            "stack": [str(f) for f in c.stack.frames] if c.stack else [],
+            "stack_partial": c.stack.partial if c.stack else True,
+            "outstanding_bytes": c.outstanding_bytes,
+            "mappings": c.mappings,
+            "count": c.count,
+            "mapped_bytes": c.mapped_bytes,
+            "unmapped_bytes": c.unmapped_bytes,
+            "rate_bytes_per_s": None if math.isnan(self.rate) else self.rate,
+        }
 
 
 class TraceSession:
