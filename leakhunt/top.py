@@ -56,7 +56,7 @@ class TopResult:
     elapsed_s: float
     interval_s: float
     ticks: int
-    ended: list[int]  # pids that were seen and exited
+    ended: list[int]  # pids that were seen and exited (the latest proc.node.MAX_ENDED)
 
     @property
     def leaking(self) -> int:
@@ -142,5 +142,5 @@ def result(sampler: NodeSampler, elapsed: float, interval: float) -> TopResult:
         elapsed_s=elapsed,
         interval_s=interval,
         ticks=sampler.tick_no,
-        ended=[t.pid for t in sampler.ended],
+        ended=list(sampler.ended),
     )

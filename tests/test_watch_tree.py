@@ -96,3 +96,25 @@ def test_every_command_with_subprocesses_hints_at_it(leakers, spawn):
     ):
         cp = run_leakhunt(*args)
         assert cp.returncode == 0 and "add --subprocesses" in cp.stderr, (args[0], cp.stderr)
+
+
+def test_ended_children_are_bounded(spawn, monkeypatch):
+    """A root that forks one short-lived child after another (a worker per request): the sampler
+    keeps the latest MAX_ENDED ended children and counts the ones it drops, instead of growing."""
+    import time
+
+    from leakhunt.proc import tree as tree_module
+    from leakhunt.proc.target import open_target
+
+    monkeypatch.setattr(tree_module, "MAX_ENDED", 2)
+    root = spawn(["sh", "-c", "echo ready; while true; do sleep 0.6; done"])
+    sampler = tree_module.TreeSampler(open_target(root.pid), interval=0.1)
+    deadline = time.monotonic() + 60
+    while sampler.forgotten < 3 and time.monotonic() < deadline:
+        sampler.tick()
+        time.sleep(0.1)
+    ended = [t for t in sampler.tracks.values() if t.ended]
+    assert sampler.forgotten >= 3, "no child was ever dropped"
+    assert len(ended) <= 2 and root.alive()
+    # The ones kept are the latest to end.
+    assert all(t.ended_at >= max(0.0, sampler.tree.t[-1] - 10) for t in ended)

@@ -135,4 +135,5 @@ def tree_document(sampler: TreeSampler) -> dict:
         "uss_bytes_start": uss[0] if uss else None,
         "uss_bytes_end": uss[-1] if uss else None,
         "unreadable": {str(p): why for p, why in sampler.skipped.items()},
+        "ended_forgotten": sampler.forgotten,
     }

@@ -130,6 +130,7 @@ class TreeMemory:
         return born, self._ended_notes()
 
     def _ended_notes(self) -> list[str]:
+        self.reported_ends &= self.sampler.tracks.keys()  # those forgotten since (proc.tree.MAX_ENDED)
         notes = []
         for pid, track in self.sampler.tracks.items():
             if track.ended and pid not in self.reported_ends:

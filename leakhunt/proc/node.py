@@ -29,6 +29,8 @@ MAPS_EVERY = 6
 NODE_FIELDS = ("VmSize", "VmRSS", "RssShmem")
 #: Samples kept per process for its slope (older ones drop off).
 WINDOW = 720
+#: Pids of exited processes kept for the final document (top --json "ended").
+MAX_ENDED = 1000
 
 _POD = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
 _CONTAINER = re.compile(
@@ -119,7 +121,7 @@ class NodeSampler:
         self.match = match
         self.cgroup = cgroup.rstrip("/") if cgroup else None
         self.tracks: dict[int, ProcessTrack] = {}
-        self.ended: list[ProcessTrack] = []
+        self.ended: deque[int] = deque(maxlen=MAX_ENDED)  # pids that exited, the latest ones
         self.tick_no = 0
         self.me = os.getpid()
         self._mount_fs: dict[str, set[str]] = {}  # mount namespace -> its memory-fs devices
@@ -179,7 +181,8 @@ class NodeSampler:
             track.rss.append(rss)
             track.footprint.append(max(0, rss - status.get("RssShmem", 0)) + track.held)
         for pid in [p for p in self.tracks if p not in seen]:
-            self.ended.append(self.tracks.pop(pid))
+            self.tracks.pop(pid)
+            self.ended.append(pid)
 
     def _maps(self, track: ProcessTrack) -> None:
         """The process's mappings now, from maps (no page-table walk)."""

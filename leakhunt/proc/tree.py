@@ -96,8 +96,17 @@ class TreeResult:
     error: Exception | None = None  # the root process was lost
 
 
+#: Ended children kept (with their histories and last snapshots) for the per-process documents:
+#: a server that forks a worker per request, watched for a day, must not keep them all.
+MAX_ENDED = 64
+#: Children that could not be read, remembered so that they are not tried again every tick.
+MAX_SKIPPED = 256
+
+
 class TreeSampler:
-    """Samples a pid and all its descendants every interval, picking up new children as they come."""
+    """Samples a pid and all its descendants every interval, picking up new children as they come.
+    Memory stays bounded: the MAX_ENDED children that ended last are kept, older ones are counted
+    in ``forgotten`` and dropped."""
 
     def __init__(
         self,
@@ -118,7 +127,8 @@ class TreeSampler:
             ppid=_ppid(root.pid),
         )
         self.tracks: dict[int, ProcessTrack] = {root.pid: self.root}
-        self.skipped: dict[int, str] = {}  # children we could not read, and why
+        self.skipped: dict[int, str] = {}  # children we could not read, and why (the latest ones)
+        self.forgotten = 0  # ended children dropped past MAX_ENDED
         self.tree = History()  # the deduplicated totals (PSS and USS too), one entry per tick
 
     def discover(self) -> list[ProcessTrack]:
@@ -135,6 +145,8 @@ class TreeSampler:
                 target = open_target(child.pid)
             except (TargetGone, AccessDenied) as e:
                 self.skipped[child.pid] = str(e)
+                if len(self.skipped) > MAX_SKIPPED:
+                    del self.skipped[next(iter(self.skipped))]  # the oldest
                 continue
             track = ProcessTrack(
                 target,
@@ -171,6 +183,7 @@ class TreeSampler:
             samples.append(sample)
         if self.root.ended is not None:
             raise TargetGone(self.root.target.pid, f"process {self.root.target.pid} exited")
+        self._forget_ended()
         totals = tree_totals([s.snapshot for s in samples])
         # A cheap sample (Sampler.full_every) stands on its last full snapshot: what moved since,
         # by its status counters, is added on top (as the process's own, private pages).
@@ -201,6 +214,15 @@ class TreeSampler:
             totals.uss,
         )
         return samples
+
+    def _forget_ended(self) -> None:
+        ended = [t for t in self.tracks.values() if t.ended is not None]
+        if len(ended) <= MAX_ENDED:
+            return
+        ended.sort(key=lambda t: t.ended_at or 0.0)
+        for track in ended[: len(ended) - MAX_ENDED]:
+            del self.tracks[track.target.pid]
+            self.forgotten += 1
 
     @property
     def pss(self) -> list[int]:
