@@ -36,7 +36,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 test: setup leakers lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=20
 
 bench: setup leakers
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

@@ -4,8 +4,10 @@ leakhunt.trace.events, BCC is the OS's, the kernel-stack arithmetic, backend cho
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
+from conftest import need
 
 from leakhunt import resources
 from leakhunt.errors import BackendUnavailable
@@ -53,12 +55,19 @@ def test_the_bcc_program_gets_every_constant_it_uses():
 
 
 def test_bcc_comes_from_the_os_package():
-    problem = ensure_bcc_importable()
-    if not (OS_BCC / "__init__.py").is_file():
-        assert problem is not None and "python3-bpfcc" in problem
-        return
-    assert problem is None
-    assert str(OS_BCC.resolve()) in str(__import__("pathlib").Path(_bcc_origin()).resolve())
+    need((OS_BCC / "__init__.py").is_file(), "python3-bpfcc is not installed")
+    assert ensure_bcc_importable() is None
+    assert Path(_bcc_origin()).resolve().is_relative_to(OS_BCC.resolve())
+
+
+def test_without_the_os_package_bcc_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Where python3-bpfcc is missing (its directory points nowhere here), the reason names it."""
+    import leakhunt.trace.bcc as bcc_module
+
+    monkeypatch.setattr(bcc_module, "OS_BCC", tmp_path / "bcc")
+    monkeypatch.setattr(bcc_module, "_bcc_origin", lambda: None)
+    problem = bcc_module.ensure_bcc_importable()
+    assert problem == "python3-bpfcc is not installed (apt-get install python3-bpfcc)"
 
 
 @pytest.mark.parametrize(
