@@ -16,7 +16,6 @@ import json
 import os
 import re
 import threading
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,7 +43,8 @@ CulpritSource = Callable[[int], Iterable[tuple[str, int]]]
 class Watched:
     target: Target
     sampler: Sampler
-    samples: deque[Sample] = field(default_factory=deque)
+    history: History = field(default_factory=History)  # the last --window of samples
+    last: Sample | None = None  # the latest sample, its snapshot dropped
     summary: MemorySummary | None = None
     last_cost_s: float = 0.0
     root: int | None = None  # with subprocesses: the explicit pid this process is under
@@ -198,14 +198,12 @@ class Fleet:
             w.last_cost_s = sample.cost_s
             if w.root is not None:
                 members.setdefault(w.root, []).append(sample.snapshot)
-            # The window keeps totals and groups only: a big process's snapshot is megabytes.
-            w.samples.append(replace(sample, snapshot=self._empty))
-            while w.samples and sample.t - w.samples[0].t > self.window_s:
-                w.samples.popleft()
-            history = History()
-            for s in w.samples:
-                history.add(s)
-            w.summary = summarize(history) if len(history) >= 2 else None
+            # The window keeps totals and group sizes only (History): a big process's snapshot is
+            # megabytes, and even its groups' stats are kilobytes a sample.
+            w.last = replace(sample, snapshot=self._empty)
+            w.history.add(w.last)
+            w.history.drop_before(sample.t - self.window_s)
+            w.summary = summarize(w.history) if len(w.history) >= 2 else None
         self._trees = tuple(
             _tree_figures(root, members.get(root.pid, [])) for root in self._explicit if root.pid in members
         )
@@ -213,9 +211,9 @@ class Fleet:
 
     def _publish(self) -> None:
         rows = tuple(
-            (w.target, w.summary, w.samples[-1], w.samples[-1].t - w.samples[0].t, w.last_cost_s)
+            (w.target, w.summary, w.last, w.history.duration_s, w.last_cost_s)
             for w in self._watched.values()
-            if w.samples
+            if w.last is not None
         )
         roots = {w.target.pid: w.root for w in self._watched.values() if w.root is not None}
         with self._lock:

@@ -18,6 +18,7 @@ has and says why it stopped, instead of raising away the evidence.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -248,6 +249,20 @@ class History:
             if len(series) == n or len(series) > MAX_POINTS:
                 half = len(series) // 2
                 series[:] = series[:half:2] + series[half:]
+
+    def drop_before(self, t: float) -> None:
+        """Forget the points older than ``t`` (a sliding window: the exporter's slopes). Series
+        kept only when there was a reading keep at most as many points as remain."""
+        k = bisect.bisect_left(self.t, t)
+        if not k:
+            return
+        n = len(self.t)
+        for series in self._series():
+            if len(series) == n:
+                del series[:k]
+            elif len(series) > n - k:
+                del series[: len(series) - (n - k)]
+        self.samples = max(len(self.t), self.samples - k)
 
     def __len__(self) -> int:
         return len(self.t)
