@@ -214,7 +214,12 @@ def test_commands_die_with_leakhunt_even_by_sigkill(tmp_path):
         if p.name() == "sh" and "sleep 300" in " ".join(p.cmdline())
     )
     assert len([sh, *sh.children(recursive=True)]) == 3
-    family = psutil.Process(ci.pid).children(recursive=True)  # the command's guard and its sleep too
+    # The command's guard and its sleep too: the guard starts beside the command, and may still be
+    # starting its sleep when the command has touched the marker.
+    family = psutil.Process(ci.pid).children(recursive=True)
+    while len(family) < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        family = psutil.Process(ci.pid).children(recursive=True)
     assert len(family) == 5, [p.cmdline() for p in family]
     ci.kill()
     ci.wait()
