@@ -7,10 +7,11 @@ import mmap
 import os
 
 import numpy as np
+from conftest import SHARED_DATA
 
-from leakhunt.proc.classes import RegionClass
-from leakhunt.proc.growth import groups, held_between, range_growth
-from leakhunt.proc.smaps import read_smaps
+from leakhunt.proc.classes import CLASS_CODE, RegionClass
+from leakhunt.proc.growth import GroupStat, group_path, groups, held_between, range_growth
+from leakhunt.proc.smaps import load_smaps, read_smaps
 
 MiB = 2**20
 PAGE = mmap.PAGESIZE
@@ -80,6 +81,18 @@ def test_groups_sum_to_the_total():
     assert sum(s.rss for s in g.values()) == snap.total_rss
     assert sum(s.regions for s in g.values()) == len(snap)
     assert (RegionClass.HEAP, "[heap]") in g or any(k[0] is RegionClass.ANON for k in g)
+
+
+def test_groups_are_the_region_by_region_sums_in_order_of_first_appearance():
+    # groups() names groups once per distinct (class, path) with numpy; this is the plain loop
+    # over regions it must equal, on a real H100 + torch process and on this one.
+    for snap in (load_smaps(SHARED_DATA / "smaps-h100-torch-pinned.txt"), read_smaps(os.getpid())):
+        want: dict[tuple[RegionClass, str], list[int]] = {}
+        for r in snap:
+            acc = want.setdefault((r.klass, group_path(CLASS_CODE[r.klass], r.path)), [0, 0, 0, 0])
+            for j, x in enumerate((r.rss, 1, r.size, r.pss)):
+                acc[j] += x
+        assert list(groups(snap).items()) == [(k, GroupStat(*v)) for k, v in want.items()]
 
 
 def test_shm_segments_of_one_kind_are_one_group(tmp_path):

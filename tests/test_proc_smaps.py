@@ -28,6 +28,10 @@ def assert_same(a, b):
     assert a.path == b.path and a.perms == b.perms and a.dev == b.dev
     assert list(a.vmflags) == list(b.vmflags)
     assert np.array_equal(a.classes, b.classes)
+    # the distinct-path index that classification and grouping use agrees with the paths
+    assert a.distinct_paths == b.distinct_paths == list(dict.fromkeys(a.path))
+    assert np.array_equal(a.path_ids, b.path_ids)
+    assert [a.distinct_paths[i] for i in a.path_ids.tolist()] == a.path
 
 
 def test_the_c_parser_is_built():

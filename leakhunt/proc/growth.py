@@ -60,13 +60,19 @@ def group_path(code: int, path: str) -> str:
 
 def groups(snapshot: Snapshot) -> dict[GroupKey, GroupStat]:
     """RSS, region count, virtual size and PSS by (class, path); /dev/shm segments by name pattern.
-    One dict lookup per region names its group; the sums are numpy's (exact, int64)."""
+    Groups are named once per distinct (class, path), in order of first appearance; the sums are
+    numpy's (exact, int64)."""
+    paths, width = snapshot.distinct_paths, max(len(snapshot.distinct_paths), 1)
+    pairs, first, inverse = np.unique(
+        snapshot.classes.astype(np.int64) * width + snapshot.path_ids, return_index=True, return_inverse=True
+    )
     ids: dict[tuple[int, str], int] = {}
-    row = [
-        ids.setdefault((code, shm_pattern(path) if code == _SHM_CODE else path), len(ids))
-        for code, path in zip(snapshot.classes.tolist(), snapshot.path)
-    ]
-    index = np.array(row, np.intp)
+    group_of_pair = [0] * len(pairs)
+    pair_list = pairs.tolist()
+    for k in np.argsort(first, kind="stable").tolist():
+        code, path_id = divmod(pair_list[k], width)
+        group_of_pair[k] = ids.setdefault((code, group_path(code, paths[path_id])), len(ids))
+    index = np.array(group_of_pair, np.intp)[inverse.reshape(-1)]
     sums = np.zeros((len(ids), 4), np.int64)
     for j, column in enumerate(
         (snapshot.rss, np.ones(len(index), np.int64), snapshot.end - snapshot.start, snapshot.column("Pss"))

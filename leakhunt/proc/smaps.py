@@ -90,6 +90,8 @@ class Snapshot:
     vmflags: Sequence[str]
     classes: np.ndarray  # uint8 codes into CLASSES
     gpu_process: bool
+    path_ids: np.ndarray  # int32: path[i] == distinct_paths[path_ids[i]]
+    distinct_paths: list[str]  # in order of first appearance
 
     def __len__(self) -> int:
         return len(self.path)
@@ -144,10 +146,9 @@ class Snapshot:
 
 def read_smaps(pid: int) -> Snapshot:
     """One snapshot of a live process (TargetGone / AccessDenied as proc_read raises them)."""
-    raw = prefetch.take(pid, "smaps")
-    if raw is None:
-        raw = proc_read(pid, "smaps")
-    return parse_smaps(raw, source=f"/proc/{pid}/smaps")
+    ahead = prefetch.take(pid, "smaps")
+    raw, parsed = ahead if ahead is not None else (proc_read(pid, "smaps"), None)
+    return parse_smaps(raw, source=f"/proc/{pid}/smaps", parsed=parsed)
 
 
 def load_smaps(path: str | os.PathLike) -> Snapshot:
@@ -155,13 +156,14 @@ def load_smaps(path: str | os.PathLike) -> Snapshot:
     return parse_smaps(read_input(path), source=str(path))
 
 
-def parse_smaps(data: bytes, *, source: str = "smaps") -> Snapshot:
-    """Parse smaps text (live or saved). Raises BadInput for text that is not smaps or is cut short."""
+def parse_smaps(data: bytes, *, source: str = "smaps", parsed: object = None) -> Snapshot:
+    """Parse smaps text (live or saved). Raises BadInput for text that is not smaps or is cut short.
+    ``parsed``: the C parser's result for ``data`` when it ran already (leakhunt.prefetch)."""
     if not data or data.isspace():
         return _empty_snapshot()
     if not data.endswith(b"\n"):
         raise BadInput(f"{source}: truncated (the last line is incomplete)")
-    fast = _parse_fast(data)
+    fast = _parse_fast(data, parsed)
     if fast is not None:
         return fast
     return _parse_generic(data, source)
@@ -170,21 +172,23 @@ def parse_smaps(data: bytes, *, source: str = "smaps") -> Snapshot:
 # -- the one-pass C parser ------------------------------------------------------------------------
 
 
-def _parse_fast(data: bytes) -> Snapshot | None:
-    """The C hot path (leakhunt/proc/_smaps.c); None when it is not built or the text is irregular."""
+def _parse_fast(data: bytes, parsed=None) -> Snapshot | None:
+    """The C hot path (leakhunt/proc/_smaps.c); None when it is not built or the text is irregular.
+    Its pass over the text runs without the GIL."""
     if _smaps is None:
         return None
     try:
-        parsed = _smaps.parse(data)
+        parsed = parsed or _smaps.parse(data)
     except ValueError:
         return None  # the line parser says precisely what is wrong
     if parsed is None:
         return None
-    names, values, start, end, offset, inode, perms, devs, paths, vmflags = parsed
+    (names, values, start, end, offset, inode, perms, devs, paths, flag_text, flag_spans, perm_ids, distinct_perms,
+     path_ids, distinct_paths) = parsed  # fmt: skip
     n = len(paths)
     table = np.frombuffer(values, np.int64).reshape(n, len(names))
-    spans = np.frombuffer(vmflags, np.int64).reshape(n, 2)
-    flags: Sequence[str] = _Lines.gather(data, spans) if n and spans[0, 0] >= 0 else [""] * n
+    spans = np.frombuffer(flag_spans, np.int64).reshape(n, 2)
+    flags: Sequence[str] = _Lines(flag_text, spans) if n and spans[0, 0] >= 0 else [""] * n
     return _assemble(
         np.frombuffer(start, np.uint64),
         np.frombuffer(end, np.uint64),
@@ -196,6 +200,8 @@ def _parse_fast(data: bytes) -> Snapshot | None:
         names,
         table,
         flags,
+        (np.frombuffer(perm_ids, np.int32), distinct_perms),
+        (np.frombuffer(path_ids, np.int32), distinct_paths),
     )
 
 
@@ -213,29 +219,53 @@ def _assemble(
     names: tuple[str, ...],
     values: np.ndarray,
     vmflags: Sequence[str],
+    perm_index: tuple[np.ndarray, list[str]] | None = None,
+    path_index: tuple[np.ndarray, list[str]] | None = None,
 ) -> Snapshot:
-    """Classify every region (once per distinct path and permissions) and build the Snapshot."""
-    gpu_process = any(is_gpu_device(p) for p in set(paths))
-    keys = list(zip(paths, perms))
-    code = {key: CLASS_CODE[classify(*key, gpu_process)] for key in dict.fromkeys(keys)}
-    codes = np.fromiter(map(code.__getitem__, keys), np.uint8, count=len(keys))
-    return Snapshot(start, end, offset, inode, perms, devs, paths, names, values, vmflags, codes, gpu_process)
+    """Classify every region (once per distinct path and permissions) and build the Snapshot.
+    The indexes (ids into distinct strings) come from the C parser, or are built here."""
+    perm_ids, distinct_perms = perm_index or distinct(perms)
+    path_ids, distinct_paths = path_index or distinct(paths)
+    gpu_process = any(is_gpu_device(p) for p in distinct_paths)
+    n_perms = len(distinct_perms)
+    pairs, inverse = np.unique(path_ids.astype(np.int64) * n_perms + perm_ids, return_inverse=True)
+    code_of_pair = [
+        CLASS_CODE[classify(distinct_paths[pair // n_perms], distinct_perms[pair % n_perms], gpu_process)]
+        for pair in pairs.tolist()
+    ]
+    codes = np.array(code_of_pair, np.uint8)[inverse.reshape(-1)]
+    return Snapshot(
+        start=start,
+        end=end,
+        offset=offset,
+        inode=inode,
+        perms=perms,
+        dev=devs,
+        path=paths,
+        field_names=names,
+        values=values,
+        vmflags=vmflags,
+        classes=codes,
+        gpu_process=gpu_process,
+        path_ids=path_ids,
+        distinct_paths=distinct_paths,
+    )
+
+
+def distinct(strings: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Each string's index into the distinct strings, which come in order of first appearance."""
+    ids: dict[str, int] = {}
+    row = [ids.setdefault(s, len(ids)) for s in strings]
+    return np.array(row, np.int32), list(ids)
 
 
 class _Lines(Sequence[str]):
-    """Text fields decoded on access: most samples never look at VmFlags."""
+    """Text fields decoded on access (most samples never look at VmFlags): the fields at (offset,
+    length) ``spans`` of ``text``, which holds only them."""
 
-    def __init__(self, data: bytes, starts: list[int], ends: list[int]) -> None:
-        self._data, self._starts, self._ends = data, starts, ends
-
-    @classmethod
-    def gather(cls, data: bytes, spans: np.ndarray) -> _Lines:
-        """The fields at (start, length) ``spans`` of ``data``, copied out into one small buffer:
-        a snapshot must not keep the whole smaps text alive (34 MB at 50k mappings) for them."""
-        starts, lengths = spans[:, 0].tolist(), spans[:, 1].tolist()
-        compact = b"".join([data[s : s + n] for s, n in zip(starts, lengths)])
-        ends = np.cumsum(spans[:, 1])
-        return cls(compact, (ends - spans[:, 1]).tolist(), ends.tolist())
+    def __init__(self, text: bytes, spans: np.ndarray) -> None:
+        self._text, self._starts = text, spans[:, 0].tolist()
+        self._ends = (spans[:, 0] + spans[:, 1]).tolist()
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -243,12 +273,11 @@ class _Lines(Sequence[str]):
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        return self._data[self._starts[i] : self._ends[i]].strip().decode()
+        return self._text[self._starts[i] : self._ends[i]].strip().decode()
 
 
 def _empty_snapshot() -> Snapshot:
-    z = np.zeros(0, np.uint64)
-    return Snapshot(z, z, z, z, [], [], [], (), np.zeros((0, 0), np.int64), [], np.zeros(0, np.uint8), False)
+    return _assemble(*(np.zeros(0, np.uint64),) * 4, [], [], [], (), np.zeros((0, 0), np.int64), [])
 
 
 # -- the line-by-line path ------------------------------------------------------------------------
