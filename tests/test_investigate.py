@@ -172,33 +172,25 @@ def test_recording_holds_the_verdict_and_renders(leakers, spawn, tmp_path):
 
 
 def test_deep_stack_from_gdb_when_the_bpf_stack_is_shallow(leakers, spawn):
+    """With --big-frame the leaking mmap's caller holds 64 KiB of locals: the BPF probe's 4 KiB
+    copy of the stack ends in that frame, so its stack is the wrapper, lkpool_grow and the
+    frame. investigate then takes a short gdb pass on the live process, whose stack reaches
+    main, and shows it for the culprit; the target is left running and untraced."""
     need(shutil.which("gdb") is not None, "needs gdb")
-    from leakhunt.analysis.correlate import Attribution, Culprit
-    from leakhunt.investigate import Evaluation, InvestigateOptions, Investigation
-    from leakhunt.proc.classes import RegionClass
-    from leakhunt.proc.target import open_target
-
-    proc = spawn([leakers / "pool_leaker", "--rate", "8M", "--chunk", "256K"])
-    inv = Investigation(open_target(proc.pid), InvestigateOptions())
-    shallow = Culprit(
-        library="libleakpool.so",
-        symbol="lkpool_grow",
-        klass=RegionClass.ANON,
-        bytes=1,
-        slope=1.0,
-        share=1.0,
-        evidence="traced mmap",
-        stack=("libleakpool.so!lkpool_grow+0x2c",),
-        stack_partial=True,
-    )
-    attribution = Attribution(growth=1, growth_by_class={}, duration_s=1.0, culprits=[shallow])
-    found = inv._deepen(Evaluation(t=0.0, summary=None, attribution=attribution))
-    assert found is not None and found.stacks >= 1 and found.culprit == "libleakpool.so!lkpool_grow"
-    text = " ".join(found.stack)
-    assert "lkpool_mpool_get" in text and "lkpool_event_dispatch" in text and "main" in text
+    proc = spawn([leakers / "pool_leaker", "--rate", "8M", "--chunk", "256K", "--big-frame", "1"])
+    doc = leakhunt_json("investigate", "--pid", proc.pid, "--duration", "40s", timeout=120)
+    assert doc["leak"] is True and doc["stopped_because"] == "verdict confident"
+    gdb = doc["gdb"]
+    assert gdb is not None, doc["notes"]
+    assert gdb["culprit"] == "libleakpool.so!lkpool_grow" and gdb["stacks"] >= 1
+    text = " ".join(gdb["stack"])
+    assert "lkpool_mpool_get_logged" in text and "lkpool_event_dispatch" in text and "main" in text
+    top = doc["attribution"]["culprits"][0]
+    assert top["stack"] == gdb["stack"]  # the culprit shows the deep stack, not the cut one
     assert proc.alive()
     status = open(f"/proc/{proc.pid}/status").read()
     assert "TracerPid:\t0" in status  # gdb detached
+    assert status.split("State:\t", 1)[1][0] in "SR"  # and did not leave it stopped
 
 
 def test_pid_that_does_not_exist():
