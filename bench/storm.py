@@ -17,7 +17,12 @@ this; shown for its cost) and strace (-e trace=memory).
 
 Goal: leakhunt keeps up at 250k calls/s, and slows the target at most 1.15x at 100k calls/s.
 
+--probe-cost adds a column: the mean ns per run of leakhunt's busiest BPF program (its run time
+over its run count, which the kernel keeps while kernel.bpf_stats_enabled=1: the bench sets it
+for the run and puts it back). Its two clock reads per run are in that run's slowdown too.
+
     sudo .venv/bin/python bench/storm.py [--seconds 6] [--rates 30000,100000,250000,400000]
+                                         [--probe-cost]
 """
 
 from __future__ import annotations
@@ -28,9 +33,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
@@ -43,6 +51,7 @@ _spec.loader.exec_module(bench_trace)
 Contender, attach, detach = bench_trace.Contender, bench_trace.attach, bench_trace.detach
 
 STORM = ROOT / "fixtures" / "leakers" / "build" / "hook_storm"
+STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 SLOWDOWN_RATES = (30_000, 100_000, 250_000)
 GOAL_RATE, GOAL_SLOWDOWN_AT, GOAL_SLOWDOWN = 250_000, 100_000, 1.15
 
@@ -57,6 +66,7 @@ class Run:
     over_s: float = 0.0  # how long past --seconds the tracer took to end, from its attach
     events: int | None = None  # what the tracer says it saw
     note: str = ""
+    probe_ns: float | None = None  # mean ns per run of the tracer's busiest BPF program
 
     @property
     def cpu_per_call_us(self) -> float:
@@ -88,24 +98,76 @@ def contenders(seconds: float) -> list[Contender]:
     ]
 
 
-def storm(contender: Contender | None, rate: int, seconds: float) -> Run:
+def busiest_program_ns(pid: int) -> float | None:
+    """Mean ns per run of the BPF program that ran most among those ``pid`` and its children
+    hold (fdinfo, stats on): leakhunt's bpftrace backend holds its programs in a bpftrace child."""
+    try:
+        pids = [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    except psutil.Error:
+        return None
+    best = None
+    fds = []
+    for p in pids:
+        try:
+            fds += [f"{p}/fdinfo/{fd}" for fd in os.listdir(f"/proc/{p}/fdinfo")]
+        except OSError:
+            continue
+    for fd in fds:
+        try:
+            with open(f"/proc/{fd}") as f:
+                info = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if "prog_type" not in info or "run_cnt" not in info:
+            continue
+        runs, ns = int(info["run_cnt"]), int(info["run_time_ns"])
+        if runs and (best is None or runs > best[0]):
+            best = (runs, ns)
+    return best[1] / best[0] if best else None
+
+
+class ProbeCost:
+    """Polls a tracer's busiest program's cost while the storm runs: the tracer ends with its
+    target, and its descriptors with it, so the last reading before that is kept."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.ns, self._stop = pid, None, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.25):
+            ns = busiest_program_ns(self.pid)
+            if ns is not None:
+                self.ns = ns
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join()
+        return self.ns
+
+
+def storm(contender: Contender | None, rate: int, seconds: float, probe_cost: bool = False) -> Run:
     """One storm of ``seconds`` at ``rate`` calls/s, begun once the contender is attached."""
     holes, pairs = 0.4 * rate, 0.3 * rate
     argv = [str(STORM), "--holes", str(holes), "--pairs", str(pairs), "--duration", str(seconds)]
     target = subprocess.Popen(
         [*argv, "--start-on-stdin", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-    lost = events = None
+    lost = events = probe_ns = None
     over, note = 0.0, ""
     try:
         assert target.stdout.readline().startswith("ready")
         att = attach(contender, target.pid) if contender else None
+        cost = ProbeCost(att.proc.pid) if att is not None and probe_cost else None
         target.stdin.write("go\n")
         target.stdin.flush()
         began = time.monotonic()
         done = target.stdout.readline()
         _, _, usage = os.wait4(target.pid, 0)  # its own CPU, to its end
         target.returncode = 0
+        if cost is not None:
+            probe_ns = cost.stop()
         if att is not None and contender.name.startswith("leakhunt"):
             try:
                 att.proc.wait(seconds + 60)  # it ends on its own, at --duration
@@ -131,13 +193,24 @@ def storm(contender: Contender | None, rate: int, seconds: float) -> Run:
     if contender is not None and contender.name == "memleak":
         note = "sees none: the hooks call the raw syscall, its uprobes are on libc's wrappers"
     name = contender.name if contender else "untraced"
-    return Run(name, rate, calls, usage.ru_utime + usage.ru_stime, lost, over, events, note)
+    return Run(
+        name=name,
+        rate=rate,
+        calls=calls,
+        target_cpu_s=usage.ru_utime + usage.ru_stime,
+        lost=lost,
+        over_s=over,
+        events=events,
+        note=note,
+        probe_ns=probe_ns,
+    )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--rates", default="30000,100000,250000,400000")
+    ap.add_argument("--probe-cost", action="store_true", help="ns per run of leakhunt's BPF program")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/storm: needs root (BPF)")
@@ -157,8 +230,20 @@ def main() -> int:
     )
     print(
         f"{'contender':<26} {'calls/s':>8} {'made':>9} {'tracer saw':>10} {'lost':>6} {'late s':>7}"
-        f" {'us/call':>8} {'slowdown':>9}  kept"
+        f" {'us/call':>8} {'slowdown':>9}{'  ns/run' if args.probe_cost else ''}  kept"
     )
+    stats_before = STATS.read_text().strip() if args.probe_cost and STATS.exists() else None
+    if stats_before is not None:
+        STATS.write_text("1")
+    try:
+        run_all(args, rates, usable)
+    finally:
+        if stats_before is not None:
+            STATS.write_text(stats_before)
+    return 0
+
+
+def run_all(args: argparse.Namespace, rates: list[int], usable: list[Contender]) -> None:
     base: dict[int, Run] = {}
     best: dict[str, int] = {}
     slow: dict[tuple[str, int], float] = {}
@@ -170,7 +255,7 @@ def main() -> int:
         )
         for c in usable:
             try:
-                r = storm(c, rate, args.seconds)
+                r = storm(c, rate, args.seconds, args.probe_cost and c.name.startswith("leakhunt"))
             except (RuntimeError, AssertionError, subprocess.TimeoutExpired) as e:
                 print(f"{c.name:<26} {rate:>8}  failed: {e}")
                 continue
@@ -183,10 +268,11 @@ def main() -> int:
             )
             if kept:
                 best[c.name] = max(best.get(c.name, 0), rate)
+            probe = "" if not args.probe_cost else f"{'' if r.probe_ns is None else f'{r.probe_ns:.0f}':>8}"
             print(
                 f"{c.name:<26} {rate:>8} {r.calls:>9} {'' if r.events is None else r.events:>10}"
                 f" {'' if r.lost is None else r.lost:>6} {r.over_s:>7.2f} {r.cpu_per_call_us:>8.2f}"
-                f" {ratio:>8.2f}x  {'yes' if kept else 'no'}{'  ' + r.note if r.note else ''}"
+                f" {ratio:>8.2f}x{probe}  {'yes' if kept else 'no'}{'  ' + r.note if r.note else ''}"
             )
     print("\nhighest rate kept (0 lost, ended on time, the target at its pace):")
     for c in usable:
@@ -198,7 +284,6 @@ def main() -> int:
         f"slowdown at {GOAL_SLOWDOWN_AT:,}/s at most {GOAL_SLOWDOWN}x: "
         f"{'met' if at <= GOAL_SLOWDOWN else 'MISSED'} ({at:.2f}x)"
     )
-    return 0
 
 
 if __name__ == "__main__":
