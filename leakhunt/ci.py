@@ -23,7 +23,7 @@ from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.analysis.verdict import judge
 from leakhunt.errors import BadInput, LeakhuntError, TargetGone
 from leakhunt.heap import HeapRun
-from leakhunt.proc.sampler import STOP_INTERRUPTED, History, Sample, Sampler
+from leakhunt.proc.sampler import STOP_INTERRUPTED, History
 from leakhunt.proc.target import Target, open_target
 from leakhunt.proc.tree import TreeSampler
 from leakhunt.units import format_duration, format_rate
@@ -244,13 +244,12 @@ def _open_started(launched: Launched) -> Target:
 
 @dataclass
 class Gate:
-    """Runs one gate: ``run_pid`` or ``run_command``; ``on_sample`` sees every sample (recording)."""
+    """Runs one gate: ``run_pid`` or ``run_command``; ``on_tick`` sees every tick (recording)."""
 
     config: GateConfig
-    on_sample: Callable[[Sample, History], None] | None = None
     subprocesses: bool = False  # gate the whole tree under the target: its deduplicated totals
-    on_tick: Callable | None = None  # TreeSampler's callback, with subprocesses (recording)
-    keep_raw: bool = False  # keep smaps text for on_sample/on_tick (a recording's snapshots)
+    on_tick: Callable | None = None  # TreeSampler's callback (recording)
+    keep_raw: bool = False  # keep smaps text for on_tick (a recording's snapshots)
     command_output: object = None  # where a started command's stdout/stderr go (None: inherit)
     heap: HeapRun | None = None  # memray beside the run (--heap)
     notes: list[str] = field(default_factory=list)
@@ -297,16 +296,9 @@ class Gate:
             raise BadInput(f"--max-device-slope: device memory cannot be sampled here: {no_gpu}")
         loader = Launched(load, "load generator", self.command_output) if load else None
         try:
-            if self.subprocesses:
-                result = TreeSampler(target, self.config.interval, self.keep_raw, gpu).run(
-                    self.config.duration, self.on_tick
-                )
-                history = result.tree
-            else:
-                result = Sampler(target, self.config.interval, self.keep_raw, gpu=gpu).run(
-                    self.config.duration, self.on_sample
-                )
-                history = result.history
+            sampler = TreeSampler(target, self.config.interval, self.keep_raw, gpu, follow=self.subprocesses)
+            result = sampler.run(self.config.duration, self.on_tick)
+            history = result.tree
         finally:
             if gpu is not None:
                 gpu.close()

@@ -379,17 +379,19 @@ class SampleRecorder:
 
 
 class TreeRecorder:
-    """Writes a process tree's ticks (proc.tree.TreeSampler's on_tick) into a session: each
-    process's samples through its own SampleRecorder, and the tree's totals as the ``tree`` stream."""
+    """Writes a TreeSampler's ticks (its on_tick) into a session: each process's samples through
+    its own SampleRecorder, and, when the sampler follows a tree, the tree's totals as the ``tree``
+    stream (a tree of one's totals are its process's samples)."""
 
-    def __init__(self, writer: SessionWriter) -> None:
+    def __init__(self, writer: SessionWriter, follow: bool) -> None:
         self.writer = writer
+        self.follow = follow  # a followed tree: its totals are a stream of their own
         self._recorders: dict[int, SampleRecorder] = {}
 
-    def __call__(self, samples, sampler=None, tree=None) -> None:
+    def __call__(self, samples, sampler, tree) -> None:
         for sample in samples:
             self._recorders.setdefault(sample.pid, SampleRecorder(self.writer, pid=sample.pid))(sample)
-        if tree is not None and len(tree):
+        if self.follow and len(tree):
             self.writer.append(
                 TREE,
                 {

@@ -1,4 +1,4 @@
-"""watch's loop as a library: one process, or the tree under it, sampled at the interval until
+"""watch's loop as a library: one process (a tree of one), or the tree under it, sampled at the interval until
 the duration, Ctrl-C or the target's end; then the summary and the --json document. The live
 view and the final one are WatchViews, rendered by leakhunt.render.watch."""
 
@@ -10,23 +10,24 @@ from dataclasses import dataclass, field
 from leakhunt.analysis.processes import ProcessReport, process_reports, tree_document
 from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.gpu import NvmlReader
-from leakhunt.proc.sampler import History, Sample, Sampler
+from leakhunt.proc.sampler import History, Sample
 from leakhunt.proc.target import Target
 from leakhunt.proc.tree import TreeSampler
-from leakhunt.record import SampleRecorder, SessionWriter, TreeRecorder
+from leakhunt.record import SessionWriter, TreeRecorder
 
 
 @dataclass(frozen=True)
 class WatchView:
     """What one look at the target shows: its history (for a tree, the totals with shared memory
-    counted once) and its summary; for a tree, each process's report and RSS series too."""
+    counted once), its summary, and each process's report and RSS series."""
 
     target: Target
     history: History
     summary: MemorySummary
     interval: float
     duration: float | None
-    processes: list[ProcessReport] | None = None
+    subprocesses: bool = False  # the tree under the target was followed
+    processes: list[ProcessReport] = field(default_factory=list)
     rss_series: dict[int, list[int]] = field(default_factory=dict)  # each process's, for sparklines
     live_processes: int = 1
 
@@ -59,44 +60,12 @@ def watch(
     subprocesses: bool = False,
     on_sample: OnSample | None = None,
 ) -> WatchResult:
-    run = _watch_tree if subprocesses else _watch_one
-    return run(target, interval, duration, warmup, writer, gpu, full_every, on_sample)
-
-
-def _watch_one(target, interval, duration, warmup, writer, gpu, full_every, on_sample) -> WatchResult:
-    recorder = SampleRecorder(writer) if writer else None
-    sampler = Sampler(target, interval, keep_raw=writer is not None, gpu=gpu, full_every=full_every)
-
-    def view(history: History, summary: MemorySummary, final: bool = False) -> WatchView:
-        return WatchView(target, history, summary, interval, None if final else duration)
-
-    def each(sample: Sample, history: History) -> None:
-        if recorder:
-            recorder(sample)
-        if on_sample:
-            on_sample(len(history) == 1, lambda: view(history, summarize(history, warmup_s=warmup)))
-
-    result = sampler.run(duration, each)
-    if recorder:
-        recorder.flush_last()
-    summary = summarize(result.history, warmup_s=warmup).with_true_orphans()
-    document = {
-        **summary.to_json(),
-        "full_samples": sampler.full_samples,
-        "pid": target.pid,
-        "nspid": list(target.nspid),
-        "cmdline": target.cmdline,
-        "stopped_because": result.stopped_because,
-        "sample_cost_s": sum(result.history.cost_s) / len(result.history),
-    }
-    return WatchResult(
-        view(result.history, summary, final=True), document, result.stopped_because, result.error
+    """Watch ``target`` (with ``subprocesses``, the tree under it) until ``duration``, Ctrl-C or
+    its end. One process is a tree of one: the same sampler, document and recording."""
+    sampler = TreeSampler(
+        target, interval, keep_raw=writer is not None, gpu=gpu, full_every=full_every, follow=subprocesses
     )
-
-
-def _watch_tree(target, interval, duration, warmup, writer, gpu, full_every, on_sample) -> WatchResult:
-    sampler = TreeSampler(target, interval, keep_raw=writer is not None, gpu=gpu, full_every=full_every)
-    recorder = TreeRecorder(writer) if writer else None
+    recorder = TreeRecorder(writer, follow=subprocesses) if writer else None
 
     def view(summary: MemorySummary, final: bool = False) -> WatchView:
         return WatchView(
@@ -105,6 +74,7 @@ def _watch_tree(target, interval, duration, warmup, writer, gpu, full_every, on_
             summary,
             interval,
             None if final else duration,
+            subprocesses,
             process_reports(sampler, summary, warmup),
             {pid: t.history.rss for pid, t in sampler.tracks.items()},
             len(sampler.live_tracks()),
@@ -119,16 +89,18 @@ def _watch_tree(target, interval, duration, warmup, writer, gpu, full_every, on_
     result = sampler.run(duration, each)
     if recorder:
         recorder.flush_last()
-    summary = summarize(result.tree, warmup_s=warmup, pid=target.pid)
+    summary = summarize(result.tree, warmup_s=warmup, pid=target.pid).with_true_orphans()
     final = view(summary, final=True)
     document = {
         **summary.to_json(),
+        "full_samples": sampler.full_samples,
         "pid": target.pid,
         "nspid": list(target.nspid),
         "cmdline": target.cmdline,
-        "subprocesses": True,
+        "subprocesses": subprocesses,
         "stopped_because": result.stopped_because,
+        "sample_cost_s": sum(result.tree.cost_s) / len(result.tree),
         "tree": tree_document(sampler),
-        "processes": [p.to_json() for p in final.processes or ()],
+        "processes": [p.to_json() for p in final.processes],
     }
     return WatchResult(final, document, result.stopped_because, result.error)

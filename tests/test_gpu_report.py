@@ -93,7 +93,7 @@ def test_tree_recording_keeps_the_tree_device_total(tmp_path):
     """watch --subprocesses records the tree's totals; the device total (summed over the tree's
     pids) travels with them into the report."""
     writer = SessionWriter(tmp_path / "tree", "watch", {"pid": 1, "subprocesses": True})
-    recorder = TreeRecorder(writer)
+    recorder = TreeRecorder(writer, follow=True)
     tree = History()
     for i in range(12):
         tree.append(

@@ -198,4 +198,10 @@ def test_a_target_with_children_gets_a_hint(leakers, spawn):
     cp = run_leakhunt("investigate", "--pid", proc.pid, "--duration", "3s", "--json")
     assert cp.returncode == 0, cp.stderr
     assert "add --subprocesses" in cp.stderr
-    assert "processes" not in json.loads(cp.stdout)
+    # Watched alone, the target is a tree of one: the same document, one process in it, its own RSS.
+    doc = json.loads(cp.stdout)
+    assert doc["subprocesses"] is False
+    assert [(p["pid"], p["root"]) for p in doc["processes"]] == [(proc.pid, True)]
+    assert set(doc["processes"][0]) == {f.name for f in dataclasses.fields(ProcessReport)}
+    assert doc["tree"]["rss_counting"] == "the process's own RSS"
+    assert doc["processes"][0]["rss_bytes_end"] == doc["memory"]["rss_bytes_end"]

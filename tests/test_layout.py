@@ -80,3 +80,24 @@ def test_the_pipeline_points_one_way():
     wrong = {(a, b) for a in below for b in edges.get(a, {}) if b in above}
     assert not wrong, {f"{a} -> {b}": sorted(edges[a][b]) for a, b in wrong}
     assert not set(edges.get("render", {})) & {"commands", "cli"}
+
+
+#: The loops that sample a target: one process goes through them as a tree of one.
+LOOPS = ("watch.py", "ci.py", "investigate/loop.py", "investigate/memory.py")
+
+
+def test_one_process_is_a_tree_of_one():
+    """No loop samples one process by a path of its own: none builds a bare Sampler or
+    SampleRecorder, and none branches on whether the target is a tree."""
+    found = []
+    for rel in LOOPS:
+        tree = ast.parse((ROOT / rel).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("Sampler", "SampleRecorder"):
+                found.append(f"{rel}:{node.lineno}: {node.func.id}(...)")
+            if isinstance(node, (ast.If, ast.IfExp)):
+                names = {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)}
+                names |= {n.attr for n in ast.walk(node.test) if isinstance(n, ast.Attribute)}
+                if names & {"subprocesses", "tree"}:
+                    found.append(f"{rel}:{node.lineno}: if {ast.unparse(node.test)}")
+    assert not found, found

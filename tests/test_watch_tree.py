@@ -4,6 +4,7 @@ the watch began), and a shared segment resident in all three that must be counte
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from conftest import leakhunt_json, run_leakhunt
@@ -70,6 +71,10 @@ def test_a_target_with_children_gets_a_hint(leakers, spawn):
     cp = run_leakhunt("watch", "--pid", proc.pid, "--duration", "1s", "--json")
     assert cp.returncode == 0
     assert "add --subprocesses" in cp.stderr
+    alone = json.loads(cp.stdout)  # a tree of one: the same document as a tree's
+    assert alone["subprocesses"] is False and [p["pid"] for p in alone["processes"]] == [proc.pid]
+    assert set(alone["processes"][0]) == {f.name for f in dataclasses.fields(ProcessReport)}
+    assert alone["processes"][0]["rss_bytes_end"] == alone["rss_bytes_end"]
     followed = run_leakhunt("watch", "--pid", proc.pid, "--duration", "1s", "--json", "--subprocesses")
     assert followed.returncode == 0 and "add --subprocesses" not in followed.stderr
 

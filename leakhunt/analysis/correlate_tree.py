@@ -51,6 +51,18 @@ def correlate_tree(
     When some processes are judged leaking (ProcessEvidence.leak), only their growth is accused:
     a neighbour's warm-up is not a culprit because the tree as a whole leaks.
     """
+    if len(processes) == 1:  # a tree of one: nothing shared with anyone to count once
+        p = processes[0]
+        return correlate(
+            p.before,
+            p.after,
+            p.outstanding,
+            duration_s,
+            pid=p.pid,
+            min_share=min_share,
+            min_slope=min_slope,
+            faults=faults,
+        )
     ca = tree_totals([p.before for p in processes]).classes
     cb = tree_totals([p.after for p in processes]).classes
     by_class = {c: cb[c] - ca[c] for c in NATIVE_GROWTH_CLASSES}
@@ -78,12 +90,13 @@ def correlate_tree(
 
 def shared_once(culprits: list[Culprit]) -> list[Culprit]:
     """Segments of one name pattern found in several processes are the same pages: one culprit,
-    in the process holding most of them, the others named in its detail."""
+    in the process holding most of them, the others named in its detail. Two culprits of one
+    process are two findings, never merged."""
     out: list[Culprit] = []
     seen: dict[str, int] = {}
     for c in culprits:
         key = _segments(c)
-        if key is None:
+        if key is None or (key in seen and out[seen[key]].pid == c.pid):
             out.append(c)
             continue
         if key not in seen:

@@ -1,4 +1,5 @@
-"""One document per process of a tree, the same for watch, investigate, ci and export.
+"""One document per process of a target, the same for watch, investigate, ci and export: one
+process is a tree of one, with one document.
 
 A tree is judged on its totals, shared memory counted once (proc.tree). Each process also keeps
 its own history and its own verdict. A process is said to leak (``leak``) when its own verdict
@@ -16,8 +17,9 @@ from leakhunt.analysis.correlate import MIN_SHARE, Attribution
 from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.proc.tree import ProcessTrack, TreeSampler
 
-#: How the tree's totals count, said in every tree document.
+#: How the totals count, said in every tree document: a tree's, and a tree of one's.
 TREE_COUNTING = "private pages of every process plus each shared object once"
+ONE_COUNTING = "the process's own RSS"
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ def tree_document(sampler: TreeSampler) -> dict:
     """How the tree's totals count, its PSS and USS sums, and the children it could not read."""
     pss, uss = sampler.pss, sampler.uss
     return {
-        "rss_counting": TREE_COUNTING,
+        "rss_counting": TREE_COUNTING if sampler.follow else ONE_COUNTING,
         "pss_bytes_start": pss[0] if pss else None,
         "pss_bytes_end": pss[-1] if pss else None,
         "uss_bytes_start": uss[0] if uss else None,

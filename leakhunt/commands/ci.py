@@ -30,7 +30,7 @@ from leakhunt.commands.options import (
 )
 from leakhunt.errors import BadInput, LeakhuntError
 from leakhunt.heap import HeapRun
-from leakhunt.record import SampleRecorder, SessionWriter, TreeRecorder
+from leakhunt.record import SessionWriter, TreeRecorder
 from leakhunt.render.ci import render
 from leakhunt.report import github
 from leakhunt.report.junit import junit_xml
@@ -111,14 +111,13 @@ def command(
     if heap:
         meta["heap_mode"] = "attach" if pid is not None else "run"
     writer = session_writer(record_dir, "ci", meta) if record_dir else None
-    recorder = (TreeRecorder(writer) if subprocesses else SampleRecorder(writer)) if writer else None
+    recorder = TreeRecorder(writer, follow=subprocesses) if writer else None
     try:
         # A started command's output goes to stderr so that --json keeps stdout one document.
         gate = Gate(
             config,
-            on_sample=None if subprocesses else recorder,
             subprocesses=subprocesses,
-            on_tick=recorder if subprocesses else None,
+            on_tick=recorder,
             keep_raw=writer is not None,
             command_output=sys.stderr,
             heap=HeapRun(writer.dir if writer else None) if heap else None,
@@ -139,7 +138,7 @@ def _publish(
     result: GateResult,
     junit_path: str | None,
     writer: SessionWriter | None,
-    recorder: SampleRecorder | TreeRecorder | None,
+    recorder: TreeRecorder | None,
     as_json: bool,
     console,
 ) -> None:

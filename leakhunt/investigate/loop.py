@@ -2,8 +2,8 @@
 a full stack of the top caller when the BPF stack is shallow. Stops as soon as the verdict is
 confident, or at the duration. With ``subprocesses`` the target is the whole tree under the pid:
 every process attributed on its own, the tree judged with shared memory counted once. What is
-sampled and how it is attributed is the memory strategy's (memory.py); the loop is the same for
-one process and for a tree.
+sampled and how it is attributed is memory.py's; one process is a tree of one, and the loop is the
+same for both.
 
 The loop is single-threaded: between two smaps samples it polls the tracer, so events flow into
 the ledger while the sampler keeps its pace. Tracing starts before the first sample, so every
@@ -23,7 +23,7 @@ from leakhunt.analysis.device import open_nvml
 from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.analysis.verdict import MIN_SLOPE
 from leakhunt.errors import AccessDenied, BackendUnavailable, LeakhuntError, TargetGone
-from leakhunt.investigate.memory import ProcessMemory, TreeMemory
+from leakhunt.investigate.memory import TargetMemory
 from leakhunt.investigate.results import Evaluation, GdbPass, InvestigationResult, Progress
 from leakhunt.proc.sampler import STOP_DURATION, STOP_INTERRUPTED, Pace
 from leakhunt.proc.target import Target, open_target
@@ -96,8 +96,7 @@ class Investigation:
         self.no_tracer: str | None = None
         self.notes: list[str] = []
         self._gpu, self.device_unavailable = open_nvml()
-        strategy = TreeMemory if options.subprocesses else ProcessMemory
-        self.memory: ProcessMemory | TreeMemory = strategy(target, options.interval, self._gpu, writer)
+        self.memory = TargetMemory(target, options.interval, self._gpu, writer, follow=options.subprocesses)
         self.history = self.memory.history
         self.started = 0.0
 
@@ -199,7 +198,7 @@ class Investigation:
 
     def evaluate(self) -> Evaluation:
         # The verdict's floor is the noise of one serving process: a tree has that much per process.
-        floor = MIN_SLOPE * (self.memory.processes or 1)
+        floor = MIN_SLOPE * self.memory.processes
         summary = summarize(self.history, warmup_s=self.options.warmup, min_slope=floor, pid=self.target.pid)
         faults = self.faults.view() if self.faults else None
         attribution = self.memory.attribute(summary, self.options.warmup, self.tracer, faults)
@@ -298,6 +297,7 @@ class Investigation:
             stats=self.tracer.stats if self.tracer else None,
             gdb=gdb,
             notes=self.notes,
+            subprocesses=self.options.subprocesses,
             processes=self.memory.reports(final.summary, self.options.warmup, final.attribution),
             tree=self.memory.document(),
             device_unavailable=self.device_unavailable,
@@ -310,6 +310,7 @@ class Investigation:
             duration_s=self.options.duration,
             samples=len(self.history),
             processes=self.memory.processes,
+            subprocesses=self.options.subprocesses,
             tracer=self.choice.name if self.choice else f"no tracer ({self.no_tracer})",
             events=self.tracer.stats.events if self.tracer else 0,
             last=self.evaluations[-1] if self.evaluations else None,

@@ -1,92 +1,32 @@
 """The memory side of `investigate`: what is sampled each tick, how its growth is attributed, and
-which per-process documents come out. The loop drives either strategy through the same five
-calls (existing, take, attribute, reports, finish) and never asks which one it holds.
+which per-process documents come out.
 
-- ``ProcessMemory``: one process, sampled in full each interval, attributed by its own
-  snapshots and traced mappings.
-- ``TreeMemory`` (``--subprocesses``): the whole tree under the pid, children that appear later
-  picked up, children that exit reported, not errors. The tree's RSS series counts shared memory
-  once (proc.tree); each process keeps its own history, verdict and culprits, which carry its
-  pid. Which processes leak, and their documents, are analysis.processes': the same as watch's.
-
-Why two and not a tree of one: a TreeSampler tick adds a pass over every mapping to count shared
-pages once (tree_totals), which at 50k mappings costs more than the sample; and one process needs
-no deduplication.
+The target is a set of processes (proc.tree.TreeSampler): the pid alone, a tree of one, or with
+``--subprocesses`` the whole tree under it, children that appear later picked up, children that
+exit reported, not errors. The set's RSS series counts shared memory once; each process keeps
+its own history, verdict and culprits, which carry its pid. Which processes leak, and their
+documents, are analysis.processes': the same as watch's. A tree of one costs what one process
+does: its totals are its own samples, and its attribution is the one-process correlator's.
 """
 
 from __future__ import annotations
 
-from leakhunt.analysis.correlate import Attribution, correlate
+from leakhunt.analysis.correlate import Attribution
 from leakhunt.analysis.correlate_tree import ProcessEvidence, correlate_tree
 from leakhunt.analysis.processes import ProcessReport, leaking, process_reports, summaries, tree_document
 from leakhunt.analysis.summary import MemorySummary
 from leakhunt.gpu import NvmlReader
-from leakhunt.proc.sampler import History, Sampler
+from leakhunt.proc.sampler import History
 from leakhunt.proc.target import Target
 from leakhunt.proc.tree import TreeSampler
-from leakhunt.record import SampleRecorder, SessionWriter, TreeRecorder
+from leakhunt.record import SessionWriter, TreeRecorder
 from leakhunt.trace.faults import FaultView
 from leakhunt.trace.tree_trace import TreeTrace
 from leakhunt.units import format_duration
 
 
-class ProcessMemory:
-    """One process: a Sampler driven one tick at a time."""
-
-    processes: int | None = None  # live processes: only a tree counts them
-
-    def __init__(
-        self,
-        target: Target,
-        interval: float,
-        gpu: NvmlReader | None,
-        writer: SessionWriter | None,
-    ) -> None:
-        self.target = target
-        self.sampler = Sampler(target, interval, keep_raw=writer is not None, gpu=gpu)
-        self.recorder = SampleRecorder(writer) if writer else None
-        self.history = History()
-
-    def existing(self) -> list[Target]:
-        return []
-
-    def pids(self) -> list[int]:
-        return [self.target.pid]
-
-    def take(self) -> tuple[list[Target], list[str]]:
-        """One sample; raises TargetGone when the process is gone. No new processes, no notes."""
-        sample = self.sampler.take()
-        self.history.add(sample)
-        if self.recorder:
-            self.recorder(sample)
-        return [], []
-
-    def attribute(
-        self, summary: MemorySummary, warmup: float | None, tracer: TreeTrace | None, faults: FaultView | None
-    ) -> Attribution:
-        first, last = self.history.first, self.history.last
-        return correlate(
-            first.charged(),
-            last.charged(),
-            tracer.outstanding(self.target.pid) if tracer else [],
-            self.history.duration_s,
-            pid=self.target.pid,
-            faults=faults,
-        )
-
-    def reports(self, summary: MemorySummary, warmup: float | None, attribution: Attribution) -> None:
-        return None  # the result's own summary and culprits are the process's
-
-    def document(self) -> None:
-        return None
-
-    def finish(self) -> None:
-        if self.recorder:
-            self.recorder.flush_last()
-
-
-class TreeMemory:
-    """The tree under a pid: a TreeSampler driven one tick at a time."""
+class TargetMemory:
+    """The target's processes: a TreeSampler driven one tick at a time."""
 
     def __init__(
         self,
@@ -94,9 +34,10 @@ class TreeMemory:
         interval: float,
         gpu: NvmlReader | None,
         writer: SessionWriter | None,
+        follow: bool,
     ) -> None:
-        self.sampler = TreeSampler(root, interval, writer is not None, gpu)
-        self.recorder = TreeRecorder(writer) if writer else None
+        self.sampler = TreeSampler(root, interval, writer is not None, gpu, follow=follow)
+        self.recorder = TreeRecorder(writer, follow) if writer else None
         self.reported_ends: set[int] = set()
         self.leaking: set[int] = set()  # the processes that leak, at the last attribution
 

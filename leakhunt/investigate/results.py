@@ -71,7 +71,8 @@ class Progress:
     elapsed_s: float
     duration_s: float
     samples: int
-    processes: int | None  # live processes, when the target is a tree
+    processes: int  # live processes
+    subprocesses: bool  # the tree under the target is followed
     tracer: str  # the backend's name, or why there is none
     events: int
     last: Evaluation | None
@@ -91,8 +92,9 @@ class InvestigationResult:
     stats: TraceStats | None = None  # the tracer's, when there was one
     gdb: GdbPass | None = None  # the deep-stack pass: what it found and cost
     notes: list[str] = field(default_factory=list)
-    processes: list[ProcessReport] | None = None  # with subprocesses: one per process of the tree
-    tree: dict | None = None  # with subprocesses: how the tree's totals count
+    subprocesses: bool = False  # the tree under the target was followed
+    processes: list[ProcessReport] = field(default_factory=list)  # one per process sampled
+    tree: dict = field(default_factory=dict)  # how the totals count, PSS and USS (processes.tree_document)
     device_unavailable: str | None = None  # why device memory (NVML) was not sampled
 
     @property
@@ -107,13 +109,13 @@ class InvestigationResult:
         if not v.leak:
             return f"no leak: {v.reason}"
         top = self.attribution.culprits[0] if self.attribution.culprits else None
-        if self.processes is not None and top is not None and top.pid is not None:
+        if self.subprocesses and top is not None and top.pid is not None:
             return f"{self.where(top.pid)}: {self.attribution.sentence()}"
         return self.attribution.sentence()
 
     def where(self, pid: int) -> str:
         """'pid 124 (python -m engine), a child of pid 123': a process of the tree, for people."""
-        doc = next((p for p in self.processes or () if p.pid == pid), None)
+        doc = next((p for p in self.processes if p.pid == pid), None)
         text = f"pid {pid}" + (f" ({short_command(doc.cmdline)[:60]})" if doc and doc.cmdline else "")
         if pid != self.target.pid:
             parent = doc.ppid if doc else None
@@ -127,11 +129,6 @@ class InvestigationResult:
     def to_json(self) -> dict:
         v = self.summary.verdict
         stats = self.stats
-        tree = (
-            {"subprocesses": True, "processes": [p.to_json() for p in self.processes], "tree": self.tree}
-            if self.processes is not None
-            else {}
-        )
         return {
             "command": "investigate",
             "pid": self.target.pid,
@@ -168,5 +165,7 @@ class InvestigationResult:
             "memory": self.summary.to_json(),
             "device_memory": device_json(self.summary, self.device_unavailable),
             "notes": self.notes + (list(stats.notes) if stats else []),
-            **tree,
+            "subprocesses": self.subprocesses,
+            "processes": [p.to_json() for p in self.processes],
+            "tree": self.tree,
         }

@@ -1,5 +1,6 @@
-"""The sampling loop: the target's memory every interval, a full smaps snapshot when it says
-something new.
+"""One process's samples: its memory each time it is asked, a full smaps snapshot when that says
+something new; History, what a run keeps of them; Pace, the interval every loop keeps. The loops
+drive Samplers through proc.tree.TreeSampler, where one process is a tree of one.
 
 A full smaps read walks every mapping and page table under the target's mmap_lock (0.3 s at 65k
 mappings, while the target's own mmap, munmap and faults wait). With ``full_every`` > 1 most
@@ -12,8 +13,8 @@ the last one) the gap between them doubles, up to BACKOFF times ``full_every``: 
 with 50k mappings costs a read every 80 s instead of every 10, and a change brings the cadence
 back at once.
 
-It copes with the target going away or changing credentials mid-run: it keeps every sample it
-has and says why it stopped, instead of raising away the evidence.
+A target that goes away or changes credentials raises TargetGone or AccessDenied from ``take``;
+TreeSampler keeps every sample taken before and says why it stopped.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
-from leakhunt.errors import AccessDenied, TargetGone
+from leakhunt.errors import TargetGone
 from leakhunt.gpu import NvmlReader
 from leakhunt.proc.cgroup import CgroupReader, CgroupReading, FsUsage, dev_shm_usage
 from leakhunt.proc.classes import RegionClass
@@ -151,7 +152,7 @@ class History:
         self.held: list[int] = []  # held shared objects' bytes, per sample
         self.cgroup_usage: list[int] = []  # the memory cgroup's charge, when it was read
         self.dev_shm_used: list[int] = []  # /dev/shm's fill, when it was read
-        self.pss: list[int] = []  # a tree's PSS and USS, per tick (TreeSampler)
+        self.pss: list[int] = []  # PSS and USS (for a tree, summed), per sample
         self.uss: list[int] = []
         self.shm: ShmTotals | None = None  # the latest of each
         self.cgroup: CgroupReading | None = None
@@ -175,6 +176,8 @@ class History:
             sample.cgroup,
             sample.dev_shm,
             sample.held,
+            sample.snapshot.total("Pss"),
+            sample.snapshot.uss(),
         )
 
     def append(
@@ -338,13 +341,6 @@ class Pace:
             next_at = max(next_at, time.monotonic())
 
 
-@dataclass
-class SamplingResult:
-    history: History
-    stopped_because: str
-    error: Exception | None = None  # TargetGone / AccessDenied that ended the run early
-
-
 class Sampler:
     """Takes samples of one target at a fixed interval."""
 
@@ -472,31 +468,3 @@ class Sampler:
         self._full = [*self._full[-1:], sample]
         self.full_samples += 1
         return sample
-
-    def run(
-        self,
-        duration: float | None,
-        on_sample: Callable[[Sample, History], None] | None = None,
-        stop: threading.Event | None = None,
-    ) -> SamplingResult:
-        """Sample until ``duration`` seconds passed (None: until stopped), Ctrl-C, or the target is lost.
-
-        The first sample's errors propagate (nothing to keep yet); later ones end the run and are
-        returned in ``SamplingResult.error``.
-        """
-        history = History()
-        pace = Pace(self.interval, duration, stop)
-        try:
-            for _ in pace:
-                try:
-                    sample = self.take()
-                except (TargetGone, AccessDenied) as e:
-                    if not len(history):
-                        raise
-                    return SamplingResult(history, str(e), e)
-                history.add(sample)
-                if on_sample is not None:
-                    on_sample(sample, history)
-        except KeyboardInterrupt:
-            return SamplingResult(history, STOP_INTERRUPTED)
-        return SamplingResult(history, pace.reason)

@@ -1,11 +1,15 @@
-"""Following a process tree (--subprocesses): every process under a pid, those that appear later
-included, each with its own history and verdict, and honest totals for the tree.
+"""A target is a set of processes: the one pid given, a tree of one, or with --subprocesses every
+process under it, those that appear later included. Each process has its own history and
+verdict; the set has honest totals. watch, investigate, ci and export all sample through
+TreeSampler, so that one process and a tree take the same path.
 
 Tree totals never add up RSS: a /dev/shm segment or a library mapped by three processes would
 count three times. A process's memory is its private pages plus its shared ones; the tree holds
 every process's private pages plus, for each shared object (keyed by device and inode, or by
 address for anonymous pages still shared copy-on-write after fork), the most any one process
-has resident. PSS and USS sums are reported beside it.
+has resident. PSS and USS sums are reported beside it. A tick that sampled one process has
+nothing to count once: its totals are that process's own (the kernel's RSS), and the pass over
+every mapping that deduplicates is skipped, which at 50k mappings costs more than the sample.
 """
 
 from __future__ import annotations
@@ -85,6 +89,34 @@ def tree_totals(snapshots: list[Snapshot]) -> TreeTotals:
     return TreeTotals(sum(classes.values()), pss, uss, classes, groups, regions)
 
 
+def own_totals(sample: Sample) -> TreeTotals:
+    """One process's totals as a tree's: nothing is shared with anyone else to count once."""
+    snap = sample.snapshot
+    return TreeTotals(
+        sample.rss,
+        snap.total("Pss"),
+        snap.uss(),
+        dict(sample.classes),
+        {k: g.rss for k, g in sample.groups.items() if g.rss},
+        {k: g.regions for k, g in sample.groups.items()},
+    )
+
+
+def _deduplicated(samples: list[Sample]) -> TreeTotals:
+    """Several processes' totals with shared objects counted once. A cheap sample
+    (Sampler.full_every) stands on its last full snapshot: what moved since, by its status
+    counters, is added on top (as the process's own, private pages)."""
+    totals = tree_totals([s.snapshot for s in samples])
+    for s in samples:
+        if s.full:
+            continue
+        for klass, v in s.snapshot.class_totals().items():
+            moved = s.classes.get(klass, 0) - v
+            totals.classes[klass] = totals.classes.get(klass, 0) + moved
+            totals.rss += moved
+    return totals
+
+
 @dataclass
 class TreeResult:
     root: ProcessTrack
@@ -104,8 +136,8 @@ MAX_SKIPPED = 256
 
 
 class TreeSampler:
-    """Samples a pid and all its descendants every interval, picking up new children as they come.
-    Memory stays bounded: the MAX_ENDED children that ended last are kept, older ones are counted
+    """Samples a pid, and with ``follow`` all its descendants, every interval, picking up new
+    children as they come. Memory stays bounded: the MAX_ENDED children that ended last are kept, older ones are counted
     in ``forgotten`` and dropped."""
 
     def __init__(
@@ -115,7 +147,9 @@ class TreeSampler:
         keep_raw: bool = False,
         gpu: NvmlReader | None = None,
         full_every: int = 1,
+        follow: bool = True,
     ) -> None:
+        self.follow = follow  # False: the pid alone, a tree of one
         self.interval = interval
         self.full_every = full_every
         self.keep_raw = keep_raw
@@ -129,10 +163,13 @@ class TreeSampler:
         self.tracks: dict[int, ProcessTrack] = {root.pid: self.root}
         self.skipped: dict[int, str] = {}  # children we could not read, and why (the latest ones)
         self.forgotten = 0  # ended children dropped past MAX_ENDED
-        self.tree = History()  # the deduplicated totals (PSS and USS too), one entry per tick
+        # The totals, one entry per tick: a tree of one's are its process's own history.
+        self.tree = History() if follow else self.root.history
 
     def discover(self) -> list[ProcessTrack]:
         """Start tracking children that appeared since the last call; returns the new tracks."""
+        if not self.follow:
+            return []
         try:
             children = psutil.Process(self.root.target.pid).children(recursive=True)
         except psutil.Error:
@@ -164,9 +201,9 @@ class TreeSampler:
         return [t for t in self.tracks.values() if t.ended is None]
 
     def tick(self) -> list[Sample]:
-        """One look at the whole tree: new children picked up, every live process sampled, the
-        deduplicated totals appended to ``self.tree``; returns the samples. Children that are gone
-        are marked ended; the root gone raises TargetGone (its first sample's errors propagate)."""
+        """One look at the whole set: new children picked up (``follow``), every live process
+        sampled, the totals appended to ``self.tree``; returns the samples. Children that are gone
+        are marked ended; the root's TargetGone or AccessDenied propagates, and ends the run."""
         self.discover()
         began = time.monotonic()
         samples = []
@@ -174,46 +211,40 @@ class TreeSampler:
             try:
                 sample = track.sampler.take()
             except (TargetGone, AccessDenied) as e:
-                if track is self.root and not len(self.tree):
-                    raise
                 track.ended = "exited" if isinstance(e, TargetGone) else "permission lost"
                 track.ended_at = began - self.t0
+                if track is self.root:
+                    raise
                 continue
             track.history.add(sample)
             samples.append(sample)
-        if self.root.ended is not None:
-            raise TargetGone(self.root.target.pid, f"process {self.root.target.pid} exited")
         self._forget_ended()
-        totals = tree_totals([s.snapshot for s in samples])
-        # A cheap sample (Sampler.full_every) stands on its last full snapshot: what moved since,
-        # by its status counters, is added on top (as the process's own, private pages).
-        classes, rss = dict(totals.classes), totals.rss
-        for s in samples:
-            if not s.full:
-                for klass, v in s.snapshot.class_totals().items():
-                    moved = s.classes.get(klass, 0) - v
-                    classes[klass] = classes.get(klass, 0) + moved
-                    rss += moved
+        if self.follow:
+            self._append_totals(samples, began)
+        return samples
+
+    def _append_totals(self, samples: list[Sample], began: float) -> None:
+        """The tree's entry for one tick: its totals with every shared object counted once."""
+        totals = own_totals(samples[0]) if len(samples) == 1 else _deduplicated(samples)
         device = sum(s.gpu_bytes for s in samples if s.gpu_bytes) if self.gpu is not None else None
         held = HeldShm.union([s.held for s in samples if s.held is not None])
-        root = next((s for s in samples if s.pid == self.root.target.pid), None)
+        root = samples[0]  # the root is sampled first, and its loss has raised
         self.tree.append(
             began - self.t0,
             time.time(),
-            rss,
-            classes,
+            totals.rss,
+            totals.classes,
             totals.groups,
             totals.group_regions,
             time.monotonic() - began,
             device,
             held.totals(),
-            root.cgroup if root else None,
-            root.dev_shm if root else None,
+            root.cgroup,
+            root.dev_shm,
             held,
             totals.pss,
             totals.uss,
         )
-        return samples
 
     def _forget_ended(self) -> None:
         ended = [t for t in self.tracks.values() if t.ended is not None]
@@ -223,6 +254,11 @@ class TreeSampler:
         for track in ended[: len(ended) - MAX_ENDED]:
             del self.tracks[track.target.pid]
             self.forgotten += 1
+
+    @property
+    def full_samples(self) -> int:
+        """Full smaps reads, every process's (Sampler.full_every)."""
+        return sum(t.sampler.full_samples for t in self.tracks.values())
 
     @property
     def pss(self) -> list[int]:
@@ -245,7 +281,7 @@ class TreeSampler:
             for _ in pace:
                 try:
                     samples = self.tick()
-                except TargetGone as e:
+                except (TargetGone, AccessDenied) as e:
                     if not len(self.tree):
                         raise
                     error, reason = e, str(e)

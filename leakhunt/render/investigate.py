@@ -22,7 +22,7 @@ def render_progress(p: Progress) -> Group:
     text = Text()
     text.append("leakhunt investigate ", style="bold")
     text.append(f"{p.target}\n", style="cyan")
-    tree = f" · {p.processes} processes" if p.processes is not None else ""
+    tree = f" · {p.processes} processes" if p.subprocesses else ""
     text.append(
         f"{format_duration(p.elapsed_s)} / {format_duration(p.duration_s)} · "
         f"{p.samples} samples{tree} · {p.tracer} · {p.events} mmap calls",
@@ -38,7 +38,7 @@ def render_progress(p: Progress) -> Group:
         line.append_text(ui.rate_text(v.trend.slope, v.trend.lo, v.trend.hi, v.leak))
         line.append("  ")
         line.append_text(ui.verdict_badge(v.leak, v.plateau))
-        parts += [line, culprit_table(ev.attribution, brief=True, pids=p.processes is not None)]
+        parts += [line, culprit_table(ev.attribution, brief=True, pids=p.subprocesses)]
     return Group(*parts)
 
 
@@ -211,7 +211,7 @@ def render_result(result: InvestigationResult) -> Group:
         head.append(f"\n{device_line}", style="bold red" if finding else "dim")
     if not result.leak:
         head.append(f"\nnot ruled out: {BLIND_SPOT}", style="dim")
-    tree = result.processes is not None
+    tree = result.subprocesses
     title = f"leakhunt investigate · {result.target.describe()}" + (" and its subprocesses" if tree else "")
     parts = [
         Panel(head, title=Text(title), title_align="left", border_style="red" if result.leak else "green")

@@ -121,7 +121,7 @@ def region_table(summary: MemorySummary) -> Table:
 
 def render_watch(view: WatchView) -> Group:
     """One process: memory lines, classes, groups and ranges; a tree: its processes too."""
-    return _render_tree(view) if view.processes is not None else _render_one(view)
+    return _render_tree(view) if view.subprocesses else _render_one(view)
 
 
 def _render_one(view: WatchView) -> Group:
@@ -160,7 +160,7 @@ def _render_tree(view: WatchView) -> Group:
             no_wrap=True,
             max_width=28 if col == "command" else None,
         )
-    for p in view.processes or ():
+    for p in view.processes:
         state = Text(p.ended, style="dim") if p.ended else ui.verdict_badge(p.own_verdict_leak, p.plateau)
         table.add_row(
             str(p.pid),
