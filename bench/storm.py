@@ -9,6 +9,11 @@ at R memory syscalls a second: 0.4R munmaps of holes and 0.3R balanced mmap/munm
             and the target still made 95% of its calls. The highest rate kept is the result.
   slowdown  the target's CPU time per call, traced over untraced (getrusage of the target, so a
             tracer that burns its own CPU elsewhere does not hide), at 30k, 100k and 250k calls/s.
+  tracer%   the tracer's own CPU seconds over --seconds (a share of one core for a tracer that
+            ends on time; the peers run on until the target has made its calls). Its reader: a BPF probe
+            runs in the target and is in its slowdown): what deciding in the kernel saves
+            against streaming every call (--all-events) is paid here, not by the target.
+            A target that dies under a tracer is said (uprobes on code libucm patched crash it).
 
 Contenders: leakhunt/bcc (the default: unmaps of untracked memory decided in the kernel),
 leakhunt/bcc --all-events (every call to user space: the reader's own limit), leakhunt/bpftrace,
@@ -75,6 +80,7 @@ class Run:
     events: int | None = None  # what the tracer says it saw
     note: str = ""
     probe_ns: float | None = None  # mean ns per run of the tracer's busiest BPF program
+    tracer_cpu_s: float | None = None  # the tracer's own CPU (its reader; the probes are the target's)
 
     @property
     def cpu_per_call_us(self) -> float:
@@ -164,8 +170,8 @@ def storm(
     target = subprocess.Popen(
         [*argv, "--start-on-stdin", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-    lost = events = probe_ns = None
-    over, note = 0.0, ""
+    lost = events = probe_ns = tracer_cpu = None
+    over, note, crashed = 0.0, "", ""
     try:
         assert target.stdout.readline().startswith("ready")
         att = attach(contender, target.pid) if contender else None
@@ -174,17 +180,22 @@ def storm(
         target.stdin.flush()
         began = time.monotonic()
         done = target.stdout.readline()
-        _, _, usage = os.wait4(target.pid, 0)  # its own CPU, to its end
+        _, status, usage = os.wait4(target.pid, 0)  # its own CPU, to its end
         target.returncode = 0
+        if os.WIFSIGNALED(status) or not done.startswith("done"):
+            crashed = f"the target died ({_how(status)}) under the tracer"
         if cost is not None:
             probe_ns = cost.stop()
         if att is not None and contender.name.startswith("leakhunt"):
-            try:
-                att.proc.wait(seconds + 60)  # it ends on its own, at --duration
-            except subprocess.TimeoutExpired:
+            tracer_cpu = _ended(att.proc.pid, seconds + 60)  # it ends on its own, at --duration
+            if tracer_cpu is None:
                 note = "did not end"
             over = max(0.0, time.monotonic() - began - seconds)
-            detach(att)
+            if tracer_cpu is None:
+                tracer_cpu = detach(att)
+            else:
+                att.proc.returncode = 0  # reaped by _ended
+                time.sleep(0.2)  # the pump threads drain the pipes
             try:
                 doc = json.loads("".join(att.out))
                 lost, events = doc["lost_events"], doc["events"]
@@ -193,7 +204,7 @@ def storm(
             except ValueError:
                 note = f"no summary: {''.join(att.err[-2:]).strip()[:80]}"
         elif att is not None:
-            detach(att)
+            tracer_cpu = detach(att)
     finally:
         if target.poll() is None:
             target.kill()
@@ -202,6 +213,7 @@ def storm(
     calls = int(float(fields.get("holes", 0)) + 2 * float(fields.get("pairs", 0)))
     if contender is not None and contender.name == "memleak":
         note = "sees none: the hooks call the raw syscall, its uprobes are on libc's wrappers"
+    note = crashed or note
     name = contender.name if contender else "untraced"
     return Run(
         name=name,
@@ -213,7 +225,26 @@ def storm(
         events=events,
         note=note,
         probe_ns=probe_ns,
+        tracer_cpu_s=tracer_cpu,
     )
+
+
+def _how(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"exit {os.WEXITSTATUS(status)}"
+
+
+def _ended(pid: int, timeout: float) -> float | None:
+    """Wait for a child to exit on its own: its CPU seconds (its reaped children's included), or
+    None when it is still running after ``timeout`` (wait4, not Popen.wait: the usage is wanted)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, _, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            return usage.ru_utime + usage.ru_stime
+        time.sleep(0.05)
+    return None
 
 
 def main() -> int:
@@ -245,7 +276,7 @@ def main() -> int:
     )
     print(
         f"{'contender':<26} {'calls/s':>8} {'made':>9} {'tracer saw':>10} {'lost':>6} {'late s':>7}"
-        f" {'us/call':>8} {'slowdown':>9}{'  ns/run' if args.probe_cost else ''}  kept"
+        f" {'us/call':>8} {'slowdown':>9} {'tracer%':>7}{'  ns/run' if args.probe_cost else ''}  kept"
     )
     stats_before = STATS.read_text().strip() if args.probe_cost and STATS.exists() else None
     if stats_before is not None:
@@ -286,11 +317,16 @@ def run_all(args: argparse.Namespace, rates: list[int], usable: list[Contender])
             )
             if kept:
                 best[c.name] = max(best.get(c.name, 0), rate)
+            own = (
+                ""
+                if r.tracer_cpu_s is None or r.tracer_cpu_s != r.tracer_cpu_s
+                else f"{r.tracer_cpu_s / args.seconds:.0%}"
+            )
             probe = "" if not args.probe_cost else f"{'' if r.probe_ns is None else f'{r.probe_ns:.0f}':>8}"
             print(
                 f"{c.name:<26} {rate:>8} {r.calls:>9} {'' if r.events is None else r.events:>10}"
                 f" {'' if r.lost is None else r.lost:>6} {r.over_s:>7.2f} {r.cpu_per_call_us:>8.2f}"
-                f" {ratio:>8.2f}x{probe}  {'yes' if kept else 'no'}{'  ' + r.note if r.note else ''}"
+                f" {ratio:>8.2f}x {own:>7}{probe}  {'yes' if kept else 'no'}{'  ' + r.note if r.note else ''}"
             )
     print("\nhighest rate kept (0 lost, ended on time, the target at its pace):")
     for c in usable:
