@@ -89,17 +89,12 @@ def tree_totals(snapshots: list[Snapshot]) -> TreeTotals:
     return TreeTotals(sum(classes.values()), pss, uss, classes, groups, regions)
 
 
-def own_totals(sample: Sample) -> TreeTotals:
-    """One process's totals as a tree's: nothing is shared with anyone else to count once."""
-    snap = sample.snapshot
-    return TreeTotals(
-        sample.rss,
-        snap.total("Pss"),
-        snap.uss(),
-        dict(sample.classes),
-        {k: g.rss for k, g in sample.groups.items() if g.rss},
-        {k: g.regions for k, g in sample.groups.items()},
-    )
+def own_totals(history: History) -> TreeTotals:
+    """A process's latest entry as a tree's totals: nothing is shared with anyone else to count
+    once, and History.add has already summed what a tree needs."""
+    h = history
+    classes = {c: series[-1] for c, series in h.classes.items()}
+    return TreeTotals(h.rss[-1], h.pss[-1], h.uss[-1], classes, h.group_rss[-1], h.group_regions)
 
 
 def _deduplicated(samples: list[Sample]) -> TreeTotals:
@@ -137,8 +132,8 @@ MAX_SKIPPED = 256
 
 class TreeSampler:
     """Samples a pid, and with ``follow`` all its descendants, every interval, picking up new
-    children as they come. Memory stays bounded: the MAX_ENDED children that ended last are kept, older ones are counted
-    in ``forgotten`` and dropped."""
+    children as they come. Memory stays bounded: the MAX_ENDED children that ended last are kept,
+    older ones are counted in ``forgotten`` and dropped."""
 
     def __init__(
         self,
@@ -225,7 +220,8 @@ class TreeSampler:
 
     def _append_totals(self, samples: list[Sample], began: float) -> None:
         """The tree's entry for one tick: its totals with every shared object counted once."""
-        totals = own_totals(samples[0]) if len(samples) == 1 else _deduplicated(samples)
+        alone = len(samples) == 1
+        totals = own_totals(self.tracks[samples[0].pid].history) if alone else _deduplicated(samples)
         device = sum(s.gpu_bytes for s in samples if s.gpu_bytes) if self.gpu is not None else None
         held = HeldShm.union([s.held for s in samples if s.held is not None])
         root = samples[0]  # the root is sampled first, and its loss has raised
