@@ -204,4 +204,9 @@ def test_a_target_with_children_gets_a_hint(leakers, spawn):
     assert [(p["pid"], p["root"]) for p in doc["processes"]] == [(proc.pid, True)]
     assert set(doc["processes"][0]) == {f.name for f in dataclasses.fields(ProcessReport)}
     assert doc["tree"]["rss_counting"] == "the process's own RSS"
-    assert doc["processes"][0]["rss_bytes_end"] == doc["memory"]["rss_bytes_end"]
+    one, memory = doc["processes"][0], doc["memory"]
+    assert (one["rss_bytes_end"], one["rss_slope_bytes_per_s"]) == (
+        memory["rss_bytes_end"],
+        memory["rss_slope_bytes_per_s"],
+    )
+    assert (one["own_verdict_leak"], one["verdict"]) == (memory["leak"], memory["verdict"])

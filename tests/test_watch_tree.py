@@ -74,7 +74,13 @@ def test_a_target_with_children_gets_a_hint(leakers, spawn):
     alone = json.loads(cp.stdout)  # a tree of one: the same document as a tree's
     assert alone["subprocesses"] is False and [p["pid"] for p in alone["processes"]] == [proc.pid]
     assert set(alone["processes"][0]) == {f.name for f in dataclasses.fields(ProcessReport)}
-    assert alone["processes"][0]["rss_bytes_end"] == alone["rss_bytes_end"]
+    # Its one process is the tree: the same figures and the same verdict, judged once.
+    one = alone["processes"][0]
+    assert (one["rss_bytes_end"], one["rss_slope_bytes_per_s"]) == (
+        alone["rss_bytes_end"],
+        alone["rss_slope_bytes_per_s"],
+    )
+    assert (one["own_verdict_leak"], one["verdict"]) == (alone["leak"], alone["verdict"])
     followed = run_leakhunt("watch", "--pid", proc.pid, "--duration", "1s", "--json", "--subprocesses")
     assert followed.returncode == 0 and "add --subprocesses" not in followed.stderr
 

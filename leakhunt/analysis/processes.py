@@ -57,10 +57,19 @@ class ProcessReport:
 
 
 def summaries(
-    tracks: Iterable[ProcessTrack], warmup: float | None, least: int = 1
+    sampler: TreeSampler,
+    tracks: Iterable[ProcessTrack],
+    tree: MemorySummary,
+    warmup: float | None,
+    least: int = 1,
 ) -> dict[int, MemorySummary]:
-    """Each process's own summary, for the processes sampled at least ``least`` times."""
-    return {t.target.pid: summarize(t.history, warmup_s=warmup) for t in tracks if len(t.history) >= least}
+    """Each process's own summary, for the processes sampled at least ``least`` times. A tree of
+    one has one history, the root's: its summary is the tree's, not summarized a second time."""
+    return {
+        t.target.pid: tree if t.history is sampler.tree else summarize(t.history, warmup_s=warmup)
+        for t in tracks
+        if len(t.history) >= least
+    }
 
 
 def leaking(sampler: TreeSampler, tree: MemorySummary, own: dict[int, MemorySummary]) -> set[int]:
@@ -84,7 +93,7 @@ def process_reports(
     attribution: Attribution | None = None,
 ) -> list[ProcessReport]:
     """Every process the tree has sampled, ended ones included, with the culprits that live in it."""
-    own = summaries(sampler.tracks.values(), warmup)
+    own = summaries(sampler, sampler.tracks.values(), tree, warmup)
     twice = {t.target.pid for t in sampler.tracks.values() if len(t.history) >= 2}
     accused = leaking(sampler, tree, {p: s for p, s in own.items() if p in twice})
     reports = []

@@ -85,7 +85,7 @@ class TargetMemory:
     def attribute(
         self, summary: MemorySummary, warmup: float | None, tracer: TreeTrace | None, faults: FaultView | None
     ) -> Attribution:
-        own = summaries(self.sampler.live_tracks(), warmup, least=2)
+        own = summaries(self.sampler, self.sampler.live_tracks(), summary, warmup, least=2)
         self.leaking = leaking(self.sampler, summary, own)
         return correlate_tree(self._evidence(tracer), self.history.duration_s, faults=faults)
 
