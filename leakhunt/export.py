@@ -8,6 +8,11 @@ come and go (restarts, autoscaling) are followed. With ``subprocesses`` every pr
 explicit pid is a target too, and each such tree gets its own totals (shared memory counted
 once). Sampling and judging happen in one background thread; a scrape only reads the latest
 figures under a lock.
+
+The exporter does not sample through proc.tree.TreeSampler as watch, investigate and ci do: it
+keeps a rolling window and no snapshot per process (hundreds of matched processes, for weeks),
+where a TreeSampler keeps a run's whole history and its first and last snapshots. It shares the
+tree's parts: children come from proc.tree.descendants, a tree's totals from tree_totals.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -31,7 +35,7 @@ from leakhunt.gpu import NvmlReader
 from leakhunt.proc.sampler import History, Pace, Sample, Sampler
 from leakhunt.proc.smaps import parse_smaps
 from leakhunt.proc.target import PROC, Target, open_target
-from leakhunt.proc.tree import tree_totals
+from leakhunt.proc.tree import descendants, tree_totals
 from leakhunt.report.streams import last_ledger_callers
 
 PREFIX = "leakhunt"
@@ -151,15 +155,11 @@ class Fleet:
         """Every process under the explicit pids, with the pid of the tree it belongs to."""
         watched = {pid for pid, _ in self._watched}
         for root in self._explicit:
-            try:
-                children = psutil.Process(root.pid).children(recursive=True)
-            except psutil.Error:
-                continue
-            for child in children:
-                if child.pid in watched or child.pid in self._ignored:
+            for child in descendants(root.pid):
+                if child in watched or child in self._ignored:
                     continue
                 try:
-                    yield open_target(child.pid), root.pid
+                    yield open_target(child), root.pid
                 except (TargetGone, AccessDenied):
                     continue
 

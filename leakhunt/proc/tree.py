@@ -1,7 +1,7 @@
 """A target is a set of processes: the one pid given, a tree of one, or with --subprocesses every
 process under it, those that appear later included. Each process has its own history and
-verdict; the set has honest totals. watch, investigate, ci and export all sample through
-TreeSampler, so that one process and a tree take the same path.
+verdict; the set has honest totals. watch, investigate and ci sample through TreeSampler, so
+that one process and a tree take the same path (export keeps a window of its own: export.py).
 
 Tree totals never add up RSS: a /dev/shm segment or a library mapped by three processes would
 count three times. A process's memory is its private pages plus its shared ones; the tree holds
