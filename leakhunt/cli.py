@@ -4,7 +4,10 @@ Commands are imported only when invoked so that `leakhunt --help` and `leakhunt 
 fast. Every failure is one line on stderr and exit code 2: library errors (LeakhuntError), the
 operating system's (a full disk, a closed stdout, a permission) and, as "internal error", any
 other (LEAKHUNT_DEBUG=1 prints its traceback). Exit code 1 belongs to ci's "leak found" alone.
-SIGTERM is turned into a clean stop, as Ctrl-C.
+SIGTERM is turned into a clean stop, as Ctrl-C. SIGINT stops it even when leakhunt was started
+with SIGINT ignored (a background job of a non-interactive shell, `nohup`): Python leaves an
+inherited SIG_IGN in place, and a supervisor's `kill -INT` would then be lost while the target
+stays traced. bpftrace and perf take SIGINT the same way.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ def _sigterm(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if sys.stdout is None:  # started with its stdout closed: nowhere to say what it finds
         _say("leakhunt: error: stdout is closed")
         sys.exit(2)

@@ -176,15 +176,44 @@ def test_stopping_watch_prints_a_summary(leakers, spawn, sig, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT prints every thread's stack
+        # Started as a background job of a script is (SIGINT ignored, which Python keeps): the
+        # signal still stops it. CI harnesses and supervisors start it that way.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
-    time.sleep(4)
+    deadline = time.monotonic() + 60
+    while _samples_recorded(tmp_path / "rec") < 4:
+        assert watch.poll() is None and time.monotonic() < deadline, "watch never recorded 4 samples"
+        time.sleep(0.1)
     watch.send_signal(sig)
-    out, err = watch.communicate(timeout=30)
+    try:
+        out, err = watch.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        dispositions = _signal_masks(watch.pid)
+        watch.send_signal(signal.SIGABRT)
+        _, err = watch.communicate(timeout=30)
+        pytest.fail(f"watch ignored {sig.name} for 30 s ({dispositions}); its threads:\n{err[-4000:]}")
     assert watch.returncode == 0, err
     assert "stopped: interrupted" in out
     assert proc.alive()
     rec = Recording.open(tmp_path / "rec")
     assert rec.complete and len(rec.samples()) >= 4
+
+
+def _samples_recorded(rec) -> int:
+    try:
+        return (rec / "samples.jsonl").read_text().count("\n")
+    except OSError:
+        return 0
+
+
+def _signal_masks(pid: int) -> str:
+    """The process's blocked, ignored and caught signals, as the kernel says."""
+    try:
+        lines = open(f"/proc/{pid}/status").read().splitlines()
+    except OSError as e:
+        return str(e)
+    return ", ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
 
 
 def test_recording_survives_leakhunt_being_killed(leakers, spawn, tmp_path):
