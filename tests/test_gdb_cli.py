@@ -61,8 +61,11 @@ def test_the_hit_budget_ends_the_trace_early(spawn, leakers):
 @pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
 def test_sigterm_or_ctrl_c_detaches_and_prints_the_summary(spawn, leakers, how):
     proc = spawn([leakers / "pool_leaker", "--rate", "2M", "--churn", "20"])
+    # The signal must be what ends it: at ~1,300 calls/s the default hit budget (1000) can run
+    # out before it arrives, and the trace then ends as "backend finished".
+    argv = ["trace-mmap", "--pid", str(proc.pid), "--backend", "gdb", "--gdb-max-hits", "10000000"]
     cli = subprocess.Popen(
-        [sys.executable, "-m", "leakhunt", "trace-mmap", "--pid", str(proc.pid), "--backend", "gdb"],
+        [sys.executable, "-m", "leakhunt", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

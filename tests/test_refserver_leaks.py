@@ -119,7 +119,9 @@ def test_mmap_hook_runs_through_libucm_and_the_ucx_fixes_stop_it(fix, hook):
     assert info["hook"] == hook
     assert (info["events"] == 0) is (hook == "disabled")  # capped: events arrive, the pool is reused
     assert info["pool_bytes"] <= 12 * PER_REQUEST
-    assert class_growth(s0, s1, ANON) < 10 * PER_REQUEST  # the leak would have grown 60 x 256 KiB
+    # The leak would have grown 60 x 256 KiB. What grows without it is the server's own anonymous
+    # memory over 60 requests (its threads' malloc arenas, torch's caches): 2.6 MiB on some runs.
+    assert class_growth(s0, s1, ANON) < 20 * PER_REQUEST
 
 
 def test_native_pool_functions_are_visible_to_tracers():
