@@ -9,7 +9,7 @@ bench/storm.py runs it beside leakhunt as a contender.
 
     sudo .venv/bin/python bench/floor_probe.py --pid PID [--duration 6]
 
-Prints "tracing pid PID" once attached; at --duration, SIGINT or SIGTERM, one JSON line: the
+Prints "tracing pid PID" on stderr once attached; at --duration, SIGINT or SIGTERM, one JSON line: the
 calls it counted ("events") and "lost_events" (always 0: nothing is streamed).
 """
 
@@ -65,7 +65,7 @@ def main() -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"tracing pid {args.pid}", flush=True)
+    print(f"tracing pid {args.pid}", file=sys.stderr, flush=True)  # stdout holds the JSON alone
     stop.wait(args.duration)
     events = sum(bpf["calls"][0])
     bpf.cleanup()

@@ -30,9 +30,9 @@ registration cache queueing an invalidation from its memory pool for every munma
 patched code reports. Its hooks cost the target far more per call than hook_storm's, so the
 rates it can make untraced are lower (a rate it cannot make is said, not counted as kept).
 
---probe-cost adds a column: the mean ns per run of leakhunt's busiest BPF program (its run time
-over its run count, which the kernel keeps while kernel.bpf_stats_enabled=1: the bench sets it
-for the run and puts it back). Its two clock reads per run are in that run's slowdown too.
+--probe-cost adds a column: the mean ns per run of leakhunt's (and the floor's) busiest BPF
+program (its run time over its run count, which the kernel keeps while
+kernel.bpf_stats_enabled=1: the bench sets it for the run and puts it back). Its two clock reads per run are in that run's slowdown too.
 
     sudo .venv/bin/python bench/storm.py [--seconds 6] [--rates 30000,100000,250000,400000]
                                          [--probe-cost] [--subject hook|ucx] [--only NAMES]
@@ -327,9 +327,7 @@ def run_all(args: argparse.Namespace, rates: list[int], usable: list[Contender])
         )
         for c in usable:
             try:
-                r = storm(
-                    args.target, c, rate, args.seconds, args.probe_cost and c.name.startswith("leakhunt")
-                )
+                r = storm(args.target, c, rate, args.seconds, args.probe_cost and ends_itself(c))
             except (RuntimeError, AssertionError, subprocess.TimeoutExpired) as e:
                 print(f"{c.name:<26} {rate:>8}  failed: {e}")
                 continue
