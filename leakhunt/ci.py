@@ -9,7 +9,6 @@ JSON, JUnit XML and GitHub Actions annotations.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shlex
 import signal
@@ -19,12 +18,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from leakhunt.analysis.device import device_json, open_nvml
+from leakhunt.analysis.processes import ProcessReport, process_reports, tree_document
 from leakhunt.analysis.summary import MemorySummary, summarize
 from leakhunt.analysis.verdict import judge
 from leakhunt.errors import BadInput, LeakhuntError, TargetGone
 from leakhunt.heap import HeapRun
 from leakhunt.proc.sampler import STOP_INTERRUPTED, History
-from leakhunt.proc.target import Target, open_target
+from leakhunt.proc.target import Target, die_with_parent, open_target
 from leakhunt.proc.tree import TreeSampler
 from leakhunt.units import format_duration, format_rate
 
@@ -32,7 +32,6 @@ PASS, FAIL, ERROR = 0, 1, 2
 #: How long a stopped command gets between SIGINT, SIGTERM and SIGKILL. SIGINT first: a Python
 #: program (and memray tracking it) unwinds and flushes on KeyboardInterrupt, not on SIGTERM.
 STOP_GRACE_S = 5.0
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -72,6 +71,9 @@ class GateResult:
     heap_growth: float | None = None  # Python heap growth memray saw (--heap), bytes
     device_unavailable: str | None = None  # why device memory (NVML) was not sampled
     nspid: tuple[int, ...] = ()  # the pid in each pid namespace (a container's own last)
+    subprocesses: bool = False
+    processes: tuple[ProcessReport, ...] = ()  # one per process sampled: a tree of one has one
+    tree: dict = field(default_factory=dict)  # how the totals count (processes.tree_document)
 
     @property
     def status(self) -> str:
@@ -98,6 +100,10 @@ class GateResult:
         if self.summary is not None:
             doc["summary"] = self.summary.to_json()
         doc["device_memory"] = device_json(self.summary, self.device_unavailable)
+        if self.summary is not None:  # the per-process document of watch and investigate
+            doc["subprocesses"] = self.subprocesses
+            doc["processes"] = [p.to_json() for p in self.processes]
+            doc["tree"] = self.tree
         return doc
 
 
@@ -140,17 +146,6 @@ def decide(summary: MemorySummary, config: GateConfig) -> tuple[int, str]:
     return PASS, f"within the limit of {limit}: {v.reason}{device}"
 
 
-def _die_with_parent(sig: int) -> Callable[[], None]:
-    """For a child's preexec_fn: the kernel sends it ``sig`` when leakhunt dies, even by SIGKILL
-    (PR_SET_PDEATHSIG: it outlives exec)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def set_it() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
-
-    return set_it
-
-
 class Launched:
     """A command the gate started in its own session, so that it and everything it forked can be
     stopped together. Stopping is idempotent and escalates SIGINT -> SIGTERM -> SIGKILL.
@@ -169,7 +164,7 @@ class Launched:
                 stdout=stdout,
                 stderr=stdout,
                 start_new_session=True,
-                preexec_fn=_die_with_parent(signal.SIGKILL),
+                preexec_fn=die_with_parent(signal.SIGKILL),
             )
         except OSError as e:
             raise BadInput(f"{role} {shlex.join(self.argv)!r} failed to start: {e.strerror or e}") from None
@@ -182,7 +177,7 @@ class Launched:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent(signal.SIGTERM),
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
 
     @property
@@ -308,6 +303,7 @@ class Gate:
                 loader.stop()
         elapsed = time.monotonic() - began
         summary = gate_summary(history, self.config)
+        processes = process_reports(sampler, summary, self.config.warmup, min_slope=self.config.max_slope)
         code, reason = decide(summary, self.config)
         if result.error is not None:
             code, reason = self._target_lost(command, result.error, history, code, reason)
@@ -325,6 +321,9 @@ class Gate:
             elapsed,
             device_unavailable=no_gpu,
             nspid=target.nspid,
+            subprocesses=self.subprocesses,
+            processes=tuple(processes),
+            tree=tree_document(sampler),
         )
 
     def _target_lost(

@@ -66,6 +66,12 @@ def test_pool_leaker_fails_the_gate(leak_run):
     assert doc["status"] == "fail"
     assert doc["summary"]["slope_interval"][0] > doc["max_slope_bytes_per_s"]
     assert doc["summary"]["classes"]["anon"]["rss_growth_bytes"] > 16 << 20
+    # One process is a tree of one: the per-process document of watch and investigate, whose
+    # figures are the gate's own.
+    (one,) = doc["processes"]
+    assert one["pid"] == doc["pid"] and one["root"] and one["leak"] and not doc["subprocesses"]
+    assert one["footprint_slope_bytes_per_s"] == doc["summary"]["footprint_slope_bytes_per_s"]
+    assert doc["tree"]["rss_counting"] == "the process's own RSS"
 
 
 def test_junit_file_parses_and_reports_the_failure(leak_run):
@@ -176,6 +182,10 @@ def test_subprocesses_gate_the_tree_and_stop_it_whole(leakers, tmp_path):
     assert cp.returncode == FAIL, ("the root shell does not grow, its child does", cp.stderr[-2000:])
     pids = Recording.open(tmp_path / "rec").pids()
     assert len(pids) == 3, cp.stderr[-2000:]
+    doc = json.loads(cp.stdout)
+    assert doc["subprocesses"] and {p["pid"] for p in doc["processes"]} == set(pids)
+    leaking = [p["cmdline"] for p in doc["processes"] if p["leak"]]
+    assert len(leaking) == 1 and "pool_leaker" in leaking[0], doc["processes"]
     deadline = time.monotonic() + 5
     while any(map(_alive, pids)) and time.monotonic() < deadline:
         time.sleep(0.1)

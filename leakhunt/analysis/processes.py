@@ -1,5 +1,6 @@
-"""One document per process of a target, the same for watch, investigate, ci and export: one
-process is a tree of one, with one document.
+"""One document per process of a target, the same in watch's, investigate's and ci's JSON: one
+process is a tree of one, with one document. (export publishes the same summaries as Prometheus
+series over a rolling window; see export.py for why it keeps no tree sampler.)
 
 A tree is judged on its totals, shared memory counted once (proc.tree). Each process also keeps
 its own history and its own verdict. A process is said to leak (``leak``) when its own verdict
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 from leakhunt.analysis.correlate import MIN_SHARE, Attribution
 from leakhunt.analysis.summary import MemorySummary, summarize
+from leakhunt.analysis.verdict import MIN_SLOPE
 from leakhunt.proc.tree import ProcessTrack, TreeSampler
 
 #: How the totals count, said in every tree document: a tree's, and a tree of one's.
@@ -62,11 +64,15 @@ def summaries(
     tree: MemorySummary,
     warmup: float | None,
     least: int = 1,
+    min_slope: float = MIN_SLOPE,
 ) -> dict[int, MemorySummary]:
-    """Each process's own summary, for the processes sampled at least ``least`` times. A tree of
-    one has one history, the root's: its summary is the tree's, not summarized a second time."""
+    """Each process's own summary, for the processes sampled at least ``least`` times, judged at
+    ``min_slope`` as the tree was. A tree of one has one history, the root's: its summary is the
+    tree's, not summarized a second time."""
     return {
-        t.target.pid: tree if t.history is sampler.tree else summarize(t.history, warmup_s=warmup)
+        t.target.pid: tree
+        if t.history is sampler.tree
+        else summarize(t.history, warmup_s=warmup, min_slope=min_slope)
         for t in tracks
         if len(t.history) >= least
     }
@@ -91,9 +97,11 @@ def process_reports(
     tree: MemorySummary,
     warmup: float | None,
     attribution: Attribution | None = None,
+    min_slope: float = MIN_SLOPE,
 ) -> list[ProcessReport]:
-    """Every process the tree has sampled, ended ones included, with the culprits that live in it."""
-    own = summaries(sampler, sampler.tracks.values(), tree, warmup)
+    """Every process the tree has sampled, ended ones included, with the culprits that live in it;
+    each judged at ``min_slope`` (ci: its limit), as the tree was."""
+    own = summaries(sampler, sampler.tracks.values(), tree, warmup, min_slope=min_slope)
     twice = {t.target.pid for t in sampler.tracks.values() if len(t.history) >= 2}
     accused = leaking(sampler, tree, {p: s for p, s in own.items() if p in twice})
     reports = []

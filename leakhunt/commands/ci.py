@@ -125,8 +125,8 @@ def command(
         result = gate.run_pid(pid, load_argv) if pid is not None else gate.run_command(command, load_argv)
     except LeakhuntError as e:
         result = error_result(config, label, e)
-        _publish(result, junit_path, writer, recorder, as_json, console)
-        raise
+        _publish(result, junit_path, writer, recorder, as_json, console)  # says the error once
+        raise click.exceptions.Exit(ERROR) from None
     if writer and gate.heap:
         gate.heap.write(writer)
     _publish(result, junit_path, writer, recorder, as_json, console)

@@ -7,7 +7,9 @@ A pid is identified by (pid, start time) so that a recycled pid is never mistake
 
 from __future__ import annotations
 
+import ctypes
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,3 +219,17 @@ def shm_segment_size(pid: int, shmid: int) -> int:
     except (OSError, ValueError, StopIteration):
         return 0
     return 0
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int) -> Callable[[], None]:
+    """For a child's preexec_fn: the kernel sends it ``sig`` when leakhunt dies, even by SIGKILL
+    (PR_SET_PDEATHSIG: it outlives exec)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def set_it() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+    return set_it
