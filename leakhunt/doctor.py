@@ -273,6 +273,24 @@ def check_gdb() -> Check:
     )
 
 
+def check_gdb_calls() -> Check:
+    """Whether gdb can call a function inside a process and restore its registers after: memray's
+    attach (--heap on a running pid) injects itself that way."""
+    from leakhunt.gdb.preflight import gdb_call_hazard
+
+    if not shutil.which("gdb"):
+        return Check("gdb calls", False, "gdb not installed", "apt-get install gdb", "--heap --pid", True)
+    hazard = gdb_call_hazard("gdb")
+    return Check(
+        "gdb calls",
+        hazard is None,
+        "gdb calls into a process and restores its registers" if hazard is None else hazard,
+        "" if hazard is None else "use --heap with a command leakhunt starts (memray's run mode)",
+        "--heap --pid",
+        optional=True,
+    )
+
+
 def check_perf() -> Check:
     return _version_check(
         "perf", ["perf", "--version"], "benchmarks", "apt-get install linux-perf", optional=True
@@ -342,6 +360,7 @@ def run_checks() -> list[Check]:
         check_bcc(),
         check_kernel_headers(),
         check_gdb(),
+        check_gdb_calls(),
         check_perf(),
         check_memray(),
         check_nvml(),

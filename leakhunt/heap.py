@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from leakhunt.errors import BackendUnavailable
+from leakhunt.heap_attach import REFUSED
 
 HEAP = "heap"
 CAPTURE = "memray.bin"
@@ -94,6 +95,12 @@ class HeapTracker:
             argv += ["--duration", str(int(max_duration_s) + 1)]
         # gdb/lldb inject memray into the target; a failure is one line from memray.
         cp = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        if cp.returncode == REFUSED:
+            raise BackendUnavailable(
+                "memray",
+                f"not attached to pid {pid}: {cp.stderr.strip().splitlines()[0]}",
+                "start the target under memray instead: leakhunt ci --heap -- python ...",
+            )
         if cp.returncode != 0:
             why = (cp.stderr.strip() or cp.stdout.strip()).splitlines()
             raise BackendUnavailable(

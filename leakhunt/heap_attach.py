@@ -9,6 +9,11 @@ watchdog thread that deactivates the tracker once leakhunt's process is gone: ch
 by pid and start time, so that a reused pid is not taken for it. gdb's guard gives the same
 promise for breakpoints. It runs as its own process, so that leakhunt never imports memray.
 
+memray injects by calling dlopen inside the target through gdb. Where gdb cannot restore the
+registers after such a call (gdb.preflight.gdb_call_hazard), that would leave the target running
+on corrupted registers: nothing is injected then. (lldb 14, memray's other way in, hung in its
+attach on the machine where this was seen.)
+
 What an attach leaves in the target, by memray's design: its extension module, and one pipe pair
 its native tracker opens once per process and reuses for every later tracker (memray never closes
 it; closing it from outside would break the next attach).
@@ -20,6 +25,11 @@ import argparse
 import os
 import socket
 import sys
+
+from leakhunt.gdb.preflight import gdb_call_hazard
+
+#: The exit status when memray's injection would corrupt the target: its first line says why.
+REFUSED = 3
 
 #: Appended to memray's attach payload, in the same namespace (memray, deactivate_last_tracker,
 #: threading). Formatted with %: memray's payload is a str.format template, this is not.
@@ -86,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         command = AttachCommand()
-        client = command.inject_control_channel(command.resolve_debugger("auto"), a.pid)
+        debugger = command.resolve_debugger("auto")
+        if debugger == "gdb" and (hazard := gdb_call_hazard("gdb")) is not None:
+            print(hazard, file=sys.stderr)
+            return REFUSED
+        client = command.inject_control_channel(debugger, a.pid)
         client.sendall(payload(a.capture, a.owner, a.duration).encode())
         client.shutdown(socket.SHUT_WR)
         error = recvall(client)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import leakhunt_json, read_markdown, run_leakhunt
+from conftest import gdb_call_hazard, leakhunt_json, read_markdown, run_leakhunt
 
 pytest.importorskip("memray", reason="memray (the dev extra) is not installed")
 
@@ -74,6 +74,7 @@ def test_run_mode_shows_the_heap_beside_rss(leaker_script, tmp_path):
 
 
 @pytest.mark.gdb
+@pytest.mark.gdb_calls
 def test_attach_mode_shows_the_heap_beside_rss(leaker_script, spawn, tmp_path):
     target = spawn([sys.executable, leaker_script])
     cp = run_leakhunt(
@@ -104,6 +105,7 @@ def test_heap_needs_a_python_command(leakers):
 
 
 @pytest.mark.gdb
+@pytest.mark.gdb_calls
 def test_watch_heap_records_the_heap_stream(leaker_script, spawn, tmp_path):
     target = spawn([sys.executable, leaker_script])
     doc = leakhunt_json(
@@ -131,6 +133,7 @@ def _tracking(pid: int, capture: str) -> bool:
 
 
 @pytest.mark.gdb
+@pytest.mark.gdb_calls
 def test_memray_stops_tracking_when_leakhunt_is_killed(leaker_script, spawn, tmp_path):
     """SIGKILL leaves no detach to run: the watchdog leakhunt carries into the target with memray's
     payload deactivates the tracker once leakhunt is gone, and the target runs on, not stopped."""
@@ -158,3 +161,26 @@ def test_memray_stops_tracking_when_leakhunt_is_killed(leaker_script, spawn, tmp
             os.killpg(watch.pid, signal.SIGKILL)
             watch.wait()
     assert target.alive() and psutil.Process(target.pid).status() != psutil.STATUS_STOPPED
+
+
+@pytest.mark.gdb
+def test_attach_is_refused_where_gdb_would_corrupt_the_target(leaker_script, spawn):
+    """Where gdb cannot write the CPU's extended register state back after calling into a process
+    (seen: an AMX Xeon, kernel 6.18, gdb 13.1), memray's injection through gdb would leave the
+    target running on registers gdb failed to restore: a sleeping Python target raised OSError 514
+    from inside time.sleep. leakhunt refuses with one line and leaves the target as it was."""
+    hazard = gdb_call_hazard()
+    if hazard is None:
+        pytest.skip("gdb calls into processes safely here: the attach tests above run instead")
+    target = spawn([sys.executable, leaker_script])
+    cp = run_leakhunt("ci", "--max-slope", "1MB/min", "--duration", "2s", "--heap", "--pid", target.pid)
+    assert cp.returncode == 2
+    (line,) = cp.stderr.splitlines()
+    assert line.startswith("leakhunt: error: memray unavailable: not attached") and hazard in line
+    before = psutil.Process(target.pid).memory_info().rss
+    deadline = time.monotonic() + 10  # the target runs on: its Python loop keeps allocating
+    while psutil.Process(target.pid).memory_info().rss < before + (4 << 20):
+        assert time.monotonic() < deadline, "the target stopped running after the refusal"
+        time.sleep(0.2)
+    status = psutil.Process(target.pid).status()
+    assert target.alive() and status not in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 from dataclasses import dataclass
 
 from leakhunt.errors import AccessDenied, BackendUnavailable, TargetGone
-from leakhunt.proc.target import PROC, Target, proc_read
+from leakhunt.proc.target import PROC, Target, die_with_parent, proc_read
 
 CAP_SYS_PTRACE = 19
 PTRACE_SCOPE = "/proc/sys/kernel/yama/ptrace_scope"
@@ -129,3 +131,55 @@ def _comm(pid: int) -> str:
         return proc_read(pid, "comm").decode(errors="replace").strip()
     except (TargetGone, AccessDenied):
         return "?"
+
+
+#: What gdb 13 prints when the kernel refuses the extended register state (XSAVE: AVX-512, AMX
+#: tiles) it saved before calling a function in the inferior and writes back afterwards.
+XSTATE_REFUSED = "Couldn't write extended state"
+_call_probe: dict[str, str | None] = {}
+
+
+def gdb_call_hazard(gdb: str = "gdb") -> str | None:
+    """Why calling a function inside a target with this gdb would corrupt it, or None when it is
+    safe. leakhunt's own gdb pass only sets breakpoints and reads; memray's attach calls dlopen
+    in the target. On some CPUs and kernels (seen: an AMX Xeon, kernel 6.18, gdb 13.1) gdb cannot
+    write back the extended register state after such a call: the call fails, and the target
+    resumes with registers gdb could not restore (a sleeping Python target raised OSError 514
+    from inside time.sleep). Probed once per process on a `sleep` of our own, never the target."""
+    if gdb in _call_probe:
+        return _call_probe[gdb]
+    found = shutil.which(gdb)
+    if found is None:
+        return f"{gdb} not found"
+    sleeper = subprocess.Popen(
+        ["sleep", "30"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent(signal.SIGKILL),
+    )
+    try:
+        cp = subprocess.run(
+            [found, "-batch", "-nx", "-p", str(sleeper.pid), "-ex", "call (int) getpid()"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        out = cp.stdout + cp.stderr
+        if XSTATE_REFUSED in out:
+            why = (
+                "gdb cannot restore this CPU's extended register state after a call into a process "
+                f"({XSTATE_REFUSED.lower()}: a gdb/kernel/CPU mismatch); the target would resume corrupted"
+            )
+        elif f"= {sleeper.pid}" not in out:
+            last = [line for line in out.splitlines() if line.strip()][-1:] or [f"exit {cp.returncode}"]
+            why = f"gdb could not call a function in a test process: {last[0].strip()}"
+        else:
+            why = None
+    except (OSError, subprocess.TimeoutExpired) as e:
+        why = f"gdb could not call a function in a test process: {e}"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    _call_probe[gdb] = why
+    return why
