@@ -65,7 +65,10 @@ IDX_ROOT = 2
 QUERY_ROOTS = 4
 SITES_MAX = 16384
 RULES_MAX = 16384
-PATH_DEPTH = 3
+#: Four: libucm's hook puts three frames of its own (its dispatch) between the syscall wrapper
+#: and whoever called mmap, so with three every mmap through the hook (glibc's malloc, ctypes,
+#: the pool) was one path, and the stack shown was whichever came first.
+PATH_DEPTH = 4
 #: The words of the user stack a call copies once at its sp (512 bytes, a power of two): its
 #: return address and path come from there. A read of user memory costs ~170 ns here, 8 bytes or
 #: 512, and four of them per mmap were a third of the probe's cost under the storm.
