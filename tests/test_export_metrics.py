@@ -3,6 +3,7 @@ processes that come and go under --match, and bad input."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -266,3 +267,18 @@ def test_live_trace_feeds_the_exporter(leakers, spawn, exporter, tmp_path):
     finally:
         trace.terminate()
         trace.wait(30)
+
+
+def test_a_ledger_directory_that_holds_something_else_is_refused(tmp_path):
+    """A typo that names another directory must not pass for a ledger still to come; an empty
+    directory, or one a trace-mmap beside export is creating (its lock is there first), is fine."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a recording")
+    cp = run_leakhunt("export", "--pid", os.getpid(), "--ledger", other, "--duration", "1s", "--port", "0")
+    assert cp.returncode == 2 and "not a leakhunt recording" in cp.stderr, cp.stderr
+    coming = tmp_path / "coming"
+    (coming / "snapshots").mkdir(parents=True)
+    (coming / ".lock").touch()
+    cp = run_leakhunt("export", "--pid", os.getpid(), "--ledger", coming, "--duration", "1s", "--port", "0")
+    assert cp.returncode == 0, cp.stderr

@@ -25,6 +25,7 @@ from leakhunt.commands.options import (
 )
 from leakhunt.errors import BadInput
 from leakhunt.export import Fleet, LedgerFeed, registry_for
+from leakhunt.record import LOCK, SESSION, SNAPSHOTS
 from leakhunt.units import format_duration
 
 #: A full smaps read every 30 s at the default 5 s interval.
@@ -115,7 +116,7 @@ def command(
     for pid in pids:
         hint_children(pid, subprocesses)
     for directory in ledgers:  # a typo must not pass for a ledger still to come
-        if Path(directory).exists() and not (Path(directory) / "session.json").exists():
+        if not _recording_or_to_come(Path(directory)):
             raise BadInput(f"--ledger {directory}: not a leakhunt recording (no session.json)")
         if not Path(directory).exists():
             ui.err.print(
@@ -199,6 +200,16 @@ def command(
                 }
             )
         )
+
+
+def _recording_or_to_come(directory: Path) -> bool:
+    """A recording, one whose writer is creating it (its lock is there before session.json), or a
+    directory that does not exist yet or is empty: trace-mmap started beside export fills it."""
+    if not directory.is_dir():
+        return not directory.exists()
+    if (directory / SESSION).exists() or (directory / LOCK).exists():
+        return True
+    return not any(p.name != SNAPSHOTS for p in directory.iterdir())  # created, not yet written
 
 
 def _resolved(host: str) -> str:
