@@ -25,12 +25,20 @@
  * unseen). So:
  *   - a node is created once (insert, never overwrite) and never deleted while its generation
  *     lives; bits change by atomic or/and only;
- *   - setting writes a child's bits before its parent's `any` bit; clearing a parent's `any` bit
- *     re-checks the child afterwards and sets the bit again if a setter came in between;
- *   - clearing wholly covered children empties the node of the first of them that has one, per
- *     visited node; the rest keep their bits (over-set, which is safe);
+ *   - setting writes a child's bits before its parent's `any` bit, and checks that bit again
+ *     after the child's bits even when it found it set;
+ *   - `any` bits stay when a child empties (a query then looks one level deeper, and finds
+ *     nothing), except where a clear wholly covers children: it empties the node of the first
+ *     of them that has one, per visited node (a zap), and takes its parent's bit away, re-checking
+ *     the child afterwards; the rest keep their bits (over-set, which is safe);
  *   - when a node cannot be created (IDX_MAX reached), `degraded` is set and every unmap that is
  *     not an exact kernel-ledger hit is streamed, as before this index existed.
+ * The common case skips the walk. A set or clear within one 2 MiB block touches only that block's
+ * level-0 node (one lookup, not three, and no re-checks): a clear when the node holds some of the
+ * range's bits; a set when a walk `linked` the node (found every `any` bit from the root to it)
+ * and no zap, the one thing that takes `any` bits away, has begun since. Zaps are counted, odd
+ * while one runs, in `zaps`. Where that fails, the walk runs and links the node again. Balanced
+ * mmap/munmap pairs (a malloc's arenas, libucm's hook) thus cost one lookup each.
  * The handlers run after the syscalls, outside mmap_lock: an munmap whose handler runs after the
  * handler of a later mmap of the same pages (another thread) clears that mapping's bits. The
  * kernel ledger's exact-match map shares this race; it needs two threads to reuse the same pages
@@ -38,7 +46,9 @@
  */
 
 struct idx_key_t { u32 pid; u32 gen; u64 node; };   /* node: level << 56 | index at that level */
-struct idx_node_t { u64 full[8]; u64 any[8]; };
+/* linked (level 0 only): the zap count + 1 at which a walk last found the node's ancestors'
+ * `any` bits leading to it (idx_set_fast), 0 when none did. */
+struct idx_node_t { u64 full[8]; u64 any[8]; u64 linked; };
 /* One walk over [a, b): the level it is at, which edge nodes it reaches there, and the parents
  * whose `any` bit waits for the level below (node index and child bit, by level and side). */
 struct idx_walk_t {
@@ -55,6 +65,14 @@ BPF_F_TABLE("hash", struct idx_key_t, struct idx_node_t, ranges, IDX_MAX, BPF_F_
 BPF_HASH(gens, u32, u32, 4096);
 BPF_ARRAY(degraded, u32, 1);
 BPF_ARRAY(zero_node, struct idx_node_t, 1);   /* never written: what a new node starts as */
+/* Zaps begun and ended, all processes: odd while one runs. The one thing that takes `any` bits
+ * away, so the one thing that can unlink a level-0 node from its root. */
+BPF_ARRAY(zaps, u64, 1);
+
+static __always_inline u64 *idx_zaps(void) {
+    int zero = 0;
+    return zaps.lookup(&zero);
+}
 
 static __always_inline u32 idx_gen(u32 pid) {
     u32 *g = gens.lookup(&pid);
@@ -217,28 +235,34 @@ static __always_inline int idx_query_level(struct idx_walk_t *w, u32 pid) {
     return 0;
 }
 
-/* One level of marking [a, b) tracked. 0 when a node could not be made (degraded). */
-static __always_inline int idx_set_level(struct idx_walk_t *w, u32 pid) {
+/* One level of marking [a, b) tracked. 0 when a node could not be made (degraded). `nodes`
+ * keeps, by level and side, the node whose `any` bit for the level below idx_set_finish sets. */
+static __always_inline int idx_set_level(struct idx_walk_t *w, u32 pid, s32 level, struct idx_node_t **nodes) {
     u32 next_l = 0, next_r = 0;
+    w->level = level;
     #pragma unroll
     for (int side = 0; side < 2; side++) {
         u64 index;
         if (!idx_visits(w, side, &index))
             continue;
-        struct idx_node_t *n = idx_node(pid, w->gen, w->level, index, 1);
+        struct idx_node_t *n = idx_node(pid, w->gen, level, index, 1);
         if (!n)
             return 0;
         struct idx_span_t s = idx_span(w, index);
         #pragma unroll
         for (int i = 0; i < 8; i++)
             idx_or(&n->full[i], idx_mask(s.f0, s.f1, i));
-        if (w->level > 0 && s.jl >= 0 && !idx_test(n->full, s.jl)) {
+        if (level == 0 && side == 0)
+            nodes[0] = n;
+        if (level > 0 && s.jl >= 0 && !idx_test(n->full, s.jl)) {
             next_l = 1;
             idx_pend(w, 0, index, s.jl);
+            nodes[((level & 3) << 1) & 7] = n;
         }
-        if (w->level > 0 && s.jr >= 0 && !idx_test(n->full, s.jr)) {
+        if (level > 0 && s.jr >= 0 && !idx_test(n->full, s.jr)) {
             next_r = 1;
             idx_pend(w, 1, index, s.jr);
+            nodes[(((level & 3) << 1) | 1) & 7] = n;
         }
     }
     w->reach_l = next_l;
@@ -246,15 +270,15 @@ static __always_inline int idx_set_level(struct idx_walk_t *w, u32 pid) {
     return 1;
 }
 
-/* After the last level of a set: the parents' `any` bits, children first. */
-static __always_inline void idx_set_finish(struct idx_walk_t *w, u32 pid) {
+/* After the last level of a set: the parents' `any` bits, children first, on the nodes the walk
+ * found (no lookup: a node lives as long as its generation). A bit found set on the way down is
+ * checked again here, after the child's bits: a zap may have taken it since. */
+static __always_inline void idx_set_finish(struct idx_walk_t *w, struct idx_node_t **nodes) {
     #pragma unroll
     for (int at = 2; at < 2 * (IDX_ROOT + 1); at++) {
         s32 j = w->pend_bit[at];
-        if (j < 0)
-            continue;
-        struct idx_node_t *n = idx_node(pid, w->gen, at >> 1, w->pend_node[at], 0);
-        if (n)
+        struct idx_node_t *n = nodes[at];
+        if (j >= 0 && n)
             idx_or(&n->any[(j >> 6) & 7], idx_bit(j));
     }
 }
@@ -333,7 +357,6 @@ static __always_inline void idx_clear_level(struct idx_walk_t *w, u32 pid) {
                 next_r = 1;
             else
                 next_l = 1;
-            idx_pend(w, e, index, j);
         }
     }
     w->reach_l = next_l;
@@ -344,6 +367,10 @@ static __always_inline void idx_clear_level(struct idx_walk_t *w, u32 pid) {
  * that has one; the others, and the grandchildren of an emptied one, keep stale bits (over-set:
  * safe, less precise). */
 static __always_inline void idx_zap(struct idx_walk_t *w, u32 pid) {
+    u64 *z = idx_zaps();
+    if (!z)
+        return;   /* a zap not done leaves bits over-set: safe */
+    __sync_fetch_and_add(z, 1);
     #pragma unroll
     for (int at = 0; at < 4; at++) {
         s32 f0 = w->zap_f0[at], f1 = w->zap_f1[at];
@@ -374,22 +401,7 @@ static __always_inline void idx_zap(struct idx_walk_t *w, u32 pid) {
         }
         idx_release(n, c, j);
     }
-}
-
-/* After the last level of a clear, bottom-up: a parent keeps its `any` bit only for children
- * that still hold something. */
-static __always_inline void idx_clear_finish(struct idx_walk_t *w, u32 pid) {
-    #pragma unroll
-    for (int at = 2; at < 2 * (IDX_ROOT + 1); at++) {
-        s32 j = w->pend_bit[at];
-        if (j < 0)
-            continue;
-        u64 pi = w->pend_node[at];
-        struct idx_node_t *p = idx_node(pid, w->gen, at >> 1, pi, 0);
-        struct idx_node_t *c = idx_node(pid, w->gen, (at >> 1) - 1, (pi << 9) | ((u32)j & 511), 0);
-        if (p && c)
-            idx_release(p, c, (u32)j);
-    }
+    __sync_fetch_and_add(z, 1);
 }
 
 /* Whole walks of one root, one level a turn of a bounded loop. */
@@ -403,22 +415,83 @@ static __always_inline int idx_query(struct idx_walk_t *w, u32 pid) {
     return 0;
 }
 
+/* [a, b) within one 2 MiB block: its pages are bits of one level-0 node. */
+static __always_inline int idx_in_block(struct idx_walk_t *w) {
+    return w->b > w->a && (w->a >> 21) == ((w->b - 1) >> 21);
+}
+
+static __always_inline u64 idx_block_mask(struct idx_walk_t *w, int i) {
+    return idx_mask((s32)((w->a >> 12) & 511), (s32)(((w->b - 1) >> 12) & 511), i);
+}
+
+/* A set within one block whose node a walk linked since the last zap: its bits, nothing more.
+ * The common case (an mmap of less than 2 MiB next to earlier ones) costs one lookup instead of
+ * a walk's three and the `any` bits' re-checks. 1 when done. */
+static __always_inline int idx_set_fast(struct idx_walk_t *w, u32 pid) {
+    u64 *z = idx_zaps();
+    if (!z || !idx_in_block(w))
+        return 0;
+    u64 before = *z;
+    if (before & 1)
+        return 0;
+    struct idx_node_t *n = idx_node(pid, w->gen, 0, w->a >> 21, 0);
+    if (!n || n->linked != before + 1)
+        return 0;
+    #pragma unroll
+    for (int i = 0; i < 8; i++)
+        idx_or(&n->full[i], idx_block_mask(w, i));
+    /* A zap that began meanwhile may have unlinked it: then walk, which links it again. */
+    return *(volatile u64 *)z == before;
+}
+
 static __always_inline int idx_set(struct idx_walk_t *w, u32 pid) {
+    if (idx_set_fast(w, pid))
+        return 1;
+    u64 *z = idx_zaps();
+    u64 before = z ? *z : 1;
+    struct idx_node_t *nodes[2 * (IDX_ROOT + 1)] = {};
+    #pragma unroll
     for (int turn = 0; turn <= IDX_ROOT; turn++) {
-        if (!idx_set_level(w, pid))
+        if (!idx_set_level(w, pid, IDX_ROOT - turn, nodes))
             return 0;
-        if (--w->level < 0 || !(w->reach_l || w->reach_r))
+        if (IDX_ROOT - turn == 0 || !(w->reach_l || w->reach_r))
             break;
     }
-    idx_set_finish(w, pid);
+    idx_set_finish(w, nodes);
+    /* Linked: every `any` bit from the root to this node is set, and no zap ran meanwhile. */
+    struct idx_node_t *n = nodes[0];
+    if (n && z && !(before & 1) && idx_in_block(w) && *(volatile u64 *)z == before)
+        n->linked = before + 1;
+    return 1;
+}
+
+/* A clear within one block that has some of its bits on a level-0 node: they go, the walk is
+ * skipped. (A `full` bit of an ancestor over the block, left from a larger mapping, would stay:
+ * over-set, which is safe.) 1 when done. */
+static __always_inline int idx_clear_fast(struct idx_walk_t *w, u32 pid) {
+    if (!idx_in_block(w))
+        return 0;
+    struct idx_node_t *n = idx_node(pid, w->gen, 0, w->a >> 21, 0);
+    if (!n)
+        return 0;
+    u64 hit = 0;
+    #pragma unroll
+    for (int i = 0; i < 8; i++)
+        hit |= n->full[i] & idx_block_mask(w, i);
+    if (!hit)
+        return 0;
+    #pragma unroll
+    for (int i = 0; i < 8; i++)
+        idx_andnot(&n->full[i], idx_block_mask(w, i));
     return 1;
 }
 
 static __always_inline void idx_clear(struct idx_walk_t *w, u32 pid) {
+    if (idx_clear_fast(w, pid))
+        return;
     for (int turn = 0; turn <= IDX_ROOT; turn++) {
         idx_clear_level(w, pid);
         if (--w->level < 0 || !(w->reach_l || w->reach_r))
             break;
     }
-    idx_clear_finish(w, pid);
 }
