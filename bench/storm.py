@@ -30,12 +30,19 @@ registration cache queueing an invalidation from its memory pool for every munma
 patched code reports. Its hooks cost the target far more per call than hook_storm's, so the
 rates it can make untraced are lower (a rate it cannot make is said, not counted as kept).
 
+--rounds N runs every storm N times, interleaved (untraced, then each contender, again and
+again), so that a slow minute of the VM falls on all alike: a slowdown is then the median of the
+rounds' own ratios, printed with their range, and a rate is kept only when every round kept it.
+One round's slowdown on this 2-core VM wanders by 15% either way; three rounds or more are what
+a claim rests on.
+
 --probe-cost adds a column: the mean ns per run of leakhunt's (and the floor's) busiest BPF
 program (its run time over its run count, which the kernel keeps while
 kernel.bpf_stats_enabled=1: the bench sets it for the run and puts it back). Its two clock reads per run are in that run's slowdown too.
 
     sudo .venv/bin/python bench/storm.py [--seconds 6] [--rates 30000,100000,250000,400000]
-                                         [--probe-cost] [--subject hook|ucx] [--only NAMES]
+                                         [--rounds 3] [--probe-cost] [--subject hook|ucx]
+                                         [--only NAMES]
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -250,6 +258,10 @@ def storm(
     )
 
 
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
 def _how(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"signal {os.WTERMSIG(status)}"
@@ -274,6 +286,9 @@ def main() -> int:
     ap.add_argument("--rates", default="30000,100000,250000,400000")
     ap.add_argument("--probe-cost", action="store_true", help="ns per run of leakhunt's BPF program")
     ap.add_argument("--subject", choices=sorted(SUBJECTS), default="hook", help="the storm's target")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="interleaved rounds of every run; medians are shown"
+    )
     ap.add_argument("--only", help="comma-separated contender names (prefixes) to run; all by default")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -315,41 +330,67 @@ def main() -> int:
 
 
 def run_all(args: argparse.Namespace, rates: list[int], usable: list[Contender]) -> None:
-    base: dict[int, Run] = {}
     best: dict[str, int] = {}
     slow: dict[tuple[str, int], float] = {}
     for rate in rates:
-        base[rate] = storm(args.target, None, rate, args.seconds)
-        b = base[rate]
+        # Rounds interleave: the untraced run, then each contender, again and again, so that a
+        # slow minute of the VM falls on all of them alike. A slowdown is the median of the
+        # rounds' own ratios (each contender over the untraced run of its round).
+        bases: list[Run] = []
+        runs: dict[str, list[Run]] = {c.name: [] for c in usable}
+        for _ in range(args.rounds):
+            bases.append(storm(args.target, None, rate, args.seconds))
+            for c in usable:
+                try:
+                    runs[c.name].append(
+                        storm(args.target, c, rate, args.seconds, args.probe_cost and ends_itself(c))
+                    )
+                except (RuntimeError, AssertionError, subprocess.TimeoutExpired) as e:
+                    print(f"{c.name:<26} {rate:>8}  failed: {e}")
+        b_us = statistics.median(b.cpu_per_call_us for b in bases)
+        b_calls = min(b.calls for b in bases)
         print(
-            f"{'untraced':<26} {rate:>8} {b.calls:>9} {'':>10} {'':>6} {'':>7} {b.cpu_per_call_us:>8.2f} {'1.00x':>9}"
-            + ("" if b.calls >= 0.95 * rate * args.seconds else "  the target cannot make this rate untraced")
+            f"{'untraced':<26} {rate:>8} {b_calls:>9} {'':>10} {'':>6} {'':>7} {b_us:>8.2f} {'1.00x':>9}"
+            + ("" if b_calls >= 0.95 * rate * args.seconds else "  the target cannot make this rate untraced")
+            + (f"  us/call {_spread([b.cpu_per_call_us for b in bases])}" if args.rounds > 1 else "")
         )
         for c in usable:
-            try:
-                r = storm(args.target, c, rate, args.seconds, args.probe_cost and ends_itself(c))
-            except (RuntimeError, AssertionError, subprocess.TimeoutExpired) as e:
-                print(f"{c.name:<26} {rate:>8}  failed: {e}")
+            rs = runs[c.name]
+            if not rs:
                 continue
-            ratio = r.cpu_per_call_us / b.cpu_per_call_us if b.cpu_per_call_us else float("nan")
+            ratios = [
+                r.cpu_per_call_us / b.cpu_per_call_us
+                for r, b in zip(rs, bases, strict=False)
+                if b.cpu_per_call_us
+            ]
+            ratio = statistics.median(ratios) if ratios else float("nan")
             slow[(c.name, rate)] = ratio
-            kept = (
+            kept = all(
                 r.kept(args.seconds)
                 if ends_itself(c)
                 else (r.calls >= 0.95 * rate * args.seconds and c.name != "memleak")
+                for r in rs
             )
             if kept:
                 best[c.name] = max(best.get(c.name, 0), rate)
-            own = (
-                ""
-                if r.tracer_cpu_s is None or r.tracer_cpu_s != r.tracer_cpu_s
-                else f"{r.tracer_cpu_s / args.seconds:.0%}"
+            worst = max(rs, key=lambda r: (r.lost or 0, r.over_s))  # what a round did at its worst
+            own = [
+                r.tracer_cpu_s for r in rs if r.tracer_cpu_s is not None and r.tracer_cpu_s == r.tracer_cpu_s
+            ]
+            own_s = f"{statistics.median(own) / args.seconds:.0%}" if own else ""
+            probes = [r.probe_ns for r in rs if r.probe_ns is not None]
+            probe = (
+                "" if not args.probe_cost else f"{f'{statistics.median(probes):.0f}' if probes else '':>8}"
             )
-            probe = "" if not args.probe_cost else f"{'' if r.probe_ns is None else f'{r.probe_ns:.0f}':>8}"
+            notes = sorted({r.note for r in rs if r.note})
+            spread = f"  ratios {_spread(ratios)}" if len(ratios) > 1 else ""
             print(
-                f"{c.name:<26} {rate:>8} {r.calls:>9} {'' if r.events is None else r.events:>10}"
-                f" {'' if r.lost is None else r.lost:>6} {r.over_s:>7.2f} {r.cpu_per_call_us:>8.2f}"
-                f" {ratio:>8.2f}x {own:>7}{probe}  {'yes' if kept else 'no'}{'  ' + r.note if r.note else ''}"
+                f"{c.name:<26} {rate:>8} {min(r.calls for r in rs):>9}"
+                f" {'' if worst.events is None else worst.events:>10}"
+                f" {'' if worst.lost is None else worst.lost:>6} {worst.over_s:>7.2f}"
+                f" {statistics.median(r.cpu_per_call_us for r in rs):>8.2f}"
+                f" {ratio:>8.2f}x {own_s:>7}{probe}  {'yes' if kept else 'no'}"
+                f"{spread}{'  ' + '; '.join(notes) if notes else ''}"
             )
     print("\nhighest rate kept (0 lost, ended on time, the target at its pace):")
     for c in usable:
