@@ -12,6 +12,8 @@
  * mremap updates it there, with per-site sums in `sites` (the same scheme as BCC's memleak).
  * An unmap that touches no tracked mapping (libucm's hooks make tens of thousands of munmaps of
  * holes a second) is decided here too, by the range index of range_index.h, and only counted.
+ * The index's query, set and clear are programs of their own (`steps`, tail calls): the verifier
+ * takes no more in one program.
  * What is left (unmaps that cut a tracked mapping, MAP_FIXED over one, brk, shm*, memfd_create,
  * a full `live`) goes to the ring buffer as a CALL record, with 16 stack words when the wrapper's
  * return-address slot is unknown, without waking the reader (it polls).
@@ -84,16 +86,105 @@ struct state_t {
     s64 ret;
     u32 pid, tid;
     u32 slot_known;
+    u64 q_lo, q_hi;                 /* what the index is asked about (step_query) */
     u64 c_lo, c_hi, s_lo, s_hi;    /* what to clear, then set, in the index once decided */
     struct idx_walk_t w;
     struct pt_regs regs;
     u64 ra_off;                     /* where the wrapper's return address is, from sp */
+    u64 epoch;                      /* facts_epoch as this call began */
     u32 top_ok;                     /* top holds the STACK_TOP_WORDS words of the user stack at sp */
     u64 top[STACK_TOP_WORDS];
 };
 BPF_PERCPU_ARRAY(state, struct state_t, 1);
 BPF_PROG_ARRAY(steps, STEP_COUNT);
 BPF_ARRAY(ready, u32, 1);   /* set by user space once `steps` is filled: tracing starts then */
+
+/* What user space installs in ra_slot and rules, remembered per CPU: an mmap asks for up to
+ * PATH_DEPTH + 1 of them, each a hash lookup (~20 ns here; perf on hook_storm put the hash
+ * lookups first among the probe's costs).
+ * Direct-mapped, MEMO_SIZE entries; an entry remembers an absence too. User space bumps
+ * `facts_epoch` after each change to those maps, and only entries of the current epoch count.
+ * An entry carries a check word over its fields: one torn by a program preempted on this CPU
+ * (a preemptible kernel) fails it and is looked up again. */
+struct memo_t { u64 key; u64 epoch; s32 a; s32 b; u64 check; };
+BPF_PERCPU_ARRAY(memo, struct memo_t, MEMO_SIZE);
+BPF_ARRAY(facts_epoch, u64, 1);
+#define MEMO_SLOT (1ULL << 62)   /* ra_slot's keys, beside rules' (user addresses are below 2^47) */
+
+static __always_inline u64 memo_check(u64 key, u64 epoch, s32 a, s32 b) {
+    u64 h = (key ^ (epoch * 0xff51afd7ed558ccdULL) ^ (((u64)(u32)a << 32) | (u32)b)) * 0x9e3779b97f4a7c15ULL;
+    return h ^ (h >> 31);
+}
+
+static __always_inline struct memo_t *memo_at(u64 key) {
+    u32 i = (u32)((key * 0x9e3779b97f4a7c15ULL) >> 40) & (MEMO_SIZE - 1);
+    return memo.lookup(&i);
+}
+
+/* 1 when the entry holds key's fact for this epoch: *a, *b are it (epoch's low bit: present). */
+static __always_inline int memo_get(struct memo_t *m, u64 key, u64 epoch, int *present, s32 *a, s32 *b) {
+    if (!m || m->key != key || (m->epoch >> 1) != epoch)
+        return 0;
+    s32 x = m->a, y = m->b;
+    u64 e = m->epoch;
+    if (m->check != memo_check(key, e, x, y))
+        return 0;
+    *present = e & 1;
+    *a = x;
+    *b = y;
+    return 1;
+}
+
+static __always_inline void memo_put(struct memo_t *m, u64 key, u64 epoch, int present, s32 a, s32 b) {
+    if (!m)
+        return;
+    u64 e = (epoch << 1) | (present ? 1 : 0);
+    m->key = key; m->epoch = e; m->a = a; m->b = b;
+    m->check = memo_check(key, e, a, b);
+}
+
+static __always_inline u64 facts_epoch_now(void) {
+    int zero = 0;
+    u64 *e = facts_epoch.lookup(&zero);
+    return e ? *e : 0;
+}
+
+/* Where the wrapper that made the syscall at ip keeps its return address (ra_slot). */
+static __always_inline int slot_of(u64 ip, u64 epoch, u32 *slot) {
+    u64 key = ip | MEMO_SLOT;
+    struct memo_t *m = memo_at(key);
+    int present = 0;
+    s32 a = 0, b = 0;
+    if (memo_get(m, key, epoch, &present, &a, &b)) {
+        *slot = (u32)a;
+        return present;
+    }
+    u32 *v = ra_slot.lookup(&ip);
+    present = v != 0;
+    *slot = v ? *v : 0;
+    memo_put(m, key, epoch, present, (s32)*slot, 0);
+    return present;
+}
+
+/* How to step out of the frame that returns to pc (rules). */
+static __always_inline int rule_of(u64 pc, u64 epoch, struct rule_t *rule) {
+    struct memo_t *m = memo_at(pc);
+    int present = 0;
+    s32 a = 0, b = 0;
+    if (memo_get(m, pc, epoch, &present, &a, &b)) {
+        rule->cfa = a;
+        rule->ra = b;
+        return present;
+    }
+    struct rule_t *r = rules.lookup(&pc);
+    present = r != 0;
+    if (r) {
+        rule->cfa = r->cfa;
+        rule->ra = r->ra;
+    }
+    memo_put(m, pc, epoch, present, r ? rule->cfa : 0, r ? rule->ra : 0);
+    return present;
+}
 
 static __always_inline int kind_index(u64 nr) {
     switch (nr) {
@@ -137,6 +228,10 @@ static __always_inline int user_word(struct state_t *st, u64 addr, u64 *out) {
 /* The wrapper's return address: the call site's key. An unmap only needs it when it is streamed
  * (a kernel-ledger hit is keyed by its mapping's own site, an unmap of a hole by nothing). */
 static __always_inline void load_ra(struct state_t *st) {
+    u32 slot = 0;
+    st->slot_known = slot_of(st->c.ip, st->epoch, &slot);
+    st->ra_off = slot & 0xfff;
+    st->c.cfa = st->c.sp + st->ra_off + 8;
     copy_stack_top(st);
     if (user_word(st, st->c.sp + st->ra_off, &st->c.ra) != 0)
         st->c.ra = 0;
@@ -148,11 +243,11 @@ static __always_inline u64 path_of(struct state_t *st, u64 ra, u64 cfa) {
     u64 h = 0, pc = ra, sp = cfa;
     #pragma unroll
     for (int d = 0; d < PATH_DEPTH; d++) {
-        struct rule_t *r = rules.lookup(&pc);
-        if (!r)
+        struct rule_t r;
+        if (!rule_of(pc, st->epoch, &r))
             break;
-        u64 up = sp + (s64)r->cfa, next = 0;
-        if (user_word(st, up + (s64)r->ra, &next) != 0 || next == 0)
+        u64 up = sp + (s64)r.cfa, next = 0;
+        if (user_word(st, up + (s64)r.ra, &next) != 0 || next == 0)
             break;
         h = (h ^ next) * 0x100000001b3ULL;
         pc = next;
@@ -381,11 +476,11 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     c->nr = nr;
     c->a[0] = u->di; c->a[1] = u->si; c->a[2] = u->dx; c->a[3] = u->r10; c->a[4] = u->r8;
     c->ip = u->ip; c->sp = u->sp; c->bp = u->bp; c->ra = 0; c->path = 0;
-    u32 *slot = ra_slot.lookup(&c->ip);
-    st->ra_off = slot ? (*slot & 0xfff) : 0;
-    c->cfa = c->sp + st->ra_off + 8;
+    st->epoch = facts_epoch_now();
+    st->ra_off = 0;
+    st->slot_known = 0;
     s64 ret = (s64)ctx->args[1];
-    st->ret = ret; st->pid = pid; st->tid = tid; st->slot_known = slot != 0;
+    st->ret = ret; st->pid = pid; st->tid = tid;
     st->c_lo = st->c_hi = st->s_lo = st->s_hi = 0;
     count(kind, 1);
     u64 len = page_round(c->a[1]);
@@ -432,14 +527,34 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
         q_lo = (u64)ret;
         q_hi = (u64)ret + len;
     }
-    int overlap = 0, queried = 0;
-    if (q_hi > q_lo && idx_degraded()) {
+    int overlap = 0;
+    if (q_hi > q_lo) {
+        st->q_lo = q_lo;
+        st->q_hi = q_hi;
+        steps.call(ctx, STEP_QUERY);
+        count(C_STEP_FAILED, 1);   /* not asked: as if it touched tracked memory (streamed) */
         overlap = 1;
-    } else if (q_hi > q_lo) {
+        v = 0;
+    }
+    decide(ctx, st, v, overlap, 0);
+    return 0;
+}
+
+/* The query, when the call takes a range away that is not one exact kernel-ledger entry (a
+ * program of its own: the verifier's budget), then the decision. */
+int step_query(struct bpf_raw_tracepoint_args *ctx) {
+    struct state_t *st = current_state();
+    if (!st)
+        return 0;
+    u64 q_lo = st->q_lo, q_hi = st->q_hi;
+    int overlap = 0, queried = 0;
+    if (idx_degraded()) {
+        overlap = 1;
+    } else {
         /* Root by root, up to QUERY_ROOTS of them (2 TiB); a larger range is streamed. */
         for (int part = 0; part < QUERY_ROOTS && q_lo < q_hi; part++) {
-            q_lo = idx_begin(&st->w, pid, q_lo, q_hi);
-            if (idx_query(&st->w, pid)) {
+            q_lo = idx_begin(&st->w, st->pid, q_lo, q_hi);
+            if (idx_query(&st->w, st->pid)) {
                 overlap = 1;
                 break;
             }
@@ -447,7 +562,8 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
         queried = !overlap && q_lo >= q_hi;
         overlap = overlap || q_lo < q_hi;
     }
-    decide(ctx, st, v, overlap, queried);
+    /* An exact entry would not have been asked about: nothing of the kernel ledger's is needed. */
+    decide(ctx, st, 0, overlap, queried);
     return 0;
 }
 

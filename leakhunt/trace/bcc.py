@@ -73,6 +73,9 @@ PATH_DEPTH = 4
 #: return address and path come from there. A read of user memory costs ~170 ns here, 8 bytes or
 #: 512, and four of them per mmap were a third of the probe's cost under the storm.
 STACK_TOP_WORDS = 64
+#: The per-CPU memo of ra_slot and rules entries (a power of two): a call asks for up to
+#: PATH_DEPTH + 1 of them, each a hash lookup when not remembered.
+MEMO_SIZE = 64
 #: Functions of libc and the loader whose syscall instructions get a return-address slot from CFI.
 WRAPPER_FUNCTIONS = (
     "syscall",
@@ -112,6 +115,7 @@ STEPS = {
     "STEP_CLEAR": (0, "step_clear"),
     "STEP_ZAP": (1, "step_zap"),
     "STEP_SET": (2, "step_set"),
+    "STEP_QUERY": (3, "step_query"),
 }
 _C_FILTERED, _C_FAILED, _C_FULL = COUNTERS["C_FILTERED"], COUNTERS["C_FAILED"], COUNTERS["C_FULL"]
 _C_UNTRACKED, _C_STEP_FAILED = COUNTERS["C_UNTRACKED"], COUNTERS["C_STEP_FAILED"]
@@ -222,6 +226,7 @@ def cflags(pid: int, options: TraceOptions | None = None) -> list[str]:
         "RULES_MAX": RULES_MAX,
         "PATH_DEPTH": PATH_DEPTH,
         "STACK_TOP_WORDS": STACK_TOP_WORDS,
+        "MEMO_SIZE": MEMO_SIZE,
         "IDX_ROOT": IDX_ROOT,
         "IDX_ROOT_SHIFT": 21 + 9 * IDX_ROOT,
         "QUERY_ROOTS": QUERY_ROOTS,
@@ -323,6 +328,7 @@ class BccBackend(KernelLedgerBackend):
                     table[ct.c_uint64(ip)] = ct.c_uint32(slot)
                     self._installed[ip] = slot
                 at = code.find(b"\x0f\x05", at + 1)
+        self._facts_changed()
 
     def _slot_installed(self, ip: int, slot: int) -> bool:
         return self._installed.get(ip) == slot
@@ -348,14 +354,24 @@ class BccBackend(KernelLedgerBackend):
         except (OSError, ValueError, AccessDenied):
             return
         table = self.bpf[b"rules"]
+        added = False
         for pc, cfa, ra in found:
             if pc in self._rules or len(self._rules) >= RULES_MAX:
                 continue
             try:
                 table[ct.c_uint64(pc)] = table.Leaf(cfa, ra)
             except Exception:  # BCC raises bare Exception when the map is full
-                return
+                break
             self._rules.add(pc)
+            added = True
+        if added:
+            self._facts_changed()
+
+    def _facts_changed(self) -> None:
+        """After ra_slot or rules changed: the kernel's per-CPU memo of them starts over
+        (probes/mmap_ledger.c, `facts_epoch`)."""
+        epoch = self.bpf[b"facts_epoch"]
+        epoch[ct.c_int(0)] = ct.c_uint64(epoch[ct.c_int(0)].value + 1)
 
     # -- reading -------------------------------------------------------------------------------
 
