@@ -109,7 +109,6 @@ BPF_ARRAY(ready, u32, 1);   /* set by user space once `steps` is filled: tracing
 struct memo_t { u64 key; u64 epoch; s32 a; s32 b; u64 check; };
 BPF_PERCPU_ARRAY(memo, struct memo_t, MEMO_SIZE);
 BPF_ARRAY(facts_epoch, u64, 1);
-#define MEMO_SLOT (1ULL << 62)   /* ra_slot's keys, beside rules' (user addresses are below 2^47) */
 
 static __always_inline u64 memo_check(u64 key, u64 epoch, s32 a, s32 b) {
     u64 h = (key ^ (epoch * 0xff51afd7ed558ccdULL) ^ (((u64)(u32)a << 32) | (u32)b)) * 0x9e3779b97f4a7c15ULL;
@@ -149,9 +148,10 @@ static __always_inline u64 facts_epoch_now(void) {
     return e ? *e : 0;
 }
 
-/* Where the wrapper that made the syscall at ip keeps its return address (ra_slot). */
+/* Where the wrapper that made the syscall at ip keeps its return address (ra_slot). Its memo key
+ * has bit 62 set, beside rules' keys (user addresses are below 2^47). */
 static __always_inline int slot_of(u64 ip, u64 epoch, u32 *slot) {
-    u64 key = ip | MEMO_SLOT;
+    u64 key = ip | (1ULL << 62);
     struct memo_t *m = memo_at(key);
     int present = 0;
     s32 a = 0, b = 0;
