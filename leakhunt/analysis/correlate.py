@@ -431,17 +431,20 @@ def _arenas(
 
 def _mappers(
     after: Snapshot, by_allocator: Sequence[Outstanding], regions: dict[int, float]
-) -> dict[int, str]:
+) -> tuple[dict[int, str], dict[int, str]]:
     """Who mapped each region the faults explain: the allocator call the tracer saw map it, the
-    brk heap, or nobody seen (it was mapped before tracing)."""
+    brk heap, or nobody seen (it was mapped before tracing); and, for a region an allocator
+    mapped, that allocator's family (trace.faults.allocator_of)."""
     out = {i: "brk" if CLASSES[after.classes[i]] is RegionClass.HEAP else "before tracing" for i in regions}
+    through: dict[int, str] = {}
     if by_allocator:
         at = _region_at(after, np.array([o.start for o in by_allocator], np.uint64))
         for o, i in zip(by_allocator, at):
             if i in out and o.caller is not None:
                 c = o.caller
                 out[i] = f"{c.library}!{c.symbol}" if c.symbol else c.library
-    return out
+                through[i] = allocator_of(c) or ""
+    return out, through
 
 
 def _touched_culprits(
@@ -452,6 +455,7 @@ def _touched_culprits(
     pid: int,
     growth: dict[int, float],
     mappers: dict[int, str],
+    through: dict[int, str],
 ) -> list[Culprit]:
     out = []
     for (library, symbol, klass), (g, pages, toucher, allocators, regions) in found.items():
@@ -463,6 +467,10 @@ def _touched_culprits(
         mapper = by_mapper.most_common(1)[0][0]
         mapped = [i for i in regions if mappers[i] == mapper]
         filled = sum(regions[i] for i in mapped) / max(1.0, sum(growth[i] for i in mapped))
+        # The allocator that mapped the regions counts as one the caller went through: a fault
+        # inside the allocator's own code (what the exemplars show) can be rare, as for jemalloc's
+        # large extents, whose pages only the caller touches.
+        allocators = set(allocators) | {through[i] for i in mapped if through.get(i)}
         via = f"; allocator {', '.join(sorted(allocators))}" if allocators else ""
         sampled = " (sampled, scaled)" if faults.sampled else ""
         if not faults.netted:
@@ -542,8 +550,8 @@ def correlate(
     if faults is not None and pid is not None:
         found, used = touched(before, after, faults, pid, covered)
         covered.update(used)
-        mappers = _mappers(after, by_allocator, used)
-        culprits += _touched_culprits(found, faults, duration_s, total, pid, used, mappers)
+        mappers, through = _mappers(after, by_allocator, used)
+        culprits += _touched_culprits(found, faults, duration_s, total, pid, used, mappers, through)
         rest = [o for o in by_allocator if _region_at(after, np.array([o.start], np.uint64))[0] not in used]
         culprits += _traced(before, after, rest, duration_s, total)
         if rest:
