@@ -90,7 +90,6 @@ struct state_t {
     u64 c_lo, c_hi, s_lo, s_hi;    /* what to clear, then set, in the index once decided */
     struct idx_walk_t w;
     struct pt_regs regs;
-    u64 ra_off;                     /* where the wrapper's return address is, from sp */
     u64 epoch;                      /* facts_epoch as this call began */
     u32 top_ok;                     /* top holds the STACK_TOP_WORDS words of the user stack at sp */
     u64 top[STACK_TOP_WORDS];
@@ -230,10 +229,10 @@ static __always_inline int user_word(struct state_t *st, u64 addr, u64 *out) {
 static __always_inline void load_ra(struct state_t *st) {
     u32 slot = 0;
     st->slot_known = slot_of(st->c.ip, st->epoch, &slot);
-    st->ra_off = slot & 0xfff;
-    st->c.cfa = st->c.sp + st->ra_off + 8;
+    u64 ra_off = slot & 0xfff;      /* where the wrapper's return address is, from sp */
+    st->c.cfa = st->c.sp + ra_off + 8;
     copy_stack_top(st);
-    if (user_word(st, st->c.sp + st->ra_off, &st->c.ra) != 0)
+    if (user_word(st, st->c.sp + ra_off, &st->c.ra) != 0)
         st->c.ra = 0;
 }
 
@@ -477,7 +476,6 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     c->a[0] = u->di; c->a[1] = u->si; c->a[2] = u->dx; c->a[3] = u->r10; c->a[4] = u->r8;
     c->ip = u->ip; c->sp = u->sp; c->bp = u->bp; c->ra = 0; c->path = 0;
     st->epoch = facts_epoch_now();
-    st->ra_off = 0;
     st->slot_known = 0;
     s64 ret = (s64)ctx->args[1];
     st->ret = ret; st->pid = pid; st->tid = tid;

@@ -49,12 +49,12 @@ struct idx_key_t { u32 pid; u32 gen; u64 node; };   /* node: level << 56 | index
 /* linked (level 0 only): the zap count + 1 at which a walk last found the node's ancestors'
  * `any` bits leading to it (idx_set_fast), 0 when none did. */
 struct idx_node_t { u64 full[8]; u64 any[8]; u64 linked; };
-/* One walk over [a, b): the level it is at, which edge nodes it reaches there, and the parents
- * whose `any` bit waits for the level below (node index and child bit, by level and side). */
+/* One walk over [a, b): the level it is at, which edge nodes it reaches there, and the child bits
+ * whose parent's `any` bit a set owes once the level below is done (by level and side; the parent
+ * nodes themselves are pointers the walk keeps on its stack). */
 struct idx_walk_t {
     u64 a, b;
     u32 gen; s32 level; u32 reach_l, reach_r;
-    u64 pend_node[8];
     s32 pend_bit[8];
     /* by level (1-2) and side: a node whose wholly covered children to empty, their bits */
     u64 zap_node[8];
@@ -195,10 +195,12 @@ static __always_inline int idx_visits(struct idx_walk_t *w, int side, u64 *index
     return w->reach_l;
 }
 
-static __always_inline void idx_pend(struct idx_walk_t *w, int side, u64 index, s32 j) {
-    int at = ((w->level & 3) << 1) | side;
-    w->pend_node[at & 7] = index;
-    w->pend_bit[at & 7] = j;
+/* A set owes node n (at level, on side) the `any` bit of child j. */
+static __always_inline void idx_pend(struct idx_walk_t *w, struct idx_node_t **nodes, s32 level, int side,
+                                     struct idx_node_t *n, s32 j) {
+    int at = (((level & 3) << 1) | side) & 7;
+    w->pend_bit[at] = j;
+    nodes[at] = n;
 }
 
 /* One level of a query. 1: [a, b) touches a tracked page; 0: not at this level. */
@@ -256,13 +258,11 @@ static __always_inline int idx_set_level(struct idx_walk_t *w, u32 pid, s32 leve
             nodes[0] = n;
         if (level > 0 && s.jl >= 0 && !idx_test(n->full, s.jl)) {
             next_l = 1;
-            idx_pend(w, 0, index, s.jl);
-            nodes[((level & 3) << 1) & 7] = n;
+            idx_pend(w, nodes, level, 0, n, s.jl);
         }
         if (level > 0 && s.jr >= 0 && !idx_test(n->full, s.jr)) {
             next_r = 1;
-            idx_pend(w, 1, index, s.jr);
-            nodes[(((level & 3) << 1) | 1) & 7] = n;
+            idx_pend(w, nodes, level, 1, n, s.jr);
         }
     }
     w->reach_l = next_l;
