@@ -335,16 +335,17 @@ def run_all(args: argparse.Namespace, rates: list[int], usable: list[Contender])
     for rate in rates:
         # Rounds interleave: the untraced run, then each contender, again and again, so that a
         # slow minute of the VM falls on all of them alike. A slowdown is the median of the
-        # rounds' own ratios (each contender over the untraced run of its round).
+        # rounds' own ratios (each contender over the untraced run of its own round, so a round
+        # in which a contender failed drops out of its ratios, not shifts them).
         bases: list[Run] = []
-        runs: dict[str, list[Run]] = {c.name: [] for c in usable}
+        runs: dict[str, list[tuple[Run, Run]]] = {c.name: [] for c in usable}  # (run, its round's base)
         for _ in range(args.rounds):
-            bases.append(storm(args.target, None, rate, args.seconds))
+            base = storm(args.target, None, rate, args.seconds)
+            bases.append(base)
             for c in usable:
                 try:
-                    runs[c.name].append(
-                        storm(args.target, c, rate, args.seconds, args.probe_cost and ends_itself(c))
-                    )
+                    r = storm(args.target, c, rate, args.seconds, args.probe_cost and ends_itself(c))
+                    runs[c.name].append((r, base))
                 except (RuntimeError, AssertionError, subprocess.TimeoutExpired) as e:
                     print(f"{c.name:<26} {rate:>8}  failed: {e}")
         b_us = statistics.median(b.cpu_per_call_us for b in bases)
@@ -355,17 +356,13 @@ def run_all(args: argparse.Namespace, rates: list[int], usable: list[Contender])
             + (f"  us/call {_spread([b.cpu_per_call_us for b in bases])}" if args.rounds > 1 else "")
         )
         for c in usable:
-            rs = runs[c.name]
-            if not rs:
+            if not runs[c.name]:
                 continue
-            ratios = [
-                r.cpu_per_call_us / b.cpu_per_call_us
-                for r, b in zip(rs, bases, strict=False)
-                if b.cpu_per_call_us
-            ]
+            rs = [r for r, _ in runs[c.name]]
+            ratios = [r.cpu_per_call_us / b.cpu_per_call_us for r, b in runs[c.name] if b.cpu_per_call_us]
             ratio = statistics.median(ratios) if ratios else float("nan")
             slow[(c.name, rate)] = ratio
-            kept = all(
+            kept = len(rs) == args.rounds and all(  # a round that failed did not keep up
                 r.kept(args.seconds)
                 if ends_itself(c)
                 else (r.calls >= 0.95 * rate * args.seconds and c.name != "memleak")
