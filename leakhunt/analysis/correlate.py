@@ -443,7 +443,7 @@ def _mappers(
             if i in out and o.caller is not None:
                 c = o.caller
                 out[i] = f"{c.library}!{c.symbol}" if c.symbol else c.library
-                through[i] = allocator_of(c) or ""
+                through[i] = allocator_of(c)  # by_allocator holds allocator calls only
     return out, through
 
 
@@ -470,7 +470,7 @@ def _touched_culprits(
         # The allocator that mapped the regions counts as one the caller went through: a fault
         # inside the allocator's own code (what the exemplars show) can be rare, as for jemalloc's
         # large extents, whose pages only the caller touches.
-        allocators = set(allocators) | {through[i] for i in mapped if through.get(i)}
+        allocators = set(allocators) | {through[i] for i in mapped if i in through}
         via = f"; allocator {', '.join(sorted(allocators))}" if allocators else ""
         sampled = " (sampled, scaled)" if faults.sampled else ""
         if not faults.netted:
