@@ -10,6 +10,9 @@
  *
  * The common case never leaves the kernel: an mmap goes into `live` and its exact munmap or
  * mremap updates it there, with per-site sums in `sites` (the same scheme as BCC's memleak).
+ * Under a storm most mappings die young, so each CPU keeps its newest in a slot of its own (the
+ * nursery) and the recent sites' sums in per-CPU tallies: a balanced pair then touches no shared
+ * hash map but the range index.
  * An unmap that touches no tracked mapping (libucm's hooks make tens of thousands of munmaps of
  * holes a second) is decided here too, by the range index of range_index.h, and only counted.
  * The index's query, set and clear are programs of their own (`steps`, tail calls): the verifier
@@ -27,7 +30,8 @@
  * exact. With STREAM_ALL=1 every call is streamed and the kernel keeps no ledger (--all-events).
  *
  * Arguments (-D): TARGET, FOLLOW, MIN_LEN, STREAM_ALL, LIVE_MAX, SITES_MAX, IDX_MAX, RULES_MAX,
- * PATH_DEPTH, STACK_TOP_WORDS, ZERO_MAX, RINGBUF_PAGES, STACK_BYTES, the NR_* syscall numbers, MAP_FIXED,
+ * PATH_DEPTH, STACK_TOP_WORDS, MEMO_SIZE, TALLY_SIZE, NURSERY, NCPUS, the NURSERY_* claim words,
+ * RINGBUF_PAGES, STACK_BYTES, the NR_* syscall numbers, MAP_FIXED,
  * MAP_FIXED_NOREPLACE, MREMAP_DONTUNMAP and the record/counter numbering, all supplied by
  * leakhunt.trace.bcc.cflags(). Read by leakhunt.trace.bcc; by hand:
  *     python -m leakhunt.trace.bcc PID      # prints the cflags
@@ -86,7 +90,11 @@ struct state_t {
     s64 ret;
     u32 pid, tid;
     u32 slot_known;
+    u32 gen;                        /* the process's generation in the range index */
     u64 q_lo, q_hi;                 /* what the index is asked about (step_query) */
+    u64 u_lo, u_hi;                 /* the whole range the call takes away (step_nursery) */
+    u32 held_nursery;               /* held is a mapping taken from a nursery slot, not `live` */
+    struct live_val_t held;
     u64 c_lo, c_hi, s_lo, s_hi;    /* what to clear, then set, in the index once decided */
     struct idx_walk_t w;
     struct pt_regs regs;
@@ -108,6 +116,9 @@ BPF_ARRAY(ready, u32, 1);   /* set by user space once `steps` is filled: tracing
 struct memo_t { u64 key; u64 epoch; s32 a; s32 b; u64 check; };
 BPF_PERCPU_ARRAY(memo, struct memo_t, MEMO_SIZE);
 BPF_ARRAY(facts_epoch, u64, 1);
+/* The range index's generations (`gens`) are remembered there too: every change to them (exec,
+ * exit) is counted here, and the memo's epoch is the sum of both counts. */
+BPF_ARRAY(gens_changed, u64, 1);
 
 static __always_inline u64 memo_check(u64 key, u64 epoch, s32 a, s32 b) {
     u64 h = (key ^ (epoch * 0xff51afd7ed558ccdULL) ^ (((u64)(u32)a << 32) | (u32)b)) * 0x9e3779b97f4a7c15ULL;
@@ -143,8 +154,8 @@ static __always_inline void memo_put(struct memo_t *m, u64 key, u64 epoch, int p
 
 static __always_inline u64 facts_epoch_now(void) {
     int zero = 0;
-    u64 *e = facts_epoch.lookup(&zero);
-    return e ? *e : 0;
+    u64 *e = facts_epoch.lookup(&zero), *g = gens_changed.lookup(&zero);
+    return (e ? *e : 0) + (g ? *g : 0);
 }
 
 /* Where the wrapper that made the syscall at ip keeps its return address (ra_slot). Its memo key
@@ -183,6 +194,20 @@ static __always_inline int rule_of(u64 pc, u64 epoch, struct rule_t *rule) {
     }
     memo_put(m, pc, epoch, present, r ? rule->cfa : 0, r ? rule->ra : 0);
     return present;
+}
+
+/* The process's generation in the range index (`gens`; its memo key has bit 61 set). */
+static __always_inline u32 gen_of(u32 pid, u64 epoch) {
+    u64 key = (u64)pid | (1ULL << 61);
+    struct memo_t *m = memo_at(key);
+    int present = 0;
+    s32 a = 0, b = 0;
+    if (memo_get(m, key, epoch, &present, &a, &b))
+        return (u32)a;
+    u32 *g = gens.lookup(&pid);
+    u32 gen = g ? *g : 0;
+    memo_put(m, key, epoch, 1, (s32)gen, 0);
+    return gen;
 }
 
 static __always_inline int kind_index(u64 nr) {
@@ -255,9 +280,9 @@ static __always_inline u64 path_of(struct state_t *st, u64 ra, u64 cfa) {
     return h;
 }
 
-/* Per-site sums; returns 1 when the site is new (its first call sends an exemplar). When the
- * table is full a new path falls back to its site's path 0, so no call goes uncounted. */
-static __always_inline int site_add(u32 pid, u64 ip, u64 ra, u64 path, u64 count_n, u64 mapped, u64 unmapped) {
+/* Per-site sums in `sites`; returns 1 when the site is new (its first call sends an exemplar).
+ * When the table is full a new path falls back to its site's path 0, so no call goes uncounted. */
+static __always_inline int site_add_shared(u32 pid, u64 ip, u64 ra, u64 path, u64 count_n, u64 mapped, u64 unmapped) {
     struct site_key_t k = {.pid = pid, .ip = ip, .ra = ra, .path = path};
     struct site_val_t *v = sites.lookup(&k);
     int fresh = 0;
@@ -279,6 +304,35 @@ static __always_inline int site_add(u32 pid, u64 ip, u64 ra, u64 path, u64 count
         __sync_fetch_and_add(&v->mapped, mapped);
     if (unmapped)
         __sync_fetch_and_add(&v->unmapped, unmapped);
+    return fresh;
+}
+
+/* The sums of the sites a CPU's calls came from lately, direct-mapped, TALLY_SIZE of them: a
+ * balanced pair adds to its site twice, and in `sites` that was a hash lookup and locked adds
+ * each time. Here it is an array slot and plain adds (per CPU, and one run of the program at a
+ * time on a CPU: the kernel skips a run that would nest in another). A site that takes a slot
+ * moves the slot's sums to `sites` first. User space adds the slots of every CPU to `sites`. */
+struct tally_t { u64 ip; u64 ra; u64 path; u32 pid; u32 used; u64 count; u64 mapped; u64 unmapped; };
+BPF_PERCPU_ARRAY(tallies, struct tally_t, TALLY_SIZE);
+
+static __always_inline int site_add(u32 pid, u64 ip, u64 ra, u64 path, u64 count_n, u64 mapped, u64 unmapped) {
+    u32 i = (u32)(((ip ^ (ra * 31) ^ (path * 17) ^ pid) * 0x9e3779b97f4a7c15ULL) >> 40) & (TALLY_SIZE - 1);
+    struct tally_t *t = tallies.lookup(&i);
+    if (!t)
+        return site_add_shared(pid, ip, ra, path, count_n, mapped, unmapped);
+    if (t->used && t->pid == pid && t->ip == ip && t->ra == ra && t->path == path) {
+        t->count += count_n;
+        t->mapped += mapped;
+        t->unmapped += unmapped;
+        return 0;
+    }
+    /* A site new to this slot: its call goes to `sites` (which says whether the site is new
+     * everywhere), the slot's old sums too, and the slot is the new site's from now on. */
+    int fresh = site_add_shared(pid, ip, ra, path, count_n, mapped, unmapped);
+    if (t->used && (t->count | t->mapped | t->unmapped))
+        site_add_shared(t->pid, t->ip, t->ra, t->path, t->count, t->mapped, t->unmapped);
+    t->ip = ip; t->ra = ra; t->path = path; t->pid = pid; t->used = 1;
+    t->count = 0; t->mapped = 0; t->unmapped = 0;
     return fresh;
 }
 
@@ -327,6 +381,80 @@ static __always_inline struct state_t *current_state(void) {
     return state.lookup(&zero);
 }
 
+/* The nursery: per CPU, the last mapping an mmap made there, held in a slot of its own instead of
+ * `live`. Most mappings of a storm die young (a malloc's arena, libucm's hook: the munmap follows
+ * on the same thread), and a slot costs no hash-map work: the pair's `live` insert, lookup and
+ * delete were a third of the probe's cost. The next mmap on the CPU moves the slot's mapping to
+ * `live` (evicts it); an exact munmap on the CPU takes it back (cancels it).
+ * The mapping is in the range index as any tracked one is, so an unmap on another CPU that
+ * touches it finds overlap there and scans every CPU's slot (step_nursery): an exact munmap
+ * cancels it, anything else moves it to `live` first, and is then decided as before.
+ * `addr` is the slot's claim word, changed by compare-and-swap only: NURSERY_EMPTY,
+ * NURSERY_CANCELLED (another CPU cancelled it: an eviction that raced it takes its `live` copy
+ * back), NURSERY_BUSY (being filled), or the mapping's address once its fields are written.
+ * Whoever moves a mapping to `live` writes `live` first and claims after, so a mapping is always
+ * in one of the two, and both writers write the same entry. User space reads the slots with
+ * `live` (NCPUS: the possible CPUs). */
+struct nursery_t { u64 addr; u32 pid; u32 pad; struct live_val_t v; };
+BPF_ARRAY(nursery, struct nursery_t, NCPUS);
+
+static __always_inline struct nursery_t *nursery_mine(void) {
+    u32 cpu = bpf_get_smp_processor_id();
+    return nursery.lookup(&cpu);
+}
+
+static __always_inline u64 nursery_cas(struct nursery_t *s, u64 old, u64 new) {
+    return __sync_val_compare_and_swap(&s->addr, old, new);
+}
+
+/* Put a new mapping in this CPU's slot, moving what it held to `live`. 0: the slot is not to be
+ * had (being filled by a program this one preempted, or `live` is full): the caller keeps it. */
+static __always_inline int nursery_put(u32 pid, u64 addr, struct live_val_t *nv) {
+    struct nursery_t *s = nursery_mine();
+    if (!s || !NURSERY)
+        return 0;
+    u64 a = s->addr;
+    if (a == NURSERY_BUSY)
+        return 0;
+    if (a >= NURSERY_FIRST) {
+        struct live_key_t k = {.pid = s->pid, .addr = a};
+        struct live_val_t old = s->v;
+        if (*(volatile u64 *)&s->addr != a)
+            return 0;
+        if (live.update(&k, &old) != 0) {
+            count(C_FULL, 1);
+            return 0;
+        }
+        u64 r = nursery_cas(s, a, NURSERY_BUSY);
+        if (r != a) {
+            /* Moved to `live` by another CPU (EMPTY: the same entry), or cancelled by an exact
+             * munmap there: then the copy just written is stale. */
+            if (r == NURSERY_CANCELLED)
+                live.delete(&k);
+            if ((r != NURSERY_EMPTY && r != NURSERY_CANCELLED) || nursery_cas(s, r, NURSERY_BUSY) != r)
+                return 0;
+        }
+    } else if (nursery_cas(s, a, NURSERY_BUSY) != a) {
+        return 0;
+    }
+    s->pid = pid;
+    s->v = *nv;
+    /* Published by a plain store after the fields: x86 keeps stores in order (and loads: a
+     * reader that sees the address sees the fields); the barrier keeps the compiler's order. */
+    asm volatile("" ::: "memory");
+    *(volatile u64 *)&s->addr = addr;
+    return 1;
+}
+
+/* An exact munmap of this CPU's slot: the mapping, taken back into *held. 1 when taken. */
+static __always_inline int nursery_cancel(struct state_t *st, u64 addr, u64 len) {
+    struct nursery_t *s = nursery_mine();
+    if (!s || s->addr != addr || s->pid != st->pid || s->v.len != len || addr < NURSERY_FIRST)
+        return 0;
+    st->held = s->v;
+    return nursery_cas(s, addr, NURSERY_EMPTY) == addr;
+}
+
 /* A step that did not run (the kernel refused the tail call) may have left the index short
  * of bits it needs: from then on nothing is decided from it. */
 static __always_inline void step_failed(void) {
@@ -342,13 +470,13 @@ static __always_inline void update_index(void *ctx, struct state_t *st) {
         return;
     }
     if (st->c_hi > st->c_lo) {
-        st->c_lo = idx_begin(&st->w, st->pid, st->c_lo, st->c_hi);
+        st->c_lo = idx_begin(&st->w, st->gen, st->c_lo, st->c_hi);
         steps.call(ctx, STEP_CLEAR);
         step_failed();
         return;
     }
     if (st->s_hi > st->s_lo) {
-        st->s_lo = idx_begin(&st->w, st->pid, st->s_lo, st->s_hi);
+        st->s_lo = idx_begin(&st->w, st->gen, st->s_lo, st->s_hi);
         steps.call(ctx, STEP_SET);
         step_failed();
     }
@@ -361,12 +489,16 @@ static __always_inline void decide(void *ctx, struct state_t *st, struct live_va
     u32 pid = st->pid;
     s64 ret = st->ret;
     u64 len = page_round(c->a[1]), nlen = page_round(c->a[2]);
-    int send = 0, fresh = 0;
+    int send = 0;
+    /* The one site this call adds to (one inlined site_add: the verifier's time), and whether
+     * its first call sends an exemplar (not an unmap's, nor an exact move's). */
+    int site = 0, exemplar = 1;
+    u64 sip = c->ip, sra = c->ra, spath = c->path, scount = 0, smapped = 0, sunmapped = 0;
 
     if (nr == NR_MMAP) {
         if (overlap) {
             send = 1;      /* MAP_FIXED over tracked memory: user space cuts, then keeps it */
-            fresh = site_add(pid, c->ip, c->ra, c->path, 0, 0, 0);
+            site = 1;
         } else if (len < MIN_LEN) {
             count(C_FILTERED, 1);
             len = 0;
@@ -374,12 +506,13 @@ static __always_inline void decide(void *ctx, struct state_t *st, struct live_va
             struct live_key_t nk = {.pid = pid, .addr = (u64)ret};
             struct live_val_t nv = {.len = len, .ip = c->ip, .ra = c->ra, .path = c->path,
                                     .ts = bpf_ktime_get_ns(), .flags = (u32)c->a[3], .fd = (s32)c->a[4]};
-            if (live.update(&nk, &nv) != 0) {
+            site = 1;
+            if (!nursery_put(pid, (u64)ret, &nv) && live.update(&nk, &nv) != 0) {
                 count(C_FULL, 1);   /* user space keeps this one */
                 send = 1;
-                fresh = site_add(pid, c->ip, c->ra, c->path, 0, 0, 0);
             } else {
-                fresh = site_add(pid, c->ip, c->ra, c->path, 1, len, 0);
+                scount = 1;
+                smapped = len;
             }
         }
         st->s_lo = (u64)ret;
@@ -387,8 +520,11 @@ static __always_inline void decide(void *ctx, struct state_t *st, struct live_va
     } else if (nr == NR_MUNMAP) {
         struct live_key_t k = {.pid = pid, .addr = c->a[0]};
         if (v && v->len == len) {
-            site_add(pid, v->ip, v->ra, v->path, 0, 0, len);
-            live.delete(&k);
+            site = 1;
+            exemplar = 0;
+            sip = v->ip; sra = v->ra; spath = v->path; sunmapped = len;
+            if (!st->held_nursery)
+                live.delete(&k);
         } else if (len < MIN_LEN) {
             count(C_FILTERED, 1);
         } else if (overlap) {
@@ -412,9 +548,9 @@ static __always_inline void decide(void *ctx, struct state_t *st, struct live_va
             moved.len = nlen;
             live.delete(&k);
         }
+        site = 1;
         if (!exact && overlap) {
             send = 1;
-            fresh = site_add(pid, c->ip, c->ra, c->path, 0, 0, 0);
         } else {
             /* An exact move of a kernel-held mapping, or a resize of one nobody tracks (it
              * becomes the caller's, as user space would keep it): held here either way. */
@@ -422,14 +558,15 @@ static __always_inline void decide(void *ctx, struct state_t *st, struct live_va
             if (live.update(&nk, &moved) != 0) {
                 count(C_FULL, 1);
                 send = 1;
-                fresh = site_add(pid, c->ip, c->ra, c->path, 0, 0, 0);
-            } else if (nlen > len) {
-                fresh = site_add(pid, moved.ip, moved.ra, moved.path, 0, nlen - len, 0);
             } else {
-                fresh = site_add(pid, moved.ip, moved.ra, moved.path, 0, 0, len - nlen);
+                sip = moved.ip; sra = moved.ra; spath = moved.path;
+                if (nlen > len)
+                    smapped = nlen - len;
+                else
+                    sunmapped = len - nlen;
             }
             if (exact)
-                fresh = 0;   /* the mapping's own site sent its exemplar when it was made */
+                exemplar = 0;   /* the mapping's own site sent its exemplar when it was made */
         }
         if (!(c->a[3] & MREMAP_DONTUNMAP) && (!queried || overlap)) {
             st->c_lo = c->a[0];
@@ -439,11 +576,12 @@ static __always_inline void decide(void *ctx, struct state_t *st, struct live_va
         st->s_hi = (u64)ret + nlen;
     } else if (nr == NR_BRK || nr == NR_SHMAT) {
         send = 1;
-        fresh = site_add(pid, c->ip, c->ra, 0, 0, 0, 0);
+        site = 1;
+        spath = 0;
     } else {
         send = 1;    /* shmdt, memfd_create */
     }
-    if (fresh)
+    if (site && site_add(pid, sip, sra, spath, scount, smapped, sunmapped) && exemplar)
         send_exemplar(pid, c);
     if (send)
         stream(pid, st->tid, c, ret, st->slot_known);
@@ -455,15 +593,19 @@ static __always_inline void decide(void *ctx, struct state_t *st, struct live_va
  * of a hole is decided here whole; an index update that the decision needs runs next. */
 RAW_TRACEPOINT_PROBE(sys_exit) {
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
-    u64 nr = 0;
-    bpf_probe_read_kernel(&nr, 8, &regs->orig_ax);
-    int kind = kind_index(nr);
-    if (kind < 0)
-        return 0;
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 pid = pid_tgid >> 32, tid = (u32)pid_tgid;
-    if (pid != TARGET && (!FOLLOW || !traced.lookup(&pid)))
+    u64 nr = 0;
+    /* One process: its pid first, then one read of the registers (a kernel read costs the same
+     * for 8 bytes or all of them). A tree: the syscall number first, which spares the lookup in
+     * `traced` for every other syscall of every process. */
+    if (FOLLOW) {
+        bpf_probe_read_kernel(&nr, 8, &regs->orig_ax);
+        if (kind_index(nr) < 0 || (pid != TARGET && !traced.lookup(&pid)))
+            return 0;
+    } else if (pid != TARGET) {
         return 0;
+    }
     int zero = 0;
     u32 *go = ready.lookup(&zero);
     struct state_t *st = current_state();
@@ -471,15 +613,21 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
         return 0;
     struct pt_regs *u = &st->regs;
     bpf_probe_read_kernel(u, sizeof(*u), regs);
+    nr = u->orig_ax;
+    int kind = kind_index(nr);
+    if (kind < 0)
+        return 0;
     struct call_t *c = &st->c;
     c->nr = nr;
     c->a[0] = u->di; c->a[1] = u->si; c->a[2] = u->dx; c->a[3] = u->r10; c->a[4] = u->r8;
     c->ip = u->ip; c->sp = u->sp; c->bp = u->bp; c->ra = 0; c->path = 0;
     st->epoch = facts_epoch_now();
+    st->gen = gen_of(pid, st->epoch);
     st->slot_known = 0;
     s64 ret = (s64)ctx->args[1];
     st->ret = ret; st->pid = pid; st->tid = tid;
     st->c_lo = st->c_hi = st->s_lo = st->s_hi = 0;
+    st->held_nursery = 0;
     count(kind, 1);
     u64 len = page_round(c->a[1]);
 
@@ -513,7 +661,11 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
      * touch tracked memory? Not asked for an exact kernel-ledger hit, nor for a plain mmap. */
     u64 q_lo = 0, q_hi = 0;
     struct live_val_t *v = 0;   /* the kernel ledger's entry at an unmap's address */
-    if (nr == NR_MUNMAP || nr == NR_MREMAP) {
+    if (nr == NR_MUNMAP && nursery_cancel(st, c->a[0], len)) {
+        /* The common end of a young mapping: its exact munmap on the CPU that holds it. */
+        st->held_nursery = 1;
+        v = &st->held;
+    } else if (nr == NR_MUNMAP || nr == NR_MREMAP) {
         struct live_key_t k = {.pid = pid, .addr = c->a[0]};
         v = live.lookup(&k);
         int exact = v && v->len == len && (nr == NR_MUNMAP || !(c->a[3] & MREMAP_DONTUNMAP));
@@ -527,8 +679,8 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     }
     int overlap = 0;
     if (q_hi > q_lo) {
-        st->q_lo = q_lo;
-        st->q_hi = q_hi;
+        st->q_lo = st->u_lo = q_lo;
+        st->q_hi = st->u_hi = q_hi;
         steps.call(ctx, STEP_QUERY);
         count(C_STEP_FAILED, 1);   /* not asked: as if it touched tracked memory (streamed) */
         overlap = 1;
@@ -551,7 +703,7 @@ int step_query(struct bpf_raw_tracepoint_args *ctx) {
     } else {
         /* Root by root, up to QUERY_ROOTS of them (2 TiB); a larger range is streamed. */
         for (int part = 0; part < QUERY_ROOTS && q_lo < q_hi; part++) {
-            q_lo = idx_begin(&st->w, st->pid, q_lo, q_hi);
+            q_lo = idx_begin(&st->w, st->gen, q_lo, q_hi);
             if (idx_query(&st->w, st->pid)) {
                 overlap = 1;
                 break;
@@ -560,8 +712,61 @@ int step_query(struct bpf_raw_tracepoint_args *ctx) {
         queried = !overlap && q_lo >= q_hi;
         overlap = overlap || q_lo < q_hi;
     }
+    /* Tracked memory there may be a young mapping in some CPU's slot: step_nursery. */
+    if (overlap && NURSERY) {
+        steps.call(ctx, STEP_NURSERY);
+        count(C_STEP_FAILED, 1);
+    }
     /* An exact entry would not have been asked about: nothing of the kernel ledger's is needed. */
     decide(ctx, st, 0, overlap, queried);
+    return 0;
+}
+
+/* A call that takes away tracked memory that is not one exact `live` entry: every CPU's slot
+ * that holds memory of the range is cancelled (this munmap's exact mapping) or moved to `live`,
+ * so that the decision after sees all of it. Then `live` is asked again: a mapping evicted from
+ * its slot since the first lookup is there now. */
+int step_nursery(struct bpf_raw_tracepoint_args *ctx) {
+    struct state_t *st = current_state();
+    if (!st)
+        return 0;
+    u64 lo = st->u_lo, hi = st->u_hi, nr = st->c.nr;
+    for (u32 cpu = 0; cpu < NCPUS; cpu++) {
+        struct nursery_t *s = nursery.lookup(&cpu);
+        if (!s)
+            continue;
+        u64 a = s->addr;
+        if (a < NURSERY_FIRST || s->pid != st->pid)
+            continue;
+        struct live_val_t v = s->v;
+        if (*(volatile u64 *)&s->addr != a || a >= hi || a + v.len <= lo)
+            continue;
+        if (nr == NR_MUNMAP && a == lo && a + v.len == hi && !st->held_nursery) {
+            if (nursery_cas(s, a, NURSERY_CANCELLED) == a) {
+                st->held = v;
+                st->held_nursery = 1;
+            }
+            continue;
+        }
+        struct live_key_t k = {.pid = st->pid, .addr = a};
+        if (live.update(&k, &v) != 0) {
+            count(C_FULL, 1);   /* it stays in its slot, where user space reads it */
+            continue;
+        }
+        nursery_cas(s, a, NURSERY_EMPTY);
+    }
+    if (st->held_nursery) {
+        decide(ctx, st, &st->held, 0, 0);
+        return 0;
+    }
+    struct live_key_t k = {.pid = st->pid, .addr = lo};
+    struct live_val_t *v = live.lookup(&k);
+    u64 len = hi - lo;
+    if (v && v->len == len && (nr == NR_MUNMAP || (nr == NR_MREMAP && !(st->c.a[3] & MREMAP_DONTUNMAP)))) {
+        decide(ctx, st, v, 0, 0);
+        return 0;
+    }
+    decide(ctx, st, 0, 1, 0);
     return 0;
 }
 
@@ -628,6 +833,10 @@ static __always_inline void new_generation(u32 pid) {
     u32 *g = gens.lookup(&pid);
     u32 next = g ? *g + 1 : 1;
     gens.update(&pid, &next);
+    int zero = 0;
+    u64 *changed = gens_changed.lookup(&zero);
+    if (changed)
+        __sync_fetch_and_add(changed, 1);   /* after the update: a memo filled before is stale */
 }
 
 TRACEPOINT_PROBE(sched, sched_process_exec) {

@@ -74,11 +74,6 @@ static __always_inline u64 *idx_zaps(void) {
     return zaps.lookup(&zero);
 }
 
-static __always_inline u32 idx_gen(u32 pid) {
-    u32 *g = gens.lookup(&pid);
-    return g ? *g : 0;
-}
-
 static __always_inline int idx_degraded(void) {
     int zero = 0;
     u32 *d = degraded.lookup(&zero);
@@ -92,13 +87,14 @@ static __always_inline void idx_degrade(void) {
         *d = 1;
 }
 
-/* Start a walk over [a, b) from its first root; returns where that root ends, or b: the rest of
- * the range, if any, is walked next from there. */
-static __always_inline u64 idx_begin(struct idx_walk_t *w, u32 pid, u64 a, u64 b) {
+/* Start a walk over [a, b), in the process's generation gen (its value in `gens`, 0 when none),
+ * from its first root; returns where that root ends, or b: the rest of the range, if any, is
+ * walked next from there. */
+static __always_inline u64 idx_begin(struct idx_walk_t *w, u32 gen, u64 a, u64 b) {
     u64 end = ((a >> IDX_ROOT_SHIFT) + 1) << IDX_ROOT_SHIFT;
     w->a = a;
     w->b = b < end ? b : end;
-    w->gen = idx_gen(pid);
+    w->gen = gen;
     w->level = IDX_ROOT;
     w->reach_l = 1;
     w->reach_r = 1;

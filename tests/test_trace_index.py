@@ -24,6 +24,8 @@ MiB = 1 << 20
 
 INDEX_C = r"""
 #define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -112,6 +114,52 @@ NOINLINE void exact_twice(void) {            /* an exact unmap, then the same ra
     munmap(p, 4 * P);
 }
 
+/* Young mappings (the probe keeps each CPU's newest in a slot of its own, not in its map) unmapped
+ * by a thread on the other CPU: it must find them in the first CPU's slot. The unmapper is
+ * started before the mappings are made: its stack's mmap would push them out of the slot. */
+static void pin(int cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    sched_setaffinity(0, sizeof set, &set);   /* on one CPU it fails, and all runs there */
+}
+static char *cut_at;
+static size_t cut_len;
+static int turn;                             /* 1: the unmapper's, 2: it is done for good */
+static void *unmapper(void *arg) {
+    (void)arg;
+    pin(1);
+    for (;;) {
+        int t = __atomic_load_n(&turn, __ATOMIC_ACQUIRE);
+        if (t == 2)
+            return NULL;
+        if (t == 1) {
+            munmap(cut_at, cut_len);
+            __atomic_store_n(&turn, 0, __ATOMIC_RELEASE);
+        }
+    }
+}
+static void unmap_elsewhere(char *at, size_t len) {
+    cut_at = at;
+    cut_len = len;
+    __atomic_store_n(&turn, 1, __ATOMIC_RELEASE);
+    while (__atomic_load_n(&turn, __ATOMIC_ACQUIRE) == 1)
+        ;
+}
+NOINLINE char *young(void) {                 /* 8 pages, made on CPU 0 */
+    return mmap(NULL, 8 * P, RW, ANON, -1, 0);
+}
+NOINLINE void young_elsewhere(void) {        /* one unmapped exactly on CPU 1, one cut there: */
+    pthread_t t;                               /* 6 pages left, one call streamed */
+    pin(0);
+    pthread_create(&t, NULL, unmapper, NULL);
+    unmap_elsewhere(young(), 8 * P);
+    char *q = young();
+    unmap_elsewhere(q + 2 * P, 2 * P);
+    __atomic_store_n(&turn, 2, __ATOMIC_RELEASE);
+    pthread_join(t, NULL);
+}
+
 int main(void) {
     signal(SIGTERM, on_term);
     span = reserve(64 * P);
@@ -142,6 +190,7 @@ int main(void) {
     relink_cut();
     balanced();
     exact_twice();
+    young_elsewhere();
     printf("done\n");
     fflush(stdout);
     while (!stop) pause();
@@ -158,9 +207,11 @@ HELD = {
     "zap_map": 0,
     "relink": 6 * P,
     "balanced": 0,
+    "young": 6 * P,
 }
-#: The unmaps that cut tracked mappings: partial, span_cut, big_cut, whole_cut, zap_cut, relink_cut.
-STREAMED = 6
+#: The unmaps that cut tracked mappings: partial, span_cut, big_cut, whole_cut, zap_cut, relink_cut,
+#: and young_elsewhere's cut.
+STREAMED = 7
 #: The unmaps of nothing tracked: 1000 holes, the 1 TiB, big_again, whole_again, zap_after,
 #: exact_twice's second. (An unmap of the exact range of a mapping a streamed unmap cut earlier
 #: still meets that mapping's kernel entry, which only user space knows is gone: it is counted

@@ -76,6 +76,9 @@ STACK_TOP_WORDS = 64
 #: The per-CPU memo of ra_slot and rules entries (a power of two): a call asks for up to
 #: PATH_DEPTH + 1 of them, each a hash lookup when not remembered.
 MEMO_SIZE = 64
+#: The per-CPU tallies of recent sites' sums (a power of two): a balanced pair's two additions
+#: to its site stay there, out of the shared `sites` map, until another site takes the slot.
+TALLY_SIZE = 64
 #: Functions of libc and the loader whose syscall instructions get a return-address slot from CFI.
 WRAPPER_FUNCTIONS = (
     "syscall",
@@ -116,7 +119,10 @@ STEPS = {
     "STEP_ZAP": (1, "step_zap"),
     "STEP_SET": (2, "step_set"),
     "STEP_QUERY": (3, "step_query"),
+    "STEP_NURSERY": (4, "step_nursery"),
 }
+#: The nursery's claim words (probes/mmap_ledger.c): below NURSERY_FIRST a slot holds no mapping.
+NURSERY_WORDS = {"NURSERY_EMPTY": 0, "NURSERY_CANCELLED": 1, "NURSERY_BUSY": 2, "NURSERY_FIRST": 4096}
 _C_FILTERED, _C_FAILED, _C_FULL = COUNTERS["C_FILTERED"], COUNTERS["C_FAILED"], COUNTERS["C_FULL"]
 _C_UNTRACKED, _C_STEP_FAILED = COUNTERS["C_UNTRACKED"], COUNTERS["C_STEP_FAILED"]
 _C_LOST_CALL, _C_LOST_EXEMPLAR, _C_LOST_PROC = (
@@ -140,8 +146,12 @@ _LIVE_VAL = np.dtype(
         ("fd", "<i4"),
     ]
 )
+_NURSERY = np.dtype([("addr", "<u8"), ("pid", "<u4"), ("pad", "<u4"), *_LIVE_VAL.descr])
 _SITE_KEY = np.dtype([("pid", "<u4"), ("pad", "<u4"), ("ip", "<u8"), ("ra", "<u8"), ("path", "<u8")])
 _SITE_VAL = np.dtype([("count", "<u8"), ("mapped", "<u8"), ("unmapped", "<u8")])
+_TALLY = np.dtype(
+    [("ip", "<u8"), ("ra", "<u8"), ("path", "<u8"), ("pid", "<u4"), ("used", "<u4"), *_SITE_VAL.descr]
+)
 
 
 def _bcc_origin() -> str | None:
@@ -212,6 +222,16 @@ def ring_pages(options: TraceOptions) -> int:
     return RINGBUF_PAGES_ALL_EVENTS if options.extra.get("stream_all") else RINGBUF_PAGES
 
 
+def possible_cpus() -> int:
+    """How many CPU numbers the kernel may use (its possible mask's highest, plus one): the
+    nursery has a slot for each."""
+    try:
+        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+        return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
+
+
 def cflags(pid: int, options: TraceOptions | None = None) -> list[str]:
     """The -D definitions probes/mmap_ledger.c expects: the facts live in leakhunt.trace.events."""
     options = options or TraceOptions()
@@ -227,6 +247,7 @@ def cflags(pid: int, options: TraceOptions | None = None) -> list[str]:
         "PATH_DEPTH": PATH_DEPTH,
         "STACK_TOP_WORDS": STACK_TOP_WORDS,
         "MEMO_SIZE": MEMO_SIZE,
+        "TALLY_SIZE": TALLY_SIZE,
         "IDX_ROOT": IDX_ROOT,
         "IDX_ROOT_SHIFT": 21 + 9 * IDX_ROOT,
         "QUERY_ROOTS": QUERY_ROOTS,
@@ -236,7 +257,10 @@ def cflags(pid: int, options: TraceOptions | None = None) -> list[str]:
         "MAP_FIXED": MAP_FIXED,
         "MAP_FIXED_NOREPLACE": MAP_FIXED_NOREPLACE,
         "MREMAP_DONTUNMAP": MREMAP_DONTUNMAP,
+        "NURSERY": int(options.extra.get("nursery", True)),
+        "NCPUS": possible_cpus(),
     }
+    defines.update(NURSERY_WORDS)
     defines.update({f"NR_{kind.name}": nr for kind, nr in SYSCALL_NUMBERS.items()})
     defines.update(RECORDS | PROC_KINDS | COUNTERS)
     defines.update({name: index for name, (index, _) in STEPS.items()})
@@ -425,6 +449,7 @@ class BccBackend(KernelLedgerBackend):
                 vals["fd"].tolist(),
             )
         )
+        live += self._young({(pid, addr) for pid, addr, *_ in live})
         skeys, svals = _lookup_all(self.bpf[b"sites"], _SITE_KEY, _SITE_VAL, SITES_MAX)
         sites = {
             (int(k["pid"]), int(k["ip"]), int(k["ra"]), int(k["path"])): SiteCounts(
@@ -432,6 +457,7 @@ class BccBackend(KernelLedgerBackend):
             )
             for k, v in zip(skeys, svals)
         }
+        self._add_tallies(sites)
         counters = self.bpf[b"counters"]
         self._counters = [sum(counters[ct.c_int(i)]) for i in range(COUNTERS["C_COUNT"])]
         syscalls = {kind.value: self._counters[i] for i, kind in enumerate(_KINDS) if self._counters[i]}
@@ -459,6 +485,44 @@ class BccBackend(KernelLedgerBackend):
             self._counters[_C_FULL],
             self._counters[_C_UNTRACKED],
         )
+
+    def _add_tallies(self, sites: dict[tuple[int, int, int, int], SiteCounts]) -> None:
+        """Add the sums each CPU holds for its recent sites (probes/mmap_ledger.c: `tallies`) to
+        `sites`. A slot's sums that move to `sites` while we read may count twice or not at all
+        in this snapshot; the next one is right again."""
+        ncpus = possible_cpus()
+        _, slots = _lookup_all(
+            self.bpf[b"tallies"], np.dtype("<u4"), np.dtype((_TALLY, (ncpus,))), TALLY_SIZE
+        )
+        slots = slots.ravel()
+        slots = slots[(slots["used"] != 0) & ((slots["count"] | slots["mapped"] | slots["unmapped"]) != 0)]
+        for t in slots.tolist():
+            ip, ra, path, pid, _, count, mapped, unmapped = t
+            old = sites.get((pid, ip, ra, path), SiteCounts(0, 0, 0))
+            sites[(pid, ip, ra, path)] = SiteCounts(
+                old.count + count, old.mapped + mapped, old.unmapped + unmapped
+            )
+
+    def _young(self, held: set[tuple[int, int]]) -> list[tuple[int, ...]]:
+        """The mappings in the nursery's slots (one per CPU), as `live` rows; one that a CPU
+        moved to `live` while we read is there already."""
+        _, slots = _lookup_all(self.bpf[b"nursery"], np.dtype("<u4"), _NURSERY, possible_cpus())
+        slots = slots[slots["addr"] >= NURSERY_WORDS["NURSERY_FIRST"]]
+        return [
+            row
+            for row in zip(
+                slots["pid"].tolist(),
+                slots["addr"].tolist(),
+                slots["len"].tolist(),
+                slots["ip"].tolist(),
+                slots["ra"].tolist(),
+                slots["path"].tolist(),
+                slots["ts"].tolist(),
+                slots["flags"].tolist(),
+                slots["fd"].tolist(),
+            )
+            if row[:2] not in held
+        ]
 
     def _lost(self) -> int:
         return self._counters[_C_LOST_CALL] + self._counters[_C_LOST_PROC]
