@@ -9,6 +9,7 @@ at R memory syscalls a second: 0.4R munmaps of holes and 0.3R balanced mmap/munm
             and the target still made 95% of its calls. The highest rate kept is the result.
   slowdown  the target's CPU time per call, traced over untraced (getrusage of the target, so a
             tracer that burns its own CPU elsewhere does not hide), at 30k, 100k and 250k calls/s.
+            The target is pinned to one CPU and the tracer to the others, traced or not.
   tracer%   the tracer's own CPU seconds over --seconds (a share of one core for a tracer that
             ends on time; the peers run on until the target has made its calls). Its reader: a BPF probe
             runs in the target and is in its slowdown): what deciding in the kernel saves
@@ -76,6 +77,14 @@ SUBJECTS = {
     "ucx": ROOT / "fixtures" / "leakers" / "build" / "ucx_storm",
 }
 STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+#: The target runs on the first CPU it may use and the tracer on the others, traced or not: left
+#: free, the target's wakeups moved it between the CPUs and its cost per call wandered by 30%
+#: between identical untraced runs; pinned, by 5%.
+_MINE = sorted(os.sched_getaffinity(0))
+#: A pause before each storm: the previous tracer's maps and programs are freed by kernel workers
+#: after it exits, on every CPU, and that fell on the next run's target.
+SETTLE_S = 2.0
+TARGET_CPUS, TRACER_CPUS = ({_MINE[0]}, set(_MINE[1:])) if len(_MINE) > 1 else (set(), set())
 SLOWDOWN_RATES = (30_000, 100_000, 250_000)
 GOAL_RATE, GOAL_SLOWDOWN_AT, GOAL_SLOWDOWN = 250_000, 100_000, 1.15
 FLOOR = "floor (counting probe)"
@@ -194,6 +203,7 @@ def storm(
     subject: Path, contender: Contender | None, rate: int, seconds: float, probe_cost: bool = False
 ) -> Run:
     """One storm of ``seconds`` at ``rate`` calls/s, begun once the contender is attached."""
+    time.sleep(SETTLE_S)
     holes, pairs = 0.4 * rate, 0.3 * rate
     argv = [str(subject), "--holes", str(holes), "--pairs", str(pairs), "--duration", str(seconds)]
     target = subprocess.Popen(
@@ -203,7 +213,10 @@ def storm(
     over, note, crashed = 0.0, "", ""
     try:
         assert target.stdout.readline().startswith("ready")
+        _pin(target.pid, TARGET_CPUS)
         att = attach(contender, target.pid) if contender else None
+        if att is not None:
+            _pin(att.proc.pid, TRACER_CPUS)
         cost = ProbeCost(att.proc.pid) if att is not None and probe_cost else None
         target.stdin.write("go\n")
         target.stdin.flush()
@@ -256,6 +269,26 @@ def storm(
         probe_ns=probe_ns,
         tracer_cpu_s=tracer_cpu,
     )
+
+
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of pid and of its children on ``cpus`` (nothing on a 1-CPU machine)."""
+    if not cpus:
+        return
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return
+    for proc in procs:
+        try:
+            tids = [t.id for t in proc.threads()]
+        except psutil.Error:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except OSError:
+                pass
 
 
 def _spread(values: list[float]) -> str:

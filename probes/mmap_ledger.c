@@ -111,19 +111,14 @@ BPF_ARRAY(ready, u32, 1);   /* set by user space once `steps` is filled: tracing
  * lookups first among the probe's costs).
  * Direct-mapped, MEMO_SIZE entries; an entry remembers an absence too. User space bumps
  * `facts_epoch` after each change to those maps, and only entries of the current epoch count.
- * An entry carries a check word over its fields: one torn by a program preempted on this CPU
- * (a preemptible kernel) fails it and is looked up again. */
-struct memo_t { u64 key; u64 epoch; s32 a; s32 b; u64 check; };
+ * No entry is seen half written: the kernel runs this program once at a time on a CPU (a run
+ * that would nest in another, say after a preemption, is skipped and counted as a miss). */
+struct memo_t { u64 key; u64 epoch; s32 a; s32 b; };
 BPF_PERCPU_ARRAY(memo, struct memo_t, MEMO_SIZE);
 BPF_ARRAY(facts_epoch, u64, 1);
 /* The range index's generations (`gens`) are remembered there too: every change to them (exec,
  * exit) is counted here, and the memo's epoch is the sum of both counts. */
 BPF_ARRAY(gens_changed, u64, 1);
-
-static __always_inline u64 memo_check(u64 key, u64 epoch, s32 a, s32 b) {
-    u64 h = (key ^ (epoch * 0xff51afd7ed558ccdULL) ^ (((u64)(u32)a << 32) | (u32)b)) * 0x9e3779b97f4a7c15ULL;
-    return h ^ (h >> 31);
-}
 
 static __always_inline struct memo_t *memo_at(u64 key) {
     u32 i = (u32)((key * 0x9e3779b97f4a7c15ULL) >> 40) & (MEMO_SIZE - 1);
@@ -134,13 +129,9 @@ static __always_inline struct memo_t *memo_at(u64 key) {
 static __always_inline int memo_get(struct memo_t *m, u64 key, u64 epoch, int *present, s32 *a, s32 *b) {
     if (!m || m->key != key || (m->epoch >> 1) != epoch)
         return 0;
-    s32 x = m->a, y = m->b;
-    u64 e = m->epoch;
-    if (m->check != memo_check(key, e, x, y))
-        return 0;
-    *present = e & 1;
-    *a = x;
-    *b = y;
+    *present = m->epoch & 1;
+    *a = m->a;
+    *b = m->b;
     return 1;
 }
 
@@ -149,7 +140,6 @@ static __always_inline void memo_put(struct memo_t *m, u64 key, u64 epoch, int p
         return;
     u64 e = (epoch << 1) | (present ? 1 : 0);
     m->key = key; m->epoch = e; m->a = a; m->b = b;
-    m->check = memo_check(key, e, a, b);
 }
 
 static __always_inline u64 facts_epoch_now(void) {

@@ -292,6 +292,7 @@ class BccBackend(KernelLedgerBackend):
         self._installed: dict[int, int] = {}  # ip -> return-address slot the kernel reads at
         self._rules: set[int] = set()  # return addresses the kernel can step out of
         self._counters = [0] * COUNTERS["C_COUNT"]
+        self._skipped = 0
         self._live_max = live_max(options)
 
     def start(self) -> None:
@@ -460,6 +461,7 @@ class BccBackend(KernelLedgerBackend):
         self._add_tallies(sites)
         counters = self.bpf[b"counters"]
         self._counters = [sum(counters[ct.c_int(i)]) for i in range(COUNTERS["C_COUNT"])]
+        self._skipped = self._runs_skipped()
         syscalls = {kind.value: self._counters[i] for i, kind in enumerate(_KINDS) if self._counters[i]}
         if self._counters[_C_FULL]:
             self.note_once(
@@ -524,8 +526,18 @@ class BccBackend(KernelLedgerBackend):
             if row[:2] not in held
         ]
 
+    def _runs_skipped(self) -> int:
+        """Runs of the sys_exit program the kernel skipped because it would have nested in one
+        already running on that CPU (fdinfo's recursion_misses): each is a call not seen."""
+        func = self.bpf.funcs.get(b"raw_tracepoint__sys_exit")
+        try:
+            with open(f"/proc/self/fdinfo/{func.fd}") as f:
+                return next((int(x.split()[1]) for x in f if x.startswith("recursion_misses:")), 0)
+        except (AttributeError, OSError, ValueError):
+            return self._skipped
+
     def _lost(self) -> int:
-        return self._counters[_C_LOST_CALL] + self._counters[_C_LOST_PROC]
+        return self._counters[_C_LOST_CALL] + self._counters[_C_LOST_PROC] + self._skipped
 
     def _shutdown(self) -> tuple[list[np.ndarray], list, RawDump | None]:
         if self.bpf is None:
