@@ -397,8 +397,8 @@ static __always_inline u64 nursery_cas(struct nursery_t *s, u64 old, u64 new) {
     return __sync_val_compare_and_swap(&s->addr, old, new);
 }
 
-/* Put a new mapping in this CPU's slot, moving what it held to `live`. 0: the slot is not to be
- * had (being filled by a program this one preempted, or `live` is full): the caller keeps it. */
+/* Put a new mapping in this CPU's slot, moving what it held to `live`. 0 when the slot is not to
+ * be had (`live` is full, or another CPU's scan holds it): the caller keeps the mapping. */
 static __always_inline int nursery_put(u32 pid, u64 addr, struct live_val_t *nv) {
     struct nursery_t *s = nursery_mine();
     if (!s || !NURSERY)

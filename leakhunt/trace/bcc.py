@@ -450,7 +450,7 @@ class BccBackend(KernelLedgerBackend):
                 vals["fd"].tolist(),
             )
         )
-        live += self._young({(pid, addr) for pid, addr, *_ in live})
+        live = self._with_young(live)
         skeys, svals = _lookup_all(self.bpf[b"sites"], _SITE_KEY, _SITE_VAL, SITES_MAX)
         sites = {
             (int(k["pid"]), int(k["ip"]), int(k["ra"]), int(k["path"])): SiteCounts(
@@ -505,26 +505,31 @@ class BccBackend(KernelLedgerBackend):
                 old.count + count, old.mapped + mapped, old.unmapped + unmapped
             )
 
-    def _young(self, held: set[tuple[int, int]]) -> list[tuple[int, ...]]:
-        """The mappings in the nursery's slots (one per CPU), as `live` rows; one that a CPU
-        moved to `live` while we read is there already."""
+    def _with_young(self, live: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """`live` rows and the mappings in the nursery's slots (one per CPU), as `live` rows. Where
+        both hold an address the newer mapping counts: the slot's, unless a CPU moved it to `live`
+        while we read, or `live` keeps a mapping there that a streamed unmap ended (user space
+        drops that one by its time)."""
         _, slots = _lookup_all(self.bpf[b"nursery"], np.dtype("<u4"), _NURSERY, possible_cpus())
         slots = slots[slots["addr"] >= NURSERY_WORDS["NURSERY_FIRST"]]
-        return [
-            row
-            for row in zip(
-                slots["pid"].tolist(),
-                slots["addr"].tolist(),
-                slots["len"].tolist(),
-                slots["ip"].tolist(),
-                slots["ra"].tolist(),
-                slots["path"].tolist(),
-                slots["ts"].tolist(),
-                slots["flags"].tolist(),
-                slots["fd"].tolist(),
-            )
-            if row[:2] not in held
-        ]
+        if not len(slots):
+            return live
+        rows = {(row[0], row[1]): row for row in live}
+        for row in zip(
+            slots["pid"].tolist(),
+            slots["addr"].tolist(),
+            slots["len"].tolist(),
+            slots["ip"].tolist(),
+            slots["ra"].tolist(),
+            slots["path"].tolist(),
+            slots["ts"].tolist(),
+            slots["flags"].tolist(),
+            slots["fd"].tolist(),
+        ):
+            held = rows.get(row[:2])
+            if held is None or held[6] < row[6]:
+                rows[row[:2]] = row
+        return list(rows.values())
 
     def _runs_skipped(self) -> int:
         """Runs of the sys_exit program the kernel skipped because it would have nested in one
