@@ -437,20 +437,7 @@ class BccBackend(KernelLedgerBackend):
     def _dump(self) -> RawDump:
         ts = time.monotonic_ns()  # CLOCK_MONOTONIC, like bpf_ktime_get_ns: the maps are read after it
         keys, vals = _lookup_all(self.bpf[b"live"], _LIVE_KEY, _LIVE_VAL, self._live_max)
-        live = list(
-            zip(
-                keys["pid"].tolist(),
-                keys["addr"].tolist(),
-                vals["len"].tolist(),
-                vals["ip"].tolist(),
-                vals["ra"].tolist(),
-                vals["path"].tolist(),
-                vals["ts"].tolist(),
-                vals["flags"].tolist(),
-                vals["fd"].tolist(),
-            )
-        )
-        live = self._with_young(live)
+        live = self._with_young(_live_rows(keys, vals))
         skeys, svals = _lookup_all(self.bpf[b"sites"], _SITE_KEY, _SITE_VAL, SITES_MAX)
         sites = {
             (int(k["pid"]), int(k["ip"]), int(k["ra"]), int(k["path"])): SiteCounts(
@@ -515,17 +502,7 @@ class BccBackend(KernelLedgerBackend):
         if not len(slots):
             return live
         rows = {(row[0], row[1]): row for row in live}
-        for row in zip(
-            slots["pid"].tolist(),
-            slots["addr"].tolist(),
-            slots["len"].tolist(),
-            slots["ip"].tolist(),
-            slots["ra"].tolist(),
-            slots["path"].tolist(),
-            slots["ts"].tolist(),
-            slots["flags"].tolist(),
-            slots["fd"].tolist(),
-        ):
+        for row in _live_rows(slots, slots):
             held = rows.get(row[:2])
             if held is None or held[6] < row[6]:
                 rows[row[:2]] = row
@@ -561,6 +538,13 @@ class BccBackend(KernelLedgerBackend):
         self.bpf.cleanup()
         self.bpf = None
         return calls, records, dump
+
+
+def _live_rows(keys: np.ndarray, vals: np.ndarray) -> list[tuple[int, ...]]:
+    """`live` entries as (pid, addr, len, ip, ra, path, ts, flags, fd) rows."""
+    return list(
+        zip(keys["pid"].tolist(), keys["addr"].tolist(), *(vals[f].tolist() for f in _LIVE_VAL.names))
+    )
 
 
 def _lookup_all(
