@@ -81,10 +81,10 @@ STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 #: free, the target's wakeups moved it between the CPUs and its cost per call wandered by 30%
 #: between identical untraced runs; pinned, by 5%.
 _MINE = sorted(os.sched_getaffinity(0))
+TARGET_CPUS, TRACER_CPUS = ({_MINE[0]}, set(_MINE[1:])) if len(_MINE) > 1 else (set(), set())
 #: A pause before each storm: the previous tracer's maps and programs are freed by kernel workers
 #: after it exits, on every CPU, and that fell on the next run's target.
 SETTLE_S = 2.0
-TARGET_CPUS, TRACER_CPUS = ({_MINE[0]}, set(_MINE[1:])) if len(_MINE) > 1 else (set(), set())
 SLOWDOWN_RATES = (30_000, 100_000, 250_000)
 GOAL_RATE, GOAL_SLOWDOWN_AT, GOAL_SLOWDOWN = 250_000, 100_000, 1.15
 FLOOR = "floor (counting probe)"

@@ -91,8 +91,7 @@ struct state_t {
     u32 pid, tid;
     u32 slot_known;
     u32 gen;                        /* the process's generation in the range index */
-    u64 q_lo, q_hi;                 /* what the index is asked about (step_query) */
-    u64 u_lo, u_hi;                 /* the whole range the call takes away (step_nursery) */
+    u64 q_lo, q_hi;                 /* what the index is asked about (step_query, step_nursery) */
     u32 held_nursery;               /* held is a mapping taken from a nursery slot, not `live` */
     struct live_val_t held;
     u64 c_lo, c_hi, s_lo, s_hi;    /* what to clear, then set, in the index once decided */
@@ -120,8 +119,13 @@ BPF_ARRAY(facts_epoch, u64, 1);
  * exit) is counted here, and the memo's epoch is the sum of both counts. */
 BPF_ARRAY(gens_changed, u64, 1);
 
+/* A key's slot in a direct-mapped table of `size` entries (a power of two). */
+static __always_inline u32 slot_index(u64 key, u32 size) {
+    return (u32)((key * 0x9e3779b97f4a7c15ULL) >> 40) & (size - 1);
+}
+
 static __always_inline struct memo_t *memo_at(u64 key) {
-    u32 i = (u32)((key * 0x9e3779b97f4a7c15ULL) >> 40) & (MEMO_SIZE - 1);
+    u32 i = slot_index(key, MEMO_SIZE);
     return memo.lookup(&i);
 }
 
@@ -198,6 +202,12 @@ static __always_inline u32 gen_of(u32 pid, u64 epoch) {
     u32 gen = g ? *g : 0;
     memo_put(m, key, epoch, 1, (s32)gen, 0);
     return gen;
+}
+
+/* Whether v, the `live` entry at an unmap's address, is exactly what the call takes away: a
+ * munmap of its length, or an mremap of it that does not keep the old range. */
+static __always_inline int exact_hit(struct live_val_t *v, u64 nr, u64 len, u64 flags) {
+    return v && v->len == len && (nr == NR_MUNMAP || (nr == NR_MREMAP && !(flags & MREMAP_DONTUNMAP)));
 }
 
 static __always_inline int kind_index(u64 nr) {
@@ -306,7 +316,7 @@ struct tally_t { u64 ip; u64 ra; u64 path; u32 pid; u32 used; u64 count; u64 map
 BPF_PERCPU_ARRAY(tallies, struct tally_t, TALLY_SIZE);
 
 static __always_inline int site_add(u32 pid, u64 ip, u64 ra, u64 path, u64 count_n, u64 mapped, u64 unmapped) {
-    u32 i = (u32)(((ip ^ (ra * 31) ^ (path * 17) ^ pid) * 0x9e3779b97f4a7c15ULL) >> 40) & (TALLY_SIZE - 1);
+    u32 i = slot_index(ip ^ (ra * 31) ^ (path * 17) ^ pid, TALLY_SIZE);
     struct tally_t *t = tallies.lookup(&i);
     if (!t)
         return site_add_shared(pid, ip, ra, path, count_n, mapped, unmapped);
@@ -530,7 +540,7 @@ static __always_inline void decide(void *ctx, struct state_t *st, struct live_va
         }
     } else if (nr == NR_MREMAP) {
         struct live_key_t k = {.pid = pid, .addr = c->a[0]};
-        int exact = v && v->len == len && !(c->a[3] & MREMAP_DONTUNMAP);
+        int exact = exact_hit(v, nr, len, c->a[3]);
         struct live_val_t moved = {.len = nlen, .ip = c->ip, .ra = c->ra, .path = c->path,
                                    .ts = bpf_ktime_get_ns(), .flags = 0, .fd = -1};
         if (exact && v) {
@@ -612,7 +622,6 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     c->a[0] = u->di; c->a[1] = u->si; c->a[2] = u->dx; c->a[3] = u->r10; c->a[4] = u->r8;
     c->ip = u->ip; c->sp = u->sp; c->bp = u->bp; c->ra = 0; c->path = 0;
     st->epoch = facts_epoch_now();
-    st->gen = gen_of(pid, st->epoch);
     st->slot_known = 0;
     s64 ret = (s64)ctx->args[1];
     st->ret = ret; st->pid = pid; st->tid = tid;
@@ -644,6 +653,7 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
         count(C_FAILED, 1);
         return 0;
     }
+    st->gen = gen_of(pid, st->epoch);
     if (nr == NR_MMAP || nr == NR_MREMAP)
         c->path = path_of(st, c->ra, c->cfa);
 
@@ -658,7 +668,7 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     } else if (nr == NR_MUNMAP || nr == NR_MREMAP) {
         struct live_key_t k = {.pid = pid, .addr = c->a[0]};
         v = live.lookup(&k);
-        int exact = v && v->len == len && (nr == NR_MUNMAP || !(c->a[3] & MREMAP_DONTUNMAP));
+        int exact = exact_hit(v, nr, len, c->a[3]);
         if (!exact && !(nr == NR_MUNMAP && len < MIN_LEN)) {
             q_lo = c->a[0];
             q_hi = c->a[0] + len;
@@ -669,8 +679,8 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     }
     int overlap = 0;
     if (q_hi > q_lo) {
-        st->q_lo = st->u_lo = q_lo;
-        st->q_hi = st->u_hi = q_hi;
+        st->q_lo = q_lo;
+        st->q_hi = q_hi;
         steps.call(ctx, STEP_QUERY);
         count(C_STEP_FAILED, 1);   /* not asked: as if it touched tracked memory (streamed) */
         overlap = 1;
@@ -720,7 +730,7 @@ int step_nursery(struct bpf_raw_tracepoint_args *ctx) {
     struct state_t *st = current_state();
     if (!st)
         return 0;
-    u64 lo = st->u_lo, hi = st->u_hi, nr = st->c.nr;
+    u64 lo = st->q_lo, hi = st->q_hi, nr = st->c.nr;
     for (u32 cpu = 0; cpu < NCPUS; cpu++) {
         struct nursery_t *s = nursery.lookup(&cpu);
         if (!s)
@@ -745,18 +755,17 @@ int step_nursery(struct bpf_raw_tracepoint_args *ctx) {
         }
         nursery_cas(s, a, NURSERY_EMPTY);
     }
-    if (st->held_nursery) {
-        decide(ctx, st, &st->held, 0, 0);
-        return 0;
+    struct live_val_t *v = &st->held;
+    int overlap = 0;
+    if (!st->held_nursery) {
+        struct live_key_t k = {.pid = st->pid, .addr = lo};
+        v = live.lookup(&k);
+        if (!exact_hit(v, nr, hi - lo, st->c.a[3])) {
+            v = 0;
+            overlap = 1;
+        }
     }
-    struct live_key_t k = {.pid = st->pid, .addr = lo};
-    struct live_val_t *v = live.lookup(&k);
-    u64 len = hi - lo;
-    if (v && v->len == len && (nr == NR_MUNMAP || (nr == NR_MREMAP && !(st->c.a[3] & MREMAP_DONTUNMAP)))) {
-        decide(ctx, st, v, 0, 0);
-        return 0;
-    }
-    decide(ctx, st, 0, 1, 0);
+    decide(ctx, st, v, overlap, 0);
     return 0;
 }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import functools
 import importlib
 import importlib.util
 import mmap
@@ -222,9 +223,10 @@ def ring_pages(options: TraceOptions) -> int:
     return RINGBUF_PAGES_ALL_EVENTS if options.extra.get("stream_all") else RINGBUF_PAGES
 
 
+@functools.cache
 def possible_cpus() -> int:
     """How many CPU numbers the kernel may use (its possible mask's highest, plus one): the
-    nursery has a slot for each."""
+    nursery has a slot for each. Fixed at boot: read once."""
     try:
         text = Path("/sys/devices/system/cpu/possible").read_text().strip()
         return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
