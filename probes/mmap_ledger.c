@@ -30,8 +30,8 @@
  * exact. With STREAM_ALL=1 every call is streamed and the kernel keeps no ledger (--all-events).
  *
  * Arguments (-D): TARGET, FOLLOW, MIN_LEN, STREAM_ALL, LIVE_MAX, SITES_MAX, IDX_MAX, RULES_MAX,
- * PATH_DEPTH, STACK_TOP_WORDS, MEMO_SIZE, TALLY_SIZE, NURSERY, NCPUS, the NURSERY_* claim words,
- * RINGBUF_PAGES, STACK_BYTES, the NR_* syscall numbers, MAP_FIXED,
+ * PATH_DEPTH, STACK_TOP_WORDS, MEMO_SIZE, PATHS_SIZE, TALLY_SIZE, NURSERY, NCPUS, the NURSERY_*
+ * claim words, RINGBUF_PAGES, STACK_BYTES, the NR_* syscall numbers, MAP_FIXED,
  * MAP_FIXED_NOREPLACE, MREMAP_DONTUNMAP and the record/counter numbering, all supplied by
  * leakhunt.trace.bcc.cflags(). Read by leakhunt.trace.bcc; by hand:
  *     python -m leakhunt.trace.bcc PID      # prints the cflags
@@ -261,21 +261,62 @@ static __always_inline void load_ra(struct state_t *st) {
         st->c.ra = 0;
 }
 
+/* The last walk from each return address, per CPU, direct-mapped (PATHS_SIZE entries): where it
+ * found the path's return addresses, as offsets from the caller's CFA, and what they were. The
+ * rule that steps out of a frame depends on its pc alone, so a call whose stack holds the same
+ * return addresses at those offsets walks the same way: its path is the entry's hash, for one
+ * entry and PATH_DEPTH word compares instead of a rule lookup per frame (an mmap storm comes
+ * from a handful of paths). Only a walk that ended for want of a rule, or at PATH_DEPTH, is
+ * kept: one that ended on a word it could not read says nothing about the next call's words. */
+struct path_memo_t { u64 ra; u64 epoch; u64 hash; u32 depth; u32 pad; s32 off[PATH_DEPTH]; u64 pc[PATH_DEPTH]; };
+BPF_PERCPU_ARRAY(paths, struct path_memo_t, PATHS_SIZE);
+
 /* The path past the caller: the return addresses of up to PATH_DEPTH frames above it, found
  * with the rules user space learned from exemplars, hashed. 0 until a rule for ra is known. */
 static __always_inline u64 path_of(struct state_t *st, u64 ra, u64 cfa) {
+    u32 i = slot_index(ra, PATHS_SIZE);
+    struct path_memo_t *m = paths.lookup(&i);
+    if (m && m->ra == ra && m->epoch == st->epoch + 1) {
+        int same = 1;
+        #pragma unroll
+        for (int d = 0; d < PATH_DEPTH; d++) {
+            u64 w = 0;
+            if (same && d < m->depth && (user_word(st, cfa + (s64)m->off[d], &w) != 0 || w != m->pc[d]))
+                same = 0;
+        }
+        if (same)
+            return m->hash;
+    }
     u64 h = 0, pc = ra, sp = cfa;
+    u32 depth = 0, kept = 1;
+    s32 off[PATH_DEPTH] = {};
+    u64 pcs[PATH_DEPTH] = {};
     #pragma unroll
     for (int d = 0; d < PATH_DEPTH; d++) {
         struct rule_t r;
         if (!rule_of(pc, st->epoch, &r))
             break;
-        u64 up = sp + (s64)r.cfa, next = 0;
-        if (user_word(st, up + (s64)r.ra, &next) != 0 || next == 0)
+        u64 up = sp + (s64)r.cfa, at = up + (s64)r.ra, next = 0;
+        if (user_word(st, at, &next) != 0 || next == 0) {
+            kept = 0;
             break;
+        }
+        if ((s64)(s32)(at - cfa) != (s64)(at - cfa))
+            kept = 0;   /* an offset the entry cannot hold (a frame on another stack) */
         h = (h ^ next) * 0x100000001b3ULL;
+        off[d] = (s32)(at - cfa);
+        pcs[d] = next;
+        depth = d + 1;
         pc = next;
         sp = up;
+    }
+    if (m && kept) {
+        m->ra = ra; m->epoch = st->epoch + 1; m->hash = h; m->depth = depth;
+        #pragma unroll
+        for (int d = 0; d < PATH_DEPTH; d++) {
+            m->off[d] = off[d];
+            m->pc[d] = pcs[d];
+        }
     }
     return h;
 }

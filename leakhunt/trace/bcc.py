@@ -77,6 +77,9 @@ STACK_TOP_WORDS = 64
 #: The per-CPU memo of ra_slot and rules entries (a power of two): a call asks for up to
 #: PATH_DEPTH + 1 of them, each a hash lookup when not remembered.
 MEMO_SIZE = 64
+#: The per-CPU memo of recent paths, by return address (a power of two): a path known there costs
+#: one entry and PATH_DEPTH word compares instead of PATH_DEPTH rule lookups.
+PATHS_SIZE = 16
 #: The per-CPU tallies of recent sites' sums (a power of two): a balanced pair's two additions
 #: to its site stay there, out of the shared `sites` map, until another site takes the slot.
 TALLY_SIZE = 64
@@ -250,6 +253,7 @@ def cflags(pid: int, options: TraceOptions | None = None) -> list[str]:
         "STACK_TOP_WORDS": STACK_TOP_WORDS,
         "MEMO_SIZE": MEMO_SIZE,
         "TALLY_SIZE": TALLY_SIZE,
+        "PATHS_SIZE": PATHS_SIZE,
         "IDX_ROOT": IDX_ROOT,
         "IDX_ROOT_SHIFT": 21 + 9 * IDX_ROOT,
         "QUERY_ROOTS": QUERY_ROOTS,
