@@ -430,9 +430,11 @@ static __always_inline struct state_t *current_state(void) {
  * The mapping is in the range index as any tracked one is, so an unmap on another CPU that
  * touches it finds overlap there and scans every CPU's slot (step_nursery): an exact munmap
  * cancels it, anything else moves it to `live` first, and is then decided as before.
- * `addr` is the slot's claim word, changed by compare-and-swap only: NURSERY_EMPTY,
- * NURSERY_CANCELLED (another CPU cancelled it: an eviction that raced it takes its `live` copy
- * back), NURSERY_BUSY (being filled), or the mapping's address once its fields are written.
+ * `addr` is the slot's claim word: NURSERY_EMPTY, NURSERY_CANCELLED (another CPU cancelled it:
+ * an eviction that raced it takes its `live` copy back), NURSERY_BUSY (being filled), or the
+ * mapping's address once its fields are written. Other CPUs act only on a slot that holds a
+ * mapping, so a slot's own CPU fills an empty one with plain stores; a slot that holds one
+ * changes by compare-and-swap only.
  * Whoever moves a mapping to `live` writes `live` first and claims after, so a mapping is always
  * in one of the two, and both writers write the same entry. User space reads the slots with
  * `live` (NCPUS: the possible CPUs). */
@@ -475,9 +477,11 @@ static __always_inline int nursery_put(u32 pid, u64 addr, struct live_val_t *nv)
             if ((r != NURSERY_EMPTY && r != NURSERY_CANCELLED) || nursery_cas(s, r, NURSERY_BUSY) != r)
                 return 0;
         }
-    } else if (nursery_cas(s, a, NURSERY_BUSY) != a) {
+    } else if (a != NURSERY_EMPTY && a != NURSERY_CANCELLED) {
         return 0;
     }
+    /* An empty slot is this CPU's alone (other CPUs act only on a slot that holds a mapping):
+     * its fields are filled without a claim, and the address published last. */
     s->pid = pid;
     s->v = *nv;
     /* Published by a plain store after the fields: x86 keeps stores in order (and loads: a
@@ -511,13 +515,13 @@ static __always_inline void update_index(void *ctx, struct state_t *st) {
         return;
     }
     if (st->c_hi > st->c_lo) {
-        st->c_lo = idx_begin(&st->w, st->gen, st->c_lo, st->c_hi);
+        st->c_lo = idx_begin(&st->w, st->gen, st->c_lo, st->c_hi, 1);
         steps.call(ctx, STEP_CLEAR);
         step_failed();
         return;
     }
     if (st->s_hi > st->s_lo) {
-        st->s_lo = idx_begin(&st->w, st->gen, st->s_lo, st->s_hi);
+        st->s_lo = idx_begin(&st->w, st->gen, st->s_lo, st->s_hi, 1);
         steps.call(ctx, STEP_SET);
         step_failed();
     }
@@ -744,7 +748,7 @@ int step_query(struct bpf_raw_tracepoint_args *ctx) {
     } else {
         /* Root by root, up to QUERY_ROOTS of them (2 TiB); a larger range is streamed. */
         for (int part = 0; part < QUERY_ROOTS && q_lo < q_hi; part++) {
-            q_lo = idx_begin(&st->w, st->gen, q_lo, q_hi);
+            q_lo = idx_begin(&st->w, st->gen, q_lo, q_hi, 0);
             if (idx_query(&st->w, st->pid)) {
                 overlap = 1;
                 break;

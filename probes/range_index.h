@@ -89,8 +89,9 @@ static __always_inline void idx_degrade(void) {
 
 /* Start a walk over [a, b), in the process's generation gen (its value in `gens`, 0 when none),
  * from its first root; returns where that root ends, or b: the rest of the range, if any, is
- * walked next from there. */
-static __always_inline u64 idx_begin(struct idx_walk_t *w, u32 gen, u64 a, u64 b) {
+ * walked next from there. A set or a clear (marks) starts with nothing owed; a query owes
+ * nothing and skips those stores (an unmap of a hole is a query alone). */
+static __always_inline u64 idx_begin(struct idx_walk_t *w, u32 gen, u64 a, u64 b, int marks) {
     u64 end = ((a >> IDX_ROOT_SHIFT) + 1) << IDX_ROOT_SHIFT;
     w->a = a;
     w->b = b < end ? b : end;
@@ -98,6 +99,8 @@ static __always_inline u64 idx_begin(struct idx_walk_t *w, u32 gen, u64 a, u64 b
     w->level = IDX_ROOT;
     w->reach_l = 1;
     w->reach_r = 1;
+    if (!marks)
+        return w->b;
     #pragma unroll
     for (int i = 0; i < 8; i++)
         w->pend_bit[i] = -1;
