@@ -29,9 +29,9 @@
  * the calls that made it. A failed ring buffer reservation is counted in `counters`: losses are
  * exact. With STREAM_ALL=1 every call is streamed and the kernel keeps no ledger (--all-events).
  *
- * Arguments (-D): TARGET, FOLLOW, MIN_LEN, STREAM_ALL, LIVE_MAX, SITES_MAX, IDX_MAX, RULES_MAX,
- * PATH_DEPTH, STACK_TOP_WORDS, MEMO_SIZE, PATHS_SIZE, TALLY_SIZE, NURSERY, NCPUS, the NURSERY_*
- * claim words, RINGBUF_PAGES, STACK_BYTES, the NR_* syscall numbers, MAP_FIXED,
+ * Arguments (-D): TARGET, FOLLOW, MIN_LEN, STREAM_ALL, LIVE_MAX, SITES_MAX, IDX_MAX, IDX_BLOCKS,
+ * RULES_MAX, PATH_DEPTH, STACK_TOP_WORDS, MEMO_SIZE, PATHS_SIZE, TALLY_SIZE, NURSERY, NCPUS, the
+ * NURSERY_* claim words, RINGBUF_PAGES, STACK_BYTES, the NR_* syscall numbers, MAP_FIXED,
  * MAP_FIXED_NOREPLACE, MREMAP_DONTUNMAP and the record/counter numbering, all supplied by
  * leakhunt.trace.bcc.cflags(). Read by leakhunt.trace.bcc; by hand:
  *     python -m leakhunt.trace.bcc PID      # prints the cflags
@@ -92,6 +92,7 @@ struct state_t {
     u32 slot_known;
     u32 gen;                        /* the process's generation in the range index */
     u64 q_lo, q_hi;                 /* what the index is asked about (step_query, step_nursery) */
+    u64 seen;                       /* the big-set count idx_query_block read (idx_remember_block) */
     u32 held_nursery;               /* held is a mapping taken from a nursery slot, not `live` */
     struct live_val_t held;
     u64 c_lo, c_hi, s_lo, s_hi;    /* what to clear, then set, in the index once decided */
@@ -722,16 +723,23 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
         q_lo = (u64)ret;
         q_hi = (u64)ret + len;
     }
-    int overlap = 0;
+    int overlap = 0, queried = 0;
     if (q_hi > q_lo) {
         st->q_lo = q_lo;
         st->q_hi = q_hi;
-        steps.call(ctx, STEP_QUERY);
-        count(C_STEP_FAILED, 1);   /* not asked: as if it touched tracked memory (streamed) */
-        overlap = 1;
         v = 0;
+        /* A range within one block this CPU knows no `full` bit above covers: the block's node
+         * answers (an unmap of a hole beside live mappings, libucm's storm). Else the walk. */
+        idx_begin(&st->w, st->gen, q_lo, q_hi, 0);
+        if (idx_query_block(&st->w, pid, &st->seen) == 0) {
+            queried = 1;
+        } else {
+            steps.call(ctx, STEP_QUERY);
+            count(C_STEP_FAILED, 1);   /* not asked: as if it touched tracked memory (streamed) */
+            overlap = 1;
+        }
     }
-    decide(ctx, st, v, overlap, 0);
+    decide(ctx, st, v, overlap, queried);
     return 0;
 }
 
@@ -756,6 +764,9 @@ int step_query(struct bpf_raw_tracepoint_args *ctx) {
         }
         queried = !overlap && q_lo >= q_hi;
         overlap = overlap || q_lo < q_hi;
+        /* Nothing tracked in a block no `full` bit above covers: remembered (idx_query_block). */
+        if (queried)
+            idx_remember_block(&st->w, st->pid, st->seen);
     }
     /* Tracked memory there may be a young mapping in some CPU's slot: step_nursery. */
     if (overlap && NURSERY) {

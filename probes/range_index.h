@@ -38,7 +38,10 @@
  * range's bits; a set when a walk `linked` the node (found every `any` bit from the root to it)
  * and no zap, the one thing that takes `any` bits away, has begun since. Zaps are counted, odd
  * while one runs, in `zaps`. Where that fails, the walk runs and links the node again. Balanced
- * mmap/munmap pairs (a malloc's arenas, libucm's hook) thus cost one lookup each.
+ * mmap/munmap pairs (a malloc's arenas, libucm's hook) thus cost one lookup each. A query within
+ * one block whose ancestors this CPU found without a `full` bit over it, with no big set (one
+ * that covers a whole block: the only writer of such bits) begun since, asks the block's node
+ * alone (idx_query_block): libucm's unmaps of holes beside live mappings cost one lookup too.
  * The handlers run after the syscalls, outside mmap_lock: an munmap whose handler runs after the
  * handler of a later mmap of the same pages (another thread) clears that mapping's bits. The
  * kernel ledger's exact-match map shares this race; it needs two threads to reuse the same pages
@@ -68,6 +71,15 @@ BPF_ARRAY(zero_node, struct idx_node_t, 1);   /* never written: what a new node 
 /* Zaps begun and ended, all processes: odd while one runs. The one thing that takes `any` bits
  * away, so the one thing that can unlink a level-0 node from its root. */
 BPF_ARRAY(zaps, u64, 1);
+/* Big sets begun and ended, all processes: odd while one runs. A big set covers a whole 2 MiB
+ * block, and is the one thing that sets `full` bits above level 0 (a clear that cuts a wholly
+ * tracked child only moves such bits down). See idx_query_block. */
+BPF_ARRAY(bigsets, u64, 1);
+/* Per CPU, direct-mapped: blocks a query found no `full` bit above, and the big-set count it
+ * saw then (even). While the count stays, the block's pages are tracked only if its level-0
+ * node says so. */
+struct idx_block_t { u32 pid; u32 gen; u64 block; u64 bigsets; };
+BPF_PERCPU_ARRAY(clear_above, struct idx_block_t, IDX_BLOCKS);
 
 static __always_inline u64 *idx_zaps(void) {
     int zero = 0;
@@ -443,9 +455,17 @@ static __always_inline int idx_set_fast(struct idx_walk_t *w, u32 pid) {
     return *(volatile u64 *)z == before;
 }
 
-static __always_inline int idx_set(struct idx_walk_t *w, u32 pid) {
-    if (idx_set_fast(w, pid))
-        return 1;
+static __always_inline u64 *idx_bigsets(void) {
+    int zero = 0;
+    return bigsets.lookup(&zero);
+}
+
+/* Whether [a, b) covers a whole 2 MiB block: then its set writes `full` bits above level 0. */
+static __always_inline int idx_big(u64 a, u64 b) {
+    return ((a + (1ULL << 21) - 1) & ~((1ULL << 21) - 1)) + (1ULL << 21) <= b;
+}
+
+static __always_inline int idx_set_walk(struct idx_walk_t *w, u32 pid) {
     u64 *z = idx_zaps();
     u64 before = z ? *z : 1;
     struct idx_node_t *nodes[2 * (IDX_ROOT + 1)] = {};
@@ -463,6 +483,19 @@ static __always_inline int idx_set(struct idx_walk_t *w, u32 pid) {
         n->linked = before + 1;
     return 1;
 }
+
+static __always_inline int idx_set(struct idx_walk_t *w, u32 pid) {
+    if (idx_set_fast(w, pid))
+        return 1;
+    u64 *big = idx_big(w->a, w->b) ? idx_bigsets() : 0;
+    if (big)
+        __sync_fetch_and_add(big, 1);   /* odd: what clear_above remembers may change */
+    int done = idx_set_walk(w, pid);
+    if (big)
+        __sync_fetch_and_add(big, 1);
+    return done;
+}
+
 
 /* A clear within one block that has some of its bits on a level-0 node: they go, the walk is
  * skipped. (A `full` bit of an ancestor over the block, left from a larger mapping, would stay:
@@ -493,4 +526,47 @@ static __always_inline void idx_clear(struct idx_walk_t *w, u32 pid) {
         if (--w->level < 0 || !(w->reach_l || w->reach_r))
             break;
     }
+}
+
+/* The slot of clear_above for a block. */
+static __always_inline struct idx_block_t *idx_block_memo(u32 pid, u64 block) {
+    u32 i = (u32)(((block ^ pid) * 0x9e3779b97f4a7c15ULL) >> 40) & (IDX_BLOCKS - 1);
+    return clear_above.lookup(&i);
+}
+
+/* A query of a range within one 2 MiB block, bottom-up: when this CPU remembers that no `full`
+ * bit above level 0 covered the block, and no big set has begun since, the block's level-0 node
+ * alone says whether a page of the range is tracked (no node: none is). One lookup instead of
+ * the walk's three. Returns 1 (tracked), 0 (not), or -1 (not known here: walk). *seen: the
+ * big-set count read first, for idx_remember_block after a walk. */
+static __always_inline int idx_query_block(struct idx_walk_t *w, u32 pid, u64 *seen) {
+    u64 *big = idx_bigsets();
+    *seen = 1;
+    if (!big || !idx_in_block(w) || idx_degraded())
+        return -1;   /* degraded: a node may be missing, and bits with it */
+    u64 now = *(volatile u64 *)big, block = w->a >> 21;
+    *seen = now;
+    struct idx_block_t *m = idx_block_memo(pid, block);
+    if (!m || (now & 1) || m->bigsets != now || m->block != block || m->pid != pid || m->gen != w->gen)
+        return -1;
+    struct idx_node_t *n = idx_node(pid, w->gen, 0, block, 0);
+    if (!n)
+        return 0;
+    u64 hit = 0;
+    #pragma unroll
+    for (int k = 0; k < 8; k++)
+        hit |= n->full[k] & idx_block_mask(w, k);
+    return hit != 0;
+}
+
+/* After a walk found nothing for a range within one block: no `full` bit above level 0 covers
+ * the block, as of the big-set count `seen` read before the walk (when even, and unchanged). */
+static __always_inline void idx_remember_block(struct idx_walk_t *w, u32 pid, u64 seen) {
+    u64 *big = idx_bigsets();
+    if (!big || (seen & 1) || *(volatile u64 *)big != seen || !idx_in_block(w))
+        return;
+    struct idx_block_t *m = idx_block_memo(pid, w->a >> 21);
+    if (!m)
+        return;
+    m->pid = pid; m->gen = w->gen; m->block = w->a >> 21; m->bigsets = seen;
 }

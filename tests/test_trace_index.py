@@ -45,7 +45,7 @@ static void on_term(int s) { (void)s; stop = 1; }
  * which the shapes place their mappings with MAP_FIXED; and holes far below where the kernel
  * places mappings (16 TiB: mmap works down from near 128 TiB, the program sits near 94), so
  * that no mapping made later can land in one. */
-static char *hole = (char *)(16UL << 40), *huge_hole = (char *)(17UL << 40), *span, *big, *zap;
+static char *hole = (char *)(16UL << 40), *huge_hole = (char *)(17UL << 40), *span, *big, *zap, *cover;
 
 static char *reserve(size_t n) { return mmap(NULL, n, PROT_NONE, ANON | MAP_NORESERVE, -1, 0); }
 static char *align2m(char *p) { return (char *)(((uintptr_t)p + 2 * MiB - 1) & ~(2 * MiB - 1)); }
@@ -114,6 +114,24 @@ NOINLINE void exact_twice(void) {            /* an exact unmap, then the same ra
     munmap(p, 4 * P);
 }
 
+/* A hole in a block nothing covers: the probe remembers, per CPU, that no bit above the block's
+ * own node covers it, and asks that node alone next time. A mapping that covers the block wholly
+ * must end that: its cut at the hole's pages is streamed. (On one CPU, so that the probe's
+ * memory of the block is the one asked.) */
+static char *cover_at(void) { return align2m(cover) + 2 * MiB + 16 * P; }
+static void pin(int cpu);
+NOINLINE void cover_holes(void) {            /* twice: the second is asked of the block alone */
+    pin(0);
+    munmap(cover_at(), 4 * P);
+    munmap(cover_at(), 4 * P);
+}
+NOINLINE void cover_map(void) {              /* 4 MiB, 2 MiB aligned, over the hole's block */
+    mmap(align2m(cover) + 2 * MiB, 4 * MiB, RW, ANON | MAP_FIXED, -1, 0);
+}
+NOINLINE void cover_cut(void) {              /* the hole's pages, in that mapping now: streamed */
+    munmap(cover_at(), 4 * P);
+}
+
 /* Young mappings (the probe keeps each CPU's newest in a slot of its own, not in its map) unmapped
  * by a thread on the other CPU: it must find them in the first CPU's slot. The unmapper is
  * started before the mappings are made: its stack's mmap would push them out of the slot. */
@@ -165,7 +183,8 @@ int main(void) {
     span = reserve(64 * P);
     big = reserve(8 * GiB);
     zap = reserve(8 * MiB);
-    if (span == MAP_FAILED || big == MAP_FAILED || zap == MAP_FAILED)
+    cover = reserve(8 * MiB);
+    if (span == MAP_FAILED || big == MAP_FAILED || zap == MAP_FAILED || cover == MAP_FAILED)
         return 1;
     printf("ready %d\n", (int)getpid());
     fflush(stdout);
@@ -190,6 +209,9 @@ int main(void) {
     relink_cut();
     balanced();
     exact_twice();
+    cover_holes();
+    cover_map();
+    cover_cut();
     young_elsewhere();
     printf("done\n");
     fflush(stdout);
@@ -208,15 +230,16 @@ HELD = {
     "relink": 6 * P,
     "balanced": 0,
     "young": 6 * P,
+    "cover_map": 4 * MiB - 4 * P,
 }
 #: The unmaps that cut tracked mappings: partial, span_cut, big_cut, whole_cut, zap_cut, relink_cut,
-#: and young_elsewhere's cut.
-STREAMED = 7
+#: cover_cut and young_elsewhere's cut.
+STREAMED = 8
 #: The unmaps of nothing tracked: 1000 holes, the 1 TiB, big_again, whole_again, zap_after,
-#: exact_twice's second. (An unmap of the exact range of a mapping a streamed unmap cut earlier
+#: exact_twice's second, cover_holes' two. (An unmap of the exact range of a mapping a streamed unmap cut earlier
 #: still meets that mapping's kernel entry, which only user space knows is gone: it is counted
 #: as that mapping's unmap, and user space drops the entry's remains at the next snapshot.)
-UNTRACKED = 1000 + 5
+UNTRACKED = 1000 + 7
 
 TWO_PATHS_C = r"""
 #define _GNU_SOURCE

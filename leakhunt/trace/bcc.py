@@ -80,6 +80,9 @@ MEMO_SIZE = 64
 #: The per-CPU memo of recent paths, by return address (a power of two): a path known there costs
 #: one entry and PATH_DEPTH word compares instead of PATH_DEPTH rule lookups.
 PATHS_SIZE = 16
+#: The per-CPU memo of 2 MiB blocks no `full` bit above level 0 covered (a power of two): an
+#: unmap of a hole in such a block asks the block's node alone (probes/range_index.h).
+IDX_BLOCKS = 64
 #: The per-CPU tallies of recent sites' sums (a power of two): a balanced pair's two additions
 #: to its site stay there, out of the shared `sites` map, until another site takes the slot.
 TALLY_SIZE = 64
@@ -257,6 +260,7 @@ def cflags(pid: int, options: TraceOptions | None = None) -> list[str]:
         "IDX_ROOT": IDX_ROOT,
         "IDX_ROOT_SHIFT": 21 + 9 * IDX_ROOT,
         "QUERY_ROOTS": QUERY_ROOTS,
+        "IDX_BLOCKS": IDX_BLOCKS,
         "RINGBUF_PAGES": ring_pages(options),
         "RARE_PAGES": RARE_PAGES,
         "STACK_BYTES": STACK_BYTES,
