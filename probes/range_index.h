@@ -435,6 +435,15 @@ static __always_inline u64 idx_block_mask(struct idx_walk_t *w, int i) {
     return idx_mask((s32)((w->a >> 12) & 511), (s32)(((w->b - 1) >> 12) & 511), i);
 }
 
+/* Whether a level-0 node holds a bit of the walk's pages (a range within its block). */
+static __always_inline int idx_block_hit(struct idx_node_t *n, struct idx_walk_t *w) {
+    u64 hit = 0;
+    #pragma unroll
+    for (int i = 0; i < 8; i++)
+        hit |= n->full[i] & idx_block_mask(w, i);
+    return hit != 0;
+}
+
 /* A set within one block whose node a walk linked since the last zap: its bits, nothing more.
  * The common case (an mmap of less than 2 MiB next to earlier ones) costs one lookup instead of
  * a walk's three and the `any` bits' re-checks. 1 when done. */
@@ -504,13 +513,7 @@ static __always_inline int idx_clear_fast(struct idx_walk_t *w, u32 pid) {
     if (!idx_in_block(w))
         return 0;
     struct idx_node_t *n = idx_node(pid, w->gen, 0, w->a >> 21, 0);
-    if (!n)
-        return 0;
-    u64 hit = 0;
-    #pragma unroll
-    for (int i = 0; i < 8; i++)
-        hit |= n->full[i] & idx_block_mask(w, i);
-    if (!hit)
+    if (!n || !idx_block_hit(n, w))
         return 0;
     #pragma unroll
     for (int i = 0; i < 8; i++)
@@ -550,13 +553,7 @@ static __always_inline int idx_query_block(struct idx_walk_t *w, u32 pid, u64 *s
     if (!m || (now & 1) || m->bigsets != now || m->block != block || m->pid != pid || m->gen != w->gen)
         return -1;
     struct idx_node_t *n = idx_node(pid, w->gen, 0, block, 0);
-    if (!n)
-        return 0;
-    u64 hit = 0;
-    #pragma unroll
-    for (int k = 0; k < 8; k++)
-        hit |= n->full[k] & idx_block_mask(w, k);
-    return hit != 0;
+    return n && idx_block_hit(n, w);
 }
 
 /* After a walk found nothing for a range within one block: no `full` bit above level 0 covers
