@@ -730,8 +730,9 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
         v = 0;
         /* A range within one block this CPU knows no `full` bit above covers: the block's node
          * answers (an unmap of a hole beside live mappings, libucm's storm). Else the walk. */
-        idx_begin(&st->w, st->gen, q_lo, q_hi, 0);
-        if (idx_query_block(&st->w, pid, &st->seen) == 0) {
+        /* (Not when the range runs into the next root: idx_begin took its first root's part.) */
+        int whole = idx_begin(&st->w, st->gen, q_lo, q_hi, 0) == q_hi;
+        if (whole && idx_query_block(&st->w, pid, &st->seen) == 0) {
             queried = 1;
         } else {
             steps.call(ctx, STEP_QUERY);

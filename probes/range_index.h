@@ -505,7 +505,6 @@ static __always_inline int idx_set(struct idx_walk_t *w, u32 pid) {
     return done;
 }
 
-
 /* A clear within one block that has some of its bits on a level-0 node: they go, the walk is
  * skipped. (A `full` bit of an ancestor over the block, left from a larger mapping, would stay:
  * over-set, which is safe.) 1 when done. */

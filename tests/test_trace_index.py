@@ -132,6 +132,19 @@ NOINLINE void cover_cut(void) {              /* the hole's pages, in that mappin
     munmap(cover_at(), 4 * P);
 }
 
+/* The same at the edge of two 512 GiB roots (16 TiB): the last block below it remembered, a page
+ * mapped above it, then two pages across it. The block alone must not answer for the whole. */
+NOINLINE void edge_holes(void) {             /* the last block below the edge, twice */
+    munmap(hole - 2 * P, P);
+    munmap(hole - 2 * P, P);
+}
+NOINLINE void edge_map(void) {               /* the first page of the next root */
+    mmap(hole, P, RW, ANON | MAP_FIXED, -1, 0);
+}
+NOINLINE void edge_cut(void) {               /* a page each side of the edge: cuts that page */
+    munmap(hole - P, 2 * P);
+}
+
 /* Young mappings (the probe keeps each CPU's newest in a slot of its own, not in its map) unmapped
  * by a thread on the other CPU: it must find them in the first CPU's slot. The unmapper is
  * started before the mappings are made: its stack's mmap would push them out of the slot. */
@@ -212,6 +225,9 @@ int main(void) {
     cover_holes();
     cover_map();
     cover_cut();
+    edge_holes();
+    edge_map();
+    edge_cut();
     young_elsewhere();
     printf("done\n");
     fflush(stdout);
@@ -231,15 +247,16 @@ HELD = {
     "balanced": 0,
     "young": 6 * P,
     "cover_map": 4 * MiB - 4 * P,
+    "edge_map": 0,
 }
 #: The unmaps that cut tracked mappings: partial, span_cut, big_cut, whole_cut, zap_cut, relink_cut,
-#: cover_cut and young_elsewhere's cut.
-STREAMED = 8
+#: cover_cut, edge_cut and young_elsewhere's cut.
+STREAMED = 9
 #: The unmaps of nothing tracked: 1000 holes, the 1 TiB, big_again, whole_again, zap_after,
-#: exact_twice's second, cover_holes' two. (An unmap of the exact range of a mapping a streamed unmap cut earlier
+#: exact_twice's second, cover_holes' two, edge_holes' two. (An unmap of the exact range of a mapping a streamed unmap cut earlier
 #: still meets that mapping's kernel entry, which only user space knows is gone: it is counted
 #: as that mapping's unmap, and user space drops the entry's remains at the next snapshot.)
-UNTRACKED = 1000 + 7
+UNTRACKED = 1000 + 9
 
 TWO_PATHS_C = r"""
 #define _GNU_SOURCE
