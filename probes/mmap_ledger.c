@@ -79,6 +79,12 @@ BPF_PERCPU_ARRAY(counters, u64, C_COUNT);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);   /* CALL records only: one size, read in bulk */
 BPF_RINGBUF_OUTPUT(rare, RARE_PAGES);        /* EXEMPLAR and PROC records */
 
+/* A key's slot in a direct-mapped table of `size` entries (a power of two): the
+ * memo, the path memo and the tallies here, and the index's block memo. */
+static __always_inline u32 slot_index(u64 key, u32 size) {
+    return (u32)((key * 0x9e3779b97f4a7c15ULL) >> 40) & (size - 1);
+}
+
 #include "range_index.h"
 
 /* One call on its way through the programs (per CPU: a handler runs to its end on one CPU). The
@@ -119,11 +125,6 @@ BPF_ARRAY(facts_epoch, u64, 1);
 /* The range index's generations (`gens`) are remembered there too: every change to them (exec,
  * exit) is counted here, and the memo's epoch is the sum of both counts. */
 BPF_ARRAY(gens_changed, u64, 1);
-
-/* A key's slot in a direct-mapped table of `size` entries (a power of two). */
-static __always_inline u32 slot_index(u64 key, u32 size) {
-    return (u32)((key * 0x9e3779b97f4a7c15ULL) >> 40) & (size - 1);
-}
 
 static __always_inline struct memo_t *memo_at(u64 key) {
     u32 i = slot_index(key, MEMO_SIZE);
@@ -729,8 +730,8 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
         st->q_hi = q_hi;
         v = 0;
         /* A range within one block this CPU knows no `full` bit above covers: the block's node
-         * answers (an unmap of a hole beside live mappings, libucm's storm). Else the walk. */
-        /* (Not when the range runs into the next root: idx_begin took its first root's part.) */
+         * answers (an unmap of a hole beside live mappings, libucm's storm). Else the walk, as
+         * for a range that runs into the next root (idx_begin took only its first root's part). */
         int whole = idx_begin(&st->w, st->gen, q_lo, q_hi, 0) == q_hi;
         if (whole && idx_query_block(&st->w, pid, &st->seen) == 0) {
             queried = 1;

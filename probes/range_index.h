@@ -532,7 +532,7 @@ static __always_inline void idx_clear(struct idx_walk_t *w, u32 pid) {
 
 /* The slot of clear_above for a block. */
 static __always_inline struct idx_block_t *idx_block_memo(u32 pid, u64 block) {
-    u32 i = (u32)(((block ^ pid) * 0x9e3779b97f4a7c15ULL) >> 40) & (IDX_BLOCKS - 1);
+    u32 i = slot_index(block ^ pid, IDX_BLOCKS);   /* mmap_ledger.c's, defined before this */
     return clear_above.lookup(&i);
 }
 
