@@ -446,8 +446,9 @@ class BccBackend(KernelLedgerBackend):
 
     def _dump(self) -> RawDump:
         ts = time.monotonic_ns()  # CLOCK_MONOTONIC, like bpf_ktime_get_ns: the maps are read after it
+        young = self._young()  # before `live`, which a slot's mapping may move to meanwhile
         keys, vals = _lookup_all(self.bpf[b"live"], _LIVE_KEY, _LIVE_VAL, self._live_max)
-        live = self._with_young(_live_rows(keys, vals))
+        live = _newest(_live_rows(keys, vals), young)
         skeys, svals = _lookup_all(self.bpf[b"sites"], _SITE_KEY, _SITE_VAL, SITES_MAX)
         sites = {
             (int(k["pid"]), int(k["ip"]), int(k["ra"]), int(k["path"])): SiteCounts(
@@ -502,21 +503,11 @@ class BccBackend(KernelLedgerBackend):
                 old.count + count, old.mapped + mapped, old.unmapped + unmapped
             )
 
-    def _with_young(self, live: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-        """`live` rows and the mappings in the nursery's slots (one per CPU), as `live` rows. Where
-        both hold an address the newer mapping counts: the slot's, unless a CPU moved it to `live`
-        while we read, or `live` keeps a mapping there that a streamed unmap ended (user space
-        drops that one by its time)."""
+    def _young(self) -> list[tuple[int, ...]]:
+        """The mappings in the nursery's slots (one per CPU), as `live` rows."""
         _, slots = _lookup_all(self.bpf[b"nursery"], np.dtype("<u4"), _NURSERY, possible_cpus())
         slots = slots[slots["addr"] >= NURSERY_WORDS["NURSERY_FIRST"]]
-        if not len(slots):
-            return live
-        rows = {(row[0], row[1]): row for row in live}
-        for row in _live_rows(slots, slots):
-            held = rows.get(row[:2])
-            if held is None or held[6] < row[6]:
-                rows[row[:2]] = row
-        return list(rows.values())
+        return _live_rows(slots, slots)
 
     def _runs_skipped(self) -> int:
         """Runs of the sys_exit program the kernel skipped because it would have nested in one
@@ -534,10 +525,16 @@ class BccBackend(KernelLedgerBackend):
     def _shutdown(self) -> tuple[list[np.ndarray], list, RawDump | None]:
         if self.bpf is None:
             return [], [], None
+        # The target's pid is compiled into the program, so `traced` alone does not stop it:
+        # `ready` does, once the runs under way have ended. Then the rings hold every record and
+        # the final dump reads still maps: read while the program ran, a mapping made or moved
+        # between two reads was in one figure and not the other.
+        self.bpf[b"ready"][ct.c_int(0)] = ct.c_uint32(0)
         try:
             del self.bpf[b"traced"][ct.c_uint32(self.target.pid)]
         except KeyError:
             pass
+        _wait_for_runs()
         self._ring.stop()
         self._rare.stop()
         records = [r for r in map(self._decode, self._rare.take()) if r is not None]
@@ -548,6 +545,41 @@ class BccBackend(KernelLedgerBackend):
         self.bpf.cleanup()
         self.bpf = None
         return calls, records, dump
+
+
+#: membarrier(2)'s MEMBARRIER_CMD_GLOBAL, which returns after an RCU grace period.
+_SYS_MEMBARRIER, _MEMBARRIER_CMD_GLOBAL = 324, 1
+
+
+def _wait_for_runs() -> None:
+    """Return once every BPF program run under way has ended. A run holds the RCU read lock, and
+    membarrier's global command waits for a grace period (synchronize_rcu). It returns at once
+    on one CPU, where a run may be preempted, and is refused with nohz_full: there, and on other
+    architectures, a pause far longer than any run."""
+    libc = ct.CDLL(None, use_errno=True)
+    synced = (
+        platform.machine() == "x86_64"
+        and (os.cpu_count() or 1) > 1
+        and libc.syscall(_SYS_MEMBARRIER, _MEMBARRIER_CMD_GLOBAL, 0, 0) == 0
+    )
+    if not synced:
+        time.sleep(0.05)
+
+
+def _newest(live: list[tuple[int, ...]], young: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """`live` rows and the nursery's, read before them. Where both hold an address the newer
+    mapping counts: the slot's, unless its CPU moved it to `live` while we read (then both are
+    the same mapping), or `live` keeps a mapping there that a streamed unmap ended (user space
+    drops that one by its time). A slot's mapping unmapped after its read counts until the next
+    dump; read the other way round, one moved to `live` meanwhile was in neither."""
+    if not young:
+        return live
+    rows = {(row[0], row[1]): row for row in live}
+    for row in young:
+        held = rows.get(row[:2])
+        if held is None or held[6] < row[6]:
+            rows[row[:2]] = row
+    return list(rows.values())
 
 
 def _live_rows(keys: np.ndarray, vals: np.ndarray) -> list[tuple[int, ...]]:
