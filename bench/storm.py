@@ -19,9 +19,11 @@ at R memory syscalls a second: 0.4R munmaps of holes and 0.3R balanced mmap/munm
 Contenders: leakhunt/bcc (the default: unmaps of untracked memory decided in the kernel),
 leakhunt/bcc --all-events (every call to user space: the reader's own limit), leakhunt/bpftrace,
 the floor (bench/floor_probe.py: a program on the same raw sys_exit tracepoint that only counts
-the target's calls, what any tracer there costs), BCC's memleak (uprobes on libc's mmap/munmap:
-the hook calls the raw syscall, so it sees none of this; shown for its cost) and strace
-(-e trace=memory).
+the target's calls, what any tracer there costs), a bystander (leakhunt/bcc tracing another
+process, a sleeping one, while the storm runs untraced: the tracepoint runs its programs at every
+syscall of every process on the host, so this is what tracing one pid costs all the others),
+BCC's memleak (uprobes on libc's mmap/munmap: the hook calls the raw syscall, so it sees none of
+this; shown for its cost) and strace (-e trace=memory).
 
 Goal: leakhunt keeps up at 250k calls/s, and slows the target at most 1.15x at 100k calls/s.
 The floor's slowdown is printed beside it: the part of leakhunt's that no tracepoint program avoids.
@@ -88,6 +90,7 @@ SETTLE_S = 2.0
 SLOWDOWN_RATES = (30_000, 100_000, 250_000)
 GOAL_RATE, GOAL_SLOWDOWN_AT, GOAL_SLOWDOWN = 250_000, 100_000, 1.15
 FLOOR = "floor (counting probe)"
+BYSTANDER = "bystander (bcc, other pid)"
 
 
 @dataclass
@@ -128,6 +131,7 @@ def contenders(seconds: float) -> list[Contender]:
         Contender("leakhunt/bcc", lh + ["--backend", "bcc"], "tracing pid"),
         Contender("leakhunt/bcc all-events", lh + ["--backend", "bcc", "--all-events"], "tracing pid"),
         Contender("leakhunt/bpftrace", lh + ["--backend", "bpftrace"], "tracing pid"),
+        Contender(BYSTANDER, lh + ["--backend", "bcc"], "tracing pid"),
         Contender(
             FLOOR,
             [
@@ -147,7 +151,7 @@ def contenders(seconds: float) -> list[Contender]:
 
 def ends_itself(c: Contender) -> bool:
     """It takes a duration and prints a JSON summary (leakhunt, the floor); the peers are stopped."""
-    return c.name.startswith("leakhunt") or c.name == FLOOR
+    return c.name.startswith("leakhunt") or c.name in (FLOOR, BYSTANDER)
 
 
 def busiest_program_ns(pid: int) -> float | None:
@@ -211,10 +215,15 @@ def storm(
     )
     lost = events = probe_ns = tracer_cpu = None
     over, note, crashed = 0.0, "", ""
+    other = None
     try:
         assert target.stdout.readline().startswith("ready")
         _pin(target.pid, TARGET_CPUS)
-        att = attach(contender, target.pid) if contender else None
+        traced = target.pid
+        if contender is not None and contender.name == BYSTANDER:
+            other = subprocess.Popen(["sleep", str(seconds + 120)])
+            traced = other.pid
+        att = attach(contender, traced) if contender else None
         if att is not None:
             _pin(att.proc.pid, TRACER_CPUS)
         cost = ProbeCost(att.proc.pid) if att is not None and probe_cost else None
@@ -248,9 +257,10 @@ def storm(
         elif att is not None:
             tracer_cpu = detach(att)
     finally:
-        if target.poll() is None:
-            target.kill()
-            target.wait()
+        for proc in (target, other):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
     fields = dict(kv.split("=") for kv in done.split()[1:]) if done.startswith("done") else {}
     calls = int(float(fields.get("holes", 0)) + 2 * float(fields.get("pairs", 0)))
     if contender is not None and contender.name == "memleak":
@@ -401,7 +411,7 @@ def run_all(args: argparse.Namespace, rates: list[int], usable: list[Contender])
                 else (r.calls >= 0.95 * rate * args.seconds and c.name != "memleak")
                 for r in rs
             )
-            if kept:
+            if kept and c.name != BYSTANDER:  # it traces nothing of the storm: nothing to keep
                 best[c.name] = max(best.get(c.name, 0), rate)
             worst = max(rs, key=lambda r: (r.lost or 0, r.over_s))  # what a round did at its worst
             own = [
@@ -419,12 +429,13 @@ def run_all(args: argparse.Namespace, rates: list[int], usable: list[Contender])
                 f" {'' if worst.events is None else worst.events:>10}"
                 f" {'' if worst.lost is None else worst.lost:>6} {worst.over_s:>7.2f}"
                 f" {statistics.median(r.cpu_per_call_us for r in rs):>8.2f}"
-                f" {ratio:>8.2f}x {own_s:>7}{probe}  {'yes' if kept else 'no'}"
+                f" {ratio:>8.2f}x {own_s:>7}{probe}  {'' if c.name == BYSTANDER else 'yes' if kept else 'no'}"
                 f"{spread}{'  ' + '; '.join(notes) if notes else ''}"
             )
     print("\nhighest rate kept (0 lost, ended on time, the target at its pace):")
     for c in usable:
-        print(f"  {c.name:<26} {best.get(c.name, 0):>8,} calls/s")
+        if c.name != BYSTANDER:
+            print(f"  {c.name:<26} {best.get(c.name, 0):>8,} calls/s")
     lh = best.get("leakhunt/bcc", 0)
     at = slow.get(("leakhunt/bcc", GOAL_SLOWDOWN_AT), float("nan"))
     floor = slow.get((FLOOR, GOAL_SLOWDOWN_AT), float("nan"))
@@ -433,6 +444,9 @@ def run_all(args: argparse.Namespace, rates: list[int], usable: list[Contender])
         f"slowdown at {GOAL_SLOWDOWN_AT:,}/s at most {GOAL_SLOWDOWN}x: "
         f"{'met' if at <= GOAL_SLOWDOWN else 'MISSED'} ({at:.2f}x; the floor alone {floor:.2f}x)"
     )
+    other = slow.get((BYSTANDER, GOAL_SLOWDOWN_AT))
+    if other is not None:
+        print(f"while it traces another pid, the storm's own process at {GOAL_SLOWDOWN_AT:,}/s: {other:.2f}x")
 
 
 if __name__ == "__main__":
