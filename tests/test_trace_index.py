@@ -253,9 +253,10 @@ HELD = {
 #: cover_cut, edge_cut and young_elsewhere's cut.
 STREAMED = 9
 #: The unmaps of nothing tracked: 1000 holes, the 1 TiB, big_again, whole_again, zap_after,
-#: exact_twice's second, cover_holes' two, edge_holes' two. (An unmap of the exact range of a mapping a streamed unmap cut earlier
-#: still meets that mapping's kernel entry, which only user space knows is gone: it is counted
-#: as that mapping's unmap, and user space drops the entry's remains at the next snapshot.)
+#: exact_twice's second, cover_holes' two, edge_holes' two. (An unmap of the exact range of a
+#: mapping a streamed unmap cut earlier still meets that mapping's kernel entry, which only user
+#: space knows is gone: it is counted as that mapping's unmap, and user space drops the entry's
+#: remains at the next snapshot.)
 UNTRACKED = 1000 + 9
 
 TWO_PATHS_C = r"""
